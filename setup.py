@@ -1,0 +1,33 @@
+"""dist_supernet: 1-bit Birder data-parallel training and weight-sharing supernets."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="dist_supernet",
+    version="0.1.0",
+    description="Birder 1-bit compressed DDP training and weight-sharing supernets over slow links",
+    python_requires=">=3.10",
+    packages=find_packages(include=["dist_supernet", "dist_supernet.*", "kernels", "kernels.*"]),
+    package_data={"dist_supernet": ["conf/**/*.yaml", "conf/*.yaml"]},
+    include_package_data=True,
+    # torch is left open: bring your own build (CUDA or CPU). requirements.txt pins
+    # the CPU build we test with.
+    install_requires=[
+        "torch>=2.4",
+        "hydra-core>=1.3",
+        "omegaconf>=2.3",
+        "numpy",
+        "tqdm",
+        "matplotlib",
+        "scikit-learn",
+    ],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "test": ["pytest>=7", "triton>=3.0"],
+    },
+    entry_points={
+        "console_scripts": [
+            "dist-supernet-train=dist_supernet.train.__main__:main",
+        ]
+    },
+)
