@@ -1,0 +1,31 @@
+"""Compressed collectives: 1-bit reductions for Birder, the baselines, topology and byte counts.
+
+Dependencies point one way: ``optim`` -> ``comm`` -> ``kernels``.
+"""
+
+from dist_supernet.comm.baselines import BASELINES, register_baseline_hook
+from dist_supernet.comm.collectives import (
+    COLLECTIVES,
+    CollectiveError,
+    OneBitCollective,
+    build_collective,
+    chunk_elems,
+)
+from dist_supernet.comm.seeding import mix_seed
+from dist_supernet.comm.stats import CommStats, WireBytes
+from dist_supernet.comm.topology import CommGroups, Topology
+
+__all__ = [
+    "BASELINES",
+    "COLLECTIVES",
+    "CollectiveError",
+    "CommGroups",
+    "CommStats",
+    "OneBitCollective",
+    "Topology",
+    "WireBytes",
+    "build_collective",
+    "chunk_elems",
+    "mix_seed",
+    "register_baseline_hook",
+]
