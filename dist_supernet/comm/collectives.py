@@ -30,6 +30,9 @@ from dist_supernet.comm.seeding import mix_seed
 from dist_supernet.comm.stats import WireBytes, all_gather_bytes, all_to_all_bytes
 from dist_supernet.comm.topology import CommGroups, Topology
 
+# torch 2.13 renamed all_gather_into_tensor; keep working on the older releases setup.py admits.
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 # Seed streams of the random stages; the compress stage uses 0 (see optim.hook).
 STAGE_REQUANTIZE = 1
 
@@ -91,7 +94,7 @@ class OneBitCollective:
 
     def _all_gather(self, stage, where, payload, num_rows, group):
         out = payload.new_empty(num_rows * payload.numel())
-        self._stage(stage, where, lambda: dist.all_gather_into_tensor(out, payload, group=group))
+        self._stage(stage, where, lambda: _all_gather_flat(out, payload, group=group))
         return out
 
     def _all_to_all(self, stage, where, payload, group):

@@ -1,0 +1,75 @@
+"""Spawn real gloo processes for a test: file-store rendezvous, loopback, a timeout.
+
+Each spawn costs seconds on 2 cores (every process imports torch), so tests
+group several checks into one worker function. A worker is a module-level
+function ``fn(rank, world_size, *args) -> picklable``; ``run_workers`` returns
+the list of per-rank results, or raises with the failing rank's traceback.
+"""
+
+import multiprocessing
+import os
+import tempfile
+import traceback
+from datetime import timedelta
+
+import pytest
+
+
+def _entry(fn, rank, world_size, init_file, env, args, results):
+    os.environ.update(env)
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank)})
+    try:
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(1)
+        dist.init_process_group(
+            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+            timeout=timedelta(seconds=float(env.get("TEST_PG_TIMEOUT_S", 90))),
+        )
+        try:
+            results.put((rank, "ok", fn(rank, world_size, *args)))
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        results.put((rank, "error", traceback.format_exc()))
+
+
+def run_workers(fn, world_size, *args, timeout_s=180, local_world_size=None, env=None):
+    """Run ``fn`` on ``world_size`` gloo processes; return their results in rank order."""
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    child_env = {
+        "GLOO_SOCKET_IFNAME": "lo",
+        "OMP_NUM_THREADS": "1",
+        "LOCAL_WORLD_SIZE": str(local_world_size or world_size),
+        "MASTER_ADDR": "127.0.0.1",
+    }
+    child_env.update(env or {})
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "rendezvous")
+        procs = [
+            context.Process(target=_entry, args=(fn, rank, world_size, init_file, child_env, args, results))
+            for rank in range(world_size)
+        ]
+        for proc in procs:
+            proc.start()
+        collected = {}
+        try:
+            for _ in range(world_size):
+                rank, status, value = results.get(timeout=timeout_s)
+                if status == "error":
+                    pytest.fail(f"rank {rank} failed:\n{value}", pytrace=False)
+                collected[rank] = value
+        except Exception as error:  # queue.Empty: a rank hung
+            if not collected or len(collected) < world_size:
+                if isinstance(error, pytest.fail.Exception):
+                    raise
+                pytest.fail(f"workers timed out after {timeout_s}s ({len(collected)} of {world_size} done)")
+            raise
+        finally:
+            for proc in procs:
+                proc.join(timeout=10)
+                if proc.is_alive():
+                    proc.kill()
+    return [collected[r] for r in range(world_size)]
