@@ -66,7 +66,11 @@ class OneBitCollective:
         self.requantize = requantize
 
     def reduce(self, bits_B, numel, index_D, *, seed, mask_D=None) -> torch.Tensor:
-        """Average of every rank's ±1 bits as float32 [numel] (0 where ``mask_D`` is False)."""
+        """Average of every rank's ±1 bits as float32 [numel] (0 where ``mask_D`` is False).
+
+        ``seed`` keys the re-quantisation draws. It must be the same on every
+        rank and must not depend on the bucket layout (pass one per step).
+        """
         if numel == 0:
             return torch.zeros(0, dtype=torch.float32, device=bits_B.device)
         if self.topology.world_size == 1:
@@ -178,8 +182,9 @@ class Hierarchical(OneBitCollective):
             if local > 1:
                 lo = topo.local_rank * chunk
                 index_C = _pad(index_D, local * chunk)[lo : lo + chunk]
+                # Nodes draw independently; the chunk owner's local rank does not enter.
                 node_bits = kernels.requantize(
-                    counts_C, local, index_C, seed=mix_seed(seed, STAGE_REQUANTIZE)
+                    counts_C, local, index_C, seed=mix_seed(seed, STAGE_REQUANTIZE, topo.node_rank)
                 )
             else:
                 node_bits = send  # one rank per node: its bit is the node average, exactly

@@ -167,8 +167,15 @@ class BirderState:
 
     @classmethod
     def for_ddp(cls, ddp_model, **kwargs) -> "BirderState":
-        """A state over ``ddp_model``'s parameters; tracks unused ones when DDP does."""
-        kwargs.setdefault("track_unused", bool(getattr(ddp_model, "find_unused_parameters", False)))
+        """A state over ``ddp_model``'s parameters; tracks unused ones when DDP may have some.
+
+        With ``find_unused_parameters`` or ``static_graph`` a parameter may get no
+        gradient; the hook then OR-reduces per-parameter "got a gradient" flags
+        across ranks (one small all-reduce per bucket) so that every rank skips
+        the same parameters.
+        """
+        may_skip = getattr(ddp_model, "find_unused_parameters", False) or getattr(ddp_model, "static_graph", False)
+        kwargs.setdefault("track_unused", bool(may_skip))
         return cls(list(ddp_model.module.parameters()), **kwargs)
 
     # -- per-step inputs -------------------------------------------------------------
@@ -272,17 +279,20 @@ class BirderState:
             if not bool(used.all()):
                 used_D = torch.repeat_interleave(used.bool(), layout.numels_t)
                 mask_D = used_D if mask_D is None else mask_D & used_D
-        seed = self.step_seed(STAGE_COMPRESS)
         bits_B = kernels.compress(
             grad_D, layout.m, layout.b, layout.index,
-            beta=self.beta, seed=seed, mask=mask_D, amsgrad=self.amsgrad,
+            beta=self.beta, seed=self.step_seed(STAGE_COMPRESS), mask=mask_D, amsgrad=self.amsgrad,
         )
-        mean_D = self.collective.reduce(bits_B, layout.numel, layout.index, seed=seed, mask_D=mask_D)
+        # The collective's own draws are keyed by the step, not by this rank: which rank
+        # owns an element's chunk depends on DDP's bucket layout, which a resume changes.
+        mean_D = self.collective.reduce(
+            bits_B, layout.numel, layout.index, seed=mix_seed(self.seed, self.step), mask_D=mask_D
+        )
         self.stats.add(wire + self.collective.wire_bytes(layout.numel), exchanges=int(is_last))
         return mean_D
 
 
-def birder_hook(state: BirderState, bucket) -> torch.futures.Future:
+def birder_hook(state: BirderState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP comm hook: 1 bit per gradient element on the wire; the future holds ū.
 
     Example::

@@ -1,0 +1,73 @@
+"""Model families for the training application, built by name from the ``model`` config.
+
+Model code knows nothing of DDP or compression: a builder takes the ``model``
+config group and the data's shape and returns a plain ``nn.Module`` mapping
+``(B, C, H, W)`` images to ``(B, num_classes)`` logits.
+
+Adding a family (the supernet does this)::
+
+    from dist_supernet.models import register_model
+
+    @register_model("ofa_cnn")
+    def build_ofa_cnn(cfg, in_channels, image_size, num_classes):
+        return OFACNN(...)
+
+and add the module that holds it to ``MODEL_PLUGINS`` so that ``build_model``
+imports it the first time an unknown name is asked for (keeps
+``import dist_supernet.models`` light and the dependency one way).
+
+Example::
+    >>> model = build_model({"name": "mlp", "hidden": [32]}, in_channels=1, image_size=8, num_classes=10)
+    >>> model(torch.zeros(2, 1, 8, 8)).shape
+    torch.Size([2, 10])
+"""
+
+import importlib
+from collections.abc import Callable, Mapping
+
+import torch  # noqa: F401  (used by the docstring example)
+from torch import nn
+
+Builder = Callable[..., nn.Module]
+MODELS: dict[str, Builder] = {}
+# Modules imported on demand when a name is not registered yet; each registers its families.
+MODEL_PLUGINS: list[str] = []
+
+
+def register_model(name: str) -> Callable[[Builder], Builder]:
+    """Decorator: register ``builder(cfg, in_channels, image_size, num_classes)`` as ``name``."""
+
+    def wrap(builder: Builder) -> Builder:
+        if name in MODELS and MODELS[name] is not builder:
+            raise ValueError(f"model.name={name}: registered twice")
+        MODELS[name] = builder
+        return builder
+
+    return wrap
+
+
+def available_models() -> list[str]:
+    """Every registered name, after importing the plugin modules."""
+    for module in MODEL_PLUGINS:
+        importlib.import_module(module)
+    return sorted(MODELS)
+
+
+def build_model(cfg: Mapping, in_channels: int, image_size: int, num_classes: int) -> nn.Module:
+    """Build the model named by ``cfg["name"]``; the rest of ``cfg`` is the family's own.
+
+    Raises ValueError naming ``model.name`` when the name is unknown; builders
+    raise ValueError naming their own keys (``model.hidden=...``).
+    """
+    name = cfg["name"]
+    if name not in MODELS:
+        available_models()
+    if name not in MODELS:
+        raise ValueError(f"model.name={name}: expected one of {', '.join(available_models())}")
+    return MODELS[name](cfg, in_channels=in_channels, image_size=image_size, num_classes=num_classes)
+
+
+# The built-in families register themselves on import.
+from dist_supernet.models import cnn, mlp  # noqa: E402,F401
+
+__all__ = ["MODELS", "MODEL_PLUGINS", "available_models", "build_model", "register_model"]

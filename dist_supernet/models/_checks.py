@@ -1,0 +1,18 @@
+"""Validation of model config values: ValueError naming the key and the value."""
+
+from collections.abc import Sequence
+
+
+def positive_int_list(key: str, value) -> list[int]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value
+    ):
+        raise ValueError(f"{key}={list(value) if isinstance(value, Sequence) else value}: "
+                         "expected a non-empty list of positive integers")
+    return [int(v) for v in value]
+
+
+def probability(key: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"{key}={value}: expected a number in [0, 1)")
+    return float(value)

@@ -1,0 +1,51 @@
+"""`torchrun --standalone --nproc_per_node=2 -m dist_supernet.train [hydra overrides]`.
+
+A mistake in the config prints one line, ``error: optim.lr=-1.0: must be > 0``,
+on every rank and exits with status 2 (``HYDRA_FULL_ERROR=1`` shows the traceback).
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from dist_supernet.train.config import check_group_choices, register_resolvers
+from dist_supernet.train.trainer import Trainer, setup_logging
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+register_resolvers()
+
+
+def fail(error: Exception) -> None:
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise error
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def run(cfg: DictConfig) -> None:
+    setup_logging()
+    try:  # ValueErrors before the first step are the user's: bad values, missing files
+        trainer = Trainer(cfg, output_dir=Path(HydraConfig.get().runtime.output_dir))
+    except ValueError as e:
+        fail(e)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+
+
+def main() -> None:
+    try:
+        check_group_choices(sys.argv[1:], CONF_DIR)
+    except ValueError as e:
+        fail(e)
+    run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,347 @@
+"""Schemas for the ``conf/`` groups and the checks that make a wrong value fail at start.
+
+Every check raises :class:`ConfigError`, whose message is one line naming the
+dotted key and the value, e.g. ``optim.lr=-1.0: must be > 0``. The entry point
+prints it as ``error: ...`` on every rank and exits with status 2, before any
+process group exists (so no rank waits on another).
+
+Three stages, all before training:
+
+- :func:`check_group_choices` on the command line, before Hydra composes, so
+  that ``compression=typo`` is one line instead of Hydra's listing;
+- :func:`validate` on the composed config: types, ranges, combinations;
+- :func:`validate_layout` with the world size from torchrun's environment.
+
+Example::
+    >>> from omegaconf import OmegaConf
+    >>> cfg = OmegaConf.create({"optim": {"name": "adamw", "lr": -1.0}})
+    >>> try:
+    ...     validate_group(cfg, "optim", OPTIM_SCHEMAS)
+    ... except ConfigError as e:
+    ...     print(e)
+    optim.lr=-1.0: must be > 0
+"""
+
+import dataclasses
+import datetime
+import os
+import types
+import typing
+from pathlib import Path
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+GROUPS = ("compression", "optim", "model", "data", "trainer")
+COLLECTIVES = ("allgather", "two_phase", "hierarchical")
+SCHEDULES = ("constant", "cosine")
+
+
+class ConfigError(ValueError):
+    """A user mistake in the config: ``key=value: reason`` on one line."""
+
+    def __init__(self, key: str, value, reason: str):
+        self.key, self.value, self.reason = key, value, reason
+        super().__init__(f"{key}={format_value(value)}: {reason}")
+
+
+def format_value(value) -> str:
+    """A config value the way it is typed on the command line."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(format_value(v) for v in value) + "]"
+    return str(value)
+
+
+# ---------------------------------------------------------------------------------------
+# Schemas: one dataclass per group choice; the field defaults are what a yaml may leave out.
+
+
+@dataclasses.dataclass
+class BirderCompression:
+    name: str = "birder"
+    collective: str = "two_phase"
+    requantize: bool = False
+    num_nodes: int | None = None
+
+
+@dataclasses.dataclass
+class BaselineCompression:
+    name: str = "none"
+    collective: str = "allreduce"
+    num_nodes: int | None = None
+
+
+@dataclasses.dataclass
+class PowerSGDCompression(BaselineCompression):
+    name: str = "powersgd"
+    rank: int = 4
+
+
+@dataclasses.dataclass
+class BirderOptim:
+    name: str = "birder"
+    lr: float = 1e-3
+    beta: float = 0.9
+    weight_decay: float = 0.0
+    amsgrad: bool = False
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+
+
+@dataclasses.dataclass
+class AdamWOptim:
+    name: str = "adamw"
+    lr: float = 1e-3
+    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    amsgrad: bool = False
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+
+
+@dataclasses.dataclass
+class SGDOptim:
+    name: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+
+
+@dataclasses.dataclass
+class DataConfig:
+    name: str = "digits"
+    path: str | None = None
+    val_fraction: float = 0.2
+    split_seed: int = 0
+
+
+@dataclasses.dataclass
+class TrainerConfig:
+    max_steps: int = 300
+    batch_size: int = 32
+    grad_accum: int = 1
+    log_every: int = 10
+    eval_every: int = 100
+    seed: int = 0
+    checkpoint_every: int = 100
+    checkpoint_dir: str | None = None
+    keep_checkpoints: int = 3
+    resume: str = "auto"
+    device: str = "auto"
+    crash_at_step: int | None = None
+
+
+COMPRESSION_SCHEMAS = {
+    "birder": BirderCompression,
+    "none": BaselineCompression,
+    "fp16": BaselineCompression,
+    "bf16": BaselineCompression,
+    "powersgd": PowerSGDCompression,
+}
+OPTIM_SCHEMAS = {"birder": BirderOptim, "adamw": AdamWOptim, "sgd": SGDOptim}
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """The validated config: plain dataclasses, plus the model's own mapping."""
+
+    compression: BirderCompression | BaselineCompression
+    optim: BirderOptim | AdamWOptim | SGDOptim
+    model: dict
+    data: DataConfig
+    trainer: TrainerConfig
+
+
+# ---------------------------------------------------------------------------------------
+# Checks
+
+
+def _check(ok: bool, key: str, value, reason: str) -> None:
+    if not ok:
+        raise ConfigError(key, value, reason)
+
+
+def _type_ok(value, annotation) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        return isinstance(value, (list, tuple)) and all(_type_ok(v, item) for v in value)
+    if annotation is float:  # an int is a fine float (lr=1)
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def _type_name(annotation) -> str:
+    name = getattr(annotation, "__name__", None) if typing.get_origin(annotation) is None else None
+    return name or str(annotation).replace("typing.", "").replace("NoneType", "null").replace("None", "null")
+
+
+def to_schema(node, prefix: str, schema: type):
+    """Fill ``schema`` from a config node: unknown keys and wrong types are ConfigErrors."""
+    values = OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else dict(node)
+    hints = typing.get_type_hints(schema)
+    for key, value in values.items():
+        missing = isinstance(node, DictConfig) and OmegaConf.is_missing(node, key)
+        _check(not missing, f"{prefix}.{key}", value, "required (no default), set it on the command line")
+        _check(key in hints, f"{prefix}.{key}", value, f"unknown key (expected one of {', '.join(hints)})")
+        _check(_type_ok(value, hints[key]), f"{prefix}.{key}", value, f"expected {_type_name(hints[key])}")
+    return schema(**values)
+
+
+def validate_group(cfg: DictConfig, group: str, schemas: dict[str, type]):
+    """Validate ``cfg[group]`` against the schema its ``name`` picks; returns the dataclass."""
+    node = cfg[group]
+    name = node.get("name")
+    _check(name in schemas, f"{group}.name", name, f"expected one of {', '.join(schemas)}")
+    obj = to_schema(node, group, schemas[name])
+    _check_ranges(group, obj)
+    return obj
+
+
+def _check_ranges(group: str, obj) -> None:
+    k = lambda field: f"{group}.{field}"  # noqa: E731
+    if group == "compression":
+        if obj.name == "birder":
+            _check(obj.collective in COLLECTIVES, k("collective"), obj.collective,
+                   f"expected one of {', '.join(COLLECTIVES)}")
+        else:
+            _check(obj.collective == "allreduce", k("collective"), obj.collective,
+                   f"compression={obj.name} uses DDP's allreduce; the 1-bit collectives "
+                   f"({', '.join(COLLECTIVES)}) need compression=birder")
+        _check(obj.num_nodes is None or obj.num_nodes >= 1, k("num_nodes"), obj.num_nodes,
+               "must be >= 1 or null")
+        if obj.name == "powersgd":
+            _check(obj.rank >= 1, k("rank"), obj.rank, "must be >= 1")
+    elif group == "optim":
+        _check(obj.lr > 0, k("lr"), obj.lr, "must be > 0")
+        _check(obj.weight_decay >= 0, k("weight_decay"), obj.weight_decay, "must be >= 0")
+        _check(obj.schedule in SCHEDULES, k("schedule"), obj.schedule, f"expected one of {', '.join(SCHEDULES)}")
+        _check(obj.warmup_steps >= 0, k("warmup_steps"), obj.warmup_steps, "must be >= 0")
+        if obj.name == "birder":
+            _check(0 <= obj.beta < 1, k("beta"), obj.beta, "must be in [0, 1)")
+        elif obj.name == "adamw":
+            _check(len(obj.betas) == 2 and all(0 <= b < 1 for b in obj.betas), k("betas"), obj.betas,
+                   "must be two numbers in [0, 1)")
+            _check(obj.eps > 0, k("eps"), obj.eps, "must be > 0")
+        elif obj.name == "sgd":
+            _check(0 <= obj.momentum < 1, k("momentum"), obj.momentum, "must be in [0, 1)")
+    elif group == "data":
+        _check(0 < obj.val_fraction < 1, k("val_fraction"), obj.val_fraction, "must be in (0, 1)")
+        if obj.name == "npz" or obj.path is not None:
+            _check(obj.path is not None, k("path"), obj.path, "data=npz needs data.path=/path/to/file.npz")
+            _check(os.path.isfile(obj.path), k("path"), obj.path, "file not found")
+    elif group == "trainer":
+        for field in ("max_steps", "batch_size", "grad_accum", "keep_checkpoints"):
+            _check(getattr(obj, field) >= 1, k(field), getattr(obj, field), "must be >= 1")
+        for field in ("log_every", "eval_every", "checkpoint_every"):
+            _check(getattr(obj, field) >= 0, k(field), getattr(obj, field), "must be >= 0 (0 = off)")
+        _check(obj.device in ("auto", "cpu", "cuda"), k("device"), obj.device, "expected one of auto, cpu, cuda")
+        _check(obj.resume in ("auto", "never") or os.path.isfile(obj.resume), k("resume"), obj.resume,
+               "expected auto, never, or the path of a checkpoint file")
+
+
+def validate(cfg: DictConfig) -> TrainConfig:
+    """Check the composed config; returns typed dataclasses or raises ConfigError."""
+    for group in GROUPS:
+        _check(group in cfg and isinstance(cfg[group], DictConfig), group, cfg.get(group), "missing config group")
+    from dist_supernet.data import DATASETS
+    from dist_supernet.models import available_models
+
+    compression = validate_group(cfg, "compression", COMPRESSION_SCHEMAS)
+    optim = validate_group(cfg, "optim", OPTIM_SCHEMAS)
+    _check(compression.name != "birder" or optim.name == "birder", "optim.name", optim.name,
+           "compression=birder sends 1-bit Birder updates and needs optim=birder")
+    data = validate_group(cfg, "data", {name: DataConfig for name in DATASETS})
+    trainer = to_schema(cfg.trainer, "trainer", TrainerConfig)
+    _check_ranges("trainer", trainer)
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    _check(model.get("name") in available_models(), "model.name", model.get("name"),
+           f"expected one of {', '.join(available_models())}")
+    return TrainConfig(compression=compression, optim=optim, model=model, data=data, trainer=trainer)
+
+
+def validate_layout(compression, world_size: int) -> None:
+    """Checks that need the world size (known from torchrun's environment before any process group)."""
+    n = compression.num_nodes
+    _check(n is None or world_size % n == 0, "compression.num_nodes", n,
+           f"must divide the world size {world_size}")
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    _check(n is not None or world_size % local == 0, "compression.num_nodes", n,
+           f"torchrun's LOCAL_WORLD_SIZE={local} does not divide the world size {world_size}; set num_nodes")
+
+
+def check_group_choices(args: list[str], conf_dir: Path) -> None:
+    """Fail with one line on ``group=choice`` overrides naming no file in ``conf/<group>/``.
+
+    Hydra would report the same mistake with a listing of the search path; this
+    runs first so the user sees ``compression=typo: expected one of ...``.
+    Skipped when the search path is extended (the choice may live elsewhere).
+    """
+    if any(a.startswith("hydra.searchpath") for a in args):
+        return
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        group = key.lstrip("+~")
+        if group not in GROUPS or "," in value or value in ("", "null"):
+            continue
+        choices = sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+        _check(value in choices, group, value, f"expected one of {', '.join(choices)}")
+
+
+# ---------------------------------------------------------------------------------------
+# Resolvers used by conf/train.yaml's hydra section.
+
+_run_stamp: dict[str, str] = {}
+
+
+def run_stamp(fmt: str = "%Y-%m-%d_%H-%M-%S") -> str:
+    """A timestamp every rank of one torchrun job agrees on, stable across its restarts.
+
+    ``${now:}`` is evaluated in each process, so ranks straddling a second
+    would write to different directories, and a ``--max-restarts`` restart
+    would start a new one and not find its checkpoints. Under torchrun the
+    first rank to ask stores its stamp in the agent's TCP store (which lives as
+    long as torchrun, across worker restarts) and the others read it.
+    ``DIST_SUPERNET_RUN_STAMP`` overrides; outside torchrun it is the local time.
+    """
+    if fmt in _run_stamp:
+        return _run_stamp[fmt]
+    stamp = os.environ.get("DIST_SUPERNET_RUN_STAMP") or datetime.datetime.now().strftime(fmt)
+    if "DIST_SUPERNET_RUN_STAMP" not in os.environ and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        import torch.distributed as dist
+
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+            timeout=datetime.timedelta(seconds=60),
+        )
+        key = f"dist_supernet/run_stamp/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{fmt}"
+        stamp = store.compare_set(key, "", stamp).decode()
+    _run_stamp[fmt] = stamp
+    return stamp
+
+
+def rank0_only(value):
+    """``value`` on rank 0 (or outside torchrun), null elsewhere."""
+    return value if os.environ.get("RANK", "0") == "0" else None
+
+
+def register_resolvers() -> None:
+    """Register ``${run_stamp:fmt}`` and ``${rank0_only:value}`` (idempotent)."""
+    for name, fn in (("run_stamp", run_stamp), ("rank0_only", rank0_only)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)

@@ -1,0 +1,120 @@
+"""What rank 0 writes while training: metrics.jsonl, metrics.csv, loss.png, a progress bar.
+
+``metrics.jsonl`` has one JSON object per logged step, ``metrics.csv`` the same
+rows with a fixed header (columns a row lacks are empty). On resume the rows
+after the checkpoint's step are dropped, so a restarted run's files read as if
+it had never stopped. On other ranks every method is a no-op.
+
+Example::
+    >>> writer = MetricsWriter(out_dir, enabled=(rank == 0))
+    >>> writer.write({"step": 10, "loss": 0.5, "wall_time_s": 1.2, "bytes_sent": 4096})
+    >>> writer.plot_loss(out_dir / "loss.png")
+"""
+
+import csv
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+CSV_COLUMNS = (
+    "step", "epoch", "loss", "lr", "wall_time_s", "bytes_sent", "bytes_intra", "bytes_inter",
+    "val_loss", "val_accuracy",
+)
+
+
+class MetricsWriter:
+    """Appends rows to ``metrics.jsonl`` and ``metrics.csv`` in ``out_dir``."""
+
+    def __init__(self, out_dir: str | Path, *, enabled: bool):
+        self.enabled = enabled
+        self.jsonl_path = Path(out_dir) / "metrics.jsonl"
+        self.csv_path = Path(out_dir) / "metrics.csv"
+
+    def rows(self) -> list[dict]:
+        if not self.jsonl_path.is_file():
+            return []
+        with open(self.jsonl_path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def truncate_after(self, step: int) -> None:
+        """Keep only rows with ``row["step"] <= step`` (resume from a checkpoint at ``step``)."""
+        if not self.enabled:
+            return
+        kept = [row for row in self.rows() if row["step"] <= step]
+        self.jsonl_path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        with open(self.csv_path, "w", newline="") as f:
+            writer = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(kept)
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.jsonl_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        new_csv = not self.csv_path.is_file()
+        with open(self.csv_path, "a", newline="") as f:
+            writer = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
+            if new_csv:
+                writer.writeheader()
+            writer.writerow(row)
+
+    def plot_loss(self, path: str | Path, title: str = "") -> None:
+        """Training loss (and val accuracy, when logged) against step, as a PNG."""
+        if not self.enabled:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display on cluster nodes
+        import matplotlib.pyplot as plt
+
+        rows = self.rows()
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_yscale("log")
+        evals = [r for r in rows if r.get("val_accuracy") is not None]
+        if evals:
+            acc_ax = ax.twinx()
+            acc_ax.plot([r["step"] for r in evals], [r["val_accuracy"] for r in evals], "o-", color="C1",
+                        label="val accuracy")
+            acc_ax.set_ylabel("val accuracy")
+            acc_ax.set_ylim(0, 1)
+            fig.legend(loc="upper right")
+        ax.set_title(title)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+
+
+class Progress:
+    """A tqdm bar on rank 0 when stderr is a terminal; otherwise a log line every ``log_every`` steps."""
+
+    def __init__(self, total: int, initial: int, *, enabled: bool, log_every: int):
+        self.enabled = enabled
+        self.log_every = log_every
+        self.total = total
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, row: dict | None) -> None:
+        """Called after every step; ``row`` is the logged metrics row, when the step logged one."""
+        if self.bar is not None:
+            self.bar.update(1)
+            if row is not None:
+                self.bar.set_postfix(loss=f"{row['loss']:.4f}", MB=f"{row['bytes_sent'] / 2**20:.2f}")
+        elif self.enabled and row is not None:
+            extra = f" val_acc {row['val_accuracy']:.4f}" if row.get("val_accuracy") is not None else ""
+            log.info("step %d/%d loss %.4f sent %.2f MiB %.1f s%s", step, self.total, row["loss"],
+                     row["bytes_sent"] / 2**20, row["wall_time_s"], extra)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

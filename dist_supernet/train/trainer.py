@@ -1,0 +1,340 @@
+"""The training loop: setup in ``Trainer.__init__``, the loop in ``Trainer.fit``, top to bottom.
+
+Per step, on every rank: ``grad_accum`` micro-batches from this rank's shard
+(all but the last under ``ddp.no_sync()``, so the gradient is reduced once),
+the compression hook reduces it during the last backward, the optimizer
+steps. Every ``log_every`` steps the loss (mean over ranks) and the bytes all
+ranks have sent so far go to ``metrics.jsonl``; every ``eval_every`` the val
+accuracy; every ``checkpoint_every`` an atomic checkpoint. At the end:
+``summary.json`` and ``loss.png``.
+
+How compression and optimizer combine:
+
+- ``compression=birder`` (needs ``optim=birder``): ``Birder(ddp_model)``
+  registers the 1-bit hook; each rank's own m, b are compressed to 1 bit per
+  element and the hook averages the bits.
+- ``compression=none|fp16|bf16|powersgd``: the baseline hook reduces the
+  gradient; any optimizer then steps on the averaged gradient. With
+  ``optim=birder`` that is ``Birder(module.parameters())``: the Birder
+  algorithm on the averaged fp32 gradient, drawing the same bits on every rank
+  (a rank-independent seed) so the replicas stay identical.
+"""
+
+import contextlib
+import json
+import logging
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel
+
+from dist_supernet.comm import CommStats, Topology, register_baseline_hook
+from dist_supernet.data import ShardSampler, load_dataset
+from dist_supernet.models import build_model
+from dist_supernet.train import distributed
+from dist_supernet.train.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
+from dist_supernet.train.config import ConfigError, TrainConfig, validate, validate_layout
+from dist_supernet.train.metrics import MetricsWriter, Progress
+
+log = logging.getLogger(__name__)
+
+
+def setup_logging() -> None:
+    """Rank 0 logs INFO to the console, the other ranks WARNING and up; all of them to their own file.
+
+    Hydra has already attached a console and a per-rank file handler (conf/train.yaml);
+    ``warnings.warn`` (e.g. Birder's resume fallback) goes through logging too.
+    """
+    logging.captureWarnings(True)
+    if os.environ.get("RANK", "0") != "0":
+        for handler in logging.getLogger().handlers:
+            if type(handler) is logging.StreamHandler:
+                handler.setLevel(logging.WARNING)
+
+
+class Trainer:
+    """Everything one training run needs, built from the composed config.
+
+    Example::
+        trainer = Trainer(cfg, output_dir=Path("outputs/run"))   # on every rank, under torchrun
+        summary = trainer.fit()
+    """
+
+    def __init__(self, cfg: DictConfig, output_dir: Path):
+        # 1. Checks that need no process group: every rank fails the same way, nobody waits.
+        self.cfg: TrainConfig = validate(cfg)
+        self.config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+        world_size = int(os.environ.get("WORLD_SIZE", 1))
+        validate_layout(self.cfg.compression, world_size)
+        trainer_cfg, data_cfg = self.cfg.trainer, self.cfg.data
+        self.data = load_dataset(data_cfg.name, path=data_cfg.path, val_fraction=data_cfg.val_fraction,
+                                 split_seed=data_cfg.split_seed)
+        shard_size = len(self.data.y_train) // world_size
+        if trainer_cfg.batch_size > shard_size:
+            raise ConfigError("trainer.batch_size", trainer_cfg.batch_size,
+                              f"larger than each rank's shard ({shard_size} samples on {world_size} ranks)")
+        torch.manual_seed(trainer_cfg.seed)  # same init on every rank (DDP broadcasts rank 0's anyway)
+        model = build_model(self.cfg.model, in_channels=self.data.in_channels,
+                            image_size=self.data.image_size, num_classes=self.data.num_classes)
+
+        # 2. The process group, one output directory, rank-dependent randomness.
+        self.device = distributed.init_distributed(trainer_cfg.device)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.is_rank0 = self.rank == 0
+        self.output_dir = distributed.agree_on_output_dir(output_dir)
+        torch.manual_seed(trainer_cfg.seed + self.rank)  # dropout etc. differ per rank, reproducibly
+        self.topology = Topology.from_env(num_nodes=self.cfg.compression.num_nodes)
+
+        # 3. Model, compression hook, optimizer, schedule.
+        self.model = model.to(self.device)
+        self.ddp_model = DistributedDataParallel(
+            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+        )
+        self.optimizer, self.comm_stats = self._build_optimizer_and_hook()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.sampler = ShardSampler(len(self.data.y_train), num_replicas=self.world_size, rank=self.rank,
+                                    batch_size=trainer_cfg.batch_size, seed=trainer_cfg.seed)
+
+        # 4. Outputs and resume.
+        self.metrics = MetricsWriter(self.output_dir, enabled=self.is_rank0)
+        self.checkpoints = CheckpointManager(
+            trainer_cfg.checkpoint_dir or self.output_dir / "checkpoints", keep=trainer_cfg.keep_checkpoints
+        )
+        self.step, self.wall_time_offset_s, self.resumed_from = 0, 0.0, None
+        self._resume()
+
+    # -- setup helpers -----------------------------------------------------------------
+
+    def _build_optimizer_and_hook(self) -> tuple[torch.optim.Optimizer, CommStats]:
+        comp, opt = self.cfg.compression, self.cfg.optim
+        if comp.name == "birder":
+            from dist_supernet import Birder
+
+            optimizer = Birder(self.ddp_model, lr=opt.lr, beta=opt.beta, weight_decay=opt.weight_decay,
+                               amsgrad=opt.amsgrad, collective=comp.collective, requantize=comp.requantize,
+                               num_nodes=comp.num_nodes, seed=self.cfg.trainer.seed)
+            return optimizer, optimizer.comm_stats
+        stats = register_baseline_hook(self.ddp_model, comp.name, powersgd_rank=getattr(comp, "rank", 4),
+                                       topology=self.topology)
+        params = self.model.parameters()
+        if opt.name == "birder":
+            from dist_supernet import Birder
+
+            optimizer = Birder(params, lr=opt.lr, beta=opt.beta, weight_decay=opt.weight_decay,
+                               amsgrad=opt.amsgrad, seed=self.cfg.trainer.seed)
+        elif opt.name == "adamw":
+            optimizer = torch.optim.AdamW(params, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps,
+                                          weight_decay=opt.weight_decay, amsgrad=opt.amsgrad)
+        else:
+            optimizer = torch.optim.SGD(params, lr=opt.lr, momentum=opt.momentum, nesterov=opt.nesterov,
+                                        weight_decay=opt.weight_decay)
+        return optimizer, stats
+
+    def _lr_factor(self, step: int) -> float:
+        """Linear warm-up, then constant or cosine decay to 0 at ``max_steps``."""
+        warmup, total = self.cfg.optim.warmup_steps, self.cfg.trainer.max_steps
+        if step < warmup:
+            return (step + 1) / warmup
+        if self.cfg.optim.schedule == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    def _resume(self) -> None:
+        resume = self.cfg.trainer.resume
+        if resume == "never":
+            return
+        if resume == "auto":
+            found = self.checkpoints.find_latest() if self.is_rank0 else None
+            found = distributed.broadcast_object(found)  # rank 0 decides; every rank loads the same file
+            if found is None:
+                return
+            path = found[0]
+        else:
+            path = Path(resume)
+        state = load_checkpoint(path)
+        if state["world_size"] != self.world_size:
+            log.warning("checkpoint %s was written by %d ranks, this job has %d: resuming at the next epoch "
+                        "with fresh RNG and byte counts, not bit-identically",
+                        path.name, state["world_size"], self.world_size)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        per_rank = state["world_size"] == self.world_size
+        self.comm_stats.load_state_dict(state["comm_stats"][self.rank] if per_rank else {})
+        if per_rank:
+            self.sampler.load_state_dict(state["sampler"])
+            set_rng_state(state["rng"][self.rank])
+        else:  # shards differ: start the saved epoch's next one
+            self.sampler.load_state_dict({"epoch": state["sampler"]["epoch"] + 1, "batch_index": 0})
+        self.step, self.wall_time_offset_s = state["step"], state["wall_time_s"]
+        self.resumed_from = state["step"]
+        self.metrics.truncate_after(self.step)
+        log.info("resumed from %s at step %d", path, self.step)
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def fit(self) -> dict:
+        """Train to ``trainer.max_steps``; returns (and rank 0 writes) the summary."""
+        tcfg = self.cfg.trainer
+        progress = Progress(tcfg.max_steps, self.step, enabled=self.is_rank0, log_every=tcfg.log_every)
+        start_time = time.perf_counter() - self.wall_time_offset_s
+        last_row = None
+        self.ddp_model.train()
+        while self.step < tcfg.max_steps:
+            self._maybe_crash()
+            loss = self.train_step()
+            self.step += 1
+
+            row = None
+            is_last = self.step == tcfg.max_steps
+            eval_now = tcfg.eval_every > 0 and self.step % tcfg.eval_every == 0
+            if is_last or eval_now or (tcfg.log_every > 0 and self.step % tcfg.log_every == 0):
+                row = self._metrics_row(loss, time.perf_counter() - start_time)
+                if eval_now or is_last:
+                    row["val_loss"], row["val_accuracy"] = self.evaluate()
+                self.metrics.write(row)
+                last_row = row
+            progress.update(self.step, row)
+
+            if is_last or (tcfg.checkpoint_every > 0 and self.step % tcfg.checkpoint_every == 0):
+                self.save_checkpoint(time.perf_counter() - start_time)
+        progress.close()
+        return self._finish(last_row, time.perf_counter() - start_time)
+
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step over ``grad_accum`` micro-batches; returns this rank's mean loss."""
+        num_micro = self.cfg.trainer.grad_accum
+        total_loss = torch.zeros((), device=self.device)
+        for micro in range(num_micro):
+            index = next(self.sampler)
+            x, y = self.data.x_train[index].to(self.device), self.data.y_train[index].to(self.device)
+            # Reduce once per step: the earlier micro-batches only accumulate locally.
+            sync = contextlib.nullcontext() if micro == num_micro - 1 else self.ddp_model.no_sync()
+            with sync:
+                loss = F.cross_entropy(self.ddp_model(x), y) / num_micro
+                loss.backward()
+            total_loss += loss.detach()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total_loss
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float]:
+        """Loss and accuracy on the val split; each rank scores an interleaved slice, summed over ranks."""
+        self.model.eval()
+        x = self.data.x_val[self.rank :: self.world_size].to(self.device)
+        y = self.data.y_val[self.rank :: self.world_size].to(self.device)
+        logits = self.model(x)
+        loss_sum = F.cross_entropy(logits, y, reduction="sum").item()
+        correct = (logits.argmax(dim=1) == y).sum().item()
+        loss_sum, correct, count = distributed.all_reduce_sum([loss_sum, correct, len(y)], self.device)
+        self.model.train()
+        return loss_sum / count, correct / count
+
+    def _metrics_row(self, loss: torch.Tensor, wall_time_s: float) -> dict:
+        snap = self.comm_stats.snapshot()
+        loss_sum, intra, inter = distributed.all_reduce_sum(
+            [loss.item(), snap["bytes_intra"], snap["bytes_inter"]], self.device
+        )
+        return {
+            "step": self.step,
+            "epoch": self.sampler.epoch,
+            "loss": loss_sum / self.world_size,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "wall_time_s": round(wall_time_s, 4),
+            # cumulative bytes all ranks have put on the wire
+            "bytes_sent": int(intra + inter),
+            "bytes_intra": int(intra),
+            "bytes_inter": int(inter),
+        }
+
+    def save_checkpoint(self, wall_time_s: float) -> None:
+        """Collective: every rank contributes its RNG and byte counts; rank 0 writes."""
+        if hasattr(self.optimizer, "consolidate_state_dict"):
+            self.optimizer.consolidate_state_dict(to=0)  # Birder: every rank's m, b into rank 0's state_dict
+        rngs = distributed.all_gather_object(rng_state())
+        stats = distributed.all_gather_object(self.comm_stats.state_dict())
+        optimizer_state = self.optimizer.state_dict()
+        if not self.is_rank0:
+            return
+        state = {
+            "step": self.step,
+            "world_size": self.world_size,
+            "wall_time_s": wall_time_s,
+            "model": self.model.state_dict(),
+            "optimizer": optimizer_state,
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": self.sampler.state_dict(),  # the same position on every rank
+            "rng": rngs,  # one per rank
+            "comm_stats": stats,  # one per rank
+            "config": self.config_yaml,
+        }
+        path = self.checkpoints.save(state, step=self.step, world_size=self.world_size)
+        log.debug("saved %s", path)
+
+    def _maybe_crash(self) -> None:
+        """Fault injection (``trainer.crash_at_step``): the last rank dies once, on torchrun's first attempt."""
+        crash_at = self.cfg.trainer.crash_at_step
+        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        if crash_at == self.step and first_attempt and self.rank == self.world_size - 1:
+            log.warning("trainer.crash_at_step=%d: crashing on purpose", crash_at)
+            logging.shutdown()
+            os._exit(17)
+
+    # -- the end -----------------------------------------------------------------------
+
+    def _finish(self, last_row: dict | None, wall_time_s: float) -> dict:
+        if last_row is None:  # resumed at or past max_steps: nothing trained in this attempt
+            last_row = {"loss": None}
+            last_row["val_loss"], last_row["val_accuracy"] = self.evaluate()
+        hashes = distributed.all_gather_object(distributed.params_sha256(self.model))
+        per_rank = distributed.all_gather_object(self.comm_stats.snapshot())
+        comp = self.cfg.compression
+        summary = {
+            "final_loss": last_row["loss"],
+            "eval_loss": last_row["val_loss"],
+            "eval_accuracy": last_row["val_accuracy"],
+            "steps": self.step,
+            "world_size": self.world_size,
+            "num_nodes": self.topology.num_nodes,
+            "compression": comp.name,
+            "collective": comp.collective,
+            "optimizer": self.cfg.optim.name,
+            "model": self.cfg.model["name"],
+            "dataset": self.cfg.data.name,
+            "num_params": sum(p.numel() for p in self.model.parameters()),
+            "bytes_sent_total": sum(s["bytes_total"] for s in per_rank),
+            "bytes_intra_total": sum(s["bytes_intra"] for s in per_rank),
+            "bytes_inter_total": sum(s["bytes_inter"] for s in per_rank),
+            "bytes_sent_per_rank": [s["bytes_total"] for s in per_rank],
+            "params_in_sync": len(set(hashes)) == 1,
+            "params_sha256": hashes[0],
+            "wall_time_s": round(wall_time_s, 3),
+            "resumed_from_step": self.resumed_from,
+            "seed": self.cfg.trainer.seed,
+            "device": str(self.device),
+            "host": platform.node(),
+            "torch": torch.__version__,
+        }
+        if not summary["params_in_sync"]:
+            log.warning("parameters differ between ranks: sha256 %s", hashes)
+        if self.is_rank0:
+            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            title = f"{comp.name}/{comp.collective}, {self.cfg.optim.name}, {self.world_size} ranks"
+            self.metrics.plot_loss(self.output_dir / "loss.png", title=title)
+            log.info("done: loss %s, val accuracy %.4f, %.2f MiB sent, params in sync: %s -> %s",
+                     summary["final_loss"], summary["eval_accuracy"], summary["bytes_sent_total"] / 2**20,
+                     summary["params_in_sync"], self.output_dir)
+        return summary
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
