@@ -20,6 +20,8 @@ Example::
 """
 
 import os
+import sys
+import types
 
 from kernels import reference
 from kernels.reference import count_bits, num_bytes, pack_bits, uniform, unpack_bits
@@ -54,6 +56,27 @@ def _use_triton(tensor) -> bool:
     if _backend == "triton":
         return True
     return tensor.is_cuda and triton_available()
+
+
+class _KernelsPackage(types.ModuleType):
+    """Keeps the dispatch functions bound when their Triton modules are imported.
+
+    Importing ``kernels.compress`` (the Triton launcher module) makes Python set
+    the attribute ``compress`` of this package to that module, which would
+    replace the dispatch function ``kernels.compress`` for the rest of the
+    process ('module' object is not callable). Use
+    ``from kernels.compress import compress`` or ``importlib.import_module``
+    to reach a launcher; ``import kernels.compress as x`` yields the dispatcher.
+    """
+
+    def __setattr__(self, name, value):
+        current = self.__dict__.get(name)
+        if isinstance(value, types.ModuleType) and callable(current) and not isinstance(current, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _KernelsPackage
 
 
 def _triton_module(name: str):
@@ -120,8 +143,18 @@ def apply_update_(x, update, *, lr, weight_decay, mask=None):
     return reference.apply_update_(x, update, lr=lr, weight_decay=weight_decay, mask=mask)
 
 
+def apply_packed_(x, packed_NB, *, lr, weight_decay, mask=None):
+    """x -= lr * (mean of N packed rows + wd * x), fused; see :func:`kernels.reference.apply_packed_`."""
+    if _use_triton(x):
+        return _triton_module("apply_packed").apply_packed_(
+            x, packed_NB, lr=lr, weight_decay=weight_decay, mask=mask
+        )
+    return reference.apply_packed_(x, packed_NB, lr=lr, weight_decay=weight_decay, mask=mask)
+
+
 __all__ = [
     "BACKENDS",
+    "apply_packed_",
     "apply_update_",
     "compress",
     "count_bits",

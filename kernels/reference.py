@@ -234,3 +234,26 @@ def apply_update_(
     if mask is not None:
         step = torch.where(mask, step, torch.zeros_like(step))
     return x.sub_(step, alpha=lr)
+
+
+def apply_packed_(
+    x: torch.Tensor,
+    packed_NB: torch.Tensor,
+    *,
+    lr: float,
+    weight_decay: float,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`unpack_mean` of N packed rows then :func:`apply_update_`, in place on x.
+
+    mask (bool, flat or shaped like x): elements where it is False do not move.
+
+    Example::
+        >>> x = torch.ones(3); rows = torch.stack([pack_bits(torch.tensor([1, 0, 1]))] * 2)
+        >>> apply_packed_(x, rows, lr=0.5, weight_decay=0.0).tolist()
+        [0.5, 1.5, 0.5]
+    """
+    flat_mask = None if mask is None else mask.reshape(-1)
+    update = unpack_mean(packed_NB, x.numel(), mask=flat_mask).view(x.shape)
+    shaped_mask = None if mask is None else mask.reshape(x.shape)
+    return apply_update_(x, update, lr=lr, weight_decay=weight_decay, mask=shaped_mask)

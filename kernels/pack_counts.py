@@ -1,0 +1,72 @@
+"""Exact counts -> K bit planes (the exact phase-2 payload of the two-phase collective).
+
+Plane j is the packed bit array of bit j of every count, so a count in
+[0, N] costs K = ceil(log2(N + 1)) bits. Each program reads a
+[BLOCK_BYTES, 8] tile of counts once and writes one byte per plane: 4 bytes
+read (int32) and K / 8 written per element. Contract:
+:func:`kernels.reference.pack_counts`; the inverse lives in
+:mod:`kernels.unpack_planes` and is re-exported here, where the dispatch
+looks for it.
+
+Legend: D elements, K planes, B = ceil(D / 8) bytes per plane.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import _launch
+from kernels.unpack_planes import unpack_planes  # noqa: F401  (dispatch: kernels.pack_counts.unpack_planes)
+
+
+@triton.autotune(
+    configs=_launch.byte_block_configs(),
+    key=["size_class"],
+    prune_configs_by={"early_config_prune": _launch.keep_default_when_interpreting},
+)
+@triton.jit(do_not_specialize=["num_planes"])
+def _pack_counts_kernel(
+    counts_ptr,  # [D] integer counts (int32 or int64), read
+    planes_ptr,  # [K, B] uint8 bit planes, written
+    numel,  # D
+    num_bytes,  # B, also the stride between planes
+    num_planes,  # K
+    size_class,  # autotune key only: ceil(log2(D))
+    BLOCK_BYTES: tl.constexpr,  # bytes of each plane per program (8 elements each)
+):
+    byte = tl.program_id(0) * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
+    bit = tl.arange(0, 8)
+    offsets = byte[:, None] * 8 + bit[None, :]
+    in_range = offsets < numel
+    byte_in_range = byte < num_bytes
+
+    counts = tl.load(counts_ptr + offsets, mask=in_range, other=0)
+    plane_ptr = planes_ptr
+    for plane in range(num_planes):
+        plane_bits = ((counts >> plane) & 1).to(tl.int32)
+        packed = tl.sum(plane_bits << bit[None, :], axis=1)
+        tl.store(plane_ptr + byte, packed.to(tl.uint8), mask=byte_in_range)
+        plane_ptr += num_bytes
+
+
+def pack_counts(counts_D: torch.Tensor, num_planes: int) -> torch.Tensor:
+    """Triton twin of :func:`kernels.reference.pack_counts`: int [D] -> uint8 [K, ceil(D / 8)].
+
+    Example::
+        >>> pack_counts(torch.tensor([3, 0, 2], device="cuda"), 2).tolist()
+        [[1], [5]]
+    """
+    numel = counts_D.numel()
+    _launch.check_numel(numel)
+    if counts_D.dtype.is_floating_point or counts_D.dtype == torch.bool:
+        raise ValueError(f"counts_D dtype={counts_D.dtype}: expected an integer dtype")
+    num_bytes = (numel + 7) // 8
+    planes = torch.empty((num_planes, num_bytes), dtype=torch.uint8, device=counts_D.device)
+    if numel == 0 or num_planes == 0:
+        return planes
+    counts = counts_D.reshape(-1).contiguous()
+    if counts.dtype not in (torch.int32, torch.int64):
+        counts = counts.to(torch.int32)
+    grid = lambda meta: (triton.cdiv(num_bytes, meta["BLOCK_BYTES"]),)  # noqa: E731
+    _pack_counts_kernel[grid](counts, planes, numel, num_bytes, num_planes, _launch.size_class(numel))
+    return planes

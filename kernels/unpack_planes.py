@@ -1,0 +1,70 @@
+"""K bit planes -> exact int32 counts, the inverse of :mod:`kernels.pack_counts`.
+
+Planes may carry leading batch dims ([..., K, B], e.g. one set of planes per
+rank after an all-gather); each program handles BLOCK_BYTES bytes of one
+batch entry and sums its K planes in registers: K / 8 bytes read and 4
+written per element. Contract: :func:`kernels.reference.unpack_planes`.
+
+Legend: M batch entries (product of the leading dims), K planes, B bytes per
+plane (B >= ceil(D / 8)), D elements.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import _launch
+
+
+@triton.autotune(
+    configs=_launch.byte_block_configs(),
+    key=["size_class"],
+    prune_configs_by={"early_config_prune": _launch.keep_default_when_interpreting},
+)
+@triton.jit(do_not_specialize=["num_planes"])
+def _unpack_planes_kernel(
+    planes_ptr,  # [M, K, B] uint8 bit planes, contiguous
+    out_ptr,  # [M, D] int32 counts, written
+    numel,  # D
+    num_bytes,  # B, the stride between planes
+    num_planes,  # K
+    size_class,  # autotune key only: ceil(log2(D))
+    BLOCK_BYTES: tl.constexpr,  # bytes of each plane per program (8 elements each)
+):
+    batch = tl.program_id(1).to(tl.int64)
+    byte = tl.program_id(0) * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
+    bit = tl.arange(0, 8)
+    offsets = byte[:, None] * 8 + bit[None, :]
+    in_range = offsets < numel
+    byte_in_range = byte * 8 < numel
+
+    count = tl.zeros((BLOCK_BYTES, 8), dtype=tl.int32)
+    plane_ptr = planes_ptr + batch * num_planes * num_bytes
+    for plane in range(num_planes):
+        row = tl.load(plane_ptr + byte, mask=byte_in_range, other=0).to(tl.int32)
+        count += ((row[:, None] >> bit[None, :]) & 1) << plane
+        plane_ptr += num_bytes
+    tl.store(out_ptr + batch * numel + offsets, count, mask=in_range)
+
+
+def unpack_planes(planes_KB: torch.Tensor, numel: int) -> torch.Tensor:
+    """Triton twin of :func:`kernels.reference.unpack_planes`: uint8 [..., K, B] -> int32 [..., numel].
+
+    Example::
+        >>> unpack_planes(torch.tensor([[1], [5]], dtype=torch.uint8, device="cuda"), 3).tolist()
+        [3, 0, 2]
+    """
+    _launch.check_numel(numel)
+    if planes_KB.dim() < 2 or planes_KB.dtype != torch.uint8:
+        raise ValueError(f"planes_KB: expected uint8 [..., K, B], got {planes_KB.dtype} {list(planes_KB.shape)}")
+    *batch_shape, num_planes, num_bytes = planes_KB.shape
+    if num_bytes * 8 < numel:
+        raise ValueError(f"planes_KB has {num_bytes} bytes per plane, too few for numel={numel}")
+    out = torch.zeros((*batch_shape, numel), dtype=torch.int32, device=planes_KB.device)
+    num_batch = out.numel() // numel if numel else 0
+    if num_batch == 0 or num_planes == 0:
+        return out
+    planes = planes_KB.contiguous()
+    grid = lambda meta: (triton.cdiv(numel, meta["BLOCK_BYTES"] * 8), num_batch)  # noqa: E731
+    _unpack_planes_kernel[grid](planes, out, numel, num_bytes, num_planes, _launch.size_class(numel))
+    return out
