@@ -137,6 +137,9 @@ class _ElasticKernelConv(nn.Module, ElasticModule):
             for big, small in self._steps_down(self.kernel_sizes[0]):
                 self.register_parameter(self._transform_name(big, small), nn.Parameter(torch.eye(small * small)))
         self.active_kernel_size = K
+        # Spatial size of the input this conv sees, when the model knows it: kernel rows and columns that only
+        # ever meet padding then count as unused (no gradient can reach them, so the optimizer must not move them).
+        self.input_size: int | None = None
 
     @staticmethod
     def _transform_name(big: int, small: int) -> str:
@@ -172,12 +175,22 @@ class _ElasticKernelConv(nn.Module, ElasticModule):
         """Spatial slice of ``weight`` that the active kernel reads, and the transform matrices it uses."""
         k = self.active_kernel_size
         steps = self._steps_down(k) if self.kernel_transform else []
-        # With transforms, the first step mixes every element of the second-largest crop.
-        span = steps[0][1] if steps else k
-        start = (self.max_kernel_size - span) // 2
-        spatial = (slice(start, start + span), slice(start, start + span))
         transforms = {self._transform_name(big, small): (slice(None), slice(None)) for big, small in steps}
-        return spatial, transforms
+        if steps:
+            # The first step mixes every element of the second-largest crop (padding-only rows included:
+            # a safe over-approximation).
+            start = (self.max_kernel_size - steps[0][1]) // 2
+            rows = slice(start, start + steps[0][1])
+            return (rows, rows), transforms
+        low, high = 0, k
+        if self.input_size is not None:
+            # Output o reads input o * stride + i - padding for kernel index i; keep the i that land inside.
+            H, p = self.input_size, self._padding()
+            num_out = (H + 2 * p - k) // self.stride + 1
+            low, high = max(0, p - (num_out - 1) * self.stride), min(k, p + H)
+        start = (self.max_kernel_size - k) // 2
+        rows = slice(start + low, start + high)
+        return (rows, rows), transforms
 
     def _padding(self) -> int:
         return self.active_kernel_size // 2 if self.padding is None else self.padding
@@ -615,7 +628,9 @@ class ElasticAttention(nn.Module, ElasticModule):
         self.head_dim = head_dim
         inner = max_num_heads * head_dim
         self.q = ElasticLinear(max_embed_dim, inner)
-        self.k = ElasticLinear(max_embed_dim, inner)
+        # No key bias: it adds q.b to every score of a query, which softmax cancels, so its gradient is
+        # always zero and the optimizer could only drift it.
+        self.k = ElasticLinear(max_embed_dim, inner, bias=False)
         self.v = ElasticLinear(max_embed_dim, inner)
         self.proj = ElasticLinear(inner, max_embed_dim)
         self.active_num_heads = max_num_heads

@@ -142,14 +142,14 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with separate q, k, v projections of num_heads * head_dim features."""
+    """Multi-head self-attention with separate q, k, v projections of num_heads * head_dim features (k without bias)."""
 
     def __init__(self, embed_dim: int, num_heads: int, head_dim: int):
         super().__init__()
         self.num_heads = num_heads
         inner = num_heads * head_dim
         self.q = nn.Linear(embed_dim, inner)
-        self.k = nn.Linear(embed_dim, inner)
+        self.k = nn.Linear(embed_dim, inner, bias=False)  # softmax cancels a key bias
         self.v = nn.Linear(embed_dim, inner)
         self.proj = nn.Linear(inner, embed_dim)
 
