@@ -34,7 +34,8 @@ def _check_positive(name, value, *, allow_zero=False):
 
 
 def BirderDDP(module, *, beta=0.9, amsgrad=False, collective="two_phase", requantize=False,
-              num_nodes=None, seed=0, timeout_s=None, **ddp_kwargs) -> DistributedDataParallel:
+              num_nodes=None, seed=0, timeout_s=None, skip_nonfinite=True,
+              **ddp_kwargs) -> DistributedDataParallel:
     """DistributedDataParallel with the Birder 1-bit hook registered.
 
     Pass the result to :class:`Birder`, which reuses the hook's state.
@@ -45,7 +46,7 @@ def BirderDDP(module, *, beta=0.9, amsgrad=False, collective="two_phase", requan
     """
     ddp_model = DistributedDataParallel(module, **ddp_kwargs)
     _attach_hook(ddp_model, beta=beta, amsgrad=amsgrad, collective=collective, requantize=requantize,
-                 num_nodes=num_nodes, seed=seed, timeout_s=timeout_s)
+                 num_nodes=num_nodes, seed=seed, timeout_s=timeout_s, skip_nonfinite=skip_nonfinite)
     return ddp_model
 
 
@@ -71,6 +72,10 @@ class Birder(torch.optim.Optimizer):
         num_nodes: node count for ``hierarchical``; None reads torchrun's LOCAL_WORLD_SIZE.
         seed: base seed of every random draw.
         timeout_s: timeout of the hook's collectives (None: the process group's).
+        skip_nonfinite: if any rank's gradient has NaN/Inf, every rank skips the
+            step (x, m, b unchanged; ``skipped_steps``, ``consecutive_skips`` and
+            ``last_skip`` say so). Costs a snapshot copy of m, b per bucket and one
+            small all-reduce per step.
 
     Example::
         ddp_model = torch.nn.parallel.DistributedDataParallel(model)
@@ -79,7 +84,8 @@ class Birder(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr=1e-3, beta=0.9, weight_decay=0.0, amsgrad=False, *,
-                 collective="two_phase", requantize=False, num_nodes=None, seed=0, timeout_s=None):
+                 collective="two_phase", requantize=False, num_nodes=None, seed=0, timeout_s=None,
+                 skip_nonfinite=True):
         _check_positive("lr", lr)
         _check_positive("weight_decay", weight_decay, allow_zero=True)
         if not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
@@ -92,17 +98,22 @@ class Birder(torch.optim.Optimizer):
         if ddp_model is not None:
             self.hook_state = getattr(ddp_model, "_birder_state", None) or _attach_hook(
                 ddp_model, beta=beta, amsgrad=amsgrad, collective=collective, requantize=requantize,
-                num_nodes=num_nodes, seed=seed, timeout_s=timeout_s,
+                num_nodes=num_nodes, seed=seed, timeout_s=timeout_s, skip_nonfinite=skip_nonfinite,
             )
             self.hooked = True
         else:
-            self.hook_state = BirderState(own, beta=beta, amsgrad=amsgrad, seed=seed, collective=None)
+            self.hook_state = BirderState(own, beta=beta, amsgrad=amsgrad, seed=seed, collective=None,
+                                          skip_nonfinite=skip_nonfinite)
             self.hooked = False
         for p in own:
             if p not in self.hook_state.param_state:
                 raise ValueError("Birder: a parameter group holds a parameter that the DDP module does not")
         self._link_state()
         self._consolidated = None
+        # Steps skipped because some rank's gradient had NaN/Inf (see skip_nonfinite).
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+        self.last_skip = None
 
     # -- state shared with the hook ----------------------------------------------------
 
@@ -133,6 +144,8 @@ class Birder(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         state = self.hook_state
+        if state.skip_nonfinite and self._skip_nonfinite_step():
+            return loss
         if not self.hooked:
             self._local_exchange()
         for group in self.param_groups:
@@ -146,6 +159,25 @@ class Birder(torch.optim.Optimizer):
                 kernels.apply_update_(p, p.grad, lr=lr, weight_decay=weight_decay, mask=mask)
         state.end_step()
         return loss
+
+    def _skip_nonfinite_step(self) -> bool:
+        """True (and the step is skipped on every rank, x, m, b unchanged) if any rank saw NaN/Inf."""
+        state = self.hook_state
+        if self.hooked:
+            bad = state.nonfinite_params()
+        else:
+            # Local mode: the gradient is already the same on every rank (averaged by DDP).
+            bad = [i for i, p in enumerate(state.params)
+                   if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+        if not bad:
+            self.consecutive_skips = 0
+            return False
+        state.restore_touched()
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        self.last_skip = {"step": state.step, "param_index": bad[0], "num_params": len(bad)}
+        state.end_step()
+        return True
 
     def _local_exchange(self):
         """Compress each gradient to ±1 in place, same draws on every rank (local mode)."""

@@ -54,6 +54,7 @@ class _BucketLayout:
         self.numels_t = torch.tensor(self.numels, dtype=torch.long, device=device)
         self.m = None
         self.b = None
+        self.backup = None
 
 
 class _CommWorker:
@@ -111,6 +112,7 @@ class BirderState:
         requantize: bool = False,
         num_nodes: int | None = None,
         track_unused: bool = False,
+        skip_nonfinite: bool = True,
         timeout_s: float | None = None,
     ):
         if not 0.0 <= beta < 1.0:
@@ -119,6 +121,7 @@ class BirderState:
         self.beta = float(beta)
         self.amsgrad = bool(amsgrad)
         self.seed = int(seed)
+        self.skip_nonfinite = bool(skip_nonfinite)
         self.topology = Topology.from_env(num_nodes)
         if collective is None:
             self.collective = None
@@ -161,6 +164,11 @@ class BirderState:
             for p in self.params:
                 if p.requires_grad:
                     p.register_post_accumulate_grad_hook(self._mark_used)
+        # Non-finite gradients: per-parameter flags of this step, and the buckets whose
+        # m, b were updated this step (restored from their snapshot if any rank saw NaN/Inf).
+        self.nonfinite_local = torch.zeros(len(self.params), dtype=torch.uint8,
+                                           device=self.params[0].device if self.params else "cpu")
+        self._touched = []
         self._worker = _CommWorker()
         # stats
         self.stats = CommStats()
@@ -213,10 +221,29 @@ class BirderState:
         start = self.offset[param]
         return self.canonical_mask[start : start + param.numel()].view_as(param)
 
+    def nonfinite_params(self) -> list[int]:
+        """Positions of the parameters that had NaN/Inf gradient on ANY rank this step.
+
+        A collective on the hook's group (call on every rank, after backward).
+        """
+        flags = self.nonfinite_local
+        if self.collective is not None and self.topology.world_size > 1:
+            flags = flags.clone()
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.groups.world)
+        return torch.nonzero(flags).flatten().tolist()
+
+    def restore_touched(self) -> None:
+        """Undo this step's m, b updates (every bucket exchanged since the last step)."""
+        for layout in self._touched:
+            layout.m.copy_(layout.backup[0])
+            layout.b.copy_(layout.backup[1])
+
     def end_step(self) -> None:
-        """Called by the optimizer after applying a step."""
+        """Called by the optimizer after applying (or skipping) a step."""
         self.step += 1
         self.canonical_mask = None
+        self._touched = []
+        self.nonfinite_local.zero_()
         if self.used_local is not None:
             self.used_local.zero_()
             self.used_global.fill_(1)
@@ -279,6 +306,21 @@ class BirderState:
             if not bool(used.all()):
                 used_D = torch.repeat_interleave(used.bool(), layout.numels_t)
                 mask_D = used_D if mask_D is None else mask_D & used_D
+        if self.skip_nonfinite:
+            # A snapshot to restore if any rank's gradient turns out non-finite in this
+            # step (possibly in a later bucket): with overlap, this bucket's m, b are
+            # updated before that is known. Costs one copy pass and 8 bytes per element.
+            if layout.backup is None:
+                layout.backup = torch.empty(2, layout.numel, dtype=torch.float32, device=layout.m.device)
+            layout.backup[0].copy_(layout.m)
+            layout.backup[1].copy_(layout.b)
+            self._touched.append(layout)
+            if not bool(torch.isfinite(grad_D).all()):
+                start = 0
+                for p, n in zip(layout.params, layout.numels):
+                    if not bool(torch.isfinite(grad_D[start : start + n]).all()):
+                        self.nonfinite_local[self.position[p]] = 1
+                    start += n
         bits_B = kernels.compress(
             grad_D, layout.m, layout.b, layout.index,
             beta=self.beta, seed=self.step_seed(STAGE_COMPRESS), mask=mask_D, amsgrad=self.amsgrad,
