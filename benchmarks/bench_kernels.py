@@ -98,7 +98,7 @@ def triton_launchers() -> SimpleNamespace:
         "apply_packed_": "apply_packed",
     }
     return SimpleNamespace(
-        **{name: getattr(importlib.import_module(f"kernels.{module}"), name) for name, module in where.items()}
+        **{name: getattr(importlib.import_module(f"kernels.ops.{module}"), name) for name, module in where.items()}
     )
 
 

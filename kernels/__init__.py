@@ -20,8 +20,6 @@ Example::
 """
 
 import os
-import sys
-import types
 
 from kernels import reference
 from kernels.reference import count_bits, num_bytes, pack_bits, uniform, unpack_bits
@@ -58,31 +56,12 @@ def _use_triton(tensor) -> bool:
     return tensor.is_cuda and triton_available()
 
 
-class _KernelsPackage(types.ModuleType):
-    """Keeps the dispatch functions bound when their Triton modules are imported.
-
-    Importing ``kernels.compress`` (the Triton launcher module) makes Python set
-    the attribute ``compress`` of this package to that module, which would
-    replace the dispatch function ``kernels.compress`` for the rest of the
-    process ('module' object is not callable). Use
-    ``from kernels.compress import compress`` or ``importlib.import_module``
-    to reach a launcher; ``import kernels.compress as x`` yields the dispatcher.
-    """
-
-    def __setattr__(self, name, value):
-        current = self.__dict__.get(name)
-        if isinstance(value, types.ModuleType) and callable(current) and not isinstance(current, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _KernelsPackage
 
 
 def _triton_module(name: str):
     import importlib
 
-    return importlib.import_module(f"kernels.{name}")
+    return importlib.import_module(f"kernels.ops.{name}")
 
 
 def compress(g, m, b, index, *, beta, seed, mask=None, amsgrad=False):

@@ -41,7 +41,7 @@ def tk():
         "uniform_hash": ("uniform_hash", "uniform_hash"),
     }
     return SimpleNamespace(
-        **{name: getattr(importlib.import_module(f"kernels.{module}"), attr) for name, (module, attr) in names.items()}
+        **{name: getattr(importlib.import_module(f"kernels.ops.{module}"), attr) for name, (module, attr) in names.items()}
     )
 
 

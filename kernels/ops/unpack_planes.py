@@ -1,4 +1,4 @@
-"""K bit planes -> exact int32 counts, the inverse of :mod:`kernels.pack_counts`.
+"""K bit planes -> exact int32 counts, the inverse of :mod:`kernels.ops.pack_counts`.
 
 Planes may carry leading batch dims ([..., K, B], e.g. one set of planes per
 rank after an all-gather); each program handles BLOCK_BYTES bytes of one
@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import _launch
+from kernels.ops import _launch
 
 
 @triton.autotune(

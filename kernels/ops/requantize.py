@@ -1,7 +1,7 @@
 """Re-quantize exact counts to 1 bit: bit 1 with probability count / N (unbiased for the mean).
 
 Used for the 1-bit phase 2 of the two-phase and hierarchical collectives.
-Same counter-based draw as :mod:`kernels.compress`, so the torch and Triton
+Same counter-based draw as :mod:`kernels.ops.compress`, so the torch and Triton
 paths agree bit for bit. Traffic: 4 bytes of count and 4 of index read, 1/8
 written per element. Contract: :func:`kernels.reference.requantize`.
 
@@ -12,8 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import _launch
-from kernels.uniform_hash import uniform_from_index
+from kernels.ops import _launch
+from kernels.ops.uniform_hash import uniform_from_index
 
 
 @triton.autotune(

@@ -1,7 +1,7 @@
 """Fused decompress-and-apply: x -= lr * (mean of N packed rows of +-1 + weight_decay * x).
 
-The same result as :func:`kernels.unpack_mean.unpack_mean` followed by
-:func:`kernels.apply_update.apply_update_`, without the float32 update ever
+The same result as :func:`kernels.ops.unpack_mean.unpack_mean` followed by
+:func:`kernels.ops.apply_update.apply_update_`, without the float32 update ever
 touching memory: N / 8 bytes of packed rows plus 8 bytes of fp32 x per
 element, instead of N / 8 + 4 (unpack) and 12 (apply). Contract:
 :func:`kernels.reference.apply_packed_`.
@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import _launch
+from kernels.ops import _launch
 
 
 @triton.autotune(

@@ -5,7 +5,7 @@ Plane j is the packed bit array of bit j of every count, so a count in
 [BLOCK_BYTES, 8] tile of counts once and writes one byte per plane: 4 bytes
 read (int32) and K / 8 written per element. Contract:
 :func:`kernels.reference.pack_counts`; the inverse lives in
-:mod:`kernels.unpack_planes` and is re-exported here, where the dispatch
+:mod:`kernels.ops.unpack_planes` and is re-exported here, where the dispatch
 looks for it.
 
 Legend: D elements, K planes, B = ceil(D / 8) bytes per plane.
@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import _launch
-from kernels.unpack_planes import unpack_planes  # noqa: F401  (dispatch: kernels.pack_counts.unpack_planes)
+from kernels.ops import _launch
+from kernels.ops.unpack_planes import unpack_planes  # noqa: F401  (dispatch: kernels.ops.pack_counts.unpack_planes)
 
 
 @triton.autotune(

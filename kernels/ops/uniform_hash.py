@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import _launch
+from kernels.ops import _launch
 
 @triton.jit
 def lowbias32(x):

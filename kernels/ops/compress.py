@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import _launch
-from kernels.uniform_hash import uniform_from_index
+from kernels.ops import _launch
+from kernels.ops.uniform_hash import uniform_from_index
 
 
 @triton.autotune(

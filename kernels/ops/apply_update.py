@@ -5,7 +5,7 @@ element, +1 for the mask). Arithmetic is fp32 whatever x's dtype, rounded once
 to x's dtype at the store; the torch reference rounds each intermediate to
 x's dtype, so bf16/fp16 parameters can differ from it by one unit in the last
 place. Contract: :func:`kernels.reference.apply_update_`. See
-:mod:`kernels.apply_packed` for the variant that reads packed rows instead of
+:mod:`kernels.ops.apply_packed` for the variant that reads packed rows instead of
 a float update.
 
 Legend: D elements.
@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import _launch
+from kernels.ops import _launch
 
 
 @triton.autotune(
