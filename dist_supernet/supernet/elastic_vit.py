@@ -7,7 +7,8 @@ blocks -> LayerNorm -> linear head on the class token. Elastic dimensions:
   (leading features of every weight that touches it);
 - ``depth``: number of blocks, from ``depths``; trailing blocks are skipped;
 - ``heads``: heads per block, from ``num_heads``, each ``head_dim`` wide
-  (q/k/v width = heads * head_dim, independent of the embedding dim);
+  (q/k/v width = heads * head_dim, independent of the embedding dim; no key
+  bias, since softmax cancels it);
 - ``mlp``: MLP ratio per block, from ``mlp_ratios`` (hidden = round(ratio * embed)).
 
 Arch dict (per-block lists cut to the depth)::
@@ -107,7 +108,8 @@ class ElasticViT(Supernet):
         for module in self.modules():
             if isinstance(module, ElasticLinear):
                 nn.init.trunc_normal_(module.weight, std=0.02)
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
         nn.init.trunc_normal_(self.patch_embed.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.patch_embed.cls_token, std=0.02)
 
@@ -197,7 +199,7 @@ class ElasticViT(Supernet):
         for b in cfg["blocks"]:
             inner, hidden = b["num_heads"] * self.head_dim, b["mlp_hidden_dim"]
             total += 2 * 2 * D  # two LayerNorms
-            total += 3 * inner * (D + 1) + D * (inner + 1)
+            total += 2 * inner * (D + 1) + inner * D + D * (inner + 1)  # q, v with bias; k without; proj
             total += hidden * (D + 1) + D * (hidden + 1)
         total += 2 * D + self.num_classes * (D + 1)
         return total

@@ -19,6 +19,10 @@ Arch dict (per-block lists cut to the stage's depth)::
 Only the first block of a stage changes width or stride, so it never has a
 shortcut and all later blocks always have one.
 
+Masks (``active_masks``) are for images of the built ``image_size``: kernel
+taps that only ever meet padding there (the outer ring of a 5x5 depthwise
+kernel on a 2x2 map) get no gradient, so they count as unused.
+
 Counting (``flops``, ``params``): FLOPs are multiply-accumulates of convs and
 linear layers (the usual NAS "FLOPs"); BN, ReLU, pooling and additions are not
 counted. ``params`` counts the exported subnet's parameters exactly (BN
@@ -137,9 +141,20 @@ class OFACNN(Supernet):
             self.stages.append(blocks)
             max_in = width
         self.head = ElasticConvBNAct(max_in, self._channels(head_width, max_mult), (1,))
+        self._set_input_sizes()
         self.classifier = ElasticLinear(self._channels(head_width, max_mult), num_classes)
         self._genes = self._build_genes()
         self.set_active(self.max_arch())
+
+    def _set_input_sizes(self) -> None:
+        """Tell each kxk conv its input size (fixed by image_size and strides) so masks skip padding-only taps."""
+        size = self.image_size
+        self.stem.conv.input_size = size
+        for blocks, stride in zip(self.stages, self.stage_strides):
+            for j, block in enumerate(blocks):
+                block.depthwise.conv.input_size = size
+                if j == 0:
+                    size = _conv_out_size(size, 1, stride)  # same output size for every odd kernel
 
     def _channels(self, base: int, mult: float) -> int:
         return make_divisible(base * mult, self.channel_divisor)
