@@ -13,7 +13,7 @@ seed); it goes into checkpoints.
 - :class:`ComplexityAwareSampler`: FLOPs split into ``num_bins`` equal-width
   bands; the band does a reflecting random walk (-1, 0, +1 every
   ``steps_per_move`` steps), and archs are drawn uniformly until one falls in
-  the band (ElasticViT: consecutive steps train subnets of similar size, which
+  the band, else steered into it gene by gene (ElasticViT: consecutive steps train subnets of similar size, which
   reduces gradient conflicts between very different subnets).
 
 Every ``sample`` takes ``elastic`` (progressive shrinking): the dims that may
@@ -87,9 +87,10 @@ class ComplexityAwareSampler(ArchSampler):
     """Archs whose FLOPs lie in a band that walks slowly over ``num_bins`` bins.
 
     Bins split ``[flops(min_arch), flops(max_arch)]`` of the (restricted) space
-    evenly. ``max_tries`` uniform draws look for an arch in the band; if none
-    lands there, the draw closest to the band centre is used (the extreme bins
-    are rare under uniform genes).
+    evenly. Up to ``max_tries`` uniform draws look for an arch in the band;
+    uniform genes rarely land in the extreme bins, so if none does, the
+    closest draw is steered there one gene step at a time (every gene is
+    monotone in FLOPs).
 
     Example::
         >>> from dist_supernet.supernet import OFACNN
@@ -107,7 +108,7 @@ class ComplexityAwareSampler(ArchSampler):
         num_archs: int = 1,
         num_bins: int = 8,
         steps_per_move: int = 1,
-        max_tries: int = 64,
+        max_tries: int = 16,
     ):
         super().__init__(space, seed, num_archs)
         for key, value in (("num_bins", num_bins), ("steps_per_move", steps_per_move), ("max_tries", max_tries)):
@@ -147,21 +148,54 @@ class ComplexityAwareSampler(ArchSampler):
         level = self.level_at(step)
         return low + level * width, low + (level + 1) * width
 
+    def _gap(self, arch: dict, low: float, high: float) -> float:
+        """Distance of the arch's FLOPs from the band, signed: > 0 above, < 0 below, 0 inside."""
+        flops = self.space.flops(arch)
+        return flops - high if flops > high else (flops - low if flops < low else 0.0)
+
+    def _steer(self, arch: dict, low: float, high: float, rng: random.Random, dims: frozenset) -> dict:
+        """Move one random gene one choice down (above the band) or up (below) until inside; best seen if never.
+
+        Every gene is monotone in FLOPs, so this walk reaches the band from any
+        start unless the band is narrower than one step.
+        """
+        genes = self.space.genes()
+        values = self.space.arch_to_genes(arch)
+        values = [rng.choice(g.choices) if v is None else v for g, v in zip(genes, values)]
+        best, best_gap = arch, abs(self._gap(arch, low, high))
+        for _ in range(4 * len(genes)):
+            gap = self._gap(self.space.genes_to_arch(values), low, high)
+            if gap == 0:
+                break
+            step = -1 if gap > 0 else 1
+            movable = [i for i, g in enumerate(genes)
+                       if g.dim in dims and 0 <= g.choices.index(values[i]) + step < len(g.choices)]
+            if not movable:
+                break
+            i = rng.choice(movable)
+            values[i] = genes[i].choices[genes[i].choices.index(values[i]) + step]
+            candidate = self.space.genes_to_arch(values)
+            candidate_gap = abs(self._gap(candidate, low, high))
+            if candidate_gap < best_gap:
+                best, best_gap = candidate, candidate_gap
+        return best
+
     def sample(self, step: int, elastic: Iterable[str] | None = None) -> list[dict]:
-        low, high = self.band(step, elastic)
-        centre = (low + high) / 2
+        dims = self.space.resolve_elastic(elastic)
+        low, high = self.band(step, dims)
         rng = step_rng(self.seed, step, self.name)
         archs = []
         for _ in range(self.num_archs):
             best, best_gap = None, float("inf")
             for _ in range(self.max_tries):
-                arch = self.space.sample(rng, elastic)
-                flops = self.space.flops(arch)
-                if low <= flops <= high:
-                    best = arch
+                arch = self.space.sample(rng, dims)
+                gap = abs(self._gap(arch, low, high))
+                if gap < best_gap:
+                    best, best_gap = arch, gap
+                if gap == 0:
                     break
-                if abs(flops - centre) < best_gap:
-                    best, best_gap = arch, abs(flops - centre)
+            if best_gap > 0:
+                best = self._steer(best, low, high, rng, dims)
             archs.append(best)
         return archs
 
