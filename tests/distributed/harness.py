@@ -35,8 +35,13 @@ def _entry(fn, rank, world_size, init_file, env, args, results):
         results.put((rank, "error", traceback.format_exc()))
 
 
-def run_workers(fn, world_size, *args, timeout_s=180, local_world_size=None, env=None):
-    """Run ``fn`` on ``world_size`` gloo processes; return their results in rank order."""
+def run_workers(fn, world_size, *args, timeout_s=180, local_world_size=None, env=None, expect_ranks=None):
+    """Run ``fn`` on ``world_size`` gloo processes; return their results in rank order.
+
+    ``expect_ranks``: wait only for these ranks (fault tests whose other ranks are
+    stopped or killed on purpose); the rest are killed at the end, results None.
+    """
+    expect_ranks = list(range(world_size)) if expect_ranks is None else list(expect_ranks)
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     child_env = {
@@ -56,20 +61,23 @@ def run_workers(fn, world_size, *args, timeout_s=180, local_world_size=None, env
             proc.start()
         collected = {}
         try:
-            for _ in range(world_size):
+            while not all(r in collected for r in expect_ranks):
                 rank, status, value = results.get(timeout=timeout_s)
                 if status == "error":
                     pytest.fail(f"rank {rank} failed:\n{value}", pytrace=False)
                 collected[rank] = value
         except Exception as error:  # queue.Empty: a rank hung
-            if not collected or len(collected) < world_size:
-                if isinstance(error, pytest.fail.Exception):
-                    raise
-                pytest.fail(f"workers timed out after {timeout_s}s ({len(collected)} of {world_size} done)")
-            raise
+            if isinstance(error, pytest.fail.Exception):
+                raise
+            pytest.fail(f"workers timed out after {timeout_s}s ({len(collected)} of {len(expect_ranks)} done)")
         finally:
             for proc in procs:
-                proc.join(timeout=10)
+                proc.join(timeout=10 if proc.pid and _rank_of(procs, proc) in expect_ranks else 0)
                 if proc.is_alive():
                     proc.kill()
-    return [collected[r] for r in range(world_size)]
+                    proc.join(timeout=10)
+    return [collected.get(r) for r in range(world_size)]
+
+
+def _rank_of(procs, proc):
+    return procs.index(proc)
