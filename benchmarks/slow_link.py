@@ -1,0 +1,454 @@
+"""How much faster is Birder than DDP fp32 over a slow link, and how much slower over a fast one?
+
+Two "nodes" on this machine: two network namespaces joined by a veth pair,
+each end's egress shaped with ``tc qdisc ... tbf``; one process per node
+(``benchmarks/step_worker.py`` under two torchrun invocations, c10d
+rendezvous across the link). For each link rate and model, in one run: the
+median step time and the bytes on the wire per step of DDP fp32, torch's fp16
+hook, torch's PowerSGD (rank 4) and Birder with each 1-bit collective; the
+speedup of each against DDP fp32, and the ideal speedup
+
+    ideal = t_fp32 / (t_compute + (t_fp32 - t_compute) / 32)
+
+(t_compute: the same steps under DDP ``no_sync``; a 32x smaller message
+with the same compute). The bytes come twice: the project's accounting
+(``CommStats``) and the veth's own counters (``/proc/net/dev`` in the
+namespace: what really crossed, with TCP/IP headers and ACKs).
+
+The ``loopback`` link is the opposite question: two processes on one node
+(``torchrun --standalone``, gloo on ``lo``), nothing shaped; how much slower
+than DDP fp32 is Birder when the network is fast. Run as root it uses a
+private namespace so that ``lo``'s counters hold only this benchmark's bytes.
+
+Before each shaped link, a raw TCP stream measures the goodput the shaped
+link really gives (tbf counts headers; the veth costs CPU on 2 cores).
+
+Usage (root; see benchmarks/README.md)::
+
+    python benchmarks/slow_link.py                      # 100mbit, 1gbit, loopback; mlp and cnn
+    python benchmarks/slow_link.py --links loopback --models mlp
+    python benchmarks/slow_link.py --quick              # smoke: tiny model, 1 timed step
+
+Writes ``benchmarks/results/slow_link_<machine>_<date>.md`` and ``.json``.
+"""
+
+import argparse
+import atexit
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS_DIR = HERE / "results"
+WORKER = HERE / "step_worker.py"
+
+ADDR_A, ADDR_B = "10.77.0.1", "10.77.0.2"  # only inside the namespaces this script creates
+PREFIX_LEN = 24
+RDZV_PORT = 29531
+PROBE_PORT = 29541
+METHODS = ["compute", "fp32", "fp16", "powersgd", "allgather", "two_phase", "hierarchical"]
+COMPARED = METHODS[1:]
+LINKS = ["100mbit", "1gbit", "loopback"]
+# Timed steps per link: fp32 of the 10.5M MLP takes ~3.5 s a step at 100 Mbit/s.
+DEFAULT_STEPS = {"100mbit": 4, "1gbit": 6, "loopback": 8}
+RUN_TIMEOUT_S = 900
+
+
+# -- the machine ------------------------------------------------------------------------------
+
+def cpu_name() -> str:
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        model = re.search(r"^Model name:\s*(.+)$", lscpu, re.MULTILINE)
+        if model:
+            return model.group(1).strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_description() -> dict:
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "mem_gib": round(mem_gib, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "load_avg_1min_at_start": round(os.getloadavg()[0], 2),
+    }
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+
+
+def rate_bits(rate: str) -> float:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([kmg]?)bit", rate.lower())
+    if not match:
+        raise ValueError(f"--links {rate!r}: expected a tc rate like 100mbit or 1gbit, or 'loopback'")
+    return float(match.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[match.group(2)]
+
+
+def tbf_burst(rate: str) -> str:
+    """1 ms of traffic, at least 32 kbit: 32 kbit at 1 Gbit/s gave 871 Mbit/s TCP goodput, 1 Mbit 934."""
+    return f"{max(32_000, int(rate_bits(rate) / 1000)) // 1000}kbit"
+
+
+# -- two namespaces and a veth ----------------------------------------------------------------
+
+def _sh(*cmd, check=True):
+    return subprocess.run(cmd, check=check, capture_output=True, text=True)
+
+
+def netns_unavailable_reason() -> str | None:
+    """None if this process can build namespaces and shape links, else one line saying why not."""
+    if os.geteuid() != 0:
+        return "needs root (ip netns, tc): run as root, or use --links loopback"
+    for tool in ("ip", "tc"):
+        if shutil.which(tool) is None:
+            return f"needs iproute2's `{tool}` on PATH (ip netns, tc): install iproute2, or use --links loopback"
+    return None
+
+
+class TwoNodes:
+    """Namespaces ``<name>a`` and ``<name>b``, veth ``<name>va`` <-> ``<name>vb``, lo up in both.
+
+    Removed on ``close()``, at interpreter exit and on SIGTERM/SIGINT (deleting a
+    namespace deletes its veth end, and the peer with it).
+    """
+
+    def __init__(self, name: str):
+        self.ns = (f"{name}a", f"{name}b")
+        self.iface = (f"{name}va", f"{name}vb")
+        self.addr = (ADDR_A, ADDR_B)
+        self._closed = False
+        atexit.register(self.close)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        try:
+            for ns in self.ns:
+                _sh("ip", "netns", "add", ns)
+            _sh("ip", "link", "add", self.iface[0], "type", "veth", "peer", "name", self.iface[1])
+            for ns, iface, addr in zip(self.ns, self.iface, self.addr):
+                _sh("ip", "link", "set", iface, "netns", ns)
+                _sh("ip", "-n", ns, "addr", "add", f"{addr}/{PREFIX_LEN}", "dev", iface)
+                _sh("ip", "-n", ns, "link", "set", iface, "up")
+                _sh("ip", "-n", ns, "link", "set", "lo", "up")
+        except subprocess.CalledProcessError as error:
+            self.close()
+            raise RuntimeError(f"building the namespaces failed: {' '.join(error.cmd)}: {error.stderr.strip()}")
+
+    def _on_signal(self, signum, frame):
+        self.close()
+        raise SystemExit(128 + signum)
+
+    def shape(self, rate: str | None) -> None:
+        """tbf at ``rate`` on both veth ends' egress (None: remove the shaping)."""
+        for ns, iface in zip(self.ns, self.iface):
+            if rate is None:
+                _sh("ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", iface, "root", check=False)
+            else:
+                _sh("ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", iface, "root", "tbf",
+                    "rate", rate, "burst", tbf_burst(rate), "latency", "50ms")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for ns in self.ns:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+# -- processes --------------------------------------------------------------------------------
+
+_PROBE = r"""
+import socket, sys, time
+mode, addr, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+if mode == "sink":
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((addr, port)); s.listen(1); c, _ = s.accept()
+    while c.recv(1 << 20):
+        pass
+    c.sendall(b"x")
+else:
+    nbytes, buf = int(sys.argv[4]), b"\0" * (1 << 20)
+    for _ in range(100):
+        try:
+            c = socket.create_connection((addr, port)); break
+        except OSError:
+            time.sleep(0.05)
+    start, sent = time.perf_counter(), 0
+    while sent < nbytes:
+        c.sendall(buf); sent += len(buf)
+    c.shutdown(socket.SHUT_WR); c.recv(1)
+    print(sent * 8 / (time.perf_counter() - start))
+"""
+
+
+def probe_goodput(nodes: TwoNodes, rate: str) -> float:
+    """TCP goodput A -> B in bit/s over ~1.5 s of a bulk transfer."""
+    nbytes = int(rate_bits(rate) / 8 * 1.5)
+    sink = subprocess.Popen(["ip", "netns", "exec", nodes.ns[1], sys.executable, "-c", _PROBE,
+                             "sink", nodes.addr[1], str(PROBE_PORT)])
+    try:
+        out = subprocess.run(["ip", "netns", "exec", nodes.ns[0], sys.executable, "-c", _PROBE,
+                              "src", nodes.addr[1], str(PROBE_PORT), str(nbytes)],
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+    finally:
+        sink.wait(timeout=30)
+    return float(out.strip())
+
+
+def worker_env(iface: str) -> dict:
+    env = dict(os.environ)
+    env.update({
+        "GLOO_SOCKET_IFNAME": iface,
+        "BENCH_IFACE": iface,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+def _wait_all(procs: list[subprocess.Popen], logs: list, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    try:
+        for proc in procs:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)  # our own torchrun and its workers only
+                proc.wait(timeout=30)
+    failed = [i for i, proc in enumerate(procs) if proc.returncode != 0]
+    if failed:
+        tails = []
+        for i in failed:
+            logs[i].seek(0)
+            tails.append(f"--- node {i} (rc {procs[i].returncode}) ---\n" + logs[i].read()[-3000:])
+        raise RuntimeError("a benchmark process failed:\n" + "\n".join(tails))
+
+
+def launch(worker_args: list[str], *, nodes: TwoNodes | None, nproc_per_node: int,
+           timeout_s: float = RUN_TIMEOUT_S) -> dict:
+    """Run step_worker under torchrun (two nodes across the veth, or one standalone); its JSON."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        args = [str(WORKER), *worker_args, "--out", str(out)]
+        run = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc_per_node}"]
+        if nodes is None:
+            commands = [(None, "lo", run + ["--standalone"] + args)]
+        else:
+            commands = []
+            for i, (ns, iface, addr) in enumerate(zip(nodes.ns, nodes.iface, nodes.addr)):
+                commands.append((ns, iface, run + [
+                    "--nnodes=2", "--rdzv_backend=c10d", f"--rdzv_endpoint={ADDR_A}:{RDZV_PORT}",
+                    f"--rdzv_id=bench{os.getpid()}", f"--rdzv_conf=is_host={int(i == 0)}",
+                    f"--local_addr={addr}",
+                ] + args))
+        procs, logs = [], []
+        for ns, iface, cmd in commands:
+            log = tempfile.TemporaryFile("w+")
+            prefix = ["ip", "netns", "exec", ns] if ns else []
+            procs.append(subprocess.Popen(prefix + cmd, env=worker_env(iface), stdout=log,
+                                          stderr=subprocess.STDOUT, text=True, start_new_session=True))
+            logs.append(log)
+        _wait_all(procs, logs, timeout_s)
+        return json.loads(out.read_text())
+
+
+def launch_loopback(worker_args: list[str], private_ns: str | None) -> dict:
+    """Two processes on one node over ``lo`` (in a private namespace when given, for clean counters)."""
+    if private_ns is None:
+        return launch(worker_args, nodes=None, nproc_per_node=2)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = ["ip", "netns", "exec", private_ns, sys.executable, "-m", "torch.distributed.run",
+               "--nproc_per_node=2", "--standalone", str(WORKER), *worker_args, "--out", str(out)]
+        log = tempfile.TemporaryFile("w+")
+        proc = subprocess.Popen(cmd, env=worker_env("lo"), stdout=log, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+        _wait_all([proc], [log], RUN_TIMEOUT_S)
+        return json.loads(out.read_text())
+
+
+# -- the table --------------------------------------------------------------------------------
+
+def summarize(report: dict) -> dict:
+    """Per method: median step, speedup vs fp32, accounted and measured bytes per step; the ideal."""
+    by_method = {r["method"]: r for r in report["results"]}
+    t_fp32 = by_method["fp32"]["median_s"] if "fp32" in by_method else None
+    t_compute = by_method["compute"]["median_s"] if "compute" in by_method else None
+    ideal = None
+    if t_fp32 and t_compute is not None:
+        ideal = t_fp32 / (t_compute + max(0.0, t_fp32 - t_compute) / 32)
+    rows = []
+    iface = report.get("iface")
+    # Over the veth only inter-node bytes pass (same-node ranks talk over lo); over lo, all of them.
+    accounted_key = "bytes_total" if iface in (None, "lo") else "bytes_inter"
+    for method in COMPARED:
+        if method not in by_method:
+            continue
+        result = by_method[method]
+        ranks = result["ranks"]
+        accounted_per_rank = statistics.mean(r["bytes"]["bytes_total"] for r in ranks)
+        wire_nodes = [r for r in ranks if r["iface"] is not None]
+        accounted_on_iface = sum(r["bytes"][accounted_key] for r in ranks) / max(1, len(wire_nodes))
+        wire_tx = statistics.mean(r["iface"]["tx"] for r in wire_nodes) if wire_nodes else None
+        rows.append({
+            "method": method,
+            "median_s": result["median_s"],
+            "speedup_vs_fp32": t_fp32 / result["median_s"] if t_fp32 else None,
+            "accounted_bytes_per_rank": accounted_per_rank,
+            "accounted_bytes_per_iface": accounted_on_iface,
+            "wire_tx_bytes_per_iface": wire_tx,
+            "wire_over_accounted": wire_tx / accounted_on_iface if wire_tx and accounted_on_iface else None,
+        })
+    return {"t_compute_s": t_compute, "t_fp32_s": t_fp32, "ideal_speedup": ideal, "rows": rows}
+
+
+def _mb(value):
+    return "n/a" if value is None else f"{value / 1e6:.3f}"
+
+
+def _x(value):
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
+def markdown_table(link: str, report: dict, summary: dict) -> str:
+    lines = [
+        f"### {link}, model `{report['model']}` ({report['num_params'] / 1e6:.1f}M parameters, "
+        f"batch {report['batch_per_rank']} per rank, {report['world_size']} processes)",
+        "",
+        f"compute (DDP `no_sync`) {summary['t_compute_s'] * 1e3:.1f} ms/step; DDP fp32 "
+        f"{summary['t_fp32_s'] * 1e3:.1f} ms/step; ideal speedup (1/32 of fp32's communication) "
+        f"**{_x(summary['ideal_speedup'])}**. Timed steps {report['steps']} after {report['warmup']} "
+        f"warm-up, median of the slowest rank per step.",
+        "",
+        "| method | median step ms | vs DDP fp32 | accounted MB/step/rank | accounted MB/step on "
+        f"`{report['iface'] or 'n/a'}` | wire MB/step (tx counter) | wire / accounted |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in summary["rows"]:
+        speed = row["speedup_vs_fp32"]
+        if link == "loopback" and speed is not None:
+            speed_text = f"{1 / speed:.2f}x the time" if row["method"] != "fp32" else "1.00x"
+        else:
+            speed_text = _x(speed)
+        ratio = row["wire_over_accounted"]
+        lines.append(
+            f"| {row['method']} | {row['median_s'] * 1e3:.1f} | {speed_text} | "
+            f"{_mb(row['accounted_bytes_per_rank'])} | {_mb(row['accounted_bytes_per_iface'])} | "
+            f"{_mb(row['wire_tx_bytes_per_iface'])} | {'n/a' if ratio is None else f'{ratio:.3f}'} |"
+        )
+    return "\n".join(lines)
+
+
+def write_results(runs: list[dict], machine: dict, command: str, out_stem: Path) -> None:
+    date = datetime.date.today().isoformat()
+    out_stem.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"date": date, "machine": machine, "command": command, "runs": runs}
+    out_stem.with_suffix(".json").write_text(json.dumps(payload, indent=1))
+    lines = [
+        f"# Slow-link step time: {machine['cpu']}, {date}",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['mem_gib']} GiB, Linux "
+        f"{machine['kernel']}, Python {machine['python']}, torch {machine['torch']} (CPU, gloo); "
+        f"1-min load average at start {machine['load_avg_1min_at_start']} (shared machine: timings are noisy).  ",
+        "Two nodes = two network namespaces joined by a veth pair, egress of both ends shaped with "
+        "`tc qdisc tbf` (burst = 1 ms of traffic, latency 50ms); one process per node, 1 torch thread each. "
+        "`loopback`: 2 processes on one node over `lo`, unshaped.",
+        "",
+        "Columns: *accounted* = the project's `CommStats` (bytes a rank sends, ring model); "
+        "*wire* = the tx counter of the interface (`/proc/net/dev` in the namespace), per node: "
+        "headers, ACKs and barriers included. On the veth only inter-node bytes are compared.",
+        "",
+    ]
+    for run in runs:
+        if run.get("goodput_bit_s"):
+            lines.append(f"Link `{run['link']}`: measured TCP goodput {run['goodput_bit_s'] / 1e6:.0f} Mbit/s "
+                         f"(tbf {run['link']}, burst {run['burst']}).")
+            lines.append("")
+        lines.append(markdown_table(run["link"], run["report"], run["summary"]))
+        lines.append("")
+    out_stem.with_suffix(".md").write_text("\n".join(lines))
+
+
+# -- main -------------------------------------------------------------------------------------
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--links", nargs="+", default=LINKS, help="tc rates (100mbit, 1gbit, ...) and/or loopback")
+    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn", "tiny"])
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: per link, see DEFAULT_STEPS)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="smoke: tiny model, 1 timed step, 100mbit and loopback")
+    parser.add_argument("--out", default=None, help="output stem (default benchmarks/results/slow_link_<machine>_<date>)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.links, args.models, args.steps = ["100mbit", "loopback"], ["tiny"], 1
+    for link in args.links:
+        if link != "loopback":
+            rate_bits(link)  # validates
+    shaped = [link for link in args.links if link != "loopback"]
+    reason = netns_unavailable_reason()
+    if shaped and reason:
+        sys.exit(f"slow_link.py: {reason}")
+
+    machine = machine_description()
+    command = "python benchmarks/slow_link.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    out_stem = Path(args.out) if args.out else RESULTS_DIR / (
+        f"slow_link_{slug(machine['cpu'])}_{datetime.date.today().isoformat()}")
+    nodes = TwoNodes(f"dsb{os.getpid() % 100000}") if reason is None else None
+    runs = []
+    try:
+        for link in args.links:
+            goodput = None
+            if link != "loopback":
+                nodes.shape(link)
+                goodput = probe_goodput(nodes, link)
+                print(f"[{link}] TCP goodput {goodput / 1e6:.0f} Mbit/s", flush=True)
+            for model in args.models:
+                steps = args.steps or DEFAULT_STEPS.get(link, 4)
+                worker_args = ["--model", model, "--methods", args.methods,
+                               "--steps", str(steps), "--warmup", str(args.warmup)]
+                started = time.monotonic()
+                if link == "loopback":
+                    report = launch_loopback(worker_args, nodes.ns[0] if nodes else None)
+                else:
+                    report = launch(worker_args, nodes=nodes, nproc_per_node=1)
+                summary = summarize(report)
+                run = {"link": link, "burst": tbf_burst(link) if link != "loopback" else None,
+                       "goodput_bit_s": goodput, "report": report, "summary": summary,
+                       "wall_s": time.monotonic() - started}
+                runs.append(run)
+                print(markdown_table(link, report, summary) + f"\n({run['wall_s']:.0f} s)\n", flush=True)
+                write_results(runs, machine, command, out_stem)  # keep what is done if a later run fails
+    finally:
+        if nodes is not None:
+            nodes.close()
+    print(f"wrote {out_stem}.md and .json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""One process of the step-time benchmarks: train a few steps with each compression, print JSON.
+
+Launched by torchrun (``benchmarks/slow_link.py`` and ``benchmarks/hierarchical_scale.py``
+do it; see ``benchmarks/README.md``). Every method runs in the same process
+group, one after the other, on a fresh copy of the same model:
+
+- ``compute``: DDP fp32 under ``no_sync()`` (forward, backward, SGD step, no
+  communication): the compute time of a step;
+- ``fp32``: DDP's own fp32 all-reduce (the project's ``none`` baseline hook,
+  which counts bytes around torch's ``allreduce_hook``);
+- ``fp16``: torch's ``fp16_compress_hook``;
+- ``powersgd``: torch's PowerSGD hook, rank ``--powersgd-rank``;
+- ``allgather`` / ``two_phase`` / ``hierarchical``: Birder with that 1-bit collective.
+
+The baselines step with ``torch.optim.SGD`` (momentum 0.9, foreach), which costs
+about what Birder's own update costs (one pass over x), so step times compare
+the communication, not the optimizers.
+
+A step is: barrier on every rank, then forward, backward (DDP's comm hook runs
+inside it and backward returns only once every bucket is reduced), optimizer
+step. Its time is the slowest rank's. Reported per method: median step time,
+bytes this rank put on the wire per step by the project's accounting
+(``CommStats``: intra- and inter-node), and, when ``BENCH_IFACE`` names an
+interface of this network namespace, the bytes its counters saw per step
+(``/proc/net/dev``, read by local rank 0 of every node; they include TCP/IP
+headers, ACKs and the barriers).
+
+Rank 0 prints one line ``BENCH_RESULT {json}`` and writes it to ``--out``.
+
+Example::
+    torchrun --standalone --nproc_per_node=2 benchmarks/step_worker.py --model mlp \
+        --methods compute,fp32,allgather --steps 5 --out /tmp/result.json
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from dist_supernet.comm import register_baseline_hook  # noqa: E402
+from dist_supernet.models.cnn import CNN  # noqa: E402
+from dist_supernet.models.mlp import MLP  # noqa: E402
+from dist_supernet.optim import Birder  # noqa: E402
+
+BASELINES = {"fp32": "none", "fp16": "fp16", "powersgd": "powersgd"}
+COLLECTIVES = ("allgather", "two_phase", "hierarchical")
+METHODS = ("compute",) + tuple(BASELINES) + COLLECTIVES
+IMAGE_SHAPE = (3, 32, 32)
+NUM_CLASSES = 10
+
+# name -> (builder, batch size). Batch sizes: the MLP's compute is small next to its
+# 10.5M-parameter gradient (the communication-bound case, ~45 ms fwd+bwd on one core
+# of this Xeon); the CNN's is ~6x larger per step for 15.7M parameters (~0.28 s).
+MODELS = {
+    "mlp": (lambda: MLP(3 * 32 * 32, [2048, 2048], NUM_CLASSES), 64),
+    "cnn": (lambda: CNN(3, 32, [64, 128, 256, 512, 1024, 1024], NUM_CLASSES), 32),
+    # --quick: small enough that a smoke run takes seconds
+    "tiny": (lambda: MLP(3 * 32 * 32, [256], NUM_CLASSES), 32),
+}
+
+
+def read_iface_bytes(iface: str | None) -> dict | None:
+    """{'rx', 'tx'} byte counters of ``iface`` in this network namespace, or None."""
+    if not iface:
+        return None
+    with open("/proc/net/dev") as counters:
+        for line in counters:
+            name, _, rest = line.partition(":")
+            if name.strip() == iface:
+                fields = rest.split()
+                return {"rx": int(fields[0]), "tx": int(fields[8])}
+    return None
+
+
+def build(method: str, model_name: str, args):
+    """A fresh model, its DDP wrapper, the optimizer and the byte counter for ``method``."""
+    torch.manual_seed(0)  # the same initial weights for every method and rank
+    builder, _ = MODELS[model_name]
+    model = builder()
+    ddp_model = DistributedDataParallel(model, bucket_cap_mb=args.bucket_cap_mb)
+    if method in COLLECTIVES:
+        opt = Birder(ddp_model, lr=1e-3, collective=method, num_nodes=args.num_nodes)
+        return ddp_model, opt, opt.comm_stats
+    name = BASELINES.get(method, "none")  # "compute" never communicates; a hook is harmless
+    stats = register_baseline_hook(ddp_model, name, powersgd_rank=args.powersgd_rank)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, foreach=True)
+    return ddp_model, opt, stats
+
+
+def train_step(ddp_model, opt, batch, *, sync: bool):
+    x, y = batch
+    opt.zero_grad(set_to_none=True)
+    if sync:
+        F.cross_entropy(ddp_model(x), y).backward()
+    else:
+        with ddp_model.no_sync():
+            F.cross_entropy(ddp_model(x), y).backward()
+    opt.step()
+
+
+def run_method(method: str, args, batch, timing_group) -> dict:
+    ddp_model, opt, stats = build(method, args.model, args)
+    sync = method != "compute"
+    for _ in range(args.warmup):  # DDP rebuilds its buckets after step 1; PowerSGD compresses from step 2
+        train_step(ddp_model, opt, batch, sync=sync)
+    dist.barrier(group=timing_group)
+    before_stats = stats.snapshot()
+    before_iface = read_iface_bytes(args.iface) if args.is_node_leader else None
+    times = []
+    for _ in range(args.steps):
+        dist.barrier(group=timing_group)
+        start = time.perf_counter()
+        train_step(ddp_model, opt, batch, sync=sync)
+        times.append(time.perf_counter() - start)
+    dist.barrier(group=timing_group)
+    after_iface = read_iface_bytes(args.iface) if args.is_node_leader else None
+    after_stats = stats.snapshot()
+    mine = {
+        "rank": dist.get_rank(),
+        "node": int(os.environ.get("GROUP_RANK", 0)),
+        "times": times,
+        "bytes": {k: (after_stats[k] - before_stats[k]) / args.steps
+                  for k in ("bytes_intra", "bytes_inter", "bytes_total")},
+        "iface": None if before_iface is None or after_iface is None else {
+            k: (after_iface[k] - before_iface[k]) / args.steps for k in ("rx", "tx")
+        },
+    }
+    per_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, mine, group=timing_group)
+    del ddp_model, opt
+    step_times = [max(r["times"][i] for r in per_rank) for i in range(args.steps)]
+    return {
+        "method": method,
+        "median_s": statistics.median(step_times),
+        "step_times_s": step_times,
+        "ranks": per_rank,
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="mlp")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma-separated, from {', '.join(METHODS)}")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (>= 2 for PowerSGD)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per method")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads per process")
+    parser.add_argument("--bucket-cap-mb", type=float, default=25.0, help="DDP bucket size (its default)")
+    parser.add_argument("--powersgd-rank", type=int, default=4)
+    parser.add_argument("--num-nodes", type=int, default=None,
+                        help="Birder's node count (None: torchrun's LOCAL_WORLD_SIZE)")
+    parser.add_argument("--out", default=None, help="rank 0 writes its JSON here too")
+    args = parser.parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    for method in methods:
+        if method not in METHODS:
+            raise ValueError(f"--methods: {method!r} is not one of {', '.join(METHODS)}")
+    if "powersgd" in methods and args.warmup < 2:
+        raise ValueError(f"--warmup={args.warmup}: PowerSGD compresses from its third step, use >= 2")
+
+    torch.set_num_threads(args.threads)
+    dist.init_process_group("gloo")
+    args.iface = os.environ.get("BENCH_IFACE")
+    args.is_node_leader = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    timing_group = dist.new_group(backend="gloo")  # barriers and result gathering, apart from DDP's
+    _, batch_size = MODELS[args.model]
+    generator = torch.Generator().manual_seed(1 + dist.get_rank())
+    batch = (torch.randn(batch_size, *IMAGE_SHAPE, generator=generator),
+             torch.randint(0, NUM_CLASSES, (batch_size,), generator=generator))
+
+    results = [run_method(method, args, batch, timing_group) for method in methods]
+    if dist.get_rank() == 0:
+        builder, _ = MODELS[args.model]
+        report = {
+            "model": args.model,
+            "num_params": sum(p.numel() for p in builder().parameters()),
+            "batch_per_rank": batch_size,
+            "world_size": dist.get_world_size(),
+            "local_world_size": int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())),
+            "threads": args.threads,
+            "warmup": args.warmup,
+            "steps": args.steps,
+            "iface": args.iface,
+            "torch": torch.__version__,
+            "results": results,
+        }
+        line = json.dumps(report)
+        print("BENCH_RESULT " + line, flush=True)
+        if args.out:
+            Path(args.out).write_text(line)
+    dist.barrier(group=timing_group)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
