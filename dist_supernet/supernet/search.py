@@ -17,7 +17,7 @@ take identical decisions. Without torch.distributed it runs locally.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch.distributed as dist
@@ -113,6 +113,45 @@ def _feasible_draw(draw: Callable[[], dict], constraint: _Constraint, max_tries:
     return None
 
 
+def _population_split(population_size, num_generations, mutate_prob, mutation_ratio, parent_ratio, max_tries):
+    _check("population_size", population_size, 2, integer=True)
+    _check("num_generations", num_generations, 0, integer=True)
+    _check("mutate_prob", mutate_prob, 0.0, 1.0)
+    _check("mutation_ratio", mutation_ratio, 0.0, 1.0)
+    _check("parent_ratio", parent_ratio, 0.0, 1.0)
+    _check("max_tries", max_tries, 1, integer=True)
+    num_parents = max(1, int(round(parent_ratio * population_size)))
+    num_mutations = int(round(mutation_ratio * population_size))
+    if num_parents + num_mutations > population_size:
+        raise ValueError(f"search.parent_ratio={parent_ratio} + mutation_ratio={mutation_ratio}: more than the "
+                         f"population ({num_parents} + {num_mutations} > {population_size})")
+    return num_parents, num_mutations
+
+
+SEARCH_SETTINGS = ("population_size", "num_generations", "mutate_prob", "mutation_ratio", "parent_ratio",
+                   "max_tries", "flops_limit", "params_limit", "split_evaluation")
+
+
+def check_search_settings(settings: Mapping) -> dict:
+    """Validate the ``supernet.search`` config group (the keyword arguments of :func:`evolutionary_search`).
+
+    Example::
+        >>> check_search_settings({"population_size": 8, "num_generations": 2})["population_size"]
+        8
+    """
+    settings = dict(settings)
+    unknown = sorted(set(settings) - set(SEARCH_SETTINGS))
+    if unknown:
+        raise ValueError(f"search.{unknown[0]}={settings[unknown[0]]!r}: unknown key; expected {list(SEARCH_SETTINGS)}")
+    defaults = {"population_size": 32, "num_generations": 10, "mutate_prob": 0.1, "mutation_ratio": 0.5,
+                "parent_ratio": 0.25, "max_tries": 1000}
+    _population_split(**{k: settings.get(k, v) for k, v in defaults.items()})
+    for key in ("flops_limit", "params_limit"):
+        if settings.get(key) is not None:
+            _check(key, settings[key], 0)
+    return settings
+
+
 def evolutionary_search(
     space: Supernet,
     evaluate: Callable[[dict], float],
@@ -145,17 +184,9 @@ def evolutionary_search(
         >>> space.flops(result.best_arch) <= limit
         True
     """
-    _check("population_size", population_size, 2, integer=True)
-    _check("num_generations", num_generations, 0, integer=True)
-    _check("mutate_prob", mutate_prob, 0.0, 1.0)
-    _check("mutation_ratio", mutation_ratio, 0.0, 1.0)
-    _check("parent_ratio", parent_ratio, 0.0, 1.0)
-    _check("max_tries", max_tries, 1, integer=True)
-    num_parents = max(1, int(round(parent_ratio * population_size)))
-    num_mutations = int(round(mutation_ratio * population_size))
-    if num_parents + num_mutations > population_size:
-        raise ValueError(f"search.parent_ratio={parent_ratio} + mutation_ratio={mutation_ratio}: more than the "
-                         f"population ({num_parents} + {num_mutations} > {population_size})")
+    num_parents, num_mutations = _population_split(
+        population_size, num_generations, mutate_prob, mutation_ratio, parent_ratio, max_tries
+    )
     constraint = _Constraint(space, flops_limit, params_limit, image_size)
     smallest = space.min_arch(elastic)
     if not constraint(smallest):

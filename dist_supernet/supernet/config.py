@@ -1,0 +1,73 @@
+"""Validation of the ``supernet`` config group (``conf/supernet/*.yaml``) against a built supernet.
+
+One call at start-up, so a wrong value fails with one line naming its key
+instead of deep inside training::
+
+    sampler: {name, num_archs, random, num_bins, steps_per_move, max_tries}
+    distillation: {weight, temperature}
+    progressive_shrinking: null | [{until_step, elastic}, ...]
+    bn_recalibration: {num_batches}
+    search: {population_size, num_generations, mutate_prob, mutation_ratio, parent_ratio,
+             max_tries, flops_limit, params_limit, split_evaluation}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from dist_supernet.supernet.progressive import check_phases
+from dist_supernet.supernet.sampler import build_sampler
+from dist_supernet.supernet.search import check_search_settings
+from dist_supernet.supernet.space import Supernet
+
+SUPERNET_KEYS = ("sampler", "distillation", "progressive_shrinking", "bn_recalibration", "search")
+
+
+def _plain(value):
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
+        return [_plain(v) for v in value]
+    return value
+
+
+def check_supernet_config(cfg: Mapping, space: Supernet) -> dict:
+    """Plain-dict copy of the supernet config with phases resolved; ``ValueError`` naming the first bad key.
+
+    Example::
+        >>> from dist_supernet.supernet import OFACNN
+        >>> cfg = check_supernet_config({"sampler": {"name": "uniform"}}, OFACNN(1, 8, 10))
+        >>> sorted(cfg["progressive_shrinking"][0]["elastic"])
+        ['depth', 'expand', 'kernel', 'width']
+    """
+    cfg = _plain(cfg)
+    unknown = sorted(set(cfg) - set(SUPERNET_KEYS))
+    if unknown:
+        raise ValueError(f"supernet.{unknown[0]}: unknown key; expected {list(SUPERNET_KEYS)}")
+    build_sampler(cfg.get("sampler") or {}, space, seed=0)
+
+    distill = dict(cfg.get("distillation") or {})
+    extra = sorted(set(distill) - {"weight", "temperature"})
+    if extra:
+        raise ValueError(f"supernet.distillation.{extra[0]}: unknown key; expected weight, temperature")
+    weight, temperature = distill.get("weight", 1.0), distill.get("temperature", 1.0)
+    if not isinstance(weight, (int, float)) or not 0.0 <= weight <= 1.0:
+        raise ValueError(f"supernet.distillation.weight={weight!r}: expected a number in [0, 1]")
+    if not isinstance(temperature, (int, float)) or temperature <= 0:
+        raise ValueError(f"supernet.distillation.temperature={temperature!r}: expected a positive number")
+
+    cfg["progressive_shrinking"] = check_phases(cfg.get("progressive_shrinking"), space.elastic_dims)
+
+    recal = dict(cfg.get("bn_recalibration") or {})
+    extra = sorted(set(recal) - {"num_batches"})
+    if extra:
+        raise ValueError(f"supernet.bn_recalibration.{extra[0]}: unknown key; expected num_batches")
+    num_batches = recal.get("num_batches", 20)
+    if not isinstance(num_batches, int) or num_batches < 1:
+        raise ValueError(f"supernet.bn_recalibration.num_batches={num_batches!r}: expected a positive integer")
+
+    try:
+        check_search_settings(cfg.get("search") or {})
+    except ValueError as e:
+        raise ValueError(f"supernet.{e}") from None
+    return cfg
