@@ -236,7 +236,7 @@ def union_masks(masks: Iterable[dict[nn.Parameter, torch.Tensor]]) -> dict[nn.Pa
 
     Example::
         >>> from dist_supernet.supernet import OFACNN
-        >>> net = OFACNN(in_channels=1, image_size=8, num_classes=10)
+        >>> net = OFACNN(in_channels=1, image_size=28, num_classes=10)
         >>> both = union_masks([net.active_masks(net.min_arch()), net.active_masks(net.max_arch())])
         >>> all(bool(m.all()) for m in both.values())
         True
