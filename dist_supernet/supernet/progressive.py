@@ -24,8 +24,9 @@ def check_phases(phases: Sequence[Mapping] | None, elastic_dims: Iterable[str]) 
     ``None`` or an empty list means one phase with every dimension elastic.
 
     Example::
-        >>> check_phases([{"until_step": None, "elastic": "all"}], ["kernel", "depth"])
-        [{'until_step': None, 'elastic': frozenset({'depth', 'kernel'})}]
+        >>> phases = check_phases([{"until_step": 10, "elastic": "kernel"}, {"until_step": None}], ["kernel", "depth"])
+        >>> [(p["until_step"], sorted(p["elastic"])) for p in phases]
+        [(10, ['kernel']), (None, ['depth', 'kernel'])]
     """
     all_dims = frozenset(elastic_dims)
     if not phases:
