@@ -4,6 +4,14 @@ Model code only: nothing here knows about DDP or compression. The trainer
 samples archs (``sampler``), runs ``set_active(arch)`` + forward for each, and
 hands ``step_masks(supernet, archs)`` to the optimizer's no-gradient rule.
 
+- ``elastic.py``: elastic layers slicing one shared weight;
+- ``subnets.py``: the plain modules exported subnets are made of, ``build_subnet(config)``;
+- ``space.py``: ``Supernet`` base (arch dicts, genes, sample / mutate / crossover, ``active_masks``);
+- ``ofa_cnn.py``, ``elastic_vit.py``: the two search spaces;
+- ``sampler.py``, ``progressive.py``, ``distillation.py``: what trains at a step, and how;
+- ``bn_recalibration.py``, ``search.py``, ``export.py``, ``plot.py``: after training;
+- ``config.py``: start-up validation of the ``supernet`` config group.
+
 Example::
     >>> net = build_supernet({"name": "ofa_cnn"}, in_channels=1, image_size=8, num_classes=10)
     >>> net.set_active(net.min_arch())
@@ -18,20 +26,26 @@ from collections.abc import Mapping
 
 import torch  # noqa: F401  (used by the doctest above)
 
+from dist_supernet.supernet.bn_recalibration import recalibrate_bn
+from dist_supernet.supernet.config import check_supernet_config, to_plain
+from dist_supernet.supernet.distillation import distillation_loss, student_loss
 from dist_supernet.supernet.elastic_vit import ElasticViT
+from dist_supernet.supernet.export import export_subnet, load_subnet, save_subnet
 from dist_supernet.supernet.ofa_cnn import OFACNN
+from dist_supernet.supernet.plot import pareto_front, plot_accuracy_vs_flops
+from dist_supernet.supernet.progressive import check_phases, elastic_at
+from dist_supernet.supernet.sampler import (
+    ArchSampler,
+    ComplexityAwareSampler,
+    SandwichSampler,
+    UniformSampler,
+    build_sampler,
+)
+from dist_supernet.supernet.search import SearchResult, evolutionary_search, random_search
 from dist_supernet.supernet.space import Gene, Supernet, arch_key, step_masks, union_masks
+from dist_supernet.supernet.subnets import build_subnet
 
 SUPERNETS: dict[str, type[Supernet]] = {"ofa_cnn": OFACNN, "elastic_vit": ElasticViT}
-
-
-def _plain(value):
-    """OmegaConf containers (or any mapping / sequence) to plain dicts and lists, without importing omegaconf."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
-        return [_plain(v) for v in value]
-    return value
 
 
 def build_supernet(model_cfg: Mapping, in_channels: int, image_size: int, num_classes: int) -> Supernet:
@@ -44,7 +58,7 @@ def build_supernet(model_cfg: Mapping, in_channels: int, image_size: int, num_cl
         >>> net.max_arch()["depth"]
         2
     """
-    cfg = _plain(model_cfg)
+    cfg = to_plain(model_cfg)
     name = cfg.pop("name", None)
     if name not in SUPERNETS:
         raise ValueError(f"model.name={name!r}: expected one of {', '.join(SUPERNETS)}")
@@ -60,12 +74,32 @@ def build_supernet(model_cfg: Mapping, in_channels: int, image_size: int, num_cl
 
 __all__ = [
     "SUPERNETS",
+    "ArchSampler",
+    "ComplexityAwareSampler",
     "ElasticViT",
     "Gene",
     "OFACNN",
+    "SandwichSampler",
+    "SearchResult",
     "Supernet",
+    "UniformSampler",
     "arch_key",
+    "build_sampler",
+    "build_subnet",
     "build_supernet",
+    "check_phases",
+    "check_supernet_config",
+    "distillation_loss",
+    "elastic_at",
+    "evolutionary_search",
+    "export_subnet",
+    "load_subnet",
+    "pareto_front",
+    "plot_accuracy_vs_flops",
+    "random_search",
+    "recalibrate_bn",
+    "save_subnet",
     "step_masks",
+    "student_loss",
     "union_masks",
 ]

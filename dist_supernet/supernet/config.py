@@ -23,11 +23,12 @@ from dist_supernet.supernet.space import Supernet
 SUPERNET_KEYS = ("sampler", "distillation", "progressive_shrinking", "bn_recalibration", "search")
 
 
-def _plain(value):
+def to_plain(value):
+    """OmegaConf containers (or any mapping / sequence) to plain dicts and lists, without importing omegaconf."""
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): to_plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
-        return [_plain(v) for v in value]
+        return [to_plain(v) for v in value]
     return value
 
 
@@ -40,7 +41,7 @@ def check_supernet_config(cfg: Mapping, space: Supernet) -> dict:
         >>> sorted(cfg["progressive_shrinking"][0]["elastic"])
         ['depth', 'expand', 'kernel', 'width']
     """
-    cfg = _plain(cfg)
+    cfg = to_plain(cfg)
     unknown = sorted(set(cfg) - set(SUPERNET_KEYS))
     if unknown:
         raise ValueError(f"supernet.{unknown[0]}: unknown key; expected {list(SUPERNET_KEYS)}")

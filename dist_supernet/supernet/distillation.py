@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def distillation_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """KL(softmax(teacher / T) || softmax(student / T)) * T^2, mean over the batch; the teacher is detached.
 
     The T^2 factor keeps gradient magnitudes comparable across temperatures
@@ -21,7 +23,9 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     if not temperature > 0:
         raise ValueError(f"temperature={temperature!r}: expected a positive number")
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student logits {tuple(student_logits.shape)} != teacher logits {tuple(teacher_logits.shape)}")
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} != teacher logits {tuple(teacher_logits.shape)}"
+        )
     student_log_probs = F.log_softmax(student_logits / temperature, dim=-1)
     teacher_log_probs = F.log_softmax(teacher_logits.detach() / temperature, dim=-1)
     kl = F.kl_div(student_log_probs, teacher_log_probs, reduction="batchmean", log_target=True)

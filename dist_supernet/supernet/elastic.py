@@ -344,7 +344,8 @@ class ElasticLinear(nn.Module, ElasticModule):
         return used
 
     def export_state(self, in_features: int) -> dict[str, torch.Tensor]:
-        return {name: self.get_parameter(name)[idx].detach().clone() for name, idx in self.used_slices(in_features).items()}
+        used = self.used_slices(in_features)
+        return {name: self.get_parameter(name)[idx].detach().clone() for name, idx in used.items()}
 
     def out_features(self, in_features: int) -> int:
         return self.active_out_features

@@ -136,7 +136,9 @@ class ElasticViT(Supernet):
     def arch_to_genes(self, arch: dict) -> list:
         for key in ("embed_dim", "depth", "num_heads", "mlp_ratio"):
             if key not in arch:
-                raise ValueError(f"arch is missing key {key!r} (elastic_vit needs embed_dim, depth, num_heads, mlp_ratio)")
+                raise ValueError(
+                    f"arch is missing key {key!r} (elastic_vit needs embed_dim, depth, num_heads, mlp_ratio)"
+                )
         depth = arch["depth"]
         if depth not in self.depths:
             raise ValueError(f"arch depth={depth!r}: expected one of {self.depths}")

@@ -98,7 +98,8 @@ class OFACNN(Supernet):
         self.stage_widths = [int(w) for w in stage_widths]
         if stage_strides is None:
             # Large enough inputs get three halvings (28 -> 14 -> 7 -> 4); 8x8 keeps full resolution in stage 1.
-            stage_strides = [2] * len(self.stage_widths) if image_size >= 16 else [1] + [2] * (len(self.stage_widths) - 1)
+            num = len(self.stage_widths)
+            stage_strides = [2] * num if image_size >= 16 else [1] + [2] * (num - 1)
         if len(stage_strides) != len(self.stage_widths) or any(s not in (1, 2) for s in stage_strides):
             raise ValueError(
                 f"stage_strides={list(stage_strides)!r}: expected {len(self.stage_widths)} values, each 1 or 2"
@@ -191,7 +192,9 @@ class OFACNN(Supernet):
         S, M = self.num_stages, self.max_depth
         for key in ("width_mult", "depth", "kernel_size", "expand_ratio"):
             if key not in arch:
-                raise ValueError(f"arch is missing key {key!r} (ofa_cnn needs width_mult, depth, kernel_size, expand_ratio)")
+                raise ValueError(
+                    f"arch is missing key {key!r} (ofa_cnn needs width_mult, depth, kernel_size, expand_ratio)"
+                )
         for key, length in (("width_mult", S + 2), ("depth", S), ("kernel_size", S), ("expand_ratio", S)):
             if not isinstance(arch[key], (list, tuple)) or len(arch[key]) != length:
                 raise ValueError(f"arch {key}={arch[key]!r}: expected a list of {length}")
@@ -252,7 +255,7 @@ class OFACNN(Supernet):
         }
 
     def flops(self, arch: dict, image_size: int | None = None) -> int:
-        """Multiply-accumulates of one image through convs and the classifier at ``image_size`` (default: built size)."""
+        """Multiply-accumulates of one image (convs and classifier) at ``image_size`` (default: the built size)."""
         cfg = self.subnet_config(arch)
         size = self.image_size if image_size is None else image_size
         stem = cfg["stem"]

@@ -49,7 +49,8 @@ def _worker(rank, world_size):
     evaluate = _synthetic(net)
     calls = []
     result = evolutionary_search(net, lambda a: calls.append(1) or evaluate(a), **SEARCH)
-    out["search"] = (result.best_arch, result.best_score, result.history, [arch_key(e["arch"]) for e in result.evaluated])
+    evaluated = [arch_key(e["arch"]) for e in result.evaluated]
+    out["search"] = (result.best_arch, result.best_score, result.history, evaluated)
     out["local_evaluations"] = len(calls)
     replicated = evolutionary_search(net, evaluate, split_evaluation=False, **SEARCH)
     out["replicated_best"] = replicated.best_arch

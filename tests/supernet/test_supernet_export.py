@@ -32,7 +32,8 @@ def test_save_load_round_trip(tmp_path, name):
     torch.testing.assert_close(loaded(x), net(x), atol=1e-5, rtol=0)
     # The builder alone gives the same structure (fresh weights).
     fresh = build_subnet(config)
-    assert [(k, v.shape) for k, v in fresh.state_dict().items()] == [(k, v.shape) for k, v in loaded.state_dict().items()]
+    shapes = lambda module: [(k, v.shape) for k, v in module.state_dict().items()]  # noqa: E731
+    assert shapes(fresh) == shapes(loaded)
     assert not list(tmp_path.glob(".subnet-*"))  # temp file renamed away
 
 

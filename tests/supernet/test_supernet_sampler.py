@@ -1,4 +1,4 @@
-"""Samplers: same archs for the same (seed, step) anywhere, restriction honoured, checkpoint state, progressive shrinking."""
+"""Samplers: same archs for the same (seed, step) anywhere, restriction honoured, checkpoint state; phases."""
 
 import pytest
 

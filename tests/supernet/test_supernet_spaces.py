@@ -1,4 +1,4 @@
-"""Both search spaces at 8x8 and 28x28: export equality, exact params, FLOPs vs counters, subnet counts, masks vs grads."""
+"""Both spaces at 8x8 and 28x28: export equality, exact params, FLOPs vs counters, subnet counts, masks vs grads."""
 
 import itertools
 import random
