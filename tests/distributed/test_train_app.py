@@ -1,0 +1,169 @@
+"""The training application end to end: real torchrun, 2 gloo processes on loopback.
+
+Each spawn costs seconds on 2 cores, so each test checks many things per run:
+files and keys, replicas in sync, byte counts, resume. Runs are tiny (digits,
+MLP, <= 14 steps).
+"""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+TIMEOUT_S = 180
+SUMMARY_KEYS = {"final_loss", "eval_accuracy", "steps", "world_size", "compression", "collective",
+                "bytes_sent_total", "params_in_sync", "params_sha256", "resumed_from_step"}
+ROW_KEYS = {"step", "loss", "wall_time_s", "bytes_sent", "bytes_intra", "bytes_inter", "lr", "epoch"}
+# Small and fast: checkpoints every 4 steps, a metrics row every step.
+TINY = ["trainer.max_steps=12", "trainer.checkpoint_every=4", "trainer.log_every=1", "trainer.eval_every=6"]
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "DIST_SUPERNET_"))}
+    env.update(GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **extra)
+    return env
+
+
+def torchrun(overrides, *, cwd, max_restarts=0, check=True):
+    """``torchrun --standalone --nproc_per_node=2 -m dist_supernet.train <overrides>``."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           f"--max-restarts={max_restarts}", "-m", "dist_supernet.train", *overrides]
+    out = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+    if check:
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def read_run(run_dir: Path) -> tuple[dict, list[dict]]:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return summary, rows
+
+
+def check_common(run_dir: Path, *, steps: int, compression: str, collective: str) -> tuple[dict, list[dict]]:
+    """What every successful run must leave behind."""
+    summary, rows = read_run(run_dir)
+    assert SUMMARY_KEYS <= set(summary)
+    assert (summary["steps"], summary["world_size"]) == (steps, 2)
+    assert (summary["compression"], summary["collective"]) == (compression, collective)
+    assert summary["params_in_sync"] is True
+    assert 0 <= summary["eval_accuracy"] <= 1 and summary["final_loss"] > 0
+    assert all(ROW_KEYS <= set(row) for row in rows)
+    assert rows[-1]["step"] == steps and rows[-1]["loss"] == summary["final_loss"]
+    assert summary["bytes_sent_total"] == rows[-1]["bytes_sent"] > 0
+    assert summary["bytes_sent_total"] == sum(summary["bytes_sent_per_rank"])
+    assert [r["bytes_sent"] for r in rows] == sorted(r["bytes_sent"] for r in rows)  # cumulative
+    assert len((run_dir / "metrics.csv").read_text().splitlines()) == len(rows) + 1
+    assert (run_dir / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert (run_dir / "train_rank0.log").is_file() and (run_dir / "train_rank1.log").is_file()
+    return summary, rows
+
+
+@pytest.fixture(scope="module")
+def birder_run(tmp_path_factory):
+    """The default (Birder, two_phase) through launch/single_node.sh; the reference for resume."""
+    run_dir = tmp_path_factory.mktemp("birder") / "run"
+    out = subprocess.run(["bash", str(REPO / "launch" / "single_node.sh"), *TINY, f"hydra.run.dir={run_dir}"],
+                         cwd=run_dir.parent, env=_env(NPROC="2"), capture_output=True, text=True,
+                         timeout=TIMEOUT_S)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return run_dir
+
+
+def test_default_birder_run(birder_run):
+    summary, rows = check_common(birder_run, steps=12, compression="birder", collective="two_phase")
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert [r["step"] for r in rows if "val_accuracy" in r] == [6, 12]
+    assert summary["optimizer"] == "birder" and summary["resumed_from_step"] is None
+    # keep_checkpoints=3 of 4, 8, 12; manifests say step, world size, sha256; weights_only loads them
+    manifests = sorted((birder_run / "checkpoints").glob("*.json"))
+    assert [json.loads(m.read_text())["step"] for m in manifests] == [4, 8, 12]
+    state = torch.load(birder_run / "checkpoints" / "step_00000012.pt", weights_only=True)
+    assert state["world_size"] == 2 and len(state["rng"]) == 2 and len(state["comm_stats"]) == 2
+    assert {"model", "optimizer", "scheduler", "sampler", "config"} <= set(state)
+    # Birder's consolidated state dict holds both ranks' m and b: [world, 2, numel]
+    assert state["optimizer"]["birder"]["per_rank"].shape == (2, 2, summary["num_params"])
+
+
+def test_restart_resumes_bit_identically_and_skips_a_corrupt_checkpoint(birder_run, tmp_path):
+    """Rank 1 dies after step 9 of 12; torchrun --max-restarts=1 resumes from step 8 in the same directory.
+
+    No hydra.run.dir: the default outputs/<stamp> must be one directory for both
+    ranks and both attempts. Then the newest checkpoint is truncated and a
+    longer run resumes from the one before, saying so in one line.
+    """
+    out = torchrun([*TINY, "trainer.crash_at_step=10"], cwd=tmp_path, max_restarts=1)
+    (run_dir,) = (tmp_path / "outputs").iterdir()
+    summary, rows = check_common(run_dir, steps=12, compression="birder", collective="two_phase")
+    assert "crashing on purpose" in out.stdout + out.stderr
+    assert summary["resumed_from_step"] == 8
+    reference, reference_rows = read_run(birder_run)
+    assert summary["params_sha256"] == reference["params_sha256"]  # bit-identical to the uninterrupted run
+    assert rows == [dict(r, wall_time_s=row["wall_time_s"]) for r, row in zip(reference_rows, rows)]
+    assert summary["bytes_sent_total"] == reference["bytes_sent_total"]
+
+    with open(run_dir / "checkpoints" / "step_00000012.pt", "r+b") as f:
+        f.truncate(1000)
+    out = torchrun(["trainer.max_steps=14", "trainer.log_every=1", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    lines = [line for line in (out.stdout + out.stderr).splitlines() if "unusable" in line]
+    assert len(lines) == 1 and "step_00000012 is unusable: sha256 mismatch" in lines[0], lines
+    summary, rows = check_common(run_dir, steps=14, compression="birder", collective="two_phase")
+    assert summary["resumed_from_step"] == 8
+    assert [r["step"] for r in rows] == list(range(1, 15))
+
+
+@pytest.mark.parametrize("name, overrides", [
+    # fp16 compress hook + SGD, 2 micro-batches per step under no_sync
+    ("fp16", ["compression=fp16", "optim=sgd", "trainer.grad_accum=2"]),
+    # PowerSGD + Birder on the averaged gradient (rank-independent draws), CNN
+    ("powersgd", ["compression=powersgd", "optim=birder", "model=cnn"]),
+])
+def test_baseline_compressions(name, overrides, tmp_path):
+    run_dir = tmp_path / "run"
+    torchrun([*overrides, "trainer.max_steps=6", "trainer.log_every=2", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    summary, _ = check_common(run_dir, steps=6, compression=name, collective="allreduce")
+    assert summary["bytes_inter_total"] == 0  # one node
+    if name == "fp16":
+        # One all-reduce of 2-byte elements per step despite 2 micro-batches: a 2-rank ring
+        # sends 2 * (2 - 1) / 2 * payload per rank.
+        assert summary["bytes_sent_total"] == 6 * 2 * (2 * summary["num_params"])
+
+
+def test_hierarchical_on_two_pretend_nodes_via_multi_node_script(tmp_path):
+    """launch/multi_node.sh (c10d rendezvous, one real node) with the 1-bit hierarchical collective."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = _env(NNODES="1", NPROC_PER_NODE="2", RDZV_ENDPOINT=f"127.0.0.1:{port}", RUN_ID="hier",
+               OUTPUT_ROOT=str(tmp_path), MAX_RESTARTS="0")
+    out = subprocess.run(
+        ["bash", str(REPO / "launch" / "multi_node.sh"), "compression.collective=hierarchical",
+         "compression.num_nodes=2", "trainer.max_steps=6", "trainer.log_every=3"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    summary, _ = check_common(tmp_path / "hier", steps=6, compression="birder", collective="hierarchical")
+    assert summary["num_nodes"] == 2
+    assert summary["bytes_inter_total"] > 0 and summary["bytes_intra_total"] == 0  # one rank per pretend node
+
+
+@pytest.mark.parametrize("overrides, line", [
+    (["optim.lr=-1.0"], "error: optim.lr=-1.0: must be > 0"),
+    (["compression.collective=hierarchical", "compression.num_nodes=3"],
+     "error: compression.num_nodes=3: must divide the world size 2"),
+])
+def test_bad_input_fails_at_start_with_one_line(overrides, line, tmp_path):
+    out = torchrun([*overrides, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, check=False)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0
+    errors = [x for x in text.splitlines() if x.startswith("error:")]
+    assert errors and set(errors) == {line}, text[-3000:]  # each rank that got to print said the same line
+    assert not re.search(r'File ".*dist_supernet', text), "a traceback from our code"
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
