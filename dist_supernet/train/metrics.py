@@ -102,7 +102,7 @@ class Progress:
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=initial, unit="step")
 
     def update(self, step: int, row: dict | None) -> None:
         """Called after every step; ``row`` is the logged metrics row, when the step logged one."""

@@ -38,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dist_supernet.comm import CommStats, Topology, register_baseline_hook
 from dist_supernet.data import ShardSampler, load_dataset
 from dist_supernet.models import build_model
+from dist_supernet.optim import Birder
 from dist_supernet.train import distributed
 from dist_supernet.train.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
 from dist_supernet.train.config import ConfigError, TrainConfig, validate, validate_layout
@@ -115,8 +116,6 @@ class Trainer:
     def _build_optimizer_and_hook(self) -> tuple[torch.optim.Optimizer, CommStats]:
         comp, opt = self.cfg.compression, self.cfg.optim
         if comp.name == "birder":
-            from dist_supernet import Birder
-
             optimizer = Birder(self.ddp_model, lr=opt.lr, beta=opt.beta, weight_decay=opt.weight_decay,
                                amsgrad=opt.amsgrad, collective=comp.collective, requantize=comp.requantize,
                                num_nodes=comp.num_nodes, seed=self.cfg.trainer.seed)
@@ -125,8 +124,6 @@ class Trainer:
                                        topology=self.topology)
         params = self.model.parameters()
         if opt.name == "birder":
-            from dist_supernet import Birder
-
             optimizer = Birder(params, lr=opt.lr, beta=opt.beta, weight_decay=opt.weight_decay,
                                amsgrad=opt.amsgrad, seed=self.cfg.trainer.seed)
         elif opt.name == "adamw":
@@ -293,7 +290,8 @@ class Trainer:
 
     def _finish(self, last_row: dict | None, wall_time_s: float) -> dict:
         if last_row is None:  # resumed at or past max_steps: nothing trained in this attempt
-            last_row = {"loss": None}
+            rows = distributed.broadcast_object(self.metrics.rows() if self.is_rank0 else None)
+            last_row = {"loss": rows[-1]["loss"] if rows else None}
             last_row["val_loss"], last_row["val_accuracy"] = self.evaluate()
         hashes = distributed.all_gather_object(distributed.params_sha256(self.model))
         per_rank = distributed.all_gather_object(self.comm_stats.snapshot())

@@ -98,7 +98,7 @@ def test_restart_resumes_bit_identically_and_skips_a_corrupt_checkpoint(birder_r
 
     No hydra.run.dir: the default outputs/<stamp> must be one directory for both
     ranks and both attempts. Then the newest checkpoint is truncated and a
-    longer run resumes from the one before, saying so in one line.
+    longer run on a different world size resumes from the one before, saying so.
     """
     out = torchrun([*TINY, "trainer.crash_at_step=10"], cwd=tmp_path, max_restarts=1)
     (run_dir,) = (tmp_path / "outputs").iterdir()
@@ -110,14 +110,22 @@ def test_restart_resumes_bit_identically_and_skips_a_corrupt_checkpoint(birder_r
     assert rows == [dict(r, wall_time_s=row["wall_time_s"]) for r, row in zip(reference_rows, rows)]
     assert summary["bytes_sent_total"] == reference["bytes_sent_total"]
 
+    # Truncate the newest checkpoint; resume on ONE process (no torchrun): the previous
+    # checkpoint is used, each problem reported in one line, training goes on.
     with open(run_dir / "checkpoints" / "step_00000012.pt", "r+b") as f:
         f.truncate(1000)
-    out = torchrun(["trainer.max_steps=14", "trainer.log_every=1", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
-    lines = [line for line in (out.stdout + out.stderr).splitlines() if "unusable" in line]
-    assert len(lines) == 1 and "step_00000012 is unusable: sha256 mismatch" in lines[0], lines
-    summary, rows = check_common(run_dir, steps=14, compression="birder", collective="two_phase")
-    assert summary["resumed_from_step"] == 8
-    assert [r["step"] for r in rows] == list(range(1, 15))
+    out = subprocess.run([sys.executable, "-m", "dist_supernet.train", "trainer.max_steps=14", "trainer.log_every=1",
+                          f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                         timeout=TIMEOUT_S)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = (out.stdout + out.stderr).splitlines()  # Hydra logs to stdout, warnings.warn via logging
+    unusable = [line for line in lines if "unusable" in line]
+    assert len(unusable) == 1 and "step_00000012 is unusable: sha256 mismatch" in unusable[0], lines
+    assert any("written by 2 ranks, this job has 1" in line for line in lines)
+    assert any("Birder: checkpoint holds m, b of 2 ranks, this job has 1" in line for line in lines)
+    summary, rows = read_run(run_dir)
+    assert (summary["resumed_from_step"], summary["steps"], summary["world_size"]) == (8, 14, 1)
+    assert [r["step"] for r in rows] == list(range(1, 15))  # rows after step 8 were rewritten
 
 
 @pytest.mark.parametrize("name, overrides", [
