@@ -28,6 +28,7 @@ Usage (root; see benchmarks/README.md)::
     python benchmarks/slow_link.py                      # 100mbit, 1gbit, loopback; mlp and cnn
     python benchmarks/slow_link.py --links loopback --models mlp
     python benchmarks/slow_link.py --quick              # smoke: tiny model, 1 timed step
+    python benchmarks/slow_link.py --links loopback --models mlp --profile   # where Birder's time goes
 
 Writes ``benchmarks/results/slow_link_<machine>_<date>.md`` and ``.json``.
 """
@@ -62,8 +63,9 @@ PROBE_PORT = 29541
 METHODS = ["compute", "fp32", "fp16", "powersgd", "allgather", "two_phase", "hierarchical"]
 COMPARED = METHODS[1:]
 LINKS = ["100mbit", "1gbit", "loopback"]
-# Timed steps per link: fp32 of the 10.5M MLP takes ~3.5 s a step at 100 Mbit/s.
-DEFAULT_STEPS = {"100mbit": 4, "1gbit": 6, "loopback": 8}
+# Timed steps per link: fp32 of the 10.5M MLP takes ~4.2 s a step at 100 Mbit/s, of the
+# 15.7M CNN ~6.3 s; a whole default run takes ~10 minutes on 2 shared cores.
+DEFAULT_STEPS = {"100mbit": 3, "1gbit": 5, "loopback": 8}
 RUN_TIMEOUT_S = 900
 
 
@@ -313,16 +315,31 @@ def summarize(report: dict) -> dict:
         wire_nodes = [r for r in ranks if r["iface"] is not None]
         accounted_on_iface = sum(r["bytes"][accounted_key] for r in ranks) / max(1, len(wire_nodes))
         wire_tx = statistics.mean(r["iface"]["tx"] for r in wire_nodes) if wire_nodes else None
+        packets = statistics.mean(r["iface"].get("tx_packets", 0) for r in wire_nodes) if wire_nodes else None
         rows.append({
             "method": method,
             "median_s": result["median_s"],
+            "repeat_medians_s": result.get("repeat_medians_s", [result["median_s"]]),
             "speedup_vs_fp32": t_fp32 / result["median_s"] if t_fp32 else None,
             "accounted_bytes_per_rank": accounted_per_rank,
             "accounted_bytes_per_iface": accounted_on_iface,
             "wire_tx_bytes_per_iface": wire_tx,
             "wire_over_accounted": wire_tx / accounted_on_iface if wire_tx and accounted_on_iface else None,
+            "wire_bytes_per_packet": wire_tx / packets if wire_tx and packets else None,
         })
     return {"t_compute_s": t_compute, "t_fp32_s": t_fp32, "ideal_speedup": ideal, "rows": rows}
+
+
+def merge_repeats(reports: list[dict]) -> dict:
+    """The first launch's report with each method's median replaced by the median over launches."""
+    report = reports[0]
+    report["repeats"] = len(reports)
+    for i, result in enumerate(report["results"]):
+        medians = [r["results"][i]["median_s"] for r in reports]
+        result["repeat_medians_s"] = medians
+        result["median_s"] = statistics.median(medians)
+    report["repeat_reports"] = reports[1:]
+    return report
 
 
 def _mb(value):
@@ -341,11 +358,12 @@ def markdown_table(link: str, report: dict, summary: dict) -> str:
         f"compute (DDP `no_sync`) {summary['t_compute_s'] * 1e3:.1f} ms/step; DDP fp32 "
         f"{summary['t_fp32_s'] * 1e3:.1f} ms/step; ideal speedup (1/32 of fp32's communication) "
         f"**{_x(summary['ideal_speedup'])}**. Timed steps {report['steps']} after {report['warmup']} "
-        f"warm-up, median of the slowest rank per step.",
+        f"warm-up, median of the slowest rank per step; {report.get('repeats', 1)} launch(es), "
+        "median of their medians (range in brackets).",
         "",
-        "| method | median step ms | vs DDP fp32 | accounted MB/step/rank | accounted MB/step on "
-        f"`{report['iface'] or 'n/a'}` | wire MB/step (tx counter) | wire / accounted |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| method | median step ms [range] | vs DDP fp32 | accounted MB/step/rank | accounted MB/step on "
+        f"`{report['iface'] or 'n/a'}` | wire MB/step (tx counter) | wire / accounted | wire bytes/packet |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in summary["rows"]:
         speed = row["speedup_vs_fp32"]
@@ -354,11 +372,50 @@ def markdown_table(link: str, report: dict, summary: dict) -> str:
         else:
             speed_text = _x(speed)
         ratio = row["wire_over_accounted"]
+        per_packet = row["wire_bytes_per_packet"]
+        spread = row["repeat_medians_s"]
+        spread_text = f" [{min(spread) * 1e3:.0f}-{max(spread) * 1e3:.0f}]" if len(spread) > 1 else ""
         lines.append(
-            f"| {row['method']} | {row['median_s'] * 1e3:.1f} | {speed_text} | "
+            f"| {row['method']} | {row['median_s'] * 1e3:.1f}{spread_text} | {speed_text} | "
             f"{_mb(row['accounted_bytes_per_rank'])} | {_mb(row['accounted_bytes_per_iface'])} | "
-            f"{_mb(row['wire_tx_bytes_per_iface'])} | {'n/a' if ratio is None else f'{ratio:.3f}'} |"
+            f"{_mb(row['wire_tx_bytes_per_iface'])} | {'n/a' if ratio is None else f'{ratio:.3f}'} | "
+            f"{'n/a' if per_packet is None else f'{per_packet:.0f}'} |"
         )
+    return "\n".join(lines)
+
+
+def profile_markdown(report: dict) -> str:
+    """Rank 0's per-stage wall ms per step, one column per method; then the top torch ops."""
+    results = [r for r in report["results"] if r["ranks"][0].get("profile")]
+    if not results:
+        return ""
+    stages = []
+    for result in results:
+        for name in result["ranks"][0]["profile"]["stages"]:
+            if name not in stages:
+                stages.append(name)
+    methods = [r["method"] for r in results]
+    lines = [
+        f"Profile of rank 0 (`--profile`: wall ms per step of each wrapped function, summed over "
+        f"threads; nested rows are contained in the row above them; a gloo stage includes waiting "
+        f"for the peer). Instrumentation adds time: compare with the unprofiled table.",
+        "",
+        "| stage | " + " | ".join(methods) + " |",
+        "| --- | " + " | ".join("---:" for _ in methods) + " |",
+        "| step (median) | " + " | ".join(f"{r['median_s'] * 1e3:.1f}" for r in results) + " |",
+    ]
+    for name in sorted(stages, key=lambda n: (not n.startswith("step"), n)):
+        cells = []
+        for result in results:
+            entry = result["ranks"][0]["profile"]["stages"].get(name)
+            cells.append("" if entry is None else f"{entry['ms']:.1f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for result in results:
+        if result["method"] in ("allgather", "two_phase", "hierarchical", "fp32"):
+            ops = result["ranks"][0]["profile"]["ops"]
+            lines += ["", f"torch.profiler, `{result['method']}`, rank 0, top operators by self CPU ms per step:", "",
+                      "| op | self ms/step | calls/step |", "| --- | ---: | ---: |"]
+            lines += [f"| `{op['op']}` | {op['self_ms']:.1f} | {op['calls']:.0f} |" for op in ops]
     return "\n".join(lines)
 
 
@@ -390,6 +447,9 @@ def write_results(runs: list[dict], machine: dict, command: str, out_stem: Path)
             lines.append("")
         lines.append(markdown_table(run["link"], run["report"], run["summary"]))
         lines.append("")
+        profile = profile_markdown(run["report"])
+        if profile:
+            lines += [profile, ""]
     out_stem.with_suffix(".md").write_text("\n".join(lines))
 
 
@@ -402,6 +462,10 @@ def main(argv=None):
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: per link, see DEFAULT_STEPS)")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="launches per link and model; the table shows the median of their medians")
+    parser.add_argument("--profile", action="store_true",
+                        help="step_worker --profile: per-stage times and top torch ops (adds overhead)")
     parser.add_argument("--quick", action="store_true", help="smoke: tiny model, 1 timed step, 100mbit and loopback")
     parser.add_argument("--out", default=None, help="output stem (default benchmarks/results/slow_link_<machine>_<date>)")
     args = parser.parse_args(argv)
@@ -432,17 +496,24 @@ def main(argv=None):
                 steps = args.steps or DEFAULT_STEPS.get(link, 4)
                 worker_args = ["--model", model, "--methods", args.methods,
                                "--steps", str(steps), "--warmup", str(args.warmup)]
+                if args.profile:
+                    worker_args.append("--profile")
                 started = time.monotonic()
-                if link == "loopback":
-                    report = launch_loopback(worker_args, nodes.ns[0] if nodes else None)
-                else:
-                    report = launch(worker_args, nodes=nodes, nproc_per_node=1)
+                reports = []
+                for _ in range(args.repeats):
+                    if link == "loopback":
+                        reports.append(launch_loopback(worker_args, nodes.ns[0] if nodes else None))
+                    else:
+                        reports.append(launch(worker_args, nodes=nodes, nproc_per_node=1))
+                report = merge_repeats(reports)
                 summary = summarize(report)
                 run = {"link": link, "burst": tbf_burst(link) if link != "loopback" else None,
                        "goodput_bit_s": goodput, "report": report, "summary": summary,
                        "wall_s": time.monotonic() - started}
                 runs.append(run)
                 print(markdown_table(link, report, summary) + f"\n({run['wall_s']:.0f} s)\n", flush=True)
+                if args.profile:
+                    print(profile_markdown(report) + "\n", flush=True)
                 write_results(runs, machine, command, out_stem)  # keep what is done if a later run fails
     finally:
         if nodes is not None:

@@ -27,16 +27,27 @@ headers, ACKs and the barriers).
 
 Rank 0 prints one line ``BENCH_RESULT {json}`` and writes it to ``--out``.
 
+``--profile`` adds, for every method, where a step's time goes on each rank:
+forward / backward / optimizer phases of the training loop, and (Birder) the
+wall time of every kernel call, of each collective stage (a gloo call: its
+time includes waiting for the peer) and of the hook's whole exchange, all
+measured by wrapping those functions in this process (dist_supernet is not
+changed); plus torch.profiler's top operators by self CPU time.
+
 Example::
     torchrun --standalone --nproc_per_node=2 benchmarks/step_worker.py --model mlp \
         --methods compute,fp32,allgather --steps 5 --out /tmp/result.json
 """
 
 import argparse
+import collections
+import contextlib
+import functools
 import json
 import os
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -48,7 +59,10 @@ from torch.nn.parallel import DistributedDataParallel
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dist_supernet.comm import register_baseline_hook  # noqa: E402
+import kernels  # noqa: E402
+from dist_supernet.comm import Topology, register_baseline_hook  # noqa: E402
+from dist_supernet.comm.collectives import OneBitCollective  # noqa: E402
+from dist_supernet.optim.hook import BirderState  # noqa: E402
 from dist_supernet.models.cnn import CNN  # noqa: E402
 from dist_supernet.models.mlp import MLP  # noqa: E402
 from dist_supernet.optim import Birder  # noqa: E402
@@ -71,7 +85,7 @@ MODELS = {
 
 
 def read_iface_bytes(iface: str | None) -> dict | None:
-    """{'rx', 'tx'} byte counters of ``iface`` in this network namespace, or None."""
+    """{'rx', 'tx', 'tx_packets'} counters of ``iface`` in this network namespace, or None."""
     if not iface:
         return None
     with open("/proc/net/dev") as counters:
@@ -79,8 +93,74 @@ def read_iface_bytes(iface: str | None) -> dict | None:
             name, _, rest = line.partition(":")
             if name.strip() == iface:
                 fields = rest.split()
-                return {"rx": int(fields[0]), "tx": int(fields[8])}
+                return {"rx": int(fields[0]), "tx": int(fields[8]), "tx_packets": int(fields[9])}
     return None
+
+
+class StageTimer:
+    """Wall seconds per named stage, summed over threads: the --profile instrumentation."""
+
+    # kernels.<name> (what dist_supernet calls) and kernels.reference.<name> (inside
+    # the torch path's compress / unpack: the hash, the bit packing).
+    KERNELS = ("compress", "unpack_mean", "unpack_counts", "counts_to_mean", "pack_counts",
+               "unpack_planes", "requantize", "apply_update_")
+    REFERENCE_PARTS = ("uniform", "pack_bits", "unpack_bits")
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.seconds = collections.defaultdict(float)
+        self.calls = collections.Counter()
+
+    def add(self, name: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[name] += seconds
+            self.calls[name] += 1
+
+    @contextlib.contextmanager
+    def span(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - start)
+
+    def wrap(self, name: str, fn):
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            with self.span(name):
+                return fn(*args, **kwargs)
+
+        return timed
+
+    def install(self) -> None:
+        """Wrap the kernels, collective stages and hook exchange of this process."""
+        for name in self.KERNELS:
+            setattr(kernels, name, self.wrap(f"kernel {name}", getattr(kernels, name)))
+        for name in self.REFERENCE_PARTS:
+            setattr(kernels.reference, name, self.wrap(f"  torch path: {name}", getattr(kernels.reference, name)))
+        stage = OneBitCollective._stage
+
+        def timed_stage(collective, name, where, fn):
+            with self.span(f"gloo {name} ({where})"):
+                return stage(collective, name, where, fn)
+
+        OneBitCollective._stage = timed_stage
+        BirderState.exchange = self.wrap("hook exchange (whole, comm thread)", BirderState.exchange)
+        BirderState.nonfinite_params = self.wrap("optimizer: non-finite flag all-reduce",
+                                                 BirderState.nonfinite_params)
+
+    def reset(self) -> None:
+        with self._lock:
+            self.seconds.clear()
+            self.calls.clear()
+
+    def per_step(self, steps: int) -> dict:
+        with self._lock:
+            return {name: {"ms": 1e3 * s / steps, "calls": self.calls[name] / steps}
+                    for name, s in sorted(self.seconds.items(), key=lambda item: -item[1])}
+
+
+TIMER = None  # a StageTimer with --profile
 
 
 def build(method: str, model_name: str, args):
@@ -93,20 +173,30 @@ def build(method: str, model_name: str, args):
         opt = Birder(ddp_model, lr=1e-3, collective=method, num_nodes=args.num_nodes)
         return ddp_model, opt, opt.comm_stats
     name = BASELINES.get(method, "none")  # "compute" never communicates; a hook is harmless
-    stats = register_baseline_hook(ddp_model, name, powersgd_rank=args.powersgd_rank)
+    stats = register_baseline_hook(ddp_model, name, powersgd_rank=args.powersgd_rank,
+                                   topology=Topology.from_env(args.num_nodes))
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, foreach=True)
     return ddp_model, opt, stats
 
 
 def train_step(ddp_model, opt, batch, *, sync: bool):
     x, y = batch
+    span = TIMER.span if TIMER is not None else (lambda name: contextlib.nullcontext())
     opt.zero_grad(set_to_none=True)
-    if sync:
-        F.cross_entropy(ddp_model(x), y).backward()
-    else:
-        with ddp_model.no_sync():
-            F.cross_entropy(ddp_model(x), y).backward()
-    opt.step()
+    with contextlib.nullcontext() if sync else ddp_model.no_sync():
+        with span("step: forward"):
+            loss = F.cross_entropy(ddp_model(x), y)
+        with span("step: backward (waits for every bucket's reduction)"):
+            loss.backward()
+    with span("step: optimizer"):
+        opt.step()
+
+
+def top_ops(profiler, steps: int, limit: int = 15) -> list[dict]:
+    """torch.profiler's operators with the most self CPU time, per step (all threads)."""
+    events = sorted(profiler.key_averages(), key=lambda e: -e.self_cpu_time_total)[:limit]
+    return [{"op": e.key, "self_ms": e.self_cpu_time_total / 1e3 / steps, "calls": e.count / steps}
+            for e in events]
 
 
 def run_method(method: str, args, batch, timing_group) -> dict:
@@ -118,12 +208,25 @@ def run_method(method: str, args, batch, timing_group) -> dict:
     before_stats = stats.snapshot()
     before_iface = read_iface_bytes(args.iface) if args.is_node_leader else None
     times = []
+    profiler = None
+    if TIMER is not None:
+        TIMER.reset()
+        # profile_all_threads: Birder's compression runs on its communication thread.
+        profiler = torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU],
+            experimental_config=torch._C._profiler._ExperimentalConfig(profile_all_threads=True),
+        )
+        profiler.__enter__()
     for _ in range(args.steps):
         dist.barrier(group=timing_group)
         start = time.perf_counter()
         train_step(ddp_model, opt, batch, sync=sync)
         times.append(time.perf_counter() - start)
     dist.barrier(group=timing_group)
+    profile = None
+    if TIMER is not None:
+        profiler.__exit__(None, None, None)
+        profile = {"stages": TIMER.per_step(args.steps), "ops": top_ops(profiler, args.steps)}
     after_iface = read_iface_bytes(args.iface) if args.is_node_leader else None
     after_stats = stats.snapshot()
     mine = {
@@ -133,8 +236,9 @@ def run_method(method: str, args, batch, timing_group) -> dict:
         "bytes": {k: (after_stats[k] - before_stats[k]) / args.steps
                   for k in ("bytes_intra", "bytes_inter", "bytes_total")},
         "iface": None if before_iface is None or after_iface is None else {
-            k: (after_iface[k] - before_iface[k]) / args.steps for k in ("rx", "tx")
+            k: (after_iface[k] - before_iface[k]) / args.steps for k in ("rx", "tx", "tx_packets")
         },
+        "profile": profile,
     }
     per_rank = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, mine, group=timing_group)
@@ -159,7 +263,9 @@ def main(argv=None):
     parser.add_argument("--bucket-cap-mb", type=float, default=25.0, help="DDP bucket size (its default)")
     parser.add_argument("--powersgd-rank", type=int, default=4)
     parser.add_argument("--num-nodes", type=int, default=None,
-                        help="Birder's node count (None: torchrun's LOCAL_WORLD_SIZE)")
+                        help="node count for Birder and the byte accounting (None: torchrun's LOCAL_WORLD_SIZE)")
+    parser.add_argument("--profile", action="store_true",
+                        help="per-stage wall time and torch.profiler top ops of the timed steps")
     parser.add_argument("--out", default=None, help="rank 0 writes its JSON here too")
     args = parser.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
@@ -170,6 +276,10 @@ def main(argv=None):
         raise ValueError(f"--warmup={args.warmup}: PowerSGD compresses from its third step, use >= 2")
 
     torch.set_num_threads(args.threads)
+    if args.profile:
+        global TIMER
+        TIMER = StageTimer()
+        TIMER.install()
     dist.init_process_group("gloo")
     args.iface = os.environ.get("BENCH_IFACE")
     args.is_node_leader = int(os.environ.get("LOCAL_RANK", 0)) == 0
@@ -192,6 +302,7 @@ def main(argv=None):
             "warmup": args.warmup,
             "steps": args.steps,
             "iface": args.iface,
+            "profile": args.profile,
             "torch": torch.__version__,
             "results": results,
         }
