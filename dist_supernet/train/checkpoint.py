@@ -107,9 +107,8 @@ class CheckpointManager:
                     raise ValueError(f"{manifest['file']} is missing")
                 digest = sha256_file(path)
                 if digest != manifest["sha256"]:
-                    raise ValueError(
-                        f"sha256 mismatch ({path.stat().st_size} of {manifest.get('num_bytes')} bytes, truncated or corrupt)"
-                    )
+                    size, expected = path.stat().st_size, manifest.get("num_bytes")
+                    raise ValueError(f"sha256 mismatch ({size} of {expected} bytes, truncated or corrupt)")
             except (ValueError, KeyError, TypeError, OSError) as e:
                 log.warning("checkpoint %s is unusable: %s; trying the previous one", manifest_path.stem, e)
                 continue

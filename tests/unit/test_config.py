@@ -126,7 +126,8 @@ BAD_INPUTS = [
     (["optim=adamw", "compression=none", "optim.lr=0"], "optim.lr=0: must be > 0"),
     (["optim.beta=1.0"], "optim.beta=1.0: must be in [0, 1)"),
     (["optim.beta=-0.1"], "optim.beta=-0.1: must be in [0, 1)"),
-    (["compression.collective=ring"], "compression.collective=ring: expected one of allgather, two_phase, hierarchical"),
+    (["compression.collective=ring"],
+     "compression.collective=ring: expected one of allgather, two_phase, hierarchical"),
     (["compression=none", "compression.collective=two_phase"], "compression.collective=two_phase: compression=none"),
     (["compression.num_nodes=0"], "compression.num_nodes=0: must be >= 1 or null"),
     (["data=npz", "data.path=/no/such/file.npz"], "data.path=/no/such/file.npz: file not found"),
@@ -179,7 +180,8 @@ def test_known_choices_and_sweeps_pass_the_precheck():
 def test_cli_prints_one_line_and_exits_2():
     """The real entry point, one process (no torchrun): ``error: key=value: reason`` and status 2."""
     for args, line in ((["optim.lr=-1.0"], "error: optim.lr=-1.0: must be > 0"),
-                       (["compression=foo"], "error: compression=foo: expected one of bf16, birder, fp16, none, powersgd")):
+                       (["compression=foo"],
+                        "error: compression=foo: expected one of bf16, birder, fp16, none, powersgd")):
         out = subprocess.run([sys.executable, "-m", "dist_supernet.train", *args, "hydra.run.dir=/tmp/never-used"],
                              capture_output=True, text=True, timeout=120, cwd=REPO,
                              env=dict(os.environ, PYTHONPATH=str(REPO)))

@@ -84,7 +84,8 @@ def test_sampler_rejects_a_batch_larger_than_the_shard():
 # -- models -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cfg", [{"name": "mlp", "hidden": [16, 8], "dropout": 0.1}, {"name": "cnn", "channels": [4, 8, 8]}])
+@pytest.mark.parametrize("cfg", [{"name": "mlp", "hidden": [16, 8], "dropout": 0.1},
+                                 {"name": "cnn", "channels": [4, 8, 8]}])
 @pytest.mark.parametrize("size, channels", [(8, 1), (28, 3)])
 def test_models_map_images_to_logits(cfg, size, channels):
     model = build_model(cfg, in_channels=channels, image_size=size, num_classes=7)
@@ -169,8 +170,8 @@ def test_metrics_truncate_after_resume_and_plot(tmp_path):
     writer.write({"step": 3, "loss": 0.3, "wall_time_s": 3, "bytes_sent": 30, "val_accuracy": 0.5})
     writer.truncate_after(2)
     assert [r["step"] for r in writer.rows()] == [1, 2]
-    assert (tmp_path / "metrics.csv").read_text().splitlines()[0].startswith("step,epoch,loss,lr,wall_time_s,bytes_sent")
-    assert len((tmp_path / "metrics.csv").read_text().splitlines()) == 3
+    csv_lines = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("step,epoch,loss,lr,wall_time_s,bytes_sent") and len(csv_lines) == 3
     writer.plot_loss(tmp_path / "loss.png")
     assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
     MetricsWriter(tmp_path / "nowhere", enabled=False).write({"step": 1})  # other ranks: no-op
