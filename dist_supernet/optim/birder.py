@@ -280,7 +280,8 @@ class Birder(torch.optim.Optimizer):
             self.hook_state.param_state[p] = self.state[p]
         self.hook_state.invalidate_layouts()
         self.hook_state.step = int(extra.get("step", self.hook_state.step))
-        if "comm_stats" in extra:
+        # Byte counters are per rank: only a state dict saved by this very rank restores them.
+        if "comm_stats" in extra and extra.get("rank") == topo.rank and extra.get("world_size") == topo.world_size:
             self.hook_state.stats.load_state_dict(extra["comm_stats"])
 
     def _set_flat_state(self, flat_m, flat_b):

@@ -15,7 +15,10 @@ from omegaconf import DictConfig
 from dist_supernet.train.config import check_group_choices, register_resolvers
 from dist_supernet.train.trainer import Trainer, setup_logging
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+# A checkout (or editable install) reads conf/ at the repository root; a regular
+# install ships the same files as dist_supernet/conf (see setup.py).
+_REPO_CONF = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = _REPO_CONF if (_REPO_CONF / "train.yaml").is_file() else Path(__file__).resolve().parents[1] / "conf"
 register_resolvers()
 
 
