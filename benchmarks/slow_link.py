@@ -30,7 +30,8 @@ Usage (root; see benchmarks/README.md)::
     python benchmarks/slow_link.py --quick              # smoke: tiny model, 1 timed step
     python benchmarks/slow_link.py --links loopback --models mlp --profile   # where Birder's time goes
 
-Writes ``benchmarks/results/slow_link_<machine>_<date>.md`` and ``.json``.
+Writes ``benchmarks/results/slow_link_<machine>_<date>.md`` and ``.json``
+(``slow_link_profile_...`` with ``--profile``).
 """
 
 import argparse
@@ -419,10 +420,10 @@ def profile_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_results(runs: list[dict], machine: dict, command: str, out_stem: Path) -> None:
+def write_results(runs: list[dict], machine: dict, command: str, out_stem: Path, failures=()) -> None:
     date = datetime.date.today().isoformat()
     out_stem.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"date": date, "machine": machine, "command": command, "runs": runs}
+    payload = {"date": date, "machine": machine, "command": command, "runs": runs, "failures": list(failures)}
     out_stem.with_suffix(".json").write_text(json.dumps(payload, indent=1))
     lines = [
         f"# Slow-link step time: {machine['cpu']}, {date}",
@@ -450,6 +451,9 @@ def write_results(runs: list[dict], machine: dict, command: str, out_stem: Path)
         profile = profile_markdown(run["report"])
         if profile:
             lines += [profile, ""]
+    for failure in failures:
+        last = failure["error"].strip().splitlines()[-1] if failure["error"].strip() else ""
+        lines += [f"### {failure['link']}, model `{failure['model']}`: FAILED", "", f"`{last[:300]}` (full text in the .json)", ""]
     out_stem.with_suffix(".md").write_text("\n".join(lines))
 
 
@@ -481,10 +485,11 @@ def main(argv=None):
 
     machine = machine_description()
     command = "python benchmarks/slow_link.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    kind = "slow_link_profile" if args.profile else "slow_link"  # a profiled run never overwrites timings
     out_stem = Path(args.out) if args.out else RESULTS_DIR / (
-        f"slow_link_{slug(machine['cpu'])}_{datetime.date.today().isoformat()}")
+        f"{kind}_{slug(machine['cpu'])}_{datetime.date.today().isoformat()}")
     nodes = TwoNodes(f"dsb{os.getpid() % 100000}") if reason is None else None
-    runs = []
+    runs, failures = [], []
     try:
         for link in args.links:
             goodput = None
@@ -500,11 +505,17 @@ def main(argv=None):
                     worker_args.append("--profile")
                 started = time.monotonic()
                 reports = []
-                for _ in range(args.repeats):
-                    if link == "loopback":
-                        reports.append(launch_loopback(worker_args, nodes.ns[0] if nodes else None))
-                    else:
-                        reports.append(launch(worker_args, nodes=nodes, nproc_per_node=1))
+                try:
+                    for _ in range(args.repeats):
+                        if link == "loopback":
+                            reports.append(launch_loopback(worker_args, nodes.ns[0] if nodes else None))
+                        else:
+                            reports.append(launch(worker_args, nodes=nodes, nproc_per_node=1))
+                except RuntimeError as error:  # keep going: the other links and models still say something
+                    print(f"[{link} {model}] FAILED:\n{error}", flush=True)
+                    failures.append({"link": link, "model": model, "error": str(error)[-4000:]})
+                    write_results(runs, machine, command, out_stem, failures)
+                    continue
                 report = merge_repeats(reports)
                 summary = summarize(report)
                 run = {"link": link, "burst": tbf_burst(link) if link != "loopback" else None,
@@ -514,7 +525,7 @@ def main(argv=None):
                 print(markdown_table(link, report, summary) + f"\n({run['wall_s']:.0f} s)\n", flush=True)
                 if args.profile:
                     print(profile_markdown(report) + "\n", flush=True)
-                write_results(runs, machine, command, out_stem)  # keep what is done if a later run fails
+                write_results(runs, machine, command, out_stem, failures)  # keep what is done so far
     finally:
         if nodes is not None:
             nodes.close()
