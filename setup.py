@@ -1,6 +1,6 @@
 """dist_supernet: 1-bit Birder data-parallel training and weight-sharing supernets."""
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, find_packages, setup
 
 setup(
     name="dist_supernet",
@@ -8,7 +8,9 @@ setup(
     description="Birder 1-bit compressed DDP training and weight-sharing supernets over slow links",
     python_requires=">=3.10",
     packages=find_packages(include=["dist_supernet", "dist_supernet.*", "kernels", "kernels.*"])
-    + ["dist_supernet.conf"],
+    + ["dist_supernet.conf"]
+    # Hydra finds plugins in the hydra_plugins namespace package: hydra/launcher=torchrun (sweeps).
+    + find_namespace_packages(include=["hydra_plugins.*"]),
     # The Hydra configs live at the repository root (conf/) and install as dist_supernet/conf.
     package_dir={"dist_supernet.conf": "conf"},
     package_data={"dist_supernet.conf": ["*.yaml", "*/*.yaml", "*/*/*.yaml"]},
