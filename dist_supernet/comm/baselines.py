@@ -4,11 +4,13 @@
 - ``fp16`` / ``bf16``: torch's compress hooks (bf16 needs NCCL);
 - ``powersgd``: torch's PowerSGD hook (rank ``powersgd_rank``, error feedback,
   compression from the second iteration on: torch's default of 1000 vanilla
-  iterations would make short comparisons measure fp32).
+  iterations would make short comparisons measure fp32). On gloo each bucket
+  finishes before the next starts (see ``_counting_powersgd_hook``).
 
 Each is wrapped to add the bytes it put on the wire to a :class:`CommStats`.
 """
 
+import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
@@ -32,17 +34,26 @@ def _counting_hook(stats: CommStats, topology: Topology, bytes_per_element: int,
     return hook
 
 
-def _counting_powersgd_hook(stats: CommStats, topology: Topology):
+def _counting_powersgd_hook(stats: CommStats, topology: Topology, *, in_order: bool):
     members = list(range(topology.world_size))
 
-    def hook(state: powersgd.PowerSGDState, bucket):
+    def hook(state: powersgd.PowerSGDState, bucket) -> torch.futures.Future[torch.Tensor]:
         before = state.total_numel_after_compression
         future = powersgd.powerSGD_hook(state, bucket)
         # PowerSGD counts what it all-reduces (P, Q and the uncompressed tensors) once it
         # compresses; during its vanilla warm-up iteration nothing is counted: fp32 then.
         numel = state.total_numel_after_compression - before or bucket.buffer().numel()
         stats.add(all_reduce_bytes(numel * 4, members, topology), exchanges=int(bucket.is_last()))
-        return future
+        if not in_order:
+            return future
+        # torch's hook issues its P and Q all-reduces from future callbacks, which on gloo
+        # run on whichever thread completes a future: with several buckets two ranks can
+        # issue them in different orders and the job crashes or hangs (seen by
+        # benchmarks/slow_link.py on a 10M-parameter model). Finishing each bucket before
+        # DDP hands over the next keeps one order; it gives up overlap for this baseline.
+        done = torch.futures.Future()
+        done.set_result(future.wait())
+        return done
 
     return hook
 
@@ -74,7 +85,8 @@ def register_baseline_hook(
             start_powerSGD_iter=2,  # the smallest torch allows with error feedback
             min_compression_rate=2,
         )
-        ddp_model.register_comm_hook(state, _counting_powersgd_hook(stats, topology))
+        in_order = dist.get_backend() == "gloo"
+        ddp_model.register_comm_hook(state, _counting_powersgd_hook(stats, topology, in_order=in_order))
         return stats
     if name == "bf16" and dist.get_backend() != "nccl":
         raise ValueError("compression='bf16' needs the NCCL backend (torch's bf16 hook); use fp16 on gloo")

@@ -213,3 +213,24 @@ def test_resume_is_bit_identical_and_other_world_size_falls_back(tmp_path):
     F.cross_entropy(model(x), y).backward()
     opt.step()  # and it trains on
     assert opt.num_steps == 11
+
+
+def _powersgd_worker(rank, world_size):
+    from dist_supernet.comm import register_baseline_hook
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(6)])
+    ddp = DDP(model, bucket_cap_mb=0.02)  # ~5k floats per bucket: several buckets
+    stats = register_baseline_hook(ddp, "powersgd", powersgd_rank=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for step in range(6):
+        x = torch.randn(16, 64, generator=torch.Generator().manual_seed(step * 10 + rank))
+        opt.zero_grad()
+        ddp(x).pow(2).mean().backward()
+        opt.step()
+    return {"replicas_identical": _identical_across_ranks(_flat(model)), "exchanges": stats.num_exchanges}
+
+
+def test_powersgd_baseline_with_several_buckets_on_gloo():
+    for rank, result in enumerate(run_workers(_powersgd_worker, 2, timeout_s=120)):
+        assert result == {"replicas_identical": True, "exchanges": 6}, rank
