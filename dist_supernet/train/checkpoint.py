@@ -34,6 +34,9 @@ import torch
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^step_(\d+)\.json$")
+# What a writer that stopped mid-save leaves: a temporary (see _atomic_write), or a .pt without its manifest.
+_TEMPORARY = re.compile(r"^\.step_(\d+)\.(pt|json)\.tmp\d+$")
+_WEIGHTS = re.compile(r"^step_(\d+)\.pt$")
 
 
 def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
@@ -112,14 +115,35 @@ class CheckpointManager:
             except (ValueError, KeyError, TypeError, OSError) as e:
                 log.warning("checkpoint %s is unusable: %s; trying the previous one", manifest_path.stem, e)
                 continue
-            return path, manifest
-        return None
+            found = path, manifest
+            break
+        else:
+            found = None
+        for step, path in self.incomplete_writes():
+            if found is None or step > found[1]["step"]:
+                log.warning("checkpoint step_%08d is unusable: %s is an incomplete write (the writer stopped "
+                            "before its manifest); trying the previous one", step, path.name)
+        return found
+
+    def incomplete_writes(self) -> list[tuple[int, Path]]:
+        """(step, path) of what an interrupted save left: temporaries and ``.pt`` files without a manifest."""
+        if not self.directory.is_dir():
+            return []
+        found = []
+        for p in self.directory.iterdir():
+            if m := _TEMPORARY.match(p.name):
+                found.append((int(m.group(1)), p))
+            elif (m := _WEIGHTS.match(p.name)) and not p.with_suffix(".json").exists():
+                found.append((int(m.group(1)), p))
+        return sorted(found, reverse=True)
 
     def _prune(self) -> None:
         for manifest_path in self.manifests()[self.keep :]:
             # Manifest first: a half-pruned checkpoint is never mistaken for a complete one.
             manifest_path.unlink(missing_ok=True)
             manifest_path.with_suffix(".pt").unlink(missing_ok=True)
+        for _, path in self.incomplete_writes():  # called after a complete save: these are leftovers
+            path.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -130,11 +130,12 @@ def test_a_truncated_newest_checkpoint_falls_back_with_one_warning(tmp_path, cap
         ckpts.save(_state(step), step=step, world_size=1)
     with open(tmp_path / "step_00000004.pt", "r+b") as f:
         f.truncate(64)
-    (tmp_path / "step_00000009.pt").write_bytes(b"crashed before its manifest")  # ignored: no manifest
+    (tmp_path / "step_00000009.pt").write_bytes(b"crashed before its manifest")  # not used: no manifest
     path, manifest = ckpts.find_latest()
     assert manifest["step"] == 2
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert len(warnings) == 1 and "step_00000004 is unusable: sha256 mismatch" in warnings[0]
+    assert len(warnings) == 2 and "step_00000004 is unusable: sha256 mismatch" in warnings[0]  # one line each
+    assert "step_00000009 is unusable: step_00000009.pt is an incomplete write" in warnings[1]
     (tmp_path / "step_00000002.json").write_text("{not json")
     assert ckpts.find_latest() is None
 
