@@ -359,8 +359,9 @@ def markdown_table(link: str, report: dict, summary: dict) -> str:
         f"compute (DDP `no_sync`) {summary['t_compute_s'] * 1e3:.1f} ms/step; DDP fp32 "
         f"{summary['t_fp32_s'] * 1e3:.1f} ms/step; ideal speedup (1/32 of fp32's communication) "
         f"**{_x(summary['ideal_speedup'])}**. Timed steps {report['steps']} after {report['warmup']} "
-        f"warm-up, median of the slowest rank per step; {report.get('repeats', 1)} launch(es), "
-        "median of their medians (range in brackets).",
+        f"warm-up, methods round-robin, median of the slowest rank per step; {report.get('repeats', 1)} "
+        f"launch(es), median of their medians (range in brackets). 1-min load average "
+        f"{report.get('load_avg_before', float('nan')):.1f} before, {report.get('load_avg_after', float('nan')):.1f} after.",
         "",
         "| method | median step ms [range] | vs DDP fp32 | accounted MB/step/rank | accounted MB/step on "
         f"`{report['iface'] or 'n/a'}` | wire MB/step (tx counter) | wire / accounted | wire bytes/packet |",
@@ -385,6 +386,18 @@ def markdown_table(link: str, report: dict, summary: dict) -> str:
     return "\n".join(lines)
 
 
+# Rows of the profile table in the order a Birder step runs them (longest matching prefix).
+STAGE_ORDER = ("step (", "step: forward", "step: backward", "hook exchange", "kernel compress",
+               "  torch path: uniform", "  torch path: pack_bits", "gloo", "kernel unpack",
+               "  torch path: unpack_bits", "kernel", "step: optimizer", "optimizer",
+               "gloo all-reduce non-finite", "kernel apply_update_")
+
+
+def _stage_order(name: str):
+    matches = [(len(prefix), i) for i, prefix in enumerate(STAGE_ORDER) if name.startswith(prefix)]
+    return (max(matches)[1] if matches else len(STAGE_ORDER)), name
+
+
 def profile_markdown(report: dict) -> str:
     """Rank 0's per-stage wall ms per step, one column per method; then the top torch ops."""
     results = [r for r in report["results"] if r["ranks"][0].get("profile")]
@@ -405,7 +418,7 @@ def profile_markdown(report: dict) -> str:
         "| --- | " + " | ".join("---:" for _ in methods) + " |",
         "| step (median) | " + " | ".join(f"{r['median_s'] * 1e3:.1f}" for r in results) + " |",
     ]
-    for name in sorted(stages, key=lambda n: (not n.startswith("step"), n)):
+    for name in sorted(stages, key=_stage_order):
         cells = []
         for result in results:
             entry = result["ranks"][0]["profile"]["stages"].get(name)
@@ -441,8 +454,10 @@ def write_results(runs: list[dict], machine: dict, command: str, out_stem: Path,
         "headers, ACKs and barriers included. On the veth only inter-node bytes are compared.",
         "",
     ]
+    shown = set()
     for run in runs:
-        if run.get("goodput_bit_s"):
+        if run.get("goodput_bit_s") and run["link"] not in shown:
+            shown.add(run["link"])
             lines.append(f"Link `{run['link']}`: measured TCP goodput {run['goodput_bit_s'] / 1e6:.0f} Mbit/s "
                          f"(tbf {run['link']}, burst {run['burst']}).")
             lines.append("")
@@ -504,6 +519,7 @@ def main(argv=None):
                 if args.profile:
                     worker_args.append("--profile")
                 started = time.monotonic()
+                load_before = os.getloadavg()[0]
                 reports = []
                 try:
                     for _ in range(args.repeats):
@@ -517,6 +533,7 @@ def main(argv=None):
                     write_results(runs, machine, command, out_stem, failures)
                     continue
                 report = merge_repeats(reports)
+                report["load_avg_before"], report["load_avg_after"] = load_before, os.getloadavg()[0]
                 summary = summarize(report)
                 run = {"link": link, "burst": tbf_burst(link) if link != "loopback" else None,
                        "goodput_bit_s": goodput, "report": report, "summary": summary,

@@ -2,7 +2,7 @@
 
 Launched by torchrun (``benchmarks/slow_link.py`` and ``benchmarks/hierarchical_scale.py``
 do it; see ``benchmarks/README.md``). Every method runs in the same process
-group, one after the other, on a fresh copy of the same model:
+group on its own copy of the same model:
 
 - ``compute``: DDP fp32 under ``no_sync()`` (forward, backward, SGD step, no
   communication): the compute time of a step;
@@ -18,9 +18,12 @@ The baselines step with ``torch.optim.SGD`` (momentum 0.9, foreach), which costs
 about what Birder's own update costs (one pass over x), so step times compare
 the communication, not the optimizers.
 
-A step is: barrier on every rank, then forward, backward (DDP's comm hook runs
-inside it and backward returns only once every bucket is reduced), optimizer
-step. Its time is the slowest rank's. Reported per method: median step time,
+Every method is built and warmed up first; the timed steps then go
+round-robin, one step of each method per round, so that the load of other
+users of a shared machine falls on every method alike. A step is: barrier on
+every rank, then forward, backward (DDP's comm hook runs inside it and
+backward returns only once every bucket is reduced), optimizer step. Its
+time is the slowest rank's. Reported per method: median step time,
 bytes this rank put on the wire per step by the project's accounting
 (``CommStats``: intra- and inter-node), and, when ``BENCH_IFACE`` names an
 interface of this network namespace, the bytes its counters saw per step
@@ -29,7 +32,8 @@ headers, ACKs and the barriers).
 
 Rank 0 prints one line ``BENCH_RESULT {json}`` and writes it to ``--out``.
 
-``--profile`` adds, for every method, where a step's time goes on each rank:
+``--profile`` adds, for every method, ``--profile-steps`` more (untimed) steps
+that say where a step's time goes on each rank:
 forward / backward / optimizer phases of the training loop, and (Birder) the
 wall time of every kernel call, of each collective stage (a gloo call: its
 time includes waiting for the peer) and of the hook's whole exchange, all
@@ -208,57 +212,86 @@ def top_ops(profiler, steps: int, limit: int = 15) -> list[dict]:
             for e in events]
 
 
-def run_method(method: str, args, batch, timing_group) -> dict:
-    ddp_model, opt, stats = build(method, args.model, args)
-    sync = method != "compute"
-    for _ in range(args.warmup):  # DDP rebuilds its buckets after step 1; PowerSGD compresses from step 2
-        train_step(ddp_model, opt, batch, sync=sync)
-    dist.barrier(group=timing_group)
-    before_stats = stats.snapshot()
-    before_iface = read_iface_bytes(args.iface) if args.is_node_leader else None
-    times = []
-    profiler = None
-    if TIMER is not None:
-        TIMER.reset()
-        # profile_all_threads: Birder's compression runs on its communication thread.
-        profiler = torch.profiler.profile(
-            activities=[torch.profiler.ProfilerActivity.CPU],
-            experimental_config=torch._C._profiler._ExperimentalConfig(profile_all_threads=True),
-        )
-        profiler.__enter__()
+class MethodRun:
+    """One method's model, optimizer and byte counter, and what its timed steps measured."""
+
+    def __init__(self, method: str, args):
+        self.method = method
+        self.ddp_model, self.opt, self.stats = build(method, args.model, args)
+        self.sync = method != "compute"
+        self.times = []
+        self.bytes = collections.Counter()
+        self.iface = collections.Counter() if args.iface and args.is_node_leader else None
+        self.profile = None
+
+    def step(self, batch):
+        train_step(self.ddp_model, self.opt, batch, sync=self.sync)
+
+
+def run_methods(methods: list[str], args, batch, timing_group) -> list[dict]:
+    """Warm up every method, then time them round-robin: one step of each per round.
+
+    Interleaving puts the load of other users of a shared machine (it drifts by 2x
+    within minutes on this 2-core box) on every method alike, so the ratios hold
+    even when the absolute times move.
+    """
+    runs = [MethodRun(method, args) for method in methods]
+    for run in runs:
+        for _ in range(args.warmup):  # DDP rebuilds its buckets after step 1; PowerSGD compresses from step 3
+            run.step(batch)
     for _ in range(args.steps):
-        dist.barrier(group=timing_group)
-        start = time.perf_counter()
-        train_step(ddp_model, opt, batch, sync=sync)
-        times.append(time.perf_counter() - start)
-    dist.barrier(group=timing_group)
-    profile = None
+        for run in runs:
+            dist.barrier(group=timing_group)
+            stats_before = run.stats.snapshot()
+            iface_before = read_iface_bytes(args.iface) if run.iface is not None else None
+            start = time.perf_counter()
+            run.step(batch)
+            run.times.append(time.perf_counter() - start)
+            dist.barrier(group=timing_group)  # the peers' traffic of this step has been sent
+            if iface_before is not None:
+                run.iface.update({k: v - iface_before[k] for k, v in read_iface_bytes(args.iface).items()})
+            run.bytes.update({k: v - stats_before[k] for k, v in run.stats.snapshot().items()})
     if TIMER is not None:
-        profiler.__exit__(None, None, None)
-        profile = {"stages": TIMER.per_step(args.steps), "ops": top_ops(profiler, args.steps)}
-    after_iface = read_iface_bytes(args.iface) if args.is_node_leader else None
-    after_stats = stats.snapshot()
-    mine = {
-        "rank": dist.get_rank(),
-        "node": int(os.environ.get("GROUP_RANK", 0)),
-        "times": times,
-        "bytes": {k: (after_stats[k] - before_stats[k]) / args.steps
-                  for k in ("bytes_intra", "bytes_inter", "bytes_total")},
-        "iface": None if before_iface is None or after_iface is None else {
-            k: (after_iface[k] - before_iface[k]) / args.steps for k in ("rx", "tx", "tx_packets")
-        },
-        "profile": profile,
-    }
-    per_rank = [None] * dist.get_world_size()
-    dist.all_gather_object(per_rank, mine, group=timing_group)
-    del ddp_model, opt
-    step_times = [max(r["times"][i] for r in per_rank) for i in range(args.steps)]
-    return {
-        "method": method,
-        "median_s": statistics.median(step_times),
-        "step_times_s": step_times,
-        "ranks": per_rank,
-    }
+        for run in runs:  # separate profiled steps, after the timed ones
+            run.profile = profile_steps(run, args, batch, timing_group)
+
+    results = []
+    for run in runs:
+        mine = {
+            "rank": dist.get_rank(),
+            "node": int(os.environ.get("GROUP_RANK", 0)),
+            "times": run.times,
+            "bytes": {k: run.bytes[k] / args.steps for k in ("bytes_intra", "bytes_inter", "bytes_total")},
+            "iface": None if run.iface is None else {k: v / args.steps for k, v in run.iface.items()},
+            "profile": run.profile,
+        }
+        per_rank = [None] * dist.get_world_size()
+        dist.all_gather_object(per_rank, mine, group=timing_group)
+        step_times = [max(r["times"][i] for r in per_rank) for i in range(args.steps)]
+        results.append({
+            "method": run.method,
+            "median_s": statistics.median(step_times),
+            "step_times_s": step_times,
+            "ranks": per_rank,
+        })
+    return results
+
+
+def profile_steps(run: MethodRun, args, batch, timing_group) -> dict:
+    """Per-stage wall time and torch.profiler's top ops over ``--profile-steps`` extra steps."""
+    TIMER.reset()
+    # profile_all_threads: Birder's compression runs on its communication thread.
+    profiler = torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU],
+        experimental_config=torch._C._profiler._ExperimentalConfig(profile_all_threads=True),
+    )
+    with profiler:
+        for _ in range(args.profile_steps):
+            dist.barrier(group=timing_group)
+            with TIMER.span("step (profiled, instrumented)"):
+                run.step(batch)
+        dist.barrier(group=timing_group)
+    return {"stages": TIMER.per_step(args.profile_steps), "ops": top_ops(profiler, args.profile_steps)}
 
 
 def main(argv=None):
@@ -274,7 +307,9 @@ def main(argv=None):
     parser.add_argument("--num-nodes", type=int, default=None,
                         help="node count for Birder and the byte accounting (None: torchrun's LOCAL_WORLD_SIZE)")
     parser.add_argument("--profile", action="store_true",
-                        help="per-stage wall time and torch.profiler top ops of the timed steps")
+                        help="after the timed steps, --profile-steps more per method with per-stage "
+                             "wall times and torch.profiler's top ops")
+    parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--out", default=None, help="rank 0 writes its JSON here too")
     args = parser.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
@@ -298,7 +333,7 @@ def main(argv=None):
     batch = (torch.randn(batch_size, *IMAGE_SHAPE, generator=generator),
              torch.randint(0, NUM_CLASSES, (batch_size,), generator=generator))
 
-    results = [run_method(method, args, batch, timing_group) for method in methods]
+    results = run_methods(methods, args, batch, timing_group)
     if dist.get_rank() == 0:
         builder, _ = MODELS[args.model]
         report = {
@@ -310,6 +345,7 @@ def main(argv=None):
             "threads": args.threads,
             "warmup": args.warmup,
             "steps": args.steps,
+            "schedule": "round-robin: one timed step of each method per round",
             "iface": args.iface,
             "profile": args.profile,
             "torch": torch.__version__,
