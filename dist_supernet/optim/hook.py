@@ -229,7 +229,11 @@ class BirderState:
         flags = self.nonfinite_local
         if self.collective is not None and self.topology.world_size > 1:
             flags = flags.clone()
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.groups.world)
+            self.collective._stage(  # a stopped peer fails here too: name the stage, not just gloo's error
+                "all-reduce non-finite flags",
+                "world",
+                lambda: dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.groups.world),
+            )
         return torch.nonzero(flags).flatten().tolist()
 
     def restore_touched(self) -> None:

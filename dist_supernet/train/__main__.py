@@ -13,6 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from dist_supernet.train.config import check_group_choices, register_resolvers
+from dist_supernet.train.faults import runtime_fault_message
 from dist_supernet.train.trainer import Trainer, setup_logging
 
 # A checkout (or editable install) reads conf/ at the repository root; a regular
@@ -22,11 +23,11 @@ CONF_DIR = _REPO_CONF if (_REPO_CONF / "train.yaml").is_file() else Path(__file_
 register_resolvers()
 
 
-def fail(error: Exception) -> None:
+def fail(error: Exception, message: str | None = None, status: int = 2) -> None:
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise error
-    print(f"error: {error}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    print(f"error: {message or error}", file=sys.stderr, flush=True)
+    sys.exit(status)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
@@ -38,6 +39,11 @@ def run(cfg: DictConfig) -> None:
         fail(e)
     try:
         trainer.fit()
+    except Exception as e:  # a hung peer or a diverged run: one line, status 1 (torchrun may restart)
+        message = runtime_fault_message(e)
+        if message is None:
+            raise
+        fail(e, message, status=1)
     finally:
         trainer.close()
 

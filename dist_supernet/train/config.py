@@ -65,6 +65,7 @@ class BirderCompression:
     collective: str = "two_phase"
     requantize: bool = False
     num_nodes: int | None = None
+    timeout_s: float | None = None
 
 
 @dataclasses.dataclass
@@ -136,6 +137,9 @@ class TrainerConfig:
     resume: str = "auto"
     device: str = "auto"
     crash_at_step: int | None = None
+    max_consecutive_skips: int = 5
+    timeout_s: float = 600.0
+    inject_nan_at_steps: list[int] = dataclasses.field(default_factory=list)
 
 
 COMPRESSION_SCHEMAS = {
@@ -223,6 +227,8 @@ def _check_ranges(group: str, obj) -> None:
                    f"({', '.join(COLLECTIVES)}) need compression=birder")
         _check(obj.num_nodes is None or obj.num_nodes >= 1, k("num_nodes"), obj.num_nodes,
                "must be >= 1 or null")
+        if obj.name == "birder":
+            _check(obj.timeout_s is None or obj.timeout_s > 0, k("timeout_s"), obj.timeout_s, "must be > 0 or null")
         if obj.name == "powersgd":
             _check(obj.rank >= 1, k("rank"), obj.rank, "must be >= 1")
     elif group == "optim":
@@ -251,6 +257,14 @@ def _check_ranges(group: str, obj) -> None:
         _check(obj.device in ("auto", "cpu", "cuda"), k("device"), obj.device, "expected one of auto, cpu, cuda")
         _check(obj.resume in ("auto", "never") or os.path.isfile(obj.resume), k("resume"), obj.resume,
                "expected auto, never, or the path of a checkpoint file")
+        _check(obj.max_consecutive_skips >= 1, k("max_consecutive_skips"), obj.max_consecutive_skips, "must be >= 1")
+        _check(obj.timeout_s > 0, k("timeout_s"), obj.timeout_s, "must be > 0 (seconds)")
+        _check(all(s >= 1 for s in obj.inject_nan_at_steps), k("inject_nan_at_steps"), obj.inject_nan_at_steps,
+               "steps are 1-based, each must be >= 1")
+        if obj.checkpoint_dir is not None:
+            from dist_supernet.train.untrusted import check_directory
+
+            check_directory(k("checkpoint_dir"), obj.checkpoint_dir)
 
 
 def validate(cfg: DictConfig) -> TrainConfig:

@@ -14,14 +14,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from dist_supernet.comm.collectives import CollectiveError
+
 log = logging.getLogger(__name__)
 
 
-def init_distributed(device_choice: str = "auto") -> torch.device:
+def init_distributed(device_choice: str = "auto", timeout_s: float | None = None) -> torch.device:
     """Init the default process group; returns this rank's device.
 
     ``auto`` picks ``cuda:<LOCAL_RANK>`` with NCCL when CUDA is present, else
     CPU with gloo (set ``GLOO_SOCKET_IFNAME=lo`` on a single machine).
+    ``timeout_s`` bounds every collective on the default group (a stopped peer
+    fails it instead of hanging); None keeps torch's default (30 min on gloo).
     """
     use_cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
     if use_cuda:
@@ -31,8 +35,9 @@ def init_distributed(device_choice: str = "auto") -> torch.device:
         device = torch.device("cpu")
     backend = "nccl" if use_cuda else "gloo"
     device_id = device if use_cuda else None
+    timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=float(timeout_s))}
     if "WORLD_SIZE" not in os.environ:  # `python -m dist_supernet.train`: a world of one
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **timeout)
     elif _restarted_on_shared_store():
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
@@ -41,9 +46,10 @@ def init_distributed(device_choice: str = "auto") -> torch.device:
         # addresses under the same keys (pytorch/pytorch#135712): without a fresh prefix a
         # restarted rank can read a dead peer's address and fail to connect.
         store = dist.PrefixStore(f"dist_supernet/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, device_id=device_id)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, device_id=device_id,
+                                **timeout)
     else:
-        dist.init_process_group(backend, device_id=device_id)
+        dist.init_process_group(backend, device_id=device_id, **timeout)
     return device
 
 
@@ -61,10 +67,19 @@ def _restarted_on_shared_store() -> bool:
     )
 
 
-def broadcast_object(obj, src: int = 0):
+def _collective(stage: str, fn):
+    """Run a default-group collective; a failure (a stopped or dead peer: timeout) names the stage and rank."""
+    try:
+        return fn()
+    except Exception as error:  # re-raised with the stage named; the cause is chained
+        raise CollectiveError(f"trainer collective failed in stage '{stage}' (world) on rank {dist.get_rank()} "
+                              f"of {dist.get_world_size()}: {error}") from error
+
+
+def broadcast_object(obj, src: int = 0, *, stage: str = "broadcast"):
     """``obj`` from rank ``src`` on every rank (any picklable value)."""
     holder = [obj]
-    dist.broadcast_object_list(holder, src=src)
+    _collective(stage, lambda: dist.broadcast_object_list(holder, src=src))
     return holder[0]
 
 
@@ -78,16 +93,16 @@ def agree_on_output_dir(local_dir: Path) -> Path:
     return chosen
 
 
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+def all_reduce_sum(values: list[float], device: torch.device, *, stage: str = "all-reduce") -> list[float]:
     """Element-wise sum over ranks of a few numbers (float64: byte counts stay exact to 2**53)."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
+    _collective(stage, lambda: dist.all_reduce(t))
     return t.tolist()
 
 
-def all_gather_object(obj) -> list:
+def all_gather_object(obj, *, stage: str = "all-gather") -> list:
     out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    _collective(stage, lambda: dist.all_gather_object(out, obj))
     return out
 
 

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 CSV_COLUMNS = (
     "step", "epoch", "loss", "lr", "wall_time_s", "bytes_sent", "bytes_intra", "bytes_inter",
-    "val_loss", "val_accuracy",
+    "val_loss", "val_accuracy", "skipped_steps",
 )
 
 

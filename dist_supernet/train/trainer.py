@@ -27,6 +27,7 @@ import math
 import os
 import platform
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -40,9 +41,12 @@ from dist_supernet.data import ShardSampler, load_dataset
 from dist_supernet.models import build_model
 from dist_supernet.optim import Birder
 from dist_supernet.train import distributed
-from dist_supernet.train.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
+from dist_supernet.train.checkpoint import CheckpointManager, rng_state, set_rng_state
 from dist_supernet.train.config import ConfigError, TrainConfig, validate, validate_layout
+from dist_supernet.train.faults import NanInjector
 from dist_supernet.train.metrics import MetricsWriter, Progress
+from dist_supernet.train.nonfinite import NonFiniteGuard
+from dist_supernet.train.untrusted import check_fits_model, load_untrusted, verify_against_manifest
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +90,7 @@ class Trainer:
                             image_size=self.data.image_size, num_classes=self.data.num_classes)
 
         # 2. The process group, one output directory, rank-dependent randomness.
-        self.device = distributed.init_distributed(trainer_cfg.device)
+        self.device = distributed.init_distributed(trainer_cfg.device, timeout_s=trainer_cfg.timeout_s)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.is_rank0 = self.rank == 0
         self.output_dir = distributed.agree_on_output_dir(output_dir)
@@ -99,6 +103,11 @@ class Trainer:
             self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
         )
         self.optimizer, self.comm_stats = self._build_optimizer_and_hook()
+        # NaN/Inf on any rank: the step is skipped on every rank; too many in a row stop the job.
+        self.nonfinite = NonFiniteGuard(self.optimizer, self.model, verbose=self.is_rank0,
+                                        max_consecutive_skips=trainer_cfg.max_consecutive_skips)
+        self.nan_injector = NanInjector(self.model, rank=self.rank, world_size=self.world_size,
+                                        steps=trainer_cfg.inject_nan_at_steps)  # fault injection, tests only
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.sampler = ShardSampler(len(self.data.y_train), num_replicas=self.world_size, rank=self.rank,
                                     batch_size=trainer_cfg.batch_size, seed=trainer_cfg.seed)
@@ -118,7 +127,8 @@ class Trainer:
         if comp.name == "birder":
             optimizer = Birder(self.ddp_model, lr=opt.lr, beta=opt.beta, weight_decay=opt.weight_decay,
                                amsgrad=opt.amsgrad, collective=comp.collective, requantize=comp.requantize,
-                               num_nodes=comp.num_nodes, seed=self.cfg.trainer.seed)
+                               num_nodes=comp.num_nodes, seed=self.cfg.trainer.seed,
+                               timeout_s=comp.timeout_s or self.cfg.trainer.timeout_s)
             return optimizer, optimizer.comm_stats
         stats = register_baseline_hook(self.ddp_model, comp.name, powersgd_rank=getattr(comp, "rank", 4),
                                        topology=self.topology)
@@ -155,13 +165,23 @@ class Trainer:
             path = found[0]
         else:
             path = Path(resume)
-        state = load_checkpoint(path)
-        if state["world_size"] != self.world_size:
-            log.warning("checkpoint %s was written by %d ranks, this job has %d: resuming at the next epoch "
-                        "with fresh RNG and byte counts, not bit-identically",
-                        path.name, state["world_size"], self.world_size)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+            verify_against_manifest("trainer.resume", resume, path)
+        # Untrusted input: weights_only, and it must fit this model before anything is loaded.
+        state = load_untrusted("trainer.resume", resume, path)
+        check_fits_model("trainer.resume", resume, path, state, self.model, self.cfg.model)
+        with warnings.catch_warnings(record=True) as caught:  # folded into the one line below
+            warnings.simplefilter("always")
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        notes = "".join(f"; {w.message}" for w in caught)
+        if state["world_size"] != self.world_size:  # one line on rank 0, the rest in each rank's log file
+            log.log(logging.WARNING if self.is_rank0 else logging.INFO,
+                    "checkpoint %s was written by %d ranks, this job has %d: resuming at the next epoch "
+                    "with fresh RNG and byte counts, not bit-identically%s",
+                    path.name, state["world_size"], self.world_size, notes)
+        elif notes:
+            log.warning("checkpoint %s%s", path.name, notes)
+        self.nonfinite.load_state_dict(state.get("nonfinite", {}))
         self.scheduler.load_state_dict(state["scheduler"])
         per_rank = state["world_size"] == self.world_size
         self.comm_stats.load_state_dict(state["comm_stats"][self.rank] if per_rank else {})
@@ -186,6 +206,7 @@ class Trainer:
         self.ddp_model.train()
         while self.step < tcfg.max_steps:
             self._maybe_crash()
+            self.nan_injector.arm(self.step + 1)
             loss = self.train_step()
             self.step += 1
 
@@ -218,7 +239,7 @@ class Trainer:
                 loss = F.cross_entropy(self.ddp_model(x), y) / num_micro
                 loss.backward()
             total_loss += loss.detach()
-        self.optimizer.step()
+        self.nonfinite.step(self.step + 1)  # optimizer.step(), or skipped on every rank if any saw NaN/Inf
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total_loss
@@ -239,7 +260,7 @@ class Trainer:
     def _metrics_row(self, loss: torch.Tensor, wall_time_s: float) -> dict:
         snap = self.comm_stats.snapshot()
         loss_sum, intra, inter = distributed.all_reduce_sum(
-            [loss.item(), snap["bytes_intra"], snap["bytes_inter"]], self.device
+            [loss.item(), snap["bytes_intra"], snap["bytes_inter"]], self.device, stage="metrics"
         )
         return {
             "step": self.step,
@@ -251,6 +272,7 @@ class Trainer:
             "bytes_sent": int(intra + inter),
             "bytes_intra": int(intra),
             "bytes_inter": int(inter),
+            "skipped_steps": self.nonfinite.skipped_steps,  # steps skipped for a NaN/Inf gradient on some rank
         }
 
     def save_checkpoint(self, wall_time_s: float) -> None:
@@ -272,6 +294,7 @@ class Trainer:
             "sampler": self.sampler.state_dict(),  # the same position on every rank
             "rng": rngs,  # one per rank
             "comm_stats": stats,  # one per rank
+            "nonfinite": self.nonfinite.state_dict(),
             "config": self.config_yaml,
         }
         path = self.checkpoints.save(state, step=self.step, world_size=self.world_size)
@@ -317,6 +340,7 @@ class Trainer:
             "params_sha256": hashes[0],
             "wall_time_s": round(wall_time_s, 3),
             "resumed_from_step": self.resumed_from,
+            "skipped_steps": self.nonfinite.skipped_steps,
             "seed": self.cfg.trainer.seed,
             "device": str(self.device),
             "host": platform.node(),
