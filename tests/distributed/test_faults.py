@@ -1,0 +1,380 @@
+"""Issue 6, fault by fault, through the real training app: torchrun, gloo on loopback, faults sent by the test.
+
+Every fault is injected from this process (SIGKILL / SIGSTOP of a worker found
+among torchrun's children, a truncated file) or by a documented fault-injection
+knob (``trainer.inject_nan_at_steps``), and every test measures how long the
+fault took to be reported. With ``DIST_SUPERNET_FAULT_REPORT=<file>`` each
+measurement is appended there as one JSON line (docs/reliability.md quotes them).
+
+Spawns are few and tiny (digits, MLP, <= 40 steps): one uninterrupted reference
+run serves the kill test (bit-identity), the world-size changes (2 -> 4, 2 -> 1)
+and the mismatched-model check.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.fault_report import record
+
+REPO = Path(__file__).resolve().parents[2]
+TIMEOUT_S = 180
+# 40 steps, a checkpoint every 10, a metrics row every step.
+RUN = ["model=mlp", "trainer.max_steps=40", "trainer.checkpoint_every=10", "trainer.keep_checkpoints=4",
+       "trainer.log_every=1", "trainer.eval_every=20"]
+HUNG_TIMEOUT_S = 3.0
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "DIST_SUPERNET_RUN"))}
+    env.update(GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return env
+
+
+_JOBS: list["Job"] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_processes():
+    """A failed or timed-out test must not leave workers running (torchrun starts each in its own session)."""
+    yield
+    while _JOBS:
+        _JOBS.pop().kill()
+
+
+def _descendants(pid: int) -> list[int]:
+    found = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            for child in open(f"/proc/{pid}/task/{task}/children").read().split():
+                found += [int(child), *_descendants(int(child))]
+    except OSError:  # already gone
+        pass
+    return found
+
+
+class Job:
+    """torchrun (or, with ``nproc=1``, one plain process) in the background; output lines with arrival times."""
+
+    def __init__(self, overrides, *, cwd, nproc=2, max_restarts=0):
+        if nproc == 1:
+            cmd = [sys.executable, "-m", "dist_supernet.train", *overrides]
+        else:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                   f"--max-restarts={max_restarts}", "-m", "dist_supernet.train", *overrides]
+        self.proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True)
+        _JOBS.append(self)
+        self.lines: list[tuple[float, str]] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def kill(self) -> None:
+        """SIGKILL the job and every process under it (workers first found, then killed together)."""
+        for pid in [*_descendants(self.proc.pid), self.proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(timeout=10)
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append((time.monotonic(), line.rstrip("\n")))
+
+    @property
+    def text(self) -> str:
+        return "\n".join(line for _, line in self.lines)
+
+    def worker_pids(self) -> dict[int, int]:
+        """{rank: pid} of torchrun's worker processes (its children, RANK from their environment)."""
+        pids = {}
+        for task in os.listdir(f"/proc/{self.proc.pid}/task"):
+            for pid in open(f"/proc/{self.proc.pid}/task/{task}/children").read().split():
+                environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+                rank = next((int(e[5:]) for e in environ if e.startswith(b"RANK=")), None)
+                if rank is not None:
+                    pids[rank] = int(pid)
+        return pids
+
+    def wait_for_line(self, pattern: str, *, after: float = 0.0, timeout_s: float = 60) -> tuple[float, str]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for when, line in list(self.lines):
+                if when >= after and re.search(pattern, line):
+                    return when, line
+            time.sleep(0.01)
+        raise AssertionError(f"no line matching {pattern!r} in {timeout_s}s:\n{self.text[-3000:]}")
+
+    def wait(self, timeout_s: float = TIMEOUT_S) -> int:
+        try:
+            rc = self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"job still running after {timeout_s}s:\n{self.text[-3000:]}") from None
+        self._reader.join(timeout=10)
+        return rc
+
+
+def wait_for_step(run_dir: Path, step: int, job: Job, timeout_s: float = 120) -> int:
+    """Poll metrics.jsonl until it shows ``step`` or later; returns the step it shows."""
+    path, deadline = run_dir / "metrics.jsonl", time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert job.proc.poll() is None, f"job ended early:\n{job.text[-3000:]}"
+        if path.is_file():
+            lines = path.read_text().splitlines()
+            if lines and lines[-1].endswith("}") and json.loads(lines[-1])["step"] >= step:
+                return json.loads(lines[-1])["step"]
+        time.sleep(0.002)
+    raise AssertionError(f"step {step} not reached in {timeout_s}s")
+
+
+def read_run(run_dir: Path) -> tuple[dict, list[dict]]:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return summary, rows
+
+
+def run_once(overrides, *, cwd, nproc=2, check=True) -> subprocess.CompletedProcess:
+    """torchrun (nproc >= 2) or one plain process (nproc == 1), to the end; stdout holds stderr too."""
+    job = Job(overrides, cwd=cwd, nproc=nproc)
+    out = subprocess.CompletedProcess(job.proc.args, job.wait(), stdout=job.text, stderr="")
+    if check:
+        assert out.returncode == 0, out.stdout[-6000:]
+    return out
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, weights_only=True)
+
+
+def same_tensors(a, b) -> bool:
+    """Bit-identical nested state (tensors compared with torch.equal)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_tensors(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same_tensors(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The uninterrupted run: Birder, 2 ranks, 40 steps, checkpoints at 10, 20, 30, 40."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    run_once([*RUN, f"hydra.run.dir={run_dir}"], cwd=run_dir.parent)
+    return run_dir
+
+
+# -- 1. a worker killed mid-run ----------------------------------------------------------
+
+
+def kill_resume_compare(reference: Path, overrides: list[str], tmp_path: Path, *, kill_after: int, every: int,
+                        max_steps: int, fault: str) -> dict:
+    """SIGKILL rank 1 once metrics.jsonl shows ``kill_after``; torchrun --max-restarts=1 resumes; compare."""
+    run_dir = tmp_path / "run"
+    job = Job([*overrides, f"hydra.run.dir={run_dir}"], cwd=tmp_path, max_restarts=1)
+    seen = wait_for_step(run_dir, kill_after, job)
+    killed_at = time.monotonic()
+    os.kill(job.worker_pids()[1], signal.SIGKILL)
+    assert job.wait() == 0, job.text[-3000:]
+    failed_at, _ = job.wait_for_line(r"failed \(exitcode: -9\)|Signal 9 \(SIGKILL\)", after=killed_at)
+    resumed_at, resumed_line = job.wait_for_line(r"resumed from .* at step \d+", after=killed_at)
+
+    summary, rows = read_run(run_dir)
+    reference_summary, reference_rows = read_run(reference)
+    resumed = summary["resumed_from_step"]
+    # The last complete checkpoint when the kill landed (rank 1 may be a step ahead of rank 0's metrics).
+    assert resumed is not None and resumed % every == 0
+    assert every * (seen // every) <= resumed <= every * ((seen + 2) // every) and resumed < max_steps
+    assert f"at step {resumed}" in resumed_line
+    # Every step exactly once in the end, the metrics of the redone steps equal the uninterrupted run's,
+    # and the final parameters are bit-identical.
+    assert [r["step"] for r in rows] == list(range(1, max_steps + 1))
+    assert rows == [dict(r, wall_time_s=row["wall_time_s"]) for r, row in zip(reference_rows, rows)]
+    assert summary["params_sha256"] == reference_summary["params_sha256"] and summary["params_in_sync"]
+    assert summary["bytes_sent_total"] == reference_summary["bytes_sent_total"]
+    record(fault, detected_s=round(failed_at - killed_at, 2), resumed_s=round(resumed_at - killed_at, 2),
+           killed_after_step=seen, resumed_from_step=resumed, steps_redone=seen - resumed, bit_identical=True,
+           model_state_bytes=4 * summary["num_params"], model_state_bytes_lost=0)
+    return summary
+
+
+def test_sigkilled_worker_restarts_resumes_and_ends_bit_identical(reference, tmp_path):
+    """SIGKILL rank 1 after step 15 of 40; torchrun restarts the group, which redoes the steps after step 10."""
+    kill_resume_compare(reference, RUN, tmp_path, kill_after=15, every=10, max_steps=40, fault="worker SIGKILL")
+
+
+# The supernet main job (ofa_cnn, sandwich sampler, in-place distillation), with a minimal search at the end.
+SUPERNET = ["model=ofa_cnn", "supernet=sandwich", "trainer.max_steps=8", "trainer.checkpoint_every=3",
+            "trainer.log_every=1", "trainer.eval_every=0", "supernet.search.population_size=4",
+            "supernet.search.num_generations=1", "supernet.bn_recalibration.num_batches=1"]
+
+
+def test_sigkilled_worker_of_the_supernet_job_resumes_its_sampler_bit_identically(tmp_path_factory, tmp_path):
+    """The same with the supernet job: the archs drawn after the resume are the ones of the uninterrupted run."""
+    pytest.importorskip("dist_supernet.train.supernet_trainer", reason="the supernet job is not in this checkout")
+    reference_dir = tmp_path_factory.mktemp("supernet_reference") / "run"
+    run_once([*SUPERNET, f"hydra.run.dir={reference_dir}"], cwd=reference_dir.parent)
+    summary = kill_resume_compare(reference_dir, SUPERNET, tmp_path, kill_after=4, every=3, max_steps=8,
+                                  fault="worker SIGKILL (supernet job)")
+    assert "arch_sampler" in load(tmp_path / "run" / "checkpoints" / "step_00000006.pt")
+    assert summary["supernet"]["searched"] == json.loads((reference_dir / "summary.json").read_text()
+                                                         )["supernet"]["searched"]
+
+
+# -- 4. a hung peer ----------------------------------------------------------------------
+
+
+def test_stopped_worker_fails_the_job_within_the_timeout_naming_stage_and_rank(tmp_path):
+    """SIGSTOP rank 1 mid-run: rank 0 reports within the timeout; torchrun exits non-zero instead of hanging."""
+    run_dir = tmp_path / "run"
+    job = Job(["model=mlp", "trainer.max_steps=100000", "trainer.log_every=5", "trainer.eval_every=0",
+               "trainer.checkpoint_every=0", "compression.collective=hierarchical", "compression.num_nodes=2",
+               f"trainer.timeout_s={HUNG_TIMEOUT_S}", f"compression.timeout_s={HUNG_TIMEOUT_S}",
+               f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    wait_for_step(run_dir, 20, job)
+    stopped_pid = job.worker_pids()[1]
+    stopped_at = time.monotonic()
+    os.kill(stopped_pid, signal.SIGSTOP)
+    try:
+        reported_at, line = job.wait_for_line(r"^error: .*collective failed", after=stopped_at, timeout_s=60)
+    finally:
+        os.kill(stopped_pid, signal.SIGKILL)  # torchrun would SIGKILL it itself after its 30 s SIGTERM grace
+    killed_at = time.monotonic()
+    rc = job.wait(timeout_s=60)
+    exited_s = time.monotonic() - killed_at
+    match = re.search(r"collective failed in stage '([^']+)' \((world|intra-node|inter-node)\) on rank 0 of 2", line)
+    assert match, line
+    assert "Timed out" in line or "timed out" in line.lower(), line
+    reported_s = reported_at - stopped_at
+    assert reported_s < HUNG_TIMEOUT_S + 5, (reported_s, line)
+    assert rc != 0 and exited_s < 20, (rc, exited_s)
+    assert not (run_dir / "summary.json").exists()
+    record("worker SIGSTOP (hung peer)", detected_s=round(reported_s, 2), timeout_s=HUNG_TIMEOUT_S,
+           stage=match.group(1), where=match.group(2), torchrun_rc=rc, torchrun_exit_after_kill_s=round(exited_s, 2))
+
+
+# -- 3. non-finite gradients -------------------------------------------------------------
+
+
+def _last_param_name(model_cfg: str) -> str:
+    from omegaconf import OmegaConf
+
+    from dist_supernet.models import build_model
+
+    cfg = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / f"{model_cfg}.yaml"))
+    return list(build_model(cfg, in_channels=1, image_size=8, num_classes=10).named_parameters())[-1][0]
+
+
+NAN = ["model=mlp", "trainer.max_steps=12", "trainer.checkpoint_every=1", "trainer.keep_checkpoints=20",
+       "trainer.log_every=1", "trainer.eval_every=0", "trainer.max_consecutive_skips=3"]
+
+
+def test_nan_on_one_rank_skips_on_every_rank_and_stops_after_the_limit_birder(tmp_path):
+    """Birder (1-bit hook): NaN on rank 1 at steps 3, 6, 7, 8; x, m, b of both ranks unchanged; stop at step 8."""
+    run_dir = tmp_path / "run"
+    started = time.monotonic()
+    job = Job([*NAN, "trainer.inject_nan_at_steps=[3,6,7,8]", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    rc = job.wait()
+    name = _last_param_name("mlp")
+    errors = [line for line in job.text.splitlines() if line.startswith("error:")]
+    expected = (f"error: step 8: non-finite gradient in 3 consecutive steps (trainer.max_consecutive_skips=3), "
+                f"first offending parameter {name} (1 of 6 parameters non-finite); stopping")
+    assert rc != 0 and errors and set(errors) == {expected}, job.text[-3000:]
+    assert not re.search(r'File ".*dist_supernet', job.text), "a traceback from our code"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 8))
+    assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 1, 1, 2, 3]
+    ckpt = {s: load(run_dir / "checkpoints" / f"step_{s:08d}.pt") for s in (2, 3, 4, 5, 6, 7)}
+    for before, skipped in ((2, 3), (5, 6), (5, 7)):
+        assert same_tensors(ckpt[before]["model"], ckpt[skipped]["model"])  # x unchanged
+        per_rank = [ckpt[s]["optimizer"]["birder"]["per_rank"] for s in (before, skipped)]
+        assert per_rank[0].shape[0] == 2 and torch.equal(*per_rank)  # m, b of BOTH ranks unchanged
+    assert not same_tensors(ckpt[3]["model"], ckpt[4]["model"])  # and training goes on after a skip
+    injected_at, _ = job.wait_for_line(r"inject_nan_at_steps: NaN .* at step 3 ")
+    skip_at, _ = job.wait_for_line(r"step 3: non-finite gradient on some rank")
+    last_injected_at, _ = job.wait_for_line(r"inject_nan_at_steps: NaN .* at step 8 ")
+    stopped_at, _ = job.wait_for_line(r"^error: step 8")
+    record("NaN on one rank (Birder)", detected_s=round(skip_at - injected_at, 3),
+           stopped_s=round(stopped_at - last_injected_at, 3), run_s=round(time.monotonic() - started, 1))
+
+
+def test_nan_on_one_rank_skips_the_step_for_adamw_too_and_replicas_stay_identical(tmp_path):
+    """AdamW on DDP's fp32 all-reduce: the averaged gradient is NaN on every rank, so each skips locally."""
+    run_dir = tmp_path / "run"
+    job = Job([*NAN, "compression=none", "optim=adamw", "trainer.inject_nan_at_steps=[3,6,7]",
+               f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert job.wait() == 0, job.text[-3000:]
+    summary, rows = read_run(run_dir)
+    assert summary["params_in_sync"] and summary["skipped_steps"] == 3 and summary["steps"] == 12
+    assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 1, 1, 2, 3, 3, 3, 3, 3, 3]
+    name = _last_param_name("mlp")
+    skips = [line for line in job.text.splitlines() if "optimizer step skipped on every rank" in line]
+    assert len(skips) == 3 and all(f"first offending parameter {name} (1 of 6" in s for s in skips), skips
+    ckpt = {s: load(run_dir / "checkpoints" / f"step_{s:08d}.pt") for s in (2, 3, 4)}
+    assert same_tensors(ckpt[2]["model"], ckpt[3]["model"])  # parameters unchanged
+    assert same_tensors(ckpt[2]["optimizer"]["state"], ckpt[3]["optimizer"]["state"])  # Adam moments unchanged
+    assert not same_tensors(ckpt[3]["model"], ckpt[4]["model"])
+
+
+# -- 5. a changed world size -------------------------------------------------------------
+
+
+def _fallback_lines(text: str, old: int, new: int) -> list[str]:
+    return [line for line in text.splitlines() if f"written by {old} ranks, this job has {new}" in line]
+
+
+def test_resume_a_two_rank_checkpoint_on_four_ranks(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    ckpt = reference / "checkpoints" / "step_00000020.pt"
+    out = run_once(["model=mlp", "trainer.max_steps=26", "trainer.log_every=1", f"trainer.resume={ckpt}",
+                    f"hydra.run.dir={run_dir}"], cwd=tmp_path, nproc=4)
+    text = out.stdout + out.stderr
+    (line,) = _fallback_lines(text, 2, 4)  # one line, from rank 0 (the others' go to their log files)
+    assert "Birder: checkpoint holds m, b of 2 ranks, this job has 4: every rank starts from their mean" in line
+    summary, rows = read_run(run_dir)
+    assert (summary["world_size"], summary["resumed_from_step"], summary["steps"]) == (4, 20, 26)
+    assert summary["params_in_sync"]
+    assert [r["step"] for r in rows] == list(range(21, 27))  # a new run directory: rows from the resume on
+    assert all(_fallback_lines((run_dir / f"train_rank{r}.log").read_text(), 2, 4) for r in range(4))
+
+
+def test_resume_a_two_rank_checkpoint_on_one_process(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference / "checkpoints", tmp_path / "ckpts")
+    out = run_once(["model=mlp", "trainer.max_steps=44", "trainer.log_every=1",
+                    f"trainer.checkpoint_dir={tmp_path / 'ckpts'}", f"hydra.run.dir={run_dir}"], cwd=tmp_path, nproc=1)
+    (line,) = _fallback_lines(out.stdout + out.stderr, 2, 1)
+    assert "Birder: checkpoint holds m, b of 2 ranks, this job has 1" in line
+    summary, _ = read_run(run_dir)
+    assert (summary["world_size"], summary["resumed_from_step"], summary["steps"]) == (1, 40, 44)
+
+
+# -- 6. untrusted files --------------------------------------------------------------------
+
+
+def test_a_checkpoint_of_another_model_fails_before_training_naming_the_first_key(reference, tmp_path):
+    ckpt = reference / "checkpoints" / "step_00000040.pt"
+    run_dir = tmp_path / "run"
+    started = time.monotonic()
+    out = run_once(["model=cnn", f"trainer.resume={ckpt}", f"hydra.run.dir={run_dir}"], cwd=tmp_path, nproc=1,
+                   check=False)
+    elapsed = time.monotonic() - started
+    errors = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("error:")]
+    assert out.returncode == 2 and len(errors) == 1, out.stdout[-3000:]
+    assert errors[0].startswith(f"error: trainer.resume={ckpt}: step_00000040.pt is from a different model "
+                                "(saved with model=mlp, this run has model=cnn): first mismatched key "), errors
+    assert "Traceback" not in out.stdout and not (run_dir / "metrics.jsonl").exists()
+    record("checkpoint of another model", detected_s=round(elapsed, 1), note="whole process, start to exit 2")

@@ -1,0 +1,320 @@
+"""Issue 6 without process groups: crashes while writing a checkpoint, untrusted files, the non-finite rule.
+
+The faults are real where it matters: a forked writer is killed (``os._exit``)
+half-way through ``torch.save`` or between the two renames, and a malicious
+pickle really tries to run a command. The end-to-end faults (SIGKILL, SIGSTOP,
+NaN on one rank, world-size changes) are in tests/distributed/test_faults.py.
+"""
+
+import io
+import json
+import logging
+import os
+import pickle
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from torch import nn
+
+from dist_supernet.models import available_models, build_model
+from dist_supernet.optim import Birder
+from dist_supernet.train import checkpoint as checkpoint_module
+from dist_supernet.train.checkpoint import CheckpointManager
+from dist_supernet.train.config import ConfigError, register_resolvers, validate
+from dist_supernet.train.faults import runtime_fault_message
+from dist_supernet.train.nonfinite import NonFiniteGradientError, NonFiniteGuard
+from dist_supernet.train.untrusted import (
+    check_directory,
+    check_fits_model,
+    first_mismatch,
+    load_untrusted,
+    verify_against_manifest,
+)
+from tests.fault_report import record
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _state(step: int) -> dict:
+    torch.manual_seed(step)
+    return {"step": step, "model": {"w": torch.randn(4096)}, "world_size": 1}
+
+
+def _crash_in_child(fn) -> float:
+    """Run ``fn`` in a forked child that must die inside it (exit 9); returns the seconds it ran."""
+    started = time.monotonic()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns to pytest
+        try:
+            fn()
+        finally:
+            os._exit(3)  # fn returned or raised: the crash did not happen where intended
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 9, status
+    return time.monotonic() - started
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+# -- 2. crash while writing a checkpoint --------------------------------------------------
+
+
+def test_writer_killed_inside_torch_save_leaves_the_previous_checkpoint_in_use(tmp_path, caplog):
+    ckpts = CheckpointManager(tmp_path, keep=3)
+    ckpts.save(_state(2), step=2, world_size=1)
+
+    def die_half_way():
+        real_save = torch.save
+
+        def half_save(obj, f):
+            buffer = io.BytesIO()
+            real_save(obj, buffer)
+            f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+            f.flush()
+            os._exit(9)  # the process dies with half a file written
+
+        checkpoint_module.torch.save = half_save
+        ckpts.save(_state(4), step=4, world_size=1)
+
+    _crash_in_child(die_half_way)
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".step_00000004.pt.tmp")]
+    assert len(leftovers) == 1 and not (tmp_path / "step_00000004.pt").exists()
+    started = time.monotonic()
+    path, manifest = ckpts.find_latest()
+    record("writer killed inside torch.save", detected_s=round(time.monotonic() - started, 4), note="at the next load")
+    assert manifest["step"] == 2 and path.name == "step_00000002.pt"
+    (line,) = _warnings(caplog)
+    assert line.startswith(f"checkpoint step_00000004 is unusable: {leftovers[0]} is an incomplete write")
+    # The next complete save cleans the leftover up.
+    ckpts.save(_state(6), step=6, world_size=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "step_00000002.json", "step_00000002.pt", "step_00000006.json", "step_00000006.pt"]
+
+
+def test_writer_killed_between_weights_and_manifest(tmp_path, caplog):
+    ckpts = CheckpointManager(tmp_path, keep=3)
+    ckpts.save(_state(2), step=2, world_size=1)
+
+    def die_before_manifest():
+        real_write = checkpoint_module._atomic_write
+
+        def write_then_die(path, write):
+            if path.suffix == ".json":
+                os._exit(9)
+            real_write(path, write)
+
+        checkpoint_module._atomic_write = write_then_die
+        ckpts.save(_state(4), step=4, world_size=1)
+
+    _crash_in_child(die_before_manifest)
+    assert (tmp_path / "step_00000004.pt").is_file() and not (tmp_path / "step_00000004.json").exists()
+    started = time.monotonic()
+    assert ckpts.find_latest()[1]["step"] == 2
+    record("writer killed before the manifest", detected_s=round(time.monotonic() - started, 4))
+    (line,) = _warnings(caplog)
+    assert "step_00000004 is unusable: step_00000004.pt is an incomplete write" in line
+
+
+def test_a_corrupt_newest_checkpoint_of_the_same_size_is_caught_by_its_hash(tmp_path, caplog):
+    ckpts = CheckpointManager(tmp_path, keep=3)
+    for step in (2, 4):
+        ckpts.save(_state(step), step=step, world_size=1)
+    newest = tmp_path / "step_00000004.pt"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped bit pattern in the middle of the tensor data
+    newest.write_bytes(bytes(data))
+    started = time.monotonic()
+    assert ckpts.find_latest()[1]["step"] == 2
+    record("corrupt newest checkpoint", detected_s=round(time.monotonic() - started, 4))
+    (line,) = _warnings(caplog)
+    assert "step_00000004 is unusable: sha256 mismatch" in line and "\n" not in line
+
+
+# -- 6. untrusted files ---------------------------------------------------------------------
+
+
+def test_an_explicit_resume_path_is_checked_against_its_manifest(tmp_path):
+    ckpts = CheckpointManager(tmp_path, keep=3)
+    path = ckpts.save(_state(2), step=2, world_size=1)
+    verify_against_manifest("trainer.resume", str(path), path)  # intact: fine
+    with open(path, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ConfigError, match=r"^trainer\.resume=.*: sha256 mismatch with step_00000002\.json "
+                                          r"\(100 of \d+ bytes, truncated or corrupt\)$"):
+        verify_against_manifest("trainer.resume", str(path), path)
+    with pytest.raises(ConfigError, match=r"is not a loadable checkpoint: torch.load\(weights_only=True\) refused it"):
+        load_untrusted("trainer.resume", str(path), path)
+
+
+def test_a_malicious_checkpoint_is_refused_in_one_line_and_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "step_00000002.pt"
+    path.write_bytes(pickle.dumps({"step": 2, "model": Evil()}, protocol=2))
+    with pytest.raises(ConfigError) as info:
+        load_untrusted("trainer.resume", str(path), path)
+    text = str(info.value)
+    assert "\n" not in text and "refused it" in text and "system" in text, text
+    assert not marker.exists()
+    record("malicious pickle as checkpoint", refused=True, code_ran=False)
+    torch.save({"x": torch.zeros(2)}, path)  # loadable, but not a checkpoint of ours
+    with pytest.raises(ConfigError, match="is not a dist_supernet checkpoint"):
+        load_untrusted("trainer.resume", str(path), path)
+
+
+def _model(name: str, **overrides) -> tuple[nn.Module, dict]:
+    cfg = {**compose_model(name), **overrides}
+    return build_model(cfg, in_channels=1, image_size=8, num_classes=10), cfg
+
+
+def compose_model(name: str) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml"))
+
+
+def _saved(model: nn.Module, model_cfg: dict) -> dict:
+    from omegaconf import OmegaConf
+
+    return {"step": 5, "model": model.state_dict(), "config": OmegaConf.to_yaml({"model": model_cfg})}
+
+
+def test_a_checkpoint_of_another_model_names_the_first_mismatched_key(tmp_path):
+    path = tmp_path / "step_00000005.pt"
+    mlp, mlp_cfg = _model("mlp")
+    check_fits_model("trainer.resume", "auto", path, _saved(mlp, mlp_cfg), mlp, mlp_cfg)  # the same: fine
+    narrow, narrow_cfg = _model("mlp", hidden=[128, 32])
+    first = next(k for k, v in narrow.state_dict().items() if v.shape != mlp.state_dict()[k].shape)
+    with pytest.raises(ConfigError) as info:
+        check_fits_model("trainer.resume", "auto", path, _saved(mlp, mlp_cfg), narrow, narrow_cfg)
+    assert str(info.value) == (
+        f"trainer.resume=auto: step_00000005.pt is from a different model (saved with model=mlp, this run has "
+        f"model=mlp): first mismatched key {first} (shape {list(mlp.state_dict()[first].shape)} in the checkpoint, "
+        f"{list(narrow.state_dict()[first].shape)} in this model)")
+    cnn, cnn_cfg = _model("cnn")
+    with pytest.raises(ConfigError, match=r"saved with model=mlp, this run has model=cnn\): first mismatched key "
+                                          r"\S+ \(in this model, not in the checkpoint\)$"):
+        check_fits_model("trainer.resume", "auto", path, _saved(mlp, mlp_cfg), cnn, cnn_cfg)
+    assert first_mismatch({"a": torch.zeros(1)}, {"a": torch.zeros(1), "b": torch.zeros(1)}) == (
+        "b (in the checkpoint, not in this model)")
+
+
+@pytest.mark.skipif("ofa_cnn" not in available_models(), reason="the supernet model family is not registered")
+def test_a_checkpoint_of_another_search_space_names_the_first_mismatched_key(tmp_path):
+    path = tmp_path / "step_00000005.pt"
+    # Supernets: the same tensors, another search space (width choices) -> the config key is named.
+    net, net_cfg = _model("ofa_cnn")
+    other_cfg = {**net_cfg, "width_mults": [0.5, 1.0]}
+    with pytest.raises(ConfigError, match=r"different model or search space .*first mismatched key "
+                                          r"model\.width_mults \(\[0\.75,1\.0\] in the checkpoint, \[0\.5,1\.0\]"):
+        check_fits_model("trainer.resume", "auto", path, _saved(net, net_cfg), net, other_cfg)
+    # ... or with more kernel sizes: the weights themselves no longer fit.
+    bigger, bigger_cfg = _model("ofa_cnn", kernel_sizes=[3, 5, 7])
+    with pytest.raises(ConfigError, match=r"first mismatched key \S+ \(shape \[.*\] in the checkpoint"):
+        check_fits_model("trainer.resume", "auto", path, _saved(net, net_cfg), bigger, bigger_cfg)
+
+
+def test_directories_named_in_the_config_are_checked(tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    check_directory("trainer.checkpoint_dir", str(tmp_path / "new" / "deeper"))  # creatable: fine
+    with pytest.raises(ConfigError, match=r"^trainer\.checkpoint_dir=.*/file: is a file, not a directory$"):
+        check_directory("trainer.checkpoint_dir", str(a_file))
+    with pytest.raises(ConfigError, match=r"/file/sub: cannot be created: .*/file is a file$"):
+        check_directory("trainer.checkpoint_dir", str(a_file / "sub"))
+
+
+def _compose(*overrides):
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("train", overrides=["model=mlp", *overrides])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.max_consecutive_skips=0", "trainer.max_consecutive_skips=0: must be >= 1"),
+    ("trainer.timeout_s=0", "trainer.timeout_s=0: must be > 0 (seconds)"),
+    ("compression.timeout_s=-1", "compression.timeout_s=-1: must be > 0 or null"),
+    ("trainer.inject_nan_at_steps=[0]", "trainer.inject_nan_at_steps=[0]: steps are 1-based"),
+    ("trainer.checkpoint_dir=/etc/hostname", "trainer.checkpoint_dir=/etc/hostname: is a file, not a directory"),
+    ("trainer.resume=/etc", "trainer.resume=/etc: expected auto, never, or the path of a checkpoint file"),
+])
+def test_reliability_knobs_are_validated_in_one_line(override, message):
+    with pytest.raises(ConfigError) as info:
+        validate(_compose(override))
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+def test_reliability_defaults():
+    cfg = validate(_compose())
+    assert (cfg.trainer.max_consecutive_skips, cfg.trainer.timeout_s, cfg.trainer.inject_nan_at_steps) == (5, 600, [])
+    assert cfg.compression.timeout_s is None  # = trainer.timeout_s
+
+
+# -- 3. the non-finite rule, one process ------------------------------------------------------
+
+
+def _nan_grads(model: nn.Module, names: set[str]) -> None:
+    for name, p in model.named_parameters():
+        p.grad = torch.ones_like(p)
+        if name in names:
+            p.grad.view(-1)[-1] = float("inf") if name.endswith("bias") else float("nan")
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: torch.optim.AdamW(m.parameters(), lr=0.1),
+    lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+    # local Birder with its parameter groups in the reverse order: the index it reports is mapped to a name
+    lambda m: Birder([{"params": list(m.parameters())[::-1]}], lr=0.1),
+], ids=["adamw", "sgd", "birder-local"])
+def test_guard_skips_counts_and_stops_naming_step_and_parameter(make):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    opt = make(model)
+    guard = NonFiniteGuard(opt, model, max_consecutive_skips=2, verbose=False)
+    _nan_grads(model, set())
+    assert guard.step(1) is True
+    before = [p.detach().clone() for p in model.parameters()]
+    state_before = [{k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()]
+    _nan_grads(model, {"2.weight", "0.bias"})
+    assert guard.step(2) is False
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    state_after = [opt.state[p] for p in model.parameters()]
+    assert all(a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+               for a, b in zip(state_before, state_after))  # Adam moments, momentum buffers, Birder's m, b
+    assert (guard.skipped_steps, guard.consecutive_skips) == (1, 1)
+    assert guard.last_skip == {"step": 2, "param": "0.bias", "num_params": 2}  # named_parameters order
+    _nan_grads(model, set())
+    assert guard.step(3) is True and guard.consecutive_skips == 0
+    _nan_grads(model, {"2.bias"})
+    guard.step(4)
+    with pytest.raises(NonFiniteGradientError, match=r"^step 5: non-finite gradient in 2 consecutive steps "
+                                                     r"\(trainer\.max_consecutive_skips=2\), first offending "
+                                                     r"parameter 2\.bias \(1 of 4 parameters non-finite\); stopping$"):
+        guard.step(5)
+    assert guard.state_dict() == {"skipped_steps": 3, "consecutive_skips": 2}
+
+
+def test_runtime_faults_become_one_line():
+    hook_error = RuntimeError("Unable to cast hierarchical collective failed in stage 'all-gather node bits' "
+                              "(inter-node) on rank 0 of 2: [gloo.cc:78] Timed out waiting 3000ms\nfor recv to Tensor")
+    assert runtime_fault_message(hook_error) == ("hierarchical collective failed in stage 'all-gather node bits' "
+                                                 "(inter-node) on rank 0 of 2: [gloo.cc:78] Timed out waiting 3000ms "
+                                                 "for recv")
+    assert runtime_fault_message(NonFiniteGradientError("step 3: ...")) == "step 3: ..."
+    assert runtime_fault_message(RuntimeError("a bug")) is None  # keeps its traceback
+
+
+def test_checkpoint_manifest_records_step_world_size_and_hash(tmp_path):
+    path = CheckpointManager(tmp_path).save(_state(3), step=3, world_size=4)
+    manifest = json.loads(path.with_suffix(".json").read_text())
+    assert (manifest["step"], manifest["world_size"], manifest["num_bytes"]) == (3, 4, path.stat().st_size)
+    assert manifest["sha256"] == checkpoint_module.sha256_file(path)
