@@ -15,13 +15,27 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
 
+from dist_supernet.comm.collectives import CollectiveError
 from dist_supernet.comm.stats import CommStats, all_reduce_bytes
 from dist_supernet.comm.topology import Topology
 
 BASELINES = ("none", "fp16", "bf16", "powersgd")
 
 
-def _counting_hook(stats: CommStats, topology: Topology, bytes_per_element: int, inner):
+def _named_failure(name: str, topology: Topology):
+    """A future callback that re-raises a failed all-reduce (a peer stopped: timeout) naming stage and rank."""
+
+    def check(future):
+        try:
+            return future.wait()  # done already inside a then() callback; blocks in the in-order PowerSGD path
+        except Exception as error:
+            raise CollectiveError(f"{name} collective failed in stage 'all-reduce gradient bucket' (world) on rank "
+                                  f"{topology.rank} of {topology.world_size}: {error}") from error
+
+    return check
+
+
+def _counting_hook(stats: CommStats, topology: Topology, bytes_per_element: int, inner, name: str = "allreduce"):
     members = list(range(topology.world_size))
 
     def hook(process_group, bucket):
@@ -29,7 +43,7 @@ def _counting_hook(stats: CommStats, topology: Topology, bytes_per_element: int,
             all_reduce_bytes(bucket.buffer().numel() * bytes_per_element, members, topology),
             exchanges=int(bucket.is_last()),
         )
-        return inner(process_group, bucket)
+        return inner(process_group, bucket).then(_named_failure(name, topology))
 
     return hook
 
@@ -45,14 +59,14 @@ def _counting_powersgd_hook(stats: CommStats, topology: Topology, *, in_order: b
         numel = state.total_numel_after_compression - before or bucket.buffer().numel()
         stats.add(all_reduce_bytes(numel * 4, members, topology), exchanges=int(bucket.is_last()))
         if not in_order:
-            return future
+            return future.then(_named_failure("powersgd", topology))
         # torch's hook issues its P and Q all-reduces from future callbacks, which on gloo
         # run on whichever thread completes a future: with several buckets two ranks can
         # issue them in different orders and the job crashes or hangs (seen by
         # benchmarks/slow_link.py on a 10M-parameter model). Finishing each bucket before
         # DDP hands over the next keeps one order; it gives up overlap for this baseline.
         done = torch.futures.Future()
-        done.set_result(future.wait())
+        done.set_result(_named_failure("powersgd", topology)(future))
         return done
 
     return hook
@@ -95,7 +109,8 @@ def register_baseline_hook(
         "fp16": (default_hooks.fp16_compress_hook, 2),
         "bf16": (default_hooks.bf16_compress_hook, 2),
     }[name]
-    ddp_model.register_comm_hook(None, _counting_hook(stats, topology, width, inner))
+    label = "allreduce" if name == "none" else name  # how an error names it: "allreduce collective failed ..."
+    ddp_model.register_comm_hook(None, _counting_hook(stats, topology, width, inner, label))
     return stats
 
 

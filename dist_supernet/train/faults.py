@@ -64,6 +64,6 @@ def runtime_fault_message(error: BaseException) -> str | None:
     """One line for a known fault that stopped training (None for anything else: a bug keeps its traceback)."""
     if isinstance(error, NonFiniteGradientError):
         return str(error)
-    text = " ".join(str(error).split())
+    text = " ".join(str(error).split()).split(" At: ")[0]  # torch appends the Python stack of a failed callback
     found = _COLLECTIVE.search(text)
     return found.group(1) if found else None

@@ -237,12 +237,18 @@ def test_sigkilled_worker_of_the_supernet_job_resumes_its_sampler_bit_identicall
 # -- 4. a hung peer ----------------------------------------------------------------------
 
 
-def test_stopped_worker_fails_the_job_within_the_timeout_naming_stage_and_rank(tmp_path):
+@pytest.mark.parametrize("name, overrides", [
+    # Birder's 1-bit hook on its own groups (compression.timeout_s), two pretend nodes: inter-node stages
+    ("birder-hierarchical", ["compression.collective=hierarchical", "compression.num_nodes=2",
+                             f"compression.timeout_s={HUNG_TIMEOUT_S}"]),
+    # DDP's own fp32 all-reduce on the default group (trainer.timeout_s)
+    ("fp32-sgd", ["compression=none", "optim=sgd"]),
+])
+def test_stopped_worker_fails_the_job_within_the_timeout_naming_stage_and_rank(name, overrides, tmp_path):
     """SIGSTOP rank 1 mid-run: rank 0 reports within the timeout; torchrun exits non-zero instead of hanging."""
     run_dir = tmp_path / "run"
     job = Job(["model=mlp", "trainer.max_steps=100000", "trainer.log_every=5", "trainer.eval_every=0",
-               "trainer.checkpoint_every=0", "compression.collective=hierarchical", "compression.num_nodes=2",
-               f"trainer.timeout_s={HUNG_TIMEOUT_S}", f"compression.timeout_s={HUNG_TIMEOUT_S}",
+               "trainer.checkpoint_every=0", f"trainer.timeout_s={HUNG_TIMEOUT_S}", *overrides,
                f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     wait_for_step(run_dir, 20, job)
     stopped_pid = job.worker_pids()[1]
@@ -262,7 +268,7 @@ def test_stopped_worker_fails_the_job_within_the_timeout_naming_stage_and_rank(t
     assert reported_s < HUNG_TIMEOUT_S + 5, (reported_s, line)
     assert rc != 0 and exited_s < 20, (rc, exited_s)
     assert not (run_dir / "summary.json").exists()
-    record("worker SIGSTOP (hung peer)", detected_s=round(reported_s, 2), timeout_s=HUNG_TIMEOUT_S,
+    record(f"worker SIGSTOP (hung peer, {name})", detected_s=round(reported_s, 2), timeout_s=HUNG_TIMEOUT_S,
            stage=match.group(1), where=match.group(2), torchrun_rc=rc, torchrun_exit_after_kill_s=round(exited_s, 2))
 
 

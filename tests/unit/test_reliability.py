@@ -309,6 +309,12 @@ def test_runtime_faults_become_one_line():
     assert runtime_fault_message(hook_error) == ("hierarchical collective failed in stage 'all-gather node bits' "
                                                  "(inter-node) on rank 0 of 2: [gloo.cc:78] Timed out waiting 3000ms "
                                                  "for recv")
+    ddp_error = RuntimeError("allreduce collective failed in stage 'all-reduce gradient bucket' (world) on rank 1 "
+                             "of 4: Got the following error when running the callback: RuntimeError: Timed out\n\n"
+                             "At:\n  /torch/distributed/algorithms/ddp_comm_hooks/default_hooks.py(24): hook")
+    assert runtime_fault_message(ddp_error) == ("allreduce collective failed in stage 'all-reduce gradient bucket' "
+                                                "(world) on rank 1 of 4: Got the following error when running the "
+                                                "callback: RuntimeError: Timed out")
     assert runtime_fault_message(NonFiniteGradientError("step 3: ...")) == "step 3: ..."
     assert runtime_fault_message(RuntimeError("a bug")) is None  # keeps its traceback
 
