@@ -9,9 +9,8 @@ group on its own copy of the same model:
 - ``fp32``: DDP's own fp32 all-reduce (the project's ``none`` baseline hook,
   which counts bytes around torch's ``allreduce_hook``);
 - ``fp16``: torch's ``fp16_compress_hook``;
-- ``powersgd``: torch's PowerSGD hook, rank ``--powersgd-rank``, in ONE DDP bucket
-  (with several, its callback-issued all-reduces can reach the ranks in
-  different orders on gloo: see ``build``);
+- ``powersgd``: torch's PowerSGD hook, rank ``--powersgd-rank`` (on gloo the
+  project's wrapper finishes each bucket before the next: no overlap);
 - ``allgather`` / ``two_phase`` / ``hierarchical``: Birder with that 1-bit collective.
 
 The baselines step with ``torch.optim.SGD`` (momentum 0.9, foreach), which costs
@@ -174,14 +173,7 @@ def build(method: str, model_name: str, args):
     torch.manual_seed(0)  # the same initial weights for every method and rank
     builder, _ = MODELS[model_name]
     model = builder()
-    bucket_cap_mb = args.bucket_cap_mb
-    if method == "powersgd":
-        # One bucket: torch's PowerSGD hook issues its P and Q all-reduces from future
-        # callbacks (gloo's threads), so with several buckets in flight the ranks can issue
-        # them in different orders. We saw it on the CNN at 1 Gbit/s: "gloo EnforceNotMet
-        # ... Received data size doesn't match expected size. 4136 vs 3968".
-        bucket_cap_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20 + 1
-    ddp_model = DistributedDataParallel(model, bucket_cap_mb=bucket_cap_mb)
+    ddp_model = DistributedDataParallel(model, bucket_cap_mb=args.bucket_cap_mb)
     if method in COLLECTIVES:
         opt = Birder(ddp_model, lr=1e-3, collective=method, num_nodes=args.num_nodes)
         return ddp_model, opt, opt.comm_stats
