@@ -26,6 +26,11 @@ def main() -> None:
         return
     from dist_supernet.train.__main__ import main as train_main
 
+    # Hydra finds the launcher in the hydra_plugins namespace package; from a checkout it sits beside
+    # dist_supernet/, which an editable install made before it existed does not map: put it on the path.
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "hydra_plugins").is_dir() and str(checkout) not in sys.path:
+        sys.path.insert(0, str(checkout))
     if not {"-m", "--multirun"} & set(args):
         sys.argv.insert(1, "--multirun")
     train_main()
