@@ -5,6 +5,7 @@ world of one on an in-memory store), on NCCL with one GPU per process or on
 gloo on CPU.
 """
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -74,6 +75,27 @@ def _collective(stage: str, fn):
     except Exception as error:  # re-raised with the stage named; the cause is chained
         raise CollectiveError(f"trainer collective failed in stage '{stage}' (world) on rank {dist.get_rank()} "
                               f"of {dist.get_world_size()}: {error}") from error
+
+
+# What gloo and NCCL say when a peer is stopped or gone (their errors are plain RuntimeErrors).
+_PEER_FAILURE = ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer", "NCCL")
+
+
+@contextlib.contextmanager
+def collective_stage(stage: str):
+    """Name ``stage`` and this rank in any peer failure inside (e.g. DDP's own broadcasts and all-reduces).
+
+    Errors that already name their stage, and errors that are not peer failures, pass unchanged.
+    """
+    try:
+        yield
+    except RuntimeError as error:
+        text = str(error)
+        if "collective failed in stage" in text or not (isinstance(error, dist.DistError)
+                                                        or any(s in text for s in _PEER_FAILURE)):
+            raise
+        raise CollectiveError(f"trainer collective failed in stage '{stage}' (world) on rank {dist.get_rank()} "
+                              f"of {dist.get_world_size()}: {text}") from error
 
 
 def broadcast_object(obj, src: int = 0, *, stage: str = "broadcast"):

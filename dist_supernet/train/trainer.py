@@ -207,7 +207,8 @@ class Trainer:
         while self.step < tcfg.max_steps:
             self._maybe_crash()
             self.nan_injector.arm(self.step + 1)
-            loss = self.train_step()
+            with distributed.collective_stage(f"train step {self.step + 1}"):  # a stopped peer: named, not raw
+                loss = self.train_step()
             self.step += 1
 
             row = None
@@ -216,13 +217,15 @@ class Trainer:
             if is_last or eval_now or (tcfg.log_every > 0 and self.step % tcfg.log_every == 0):
                 row = self._metrics_row(loss, time.perf_counter() - start_time)
                 if eval_now or is_last:
-                    row["val_loss"], row["val_accuracy"] = self.evaluate()
+                    with distributed.collective_stage("evaluate"):
+                        row["val_loss"], row["val_accuracy"] = self.evaluate()
                 self.metrics.write(row)
                 last_row = row
             progress.update(self.step, row)
 
             if is_last or (tcfg.checkpoint_every > 0 and self.step % tcfg.checkpoint_every == 0):
-                self.save_checkpoint(time.perf_counter() - start_time)
+                with distributed.collective_stage("checkpoint"):
+                    self.save_checkpoint(time.perf_counter() - start_time)
         progress.close()
         return self._finish(last_row, time.perf_counter() - start_time)
 

@@ -324,3 +324,27 @@ def test_checkpoint_manifest_records_step_world_size_and_hash(tmp_path):
     manifest = json.loads(path.with_suffix(".json").read_text())
     assert (manifest["step"], manifest["world_size"], manifest["num_bytes"]) == (3, 4, path.stat().st_size)
     assert manifest["sha256"] == checkpoint_module.sha256_file(path)
+
+
+def test_collective_stage_names_peer_failures_only():
+    import torch.distributed as dist
+
+    from dist_supernet.comm.collectives import CollectiveError
+    from dist_supernet.train.distributed import collective_stage
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(CollectiveError, match=r"^trainer collective failed in stage 'train step 7' \(world\) on "
+                                                  r"rank 0 of 1: \[gloo/x.cc:78\] Timed out waiting 3000ms$"):
+            with collective_stage("train step 7"):  # e.g. DDP's buffer broadcast in forward
+                raise RuntimeError("[gloo/x.cc:78] Timed out waiting 3000ms")
+        named = RuntimeError("two_phase collective failed in stage 'all-to-all chunks' (world) on rank 0 of 1: x")
+        with pytest.raises(RuntimeError) as info:
+            with collective_stage("train step 7"):
+                raise named
+        assert info.value is named  # already named: unchanged
+        with pytest.raises(RuntimeError, match="^a bug$"):
+            with collective_stage("train step 7"):
+                raise RuntimeError("a bug")
+    finally:
+        dist.destroy_process_group()
