@@ -46,7 +46,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-import kernels  # noqa: E402
 from dist_supernet.comm import COLLECTIVES, CommGroups, Topology, WireBytes  # noqa: E402
 from dist_supernet.comm.stats import all_reduce_bytes  # noqa: E402
 
@@ -135,7 +134,7 @@ def paper_markdown(rows: list[dict]) -> str:
         base = fp32[(row["num_params"], row["num_nodes"])]
         ratio = "-" if base == 0 else f"{row['inter_bytes_per_node'] / base:.3f}"
         lines.append(
-            f"| {row['num_params'] / 1e6:g}M | {row['num_nodes']} x {row['gpus_per_node']} | {row['method']} | "
+            f"| {row['num_params'] / 1e6:.1f}M | {row['num_nodes']} x {row['gpus_per_node']} | {row['method']} | "
             f"{row['inter_bytes_per_node'] / 1e6:.2f} | {row['inter_bits_per_param']:.2f} | {ratio} | "
             + " | ".join(f"{row['comm_s'][r] * 1e3:.2f}" for r in rates) + " |"
         )
@@ -186,7 +185,9 @@ def measured_markdown(measured: dict) -> str:
     lines = [
         f"{report['how']}; model `{report['model']}` ({report['num_params'] / 1e6:.1f}M parameters), "
         f"{report['world_size']} processes, {report['steps']} timed steps after {report['warmup']} warm-up. "
-        "Per node and step (mean of the two nodes).",
+        "Per node and step (mean of the two nodes). The veth is unshaped, so its counter sees GSO "
+        "super-packets (one TCP/IP header per up to 64 KB); a physical MTU-1500 link carries ~6.6% more "
+        "(see the 100 Mbit/s rows of slow_link). Step times: 4 processes on 2 cores, for reference only.",
         "",
         "| method | accounted inter-node MB | accounted intra-node MB | veth tx MB | veth / accounted | "
         "inter vs fp32 (accounted) | veth vs fp32 | median step ms |",
@@ -238,7 +239,7 @@ def main(argv=None):
     machine = slow_link.machine_description()
     out_stem = Path(args.out) if args.out else RESULTS_DIR / f"hierarchical_{date}"
     out_stem.parent.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/hierarchical_scale.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = " ".join(["python benchmarks/hierarchical_scale.py", *(argv if argv is not None else sys.argv[1:])])
     out_stem.with_suffix(".json").write_text(json.dumps(
         {"date": date, "machine": machine, "command": command, "paper": rows, "measured": measured}, indent=1))
     lines = [
@@ -246,7 +247,7 @@ def main(argv=None):
         "",
         f"Command: `{command}`  ",
         f"Machine (measured part): {machine['cpu']}, {machine['cores']} cores, {machine['mem_gib']} GiB, "
-        f"torch {machine['torch']} (CPU, gloo), kernel packing {kernels.num_bytes(8)} byte per 8 elements.",
+        f"torch {machine['torch']} (CPU, gloo); 1-min load average at start {machine['load_avg_1min_at_start']}.",
         "",
     ]
     if measured is not None:
@@ -263,6 +264,12 @@ def main(argv=None):
         "with compute (the step is at least max(compute, comm), at most compute + comm). fp32/fp16: "
         "ring all-reduce. `two_phase` sends exact counts in its second phase "
         "(ceil(log2(n+1)) bits per element), `+requantize` one bit.",
+        "",
+        "Reading: `hierarchical` exchanges between nodes by an all-gather of each node's 1-bit "
+        "chunk, so a node sends (N - 1) / 8 bytes per parameter: 1 bit at 2 nodes (1/60 of fp32), "
+        "7 at 8, 63 at 64 nodes, where it equals fp32's ring (~64 bits). `two_phase` stays at "
+        "9-18 bits per parameter per node (its all-to-all sends ~1 bit per parameter per local rank "
+        "across the boundary), `+requantize` at 5-9.",
         "",
         paper,
         "",

@@ -53,4 +53,4 @@ def test_paper_markdown_has_every_row(scale):
     rows = scale.paper_table([25_000_000], [2], gpus_per_node=8)
     text = scale.paper_markdown(rows)
     assert text.count("\n") == len(rows) + 1  # header + separator + one line per row
-    assert "| 25M | 2 x 8 | hierarchical | 3.12 | 1.00 | 0.017 |" in text
+    assert "| 25.0M | 2 x 8 | hierarchical | 3.12 | 1.00 | 0.017 |" in text
