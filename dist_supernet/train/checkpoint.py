@@ -8,8 +8,10 @@ A checkpoint is two files in one directory::
 Each is written to a temporary name, fsynced and renamed, the ``.pt`` first:
 a manifest exists only for a complete ``.pt``, and a crash at any point
 leaves the previous checkpoint usable. On resume the newest checkpoint whose
-manifest parses and whose sha256 matches wins; each newer one that fails is
-reported in one warning line. Only rank 0 writes; every rank reads the file
+manifest parses and whose sha256 matches wins; each newer one that fails, or
+that an interrupted save left behind (a temporary, or a ``.pt`` without its
+manifest), is reported in one warning line, and the next complete save removes
+such leftovers (docs/reliability.md). Only rank 0 writes; every rank reads the file
 (the directory must be shared between nodes, like the output directory).
 
 Example::
