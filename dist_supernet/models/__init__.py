@@ -30,17 +30,25 @@ from torch import nn
 
 Builder = Callable[..., nn.Module]
 MODELS: dict[str, Builder] = {}
+# Families whose builder returns a weight-sharing supernet: the entry point trains them with SupernetTrainer.
+SUPERNET_MODELS: set[str] = set()
 # Modules imported on demand when a name is not registered yet; each registers its families.
-MODEL_PLUGINS: list[str] = []
+MODEL_PLUGINS: list[str] = ["dist_supernet.supernet.registry"]
 
 
-def register_model(name: str) -> Callable[[Builder], Builder]:
-    """Decorator: register ``builder(cfg, in_channels, image_size, num_classes)`` as ``name``."""
+def register_model(name: str, *, supernet: bool = False) -> Callable[[Builder], Builder]:
+    """Decorator: register ``builder(cfg, in_channels, image_size, num_classes)`` as ``name``.
+
+    ``supernet=True``: the builder returns a ``dist_supernet.supernet.Supernet``
+    (sampled subnets per step, search and export after training).
+    """
 
     def wrap(builder: Builder) -> Builder:
         if name in MODELS and MODELS[name] is not builder:
             raise ValueError(f"model.name={name}: registered twice")
         MODELS[name] = builder
+        if supernet:
+            SUPERNET_MODELS.add(name)
         return builder
 
     return wrap
@@ -51,6 +59,13 @@ def available_models() -> list[str]:
     for module in MODEL_PLUGINS:
         importlib.import_module(module)
     return sorted(MODELS)
+
+
+def is_supernet(name: str) -> bool:
+    """True when ``name`` is registered with ``supernet=True`` (after importing the plugin modules)."""
+    if name not in MODELS:
+        available_models()
+    return name in SUPERNET_MODELS
 
 
 def build_model(cfg: Mapping, in_channels: int, image_size: int, num_classes: int) -> nn.Module:
@@ -70,4 +85,5 @@ def build_model(cfg: Mapping, in_channels: int, image_size: int, num_classes: in
 # The built-in families register themselves on import.
 from dist_supernet.models import cnn, mlp  # noqa: E402,F401
 
-__all__ = ["MODELS", "MODEL_PLUGINS", "available_models", "build_model", "register_model"]
+__all__ = ["MODELS", "MODEL_PLUGINS", "SUPERNET_MODELS", "available_models", "build_model", "is_supernet",
+           "register_model"]

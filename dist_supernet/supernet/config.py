@@ -8,7 +8,7 @@ instead of deep inside training::
     progressive_shrinking: null | [{until_step, elastic}, ...]
     bn_recalibration: {num_batches}
     search: {population_size, num_generations, mutate_prob, mutation_ratio, parent_ratio,
-             max_tries, flops_limit, params_limit, split_evaluation}
+             max_tries, flops_limit, params_limit, split_evaluation, flops_fractions}
 """
 
 from __future__ import annotations

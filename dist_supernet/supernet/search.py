@@ -129,7 +129,9 @@ def _population_split(population_size, num_generations, mutate_prob, mutation_ra
 
 
 SEARCH_SETTINGS = ("population_size", "num_generations", "mutate_prob", "mutation_ratio", "parent_ratio",
-                   "max_tries", "flops_limit", "params_limit", "split_evaluation")
+                   "max_tries", "flops_limit", "params_limit", "split_evaluation", "flops_fractions")
+# ``flops_fractions`` is read by the training application (one search per FLOPs budget at each fraction of
+# the way from the smallest to the largest subnet, when ``flops_limit`` is null), not by evolutionary_search.
 
 
 def check_search_settings(settings: Mapping) -> dict:
@@ -149,6 +151,11 @@ def check_search_settings(settings: Mapping) -> dict:
     for key in ("flops_limit", "params_limit"):
         if settings.get(key) is not None:
             _check(key, settings[key], 0)
+    fractions = settings.get("flops_fractions")
+    if fractions is not None and (not isinstance(fractions, (list, tuple)) or not fractions
+                                  or any(not isinstance(f, (int, float)) or not 0 <= f <= 1 for f in fractions)):
+        raise ValueError(f"search.flops_fractions={fractions!r}: expected null or a non-empty list of numbers "
+                         "in [0, 1]")
     return settings
 
 

@@ -12,8 +12,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from dist_supernet.models import is_supernet
 from dist_supernet.train.config import check_group_choices, register_resolvers
 from dist_supernet.train.faults import runtime_fault_message
+from dist_supernet.train.supernet_trainer import SupernetTrainer
 from dist_supernet.train.trainer import Trainer, setup_logging
 
 # A checkout (or editable install) reads conf/ at the repository root; a regular
@@ -34,7 +36,9 @@ def fail(error: Exception, message: str | None = None, status: int = 2) -> None:
 def run(cfg: DictConfig) -> None:
     setup_logging()
     try:  # ValueErrors before the first step are the user's: bad values, missing files
-        trainer = Trainer(cfg, output_dir=Path(HydraConfig.get().runtime.output_dir))
+        # A family registered with supernet=True trains sampled subnets and ends with search and export.
+        trainer_cls = SupernetTrainer if is_supernet(cfg.model.get("name")) else Trainer
+        trainer = trainer_cls(cfg, output_dir=Path(HydraConfig.get().runtime.output_dir))
     except ValueError as e:
         fail(e)
     try:

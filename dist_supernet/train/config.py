@@ -311,7 +311,7 @@ def check_group_choices(args: list[str], conf_dir: Path) -> None:
             continue
         key, value = arg.split("=", 1)
         group = key.lstrip("+~")
-        if group not in GROUPS or "," in value or value in ("", "null"):
+        if group not in (*GROUPS, "supernet") or "," in value or value in ("", "null"):
             continue
         choices = sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
         _check(value in choices, group, value, f"expected one of {', '.join(choices)}")

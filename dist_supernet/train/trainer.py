@@ -88,6 +88,7 @@ class Trainer:
         torch.manual_seed(trainer_cfg.seed)  # same init on every rank (DDP broadcasts rank 0's anyway)
         model = build_model(self.cfg.model, in_channels=self.data.in_channels,
                             image_size=self.data.image_size, num_classes=self.data.num_classes)
+        self.setup_model(model)
 
         # 2. The process group, one output directory, rank-dependent randomness.
         self.device = distributed.init_distributed(trainer_cfg.device, timeout_s=trainer_cfg.timeout_s)
@@ -100,7 +101,7 @@ class Trainer:
         # 3. Model, compression hook, optimizer, schedule.
         self.model = model.to(self.device)
         self.ddp_model = DistributedDataParallel(
-            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None, **self.ddp_kwargs()
         )
         self.optimizer, self.comm_stats = self._build_optimizer_and_hook()
         # NaN/Inf on any rank: the step is skipped on every rank; too many in a row stop the job.
@@ -190,10 +191,31 @@ class Trainer:
             set_rng_state(state["rng"][self.rank])
         else:  # shards differ: start the saved epoch's next one
             self.sampler.load_state_dict({"epoch": state["sampler"]["epoch"] + 1, "batch_index": 0})
+        self.load_extra_state(state)
         self.step, self.wall_time_offset_s = state["step"], state["wall_time_s"]
         self.resumed_from = state["step"]
         self.metrics.truncate_after(self.step)
         log.info("resumed from %s at step %d", path, self.step)
+
+    # -- hooks for subclasses (SupernetTrainer) ------------------------------------------
+
+    def setup_model(self, model: torch.nn.Module) -> None:
+        """Before the process group exists: check model-specific config (ValueError = the user's mistake)."""
+
+    def ddp_kwargs(self) -> dict:
+        """Extra keyword arguments for ``DistributedDataParallel``."""
+        return {}
+
+    def extra_state(self) -> dict:
+        """Entries added to every checkpoint (rank 0 only; no collectives)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore what ``extra_state`` saved (every rank, same checkpoint)."""
+
+    def extra_summary(self) -> dict:
+        """Keys added to ``summary.json`` (every rank; no collectives)."""
+        return {}
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -299,6 +321,7 @@ class Trainer:
             "comm_stats": stats,  # one per rank
             "nonfinite": self.nonfinite.state_dict(),
             "config": self.config_yaml,
+            **self.extra_state(),
         }
         path = self.checkpoints.save(state, step=self.step, world_size=self.world_size)
         log.debug("saved %s", path)
@@ -349,6 +372,7 @@ class Trainer:
             "host": platform.node(),
             "torch": torch.__version__,
         }
+        summary.update(self.extra_summary())
         if not summary["params_in_sync"]:
             log.warning("parameters differ between ranks: sha256 %s", hashes)
         if self.is_rank0:

@@ -22,7 +22,8 @@ SUMMARY_KEYS = {"final_loss", "eval_accuracy", "steps", "world_size", "compressi
                 "bytes_sent_total", "params_in_sync", "params_sha256", "resumed_from_step"}
 ROW_KEYS = {"step", "loss", "wall_time_s", "bytes_sent", "bytes_intra", "bytes_inter", "lr", "epoch"}
 # Small and fast: checkpoints every 4 steps, a metrics row every step.
-TINY = ["trainer.max_steps=12", "trainer.checkpoint_every=4", "trainer.log_every=1", "trainer.eval_every=6"]
+# model=mlp: these tests are about the app's plumbing; the supernet main job has its own tests.
+TINY = ["model=mlp", "trainer.max_steps=12", "trainer.checkpoint_every=4", "trainer.log_every=1", "trainer.eval_every=6"]
 
 
 def _env(**extra) -> dict:
@@ -114,7 +115,8 @@ def test_restart_resumes_bit_identically_and_skips_a_corrupt_checkpoint(birder_r
     # checkpoint is used, each problem reported in one line, training goes on.
     with open(run_dir / "checkpoints" / "step_00000012.pt", "r+b") as f:
         f.truncate(1000)
-    out = subprocess.run([sys.executable, "-m", "dist_supernet.train", "trainer.max_steps=14", "trainer.log_every=1",
+    out = subprocess.run([sys.executable, "-m", "dist_supernet.train", "model=mlp", "trainer.max_steps=14",
+                          "trainer.log_every=1",
                           f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=_env(), capture_output=True, text=True,
                          timeout=TIMEOUT_S)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -130,7 +132,7 @@ def test_restart_resumes_bit_identically_and_skips_a_corrupt_checkpoint(birder_r
 
 @pytest.mark.parametrize("name, overrides", [
     # fp16 compress hook + SGD, 2 micro-batches per step under no_sync
-    ("fp16", ["compression=fp16", "optim=sgd", "trainer.grad_accum=2"]),
+    ("fp16", ["model=mlp", "compression=fp16", "optim=sgd", "trainer.grad_accum=2"]),
     # PowerSGD + Birder on the averaged gradient (rank-independent draws), CNN
     ("powersgd", ["compression=powersgd", "optim=birder", "model=cnn"]),
 ])
@@ -153,7 +155,7 @@ def test_hierarchical_on_two_pretend_nodes_via_multi_node_script(tmp_path):
     env = _env(NNODES="1", NPROC_PER_NODE="2", RDZV_ENDPOINT=f"127.0.0.1:{port}", RUN_ID="hier",
                OUTPUT_ROOT=str(tmp_path), MAX_RESTARTS="0")
     out = subprocess.run(
-        ["bash", str(REPO / "launch" / "multi_node.sh"), "compression.collective=hierarchical",
+        ["bash", str(REPO / "launch" / "multi_node.sh"), "model=mlp", "compression.collective=hierarchical",
          "compression.num_nodes=2", "trainer.max_steps=6", "trainer.log_every=3"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

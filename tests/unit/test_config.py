@@ -73,10 +73,10 @@ def test_every_config_composes_and_validates(npz_path):
     assert {"compression=powersgd", "optim=sgd", "model=cnn", "data=npz", "data=mnist5k"} <= set(checked)
 
 
-def test_defaults_are_birder_mlp_digits():
+def test_defaults_are_birder_supernet_digits():
     run = validate(_compose())
     assert (run.compression.name, run.compression.collective, run.optim.name) == ("birder", "two_phase", "birder")
-    assert (run.model["name"], run.data.name, run.trainer.resume) == ("mlp", "digits", "auto")
+    assert (run.model["name"], run.data.name, run.trainer.resume) == ("ofa_cnn", "digits", "auto")
 
 
 @pytest.mark.parametrize("collective", ["allgather", "two_phase", "hierarchical"])

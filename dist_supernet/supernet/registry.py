@@ -1,0 +1,72 @@
+"""The supernets as model families of the training application (``model=ofa_cnn``, ``model=elastic_vit``).
+
+Imported on demand by ``dist_supernet.models`` (it is listed in
+``MODEL_PLUGINS``), so ``import dist_supernet.models`` stays light and this
+package depends on ``models``, never the other way round.
+
+- ``ofa_cnn``, ``elastic_vit``: the weight-sharing supernets, registered with
+  ``supernet=True`` so that the entry point trains them with ``SupernetTrainer``;
+- ``subnet``: ONE fixed architecture of a supernet as a plain module, trained
+  alone (the standalone baseline of ``benchmarks/supernet_vs_standalone.py``).
+  Its weights are those of a freshly initialised supernet, sliced by
+  ``export_subnet``, so a standalone run starts where the supernet's slice does.
+
+Example::
+    >>> from dist_supernet.models import build_model, is_supernet
+    >>> net = build_model({"name": "subnet", "arch": "min", "space": {"name": "ofa_cnn"}}, 1, 8, 10)
+    >>> net(torch.zeros(2, 1, 8, 8)).shape, is_supernet("ofa_cnn"), is_supernet("subnet")
+    (torch.Size([2, 10]), True, False)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch  # noqa: F401  (used by the doctest above)
+from torch import nn
+
+from dist_supernet.models import register_model
+from dist_supernet.supernet import build_supernet, export_subnet
+from dist_supernet.supernet.config import to_plain
+from dist_supernet.supernet.space import Supernet
+
+
+@register_model("ofa_cnn", supernet=True)
+def build_ofa_cnn(cfg: Mapping, in_channels: int, image_size: int, num_classes: int) -> Supernet:
+    return build_supernet(cfg, in_channels, image_size, num_classes)
+
+
+@register_model("elastic_vit", supernet=True)
+def build_elastic_vit(cfg: Mapping, in_channels: int, image_size: int, num_classes: int) -> Supernet:
+    return build_supernet(cfg, in_channels, image_size, num_classes)
+
+
+def resolve_arch(space: Supernet, arch, key: str = "model.arch") -> dict:
+    """``"max"``, ``"min"`` or an arch dict (as written in ``subnets.json``) -> a validated arch of ``space``."""
+    if arch == "max":
+        return space.max_arch()
+    if arch == "min":
+        return space.min_arch()
+    if isinstance(arch, Mapping):
+        try:
+            return space.validate_arch(to_plain(arch))
+        except ValueError as e:
+            raise ValueError(f"{key}: {e}") from None
+    raise ValueError(f"{key}={arch!r}: expected max, min or an arch dict")
+
+
+@register_model("subnet")
+def build_standalone_subnet(cfg: Mapping, in_channels: int, image_size: int, num_classes: int) -> nn.Module:
+    """Keys: ``arch`` (max | min | arch dict) and ``space`` (a supernet model config, e.g. ``{name: ofa_cnn}``)."""
+    cfg = to_plain(cfg)
+    unknown = sorted(set(cfg) - {"name", "arch", "space"})
+    if unknown:
+        raise ValueError(f"model.{unknown[0]}={cfg[unknown[0]]!r}: unknown key for subnet; expected arch, space")
+    space_cfg = cfg.get("space") or {}
+    if not isinstance(space_cfg, Mapping) or space_cfg.get("name") not in ("ofa_cnn", "elastic_vit"):
+        raise ValueError(f"model.space={space_cfg!r}: expected a supernet model config, e.g. {{name: ofa_cnn}}")
+    space = build_supernet(space_cfg, in_channels, image_size, num_classes)
+    return export_subnet(space, resolve_arch(space, cfg.get("arch", "max")))
+
+
+__all__ = ["build_elastic_vit", "build_ofa_cnn", "build_standalone_subnet", "resolve_arch"]
