@@ -29,7 +29,6 @@ step, ``_finish`` searches and reports subnets (``supernet_report``).
 from __future__ import annotations
 
 import contextlib
-import logging
 from pathlib import Path
 
 import torch
@@ -48,8 +47,6 @@ from dist_supernet.supernet import (
 from dist_supernet.train.config import ConfigError
 from dist_supernet.train.supernet_report import SubnetEvaluator, search_and_report
 from dist_supernet.train.trainer import Trainer
-
-log = logging.getLogger(__name__)
 
 _MASK_CACHE_SIZE = 64  # flat masks of recent archs; max and min recur every sandwich step
 
@@ -72,17 +69,16 @@ class SupernetTrainer(Trainer):
         self._mask_cache: dict[str, torch.Tensor] = {}
         self.report: dict | None = None
         super().__init__(cfg, output_dir)
+        recal = self.scfg.get("bn_recalibration") or {}
         self.evaluator = SubnetEvaluator(self.model, self.data, batch_size=self.cfg.trainer.batch_size,
-                                         num_batches=self.scfg["bn_recalibration"].get("num_batches", 20),
-                                         seed=self.cfg.trainer.seed, device=self.device)
+                                         num_batches=recal.get("num_batches", 20), seed=self.cfg.trainer.seed,
+                                         device=self.device)
 
     # -- hooks ---------------------------------------------------------------------------
 
     def setup_model(self, model: torch.nn.Module) -> None:
         assert isinstance(model, Supernet), f"model {self.cfg.model['name']} is registered as a supernet"
         self.scfg = check_supernet_config(self._supernet_cfg, model)  # ValueError naming supernet.<key>
-        self.scfg.setdefault("bn_recalibration", {})
-        self.scfg["bn_recalibration"] = self.scfg["bn_recalibration"] or {}
         self.arch_sampler = build_sampler(self.scfg.get("sampler") or {}, model, seed=self.cfg.trainer.seed)
         distill = self.scfg.get("distillation") or {}
         self.distill_weight = float(distill.get("weight", 1.0))
