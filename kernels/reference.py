@@ -1,30 +1,43 @@
-"""Pure-torch reference of every Birder kernel.
+"""Pure-torch reference of every Birder kernel: the contract, and the fallback path.
 
-This file is the contract: the Triton kernels in this package must produce the
-same bits (and the same m, b within fp32 rounding) as the functions here. It is
-also the CPU hot path, so every function is vectorised over the whole bucket.
+Every compiled backend of this package (numba on CPU, Triton on CUDA) must
+produce the same bits, the same m and b and the same updated parameters as
+the functions here, bit for bit. The rounding is therefore fixed: every
+product and sum below is rounded to float32 on its own (no fused
+multiply-add), and ``beta``, ``1 - beta``, ``lr`` and ``weight_decay`` enter
+as float32 constants. See docs/kernels.md for the contract in prose.
 
 Legend (shape suffixes used below)
-    D  number of elements in a flat bucket (or chunk)
+    D  number of elements in a flat chunk (a DDP bucket, or all parameters)
     B  number of bytes holding D bits, ceil(D / 8)
+    P  number of parameter segments in a chunk
+    T  number of elements of the whole model (the canonical state m_T, b_T, mask_T)
+    C  number of elements of a collective's chunk (requantize; C = 8 * Cb)
     N  number of packed rows (ranks, nodes) being reduced
     K  number of bit planes used to encode an exact count, ceil(log2(N + 1))
+    R  number of chunk rows in a planes payload ([R, K, Cb])
+
+Index map of a chunk (no per-element index tensor exists in memory)
+    seg_starts int64 [P + 1]: chunk-local start of each segment, seg_starts[0] = 0, seg_starts[P] = D;
+    seg_canon  int64 [P]: canonical index of each segment's first element;
+    canon(j) = seg_canon[s] + (j - seg_starts[s]) for seg_starts[s] <= j < seg_starts[s + 1].
+    Segments may be empty. Canonical indices are 64-bit.
 
 Bit layout
     element i lives in byte i // 8, bit i % 8 (least significant bit first);
     bit 1 means +1 and bit 0 means -1. Padding bits past D are 0. Counts of N
-    rows are stored as K bit planes: plane j is the packed bit array of bit j
+    rows are stored as K bit planes: plane k is the packed bit array of bit k
     of every count.
 
 Random draws
-    A counter-based hash, not a stateful generator: the uniform for element i
-    is a function of (seed, index[i]) only, where index is the element's
-    position in the whole model (its "canonical index"). The draw therefore
-    does not depend on how DDP groups parameters into buckets (DDP rebuilds
-    its buckets after the first iteration, and again after every resume), and
-    the torch and Triton paths produce identical bits for identical inputs.
-    The hash is two rounds of Chris Wellons' lowbias32 finaliser with the two
-    32-bit halves of the seed mixed in; the top 24 bits make the uniform.
+    A counter-based hash, not a stateful generator: the uniform for element j
+    is a function of (seed, canon(j)) only, so the draw does not depend on
+    how DDP groups parameters into buckets (DDP rebuilds its buckets after the
+    first iteration, and again after every resume). The hash is two rounds of
+    Chris Wellons' lowbias32 finaliser with the two 32-bit halves of the seed
+    mixed in, plus a third round with the high 32 bits of the index when they
+    are not 0 (so indices below 2**32 keep the bits they always had); the top
+    24 bits make the uniform.
 """
 
 import torch
@@ -46,6 +59,11 @@ def num_bytes(numel: int) -> int:
 def count_bits(num_rows: int) -> int:
     """Bit planes needed for an exact count in [0, num_rows]: ceil(log2(num_rows + 1))."""
     return max(1, int(num_rows).bit_length())
+
+
+def as_float32(value: float) -> float:
+    """``value`` rounded to the nearest float32 (as a Python float): how every scalar enters a kernel."""
+    return float(torch.tensor(float(value), dtype=torch.float32))
 
 
 def _to_int32(value: int) -> int:
@@ -73,26 +91,43 @@ def _mix32_(x: torch.Tensor) -> torch.Tensor:
 def uniform(index: torch.Tensor, seed: int) -> torch.Tensor:
     """Uniform float32 in [0, 1) for each canonical index, keyed by a 64-bit seed.
 
-    u = (h >> 8) / 2**24 with h = lowbias32(lowbias32(index ^ seed_lo) ^ seed_hi)
-    in uint32 arithmetic.
+    In uint32 arithmetic, with i the index and lo32 / hi32 its two halves:
+    x = lowbias32(lowbias32(lo32(i) ^ seed_lo) ^ seed_hi), then, only where
+    hi32(i) != 0, x = lowbias32(x ^ hi32(i)); u = (x >> 8) / 2**24.
+    int64 indices are 64-bit two's complement; int32 (or narrower) indices
+    are read as their uint32 bits (hi32 = 0), as they always were.
 
     Example::
-        >>> u = uniform(torch.arange(4, dtype=torch.int32), seed=7)
+        >>> u = uniform(torch.arange(4), seed=7)
         >>> bool(((u >= 0) & (u < 1)).all())
         True
+        >>> bool(uniform(torch.tensor([2**32 + 3]), 7) != uniform(torch.tensor([3]), 7))
+        True
     """
-    x = index.to(torch.int32, copy=True)
+    x = index.to(torch.int32, copy=True)  # int64 -> int32 keeps the low 32 bits
     x ^= _to_int32(seed)
     _mix32_(x)
     x ^= _to_int32(seed >> 32)
     _mix32_(x)
+    if index.dtype == torch.int64 and index.numel():
+        high = (index >> 32).to(torch.int32)
+        # On CPU skip the third round when no index needs it (a host read is free there);
+        # on CUDA always compute it rather than sync the host.
+        if index.is_cuda or bool((high != 0).any()):
+            extra = _mix32_(x ^ high)
+            x = torch.where(high != 0, extra, x)
     x >>= 32 - UNIFORM_BITS
     x &= (1 << UNIFORM_BITS) - 1
     return x.to(torch.float32).mul_(1.0 / (1 << UNIFORM_BITS))
 
 
 def pack_bits(bits_D: torch.Tensor) -> torch.Tensor:
-    """Pack a bool (or 0/1) vector into uint8, LSB first; padding bits are 0."""
+    """Pack a bool (or 0/1) vector into uint8, LSB first; padding bits are 0.
+
+    Example::
+        >>> pack_bits(torch.tensor([True, False, True])).tolist()
+        [5]
+    """
     numel = bits_D.numel()
     padded = torch.zeros(num_bytes(numel) * 8, dtype=torch.uint8, device=bits_D.device)
     padded[:numel] = bits_D.reshape(-1)
@@ -108,70 +143,185 @@ def pack_bits(bits_D: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_bits(packed_NB: torch.Tensor, numel: int) -> torch.Tensor:
-    """Inverse of :func:`pack_bits` for one or more rows: uint8 [..., B] -> uint8 0/1 [..., numel]."""
+    """Inverse of :func:`pack_bits` for one or more rows: uint8 [..., B] -> uint8 0/1 [..., numel].
+
+    Example::
+        >>> unpack_bits(torch.tensor([5], dtype=torch.uint8), 3).tolist()
+        [1, 0, 1]
+    """
     shifts = _BIT_SHIFTS.to(packed_NB.device)
     bits = (packed_NB.unsqueeze(-1) >> shifts) & 1
     return bits.flatten(-2)[..., :numel]
 
 
+def check_index_map(seg_starts: torch.Tensor, seg_canon: torch.Tensor) -> int:
+    """Validate the dtypes and shapes of a chunk's index map (no host sync); returns P."""
+    if seg_starts.dtype != torch.int64 or seg_canon.dtype != torch.int64:
+        raise ValueError(f"seg_starts dtype={seg_starts.dtype}, seg_canon dtype={seg_canon.dtype}: expected torch.int64")
+    if seg_starts.dim() != 1 or seg_canon.dim() != 1 or seg_starts.numel() != seg_canon.numel() + 1:
+        raise ValueError(
+            f"seg_starts shape={list(seg_starts.shape)}, seg_canon shape={list(seg_canon.shape)}: expected [P + 1] and [P]"
+        )
+    return seg_canon.numel()
+
+
+def index_map(numels, canon_starts=None, *, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (seg_starts, seg_canon) of a chunk made of segments with these numels.
+
+    canon_starts: canonical index of each segment's first element; default:
+    the segments are consecutive in canonical order from 0.
+
+    Example::
+        >>> starts, canon = index_map([3, 0, 2], [10, 13, 2**32])
+        >>> starts.tolist(), canon.tolist()
+        ([0, 3, 3, 5], [10, 13, 4294967296])
+    """
+    numels = [int(n) for n in numels]
+    starts = [0]
+    for n in numels:
+        starts.append(starts[-1] + n)
+    if canon_starts is None:
+        canon_starts = starts[:-1]
+    if len(canon_starts) != len(numels):
+        raise ValueError(f"canon_starts has {len(canon_starts)} entries, expected one per segment ({len(numels)})")
+    return (
+        torch.tensor(starts, dtype=torch.int64, device=device),
+        torch.tensor([int(c) for c in canon_starts], dtype=torch.int64, device=device),
+    )
+
+
+def canonical_index(
+    seg_starts: torch.Tensor, seg_canon: torch.Tensor, first: int, count: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """canon(j) and the segment s of j for the chunk positions j in [first, first + count).
+
+    Returns (int64 [count], int64 [count]). Positions at or past D (padding) fall in
+    the last segment, so their index is some int64 (the callers' bits are 0 there).
+    The only per-element index tensors of the package: the reference materialises them,
+    the compiled backends do not.
+    """
+    num_segments = check_index_map(seg_starts, seg_canon)
+    j = torch.arange(int(first), int(first) + int(count), dtype=torch.int64, device=seg_starts.device)
+    if num_segments == 0:
+        return j, torch.zeros_like(j)
+    # right=True: of several segments starting at j (empty ones, then the one holding j), the last.
+    seg = (torch.searchsorted(seg_starts[:num_segments].contiguous(), j, right=True) - 1).clamp_(min=0)
+    return seg_canon[seg] + (j - seg_starts[seg]), seg
+
+
+def _active(state, seg, mask_T, used_P):
+    """active(j) as a bool tensor, or None when every element is active."""
+    active = None
+    if mask_T is not None:
+        active = mask_T[state]
+        if active.dtype != torch.bool:
+            active = active != 0
+    if used_P is not None:
+        used = used_P[seg] != 0
+        active = used if active is None else active & used
+    return active
+
+
 def compress(
-    g: torch.Tensor,
-    m: torch.Tensor,
-    b: torch.Tensor,
-    index: torch.Tensor,
+    g_D: torch.Tensor,
+    m_T: torch.Tensor,
+    b_T: torch.Tensor,
+    seg_starts: torch.Tensor,
+    seg_canon: torch.Tensor,
     *,
     beta: float,
     seed: int,
-    mask: torch.Tensor | None = None,
+    mask_T: torch.Tensor | None = None,
+    used_P: torch.Tensor | None = None,
     amsgrad: bool = False,
+    flag: torch.Tensor | None = None,
+    state_offset: int = 0,
 ) -> torch.Tensor:
-    """Birder's per-worker step: update m and b in place, binary-randomise m / b, pack.
+    """Birder's per-worker step on one chunk: update m and b in place, binary-randomise m / b, pack.
 
-    g: gradient [D] (any float dtype), m, b: fp32 state [D], index: int32
-    canonical indices [D], mask: bool [D] (True = received a gradient) or None.
-    Masked-out elements keep m and b and produce bit 0 (decoders zero them).
-    Returns uint8 [B].
+    g_D: gradient [D] (fp32, bf16 or fp16); m_T, b_T: fp32 canonical state,
+    read and written at canon(j) - state_offset (state_offset is 0 when m_T
+    holds the whole model; tests use it to reach canonical indices past 2**32
+    without allocating them); mask_T: bool [T] (True = received a gradient) or
+    None; used_P: uint8/bool [P] or None; flag: uint8 [1] or None.
+
+    For active and finite elements: m = fl(fl(beta m) + fl((1 - beta) g)),
+    b = fl(fl(beta b) + fl((1 - beta) |g|)) (max with the old b if amsgrad);
+    all other elements keep m and b. r = m / b (0 where b <= 0); bit j is 1 iff
+    j is active, g[j] is finite and uniform(canon(j), seed) < (1 + r) / 2.
+    flag[0] is set to 1 (never cleared) when an active g is not finite.
+    Returns uint8 [B], padding bits 0.
 
     Example::
         >>> g = torch.tensor([1.0, -2.0, 0.0]); m = torch.zeros(3); b = torch.zeros(3)
-        >>> bits = compress(g, m, b, torch.arange(3, dtype=torch.int32), beta=0.9, seed=0)
+        >>> starts, canon = index_map([3])
+        >>> bits = compress(g, m, b, starts, canon, beta=0.9, seed=0)
         >>> unpack_bits(bits, 3).tolist()[:2]   # |r| = 1: deterministic
         [1, 0]
     """
-    g = g.to(torch.float32)
-    if mask is None:
-        m.mul_(beta).add_(g, alpha=1.0 - beta)
-        if amsgrad:
-            torch.maximum(b, b * beta + g.abs() * (1.0 - beta), out=b)
-        else:
-            b.mul_(beta).add_(g.abs(), alpha=1.0 - beta)
-    else:
-        m.copy_(torch.where(mask, m * beta + g * (1.0 - beta), m))
-        b_new = b * beta + g.abs() * (1.0 - beta)
-        if amsgrad:
-            b_new = torch.maximum(b, b_new)
-        b.copy_(torch.where(mask, b_new, b))
-    return quantize(m, b, index, seed=seed, mask=mask)
-
-
-def quantize(
-    m: torch.Tensor,
-    b: torch.Tensor,
-    index: torch.Tensor,
-    *,
-    seed: int,
-    mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Binary randomisation of r = m / b (r = 0 where b <= 0): bit 1 with probability (1 + r) / 2."""
-    probability = torch.div(m, b).masked_fill_(b <= 0, 0.0).add_(1.0).mul_(0.5)
-    bits = uniform(index, seed) < probability
-    if mask is not None:
-        bits &= mask
+    numel = g_D.numel()
+    canon, seg = canonical_index(seg_starts, seg_canon, 0, numel)
+    state = canon - int(state_offset) if state_offset else canon
+    g = g_D.reshape(-1).to(torch.float32)
+    beta_f, one_minus_beta_f = as_float32(beta), as_float32(1.0 - float(beta))
+    m, b = m_T[state], b_T[state]
+    active = _active(state, seg, mask_T, used_P)
+    finite = torch.isfinite(g)
+    update = finite if active is None else finite & active
+    # Each product rounded on its own, then the sum: the contract's two-rounding form.
+    m_new = m * beta_f + g * one_minus_beta_f
+    b_new = b * beta_f + g.abs() * one_minus_beta_f
+    if amsgrad:
+        b_new = torch.maximum(b, b_new)
+    m = torch.where(update, m_new, m)
+    b = torch.where(update, b_new, b)
+    m_T[state] = m
+    b_T[state] = b
+    if flag is not None:
+        bad = ~finite if active is None else active & ~finite
+        flag.bitwise_or_(bad.any().to(torch.uint8))
+    # r = 0 where b <= 0; a NaN b (corrupt state) gives a NaN probability, so bit 0.
+    ratio = torch.where(b <= 0, torch.zeros_like(m), m / b)
+    probability = (ratio + 1.0) * 0.5
+    bits = update & (uniform(canon, seed) < probability)
     return pack_bits(bits)
 
 
+def requantize(
+    counts_C: torch.Tensor,
+    num_rows: int,
+    seg_starts: torch.Tensor,
+    seg_canon: torch.Tensor,
+    first: int,
+    *,
+    seed: int,
+) -> torch.Tensor:
+    """Exact counts in [0, N] -> 1 bit each: bit i is 1 iff uniform(canon(first + i), seed) < count / N.
+
+    counts_C: integer [C], the counts of chunk positions first .. first + C - 1
+    (positions at or past D are padding with count 0, so bit 0). Unbiased for
+    the mean. Returns uint8 [ceil(C / 8)].
+
+    Example::
+        >>> starts, canon = index_map([3])
+        >>> bits = requantize(torch.tensor([4, 0, 2]), 4, starts, canon, 0, seed=3)
+        >>> unpack_bits(bits, 3).tolist()[:2]   # count 0 or N: deterministic
+        [1, 0]
+    """
+    if num_rows <= 0:
+        raise ValueError(f"num_rows={num_rows}: expected at least one counted row")
+    canon, _ = canonical_index(seg_starts, seg_canon, first, counts_C.numel())
+    probability = counts_C.reshape(-1).to(torch.float32) / num_rows
+    return pack_bits(uniform(canon, seed) < probability)
+
+
 def unpack_counts(packed_NB: torch.Tensor, numel: int) -> torch.Tensor:
-    """Exact count of +1 bits per element over N packed rows: uint8 [N, B] -> int32 [numel]."""
+    """Exact count of +1 bits per element over N packed rows: uint8 [N, B] -> int32 [numel].
+
+    Example::
+        >>> unpack_counts(torch.tensor([[5], [1]], dtype=torch.uint8), 3).tolist()
+        [2, 0, 1]
+    """
     return unpack_bits(packed_NB, numel).sum(dim=0, dtype=torch.int32)
 
 
@@ -181,7 +331,12 @@ def unpack_mean(
     *,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Average of N rows of ±1: (2 * count - N) / N as float32 [numel]; 0 where mask is False."""
+    """Average of N rows of ±1: (2 * count - N) / N as float32 [numel]; 0 where mask is False.
+
+    Example::
+        >>> unpack_mean(torch.tensor([[5], [1]], dtype=torch.uint8), 3).tolist()
+        [1.0, -1.0, 0.0]
+    """
     num_rows = packed_NB.shape[0]
     counts = unpack_counts(packed_NB, numel)
     return counts_to_mean(counts, num_rows, mask=mask)
@@ -193,7 +348,12 @@ def counts_to_mean(
     *,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(2 * count - N) / N as float32; 0 where mask is False."""
+    """(2 * count - N) / N as float32 (one rounding: 2 * count - N is exact); 0 where mask is False.
+
+    Example::
+        >>> counts_to_mean(torch.tensor([0, 1, 2]), 2).tolist()
+        [-1.0, 0.0, 1.0]
+    """
     mean = (counts * 2 - num_rows).to(torch.float32) / num_rows
     if mask is not None:
         mean = torch.where(mask, mean, torch.zeros_like(mean))
@@ -201,31 +361,29 @@ def counts_to_mean(
 
 
 def pack_counts(counts_D: torch.Tensor, num_planes: int) -> torch.Tensor:
-    """Counts in [0, 2**K) -> K bit planes: int [D] -> uint8 [K, B]."""
+    """Counts in [0, 2**K) -> K bit planes: int [D] -> uint8 [K, B].
+
+    Example::
+        >>> pack_counts(torch.tensor([3, 0, 2]), 2).tolist()
+        [[1], [5]]
+    """
     planes = [pack_bits((counts_D >> plane) & 1) for plane in range(num_planes)]
     return torch.stack(planes) if planes else counts_D.new_zeros((0, num_bytes(counts_D.numel())), dtype=torch.uint8)
 
 
 def unpack_planes(planes_KB: torch.Tensor, numel: int) -> torch.Tensor:
-    """Inverse of :func:`pack_counts` for [..., K, B] -> int32 [..., numel]."""
+    """Inverse of :func:`pack_counts` for [..., K, B] -> int32 [..., numel].
+
+    Example::
+        >>> unpack_planes(torch.tensor([[1], [5]], dtype=torch.uint8), 3).tolist()
+        [3, 0, 2]
+    """
     num_planes = planes_KB.shape[-2]
     bits = unpack_bits(planes_KB, numel)  # uint8 [..., K, numel]
     counts = bits.select(-2, 0).to(torch.int32)
     for plane in range(1, num_planes):
         counts += bits.select(-2, plane).to(torch.int32) << plane
     return counts
-
-
-def requantize(
-    counts: torch.Tensor,
-    num_rows: int,
-    index: torch.Tensor,
-    *,
-    seed: int,
-) -> torch.Tensor:
-    """Exact counts in [0, N] -> 1 bit each: bit 1 with probability count / N (unbiased for the mean)."""
-    probability = counts.to(torch.float32) / num_rows
-    return pack_bits(uniform(index, seed) < probability)
 
 
 def apply_update_(
@@ -236,33 +394,106 @@ def apply_update_(
     weight_decay: float,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x -= lr * (update + weight_decay * x) in place; elements where mask is False do not move."""
-    step = update.to(x.dtype)
+    """x -= lr * (update + weight_decay * x) in place; elements where mask is False do not move.
+
+    In float32 whatever x's dtype, each product rounded on its own (no fma):
+    s = update + fl(wd x) (the product is skipped when weight_decay == 0),
+    x = fl(x - fl(lr s)), rounded once to x's dtype at the store. update and
+    mask have x's number of elements, in x's logical order.
+
+    Example::
+        >>> apply_update_(torch.ones(3), torch.tensor([1.0, -1.0, 0.0]), lr=0.5, weight_decay=0.0).tolist()
+        [0.5, 1.5, 1.0]
+    """
+    x32 = x.to(torch.float32)
+    step = update.reshape(x.shape).to(torch.float32)
     if weight_decay != 0.0:
-        step = step + x * weight_decay
+        step = step + x32 * as_float32(weight_decay)
+    new = x32 - step * as_float32(lr)
     if mask is not None:
-        step = torch.where(mask, step, torch.zeros_like(step))
-    return x.sub_(step, alpha=lr)
+        new = torch.where(mask.reshape(x.shape), new, x32)
+    return x.copy_(new)
+
+
+def payload_counts(payload: torch.Tensor, *, planes: bool, numel: int) -> torch.Tensor:
+    """int32 [numel] exact counts of a chunk's packed result: N rows of bits, or [R, K, Cb] planes."""
+    if planes:
+        if payload.dim() != 3 or payload.dtype != torch.uint8:
+            raise ValueError(f"payload: expected uint8 [R, K, Cb] with planes=True, got {payload.dtype} {list(payload.shape)}")
+        rows, _, row_bytes = payload.shape
+        if rows * row_bytes * 8 < numel:
+            raise ValueError(f"payload holds {rows * row_bytes * 8} elements, too few for numel={numel}")
+        return unpack_planes(payload, row_bytes * 8).reshape(-1)[:numel]
+    if payload.dim() != 2 or payload.dtype != torch.uint8:
+        raise ValueError(f"payload: expected uint8 [N, B] with planes=False, got {payload.dtype} {list(payload.shape)}")
+    if payload.shape[1] * 8 < numel:
+        raise ValueError(f"payload has {payload.shape[1]} bytes per row, too few for numel={numel}")
+    return unpack_counts(payload, numel)
+
+
+def check_segment_params(xs, seg_starts: torch.Tensor) -> list[int]:
+    """The host copy of seg_starts, after checking that xs[s] has seg_starts[s + 1] - seg_starts[s] elements."""
+    starts = seg_starts.tolist()
+    if len(xs) != len(starts) - 1:
+        raise ValueError(f"xs has {len(xs)} tensors, expected one per segment ({len(starts) - 1})")
+    for s, x in enumerate(xs):
+        if x.numel() != starts[s + 1] - starts[s]:
+            raise ValueError(f"xs[{s}] has {x.numel()} elements, its segment {starts[s + 1] - starts[s]}")
+    return starts
 
 
 def apply_packed_(
-    x: torch.Tensor,
-    packed_NB: torch.Tensor,
+    xs,
+    seg_starts: torch.Tensor,
+    seg_canon: torch.Tensor,
+    payload: torch.Tensor,
     *,
-    lr: float,
-    weight_decay: float,
-    mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """:func:`unpack_mean` of N packed rows then :func:`apply_update_`, in place on x.
+    planes: bool,
+    num_rows: int,
+    lr_P: torch.Tensor,
+    wd_P: torch.Tensor,
+    mask_T: torch.Tensor | None = None,
+    used_P: torch.Tensor | None = None,
+    state_offset: int = 0,
+) -> None:
+    """Fused decode-and-apply of one chunk: x -= lr * (mean + wd * x) for every active element.
 
-    mask (bool, flat or shaped like x): elements where it is False do not move.
+    xs: the P parameter tensors of the chunk (any shape, dtype and memory
+    format; element j is xs[s].reshape(-1)[j - seg_starts[s]]), updated in
+    place. payload: uint8 [N, B'] rows of bits (planes=False; count(j) = set
+    bits j over the rows) or uint8 [R, K, Cb] exact-count planes (planes=True;
+    C = 8 Cb elements per row, count(j) = sum_k bit(payload[j // C, k], j % C) << k).
+    mean(j) = float32(2 count(j) - num_rows) / num_rows; lr_P, wd_P: float32 [P].
+    For active elements (mask_T[canon(j) - state_offset] and used_P[s], as in
+    :func:`compress`): t = fl(wd x); s = fl(mean + t); x = fl(x - fl(lr s)) in
+    float32, stored in x's dtype. Inactive elements do not move.
 
     Example::
-        >>> x = torch.ones(3); rows = torch.stack([pack_bits(torch.tensor([1, 0, 1]))] * 2)
-        >>> apply_packed_(x, rows, lr=0.5, weight_decay=0.0).tolist()
-        [0.5, 1.5, 0.5]
+        >>> xs = [torch.ones(2), torch.ones(1)]; starts, canon = index_map([2, 1])
+        >>> rows = torch.stack([pack_bits(torch.tensor([1, 0, 1]))] * 2)
+        >>> lr, wd = torch.tensor([0.5, 0.25]), torch.zeros(2)
+        >>> apply_packed_(xs, starts, canon, rows, planes=False, num_rows=2, lr_P=lr, wd_P=wd)
+        >>> xs[0].tolist(), xs[1].tolist()
+        ([0.5, 1.5], [0.75])
     """
-    flat_mask = None if mask is None else mask.reshape(-1)
-    update = unpack_mean(packed_NB, x.numel(), mask=flat_mask).view(x.shape)
-    shaped_mask = None if mask is None else mask.reshape(x.shape)
-    return apply_update_(x, update, lr=lr, weight_decay=weight_decay, mask=shaped_mask)
+    check_index_map(seg_starts, seg_canon)
+    starts = check_segment_params(xs, seg_starts)
+    counts = payload_counts(payload, planes=planes, numel=starts[-1])
+    mean = (counts * 2 - num_rows).to(torch.float32) / num_rows
+    canon = seg_canon.tolist()
+    for s, x in enumerate(xs):
+        lo, hi = starts[s], starts[s + 1]
+        if hi == lo:
+            continue
+        x32 = x.reshape(-1).to(torch.float32)
+        new = x32 - (mean[lo:hi] + x32 * wd_P[s]) * lr_P[s]
+        active = None
+        if mask_T is not None:
+            first = canon[s] - int(state_offset)
+            active = mask_T[first : first + hi - lo] != 0
+        if used_P is not None:
+            used = used_P[s] != 0
+            active = used if active is None else active & used
+        if active is not None:
+            new = torch.where(active, new, x32)
+        x.copy_(new.view(x.shape))
