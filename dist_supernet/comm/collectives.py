@@ -1,50 +1,97 @@
-"""1-bit collectives: every rank's packed ±1 bits in, the average over ranks (ū) out.
+"""1-bit collectives: every rank's packed ±1 bits in, the packed sum over ranks out.
 
 Legend
-    D  elements in the bucket, B = ceil(D / 8) packed bytes
+    D  elements in the chunk (a DDP bucket), B = ceil(D / 8) packed bytes
     n  world size; L ranks per node; N nodes (n = L * N)
     C  elements in one rank's chunk (a multiple of 8), Cb = C / 8 bytes
     K  bit planes of an exact count, ceil(log2(rows + 1))
 
-All three return identical ū on every rank and are called from one thread per
-rank in the same order on every rank (the Birder hook's worker). They count
-their own wire bytes (see :mod:`dist_supernet.comm.stats`).
+Every collective returns a :class:`Packed` result, the same on every rank:
+either ``rows`` (uint8 [R, B'], the count of element j is the number of rows
+with bit j set) or ``planes`` (uint8 [R, K, Cb], element j's exact count in K
+bit planes of row j // C), and ``num_rows``, the denominator of the mean
+ū = (2·count - num_rows) / num_rows. The optimizer decodes it straight into the
+update (``kernels.apply_packed_``): ū never exists as a float tensor on the
+hot path. :meth:`Packed.mean` decodes to floats for tests and tools.
 
-- ``allgather``: all-gather every rank's D bits and average exactly.
+They are called from one thread per rank in the same order on every rank (the
+Birder hook's worker) and count their own wire bytes
+(:mod:`dist_supernet.comm.stats`). Random stages draw from a counter-based hash
+of the element's canonical index (an index map ``(seg_starts, seg_canon)``,
+see ``kernels``), so the bits do not depend on DDP's bucket layout.
+
+- ``allgather``: all-gather every rank's D bits; exact.
 - ``two_phase``: all-to-all of 1-bit chunks, each owner counts its chunk
   exactly, then all-gather of the chunk results: exact counts in K bit planes,
   or (``requantize``) one binary-randomised bit per element.
 - ``hierarchical``: Birder's hierarchical 1-bit all-reduce. Exact count inside
   the node (all-to-all over the fast link), binary-randomised re-quantisation
-  of the node average to 1 bit, all-gather of that bit between the ranks with
-  the same local rank on every node (the only inter-node traffic, about
-  (N - 1) * D / L bits per rank), then an intra-node all-gather of the exact
-  inter-node counts.
+  of the node average to 1 bit, then between the ranks with the same local
+  rank on every node either (``inter_node="reduce_scatter"``) an all-to-all of
+  1-bit sub-chunks, an exact count over the nodes per owner, one re-quantised
+  bit and an all-gather of it — about 2·(N-1)/N bits per element per node
+  across the node boundary at any N — or (``inter_node="allgather"``) an
+  all-gather of every node's bit — (N-1) bits per element per node, exact
+  over nodes, one round. ``auto`` picks ``allgather`` at N <= 2 (the same
+  bytes, one round fewer, no second re-quantisation) and ``reduce_scatter``
+  beyond. Last, an intra-node all-gather of the owners' results.
 """
+
+import dataclasses
 
 import torch
 import torch.distributed as dist
 
 import kernels
 from dist_supernet.comm.seeding import mix_seed
-from dist_supernet.comm.stats import WireBytes, all_gather_bytes, all_to_all_bytes
+from dist_supernet.comm.stats import WireBytes, all_gather_bytes, all_reduce_bytes, all_to_all_bytes
 from dist_supernet.comm.topology import CommGroups, Topology
 
 # torch 2.13 renamed all_gather_into_tensor; keep working on the older releases setup.py admits.
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
-# Seed streams of the random stages; the compress stage uses 0 (see optim.hook).
+# Seed streams of the random stages; the compress stage uses 0 (see optim.compressor).
 STAGE_REQUANTIZE = 1
+STAGE_REQUANTIZE_INTER = 2
+
+INTER_NODE_FORMS = ("auto", "allgather", "reduce_scatter")
 
 
 class CollectiveError(RuntimeError):
     """A collective stage failed (peer gone, timeout); names the stage and the rank."""
 
 
-def chunk_elems(numel: int, parts: int) -> int:
-    """Elements per chunk when splitting ``numel`` into ``parts`` byte-aligned chunks."""
+@dataclasses.dataclass
+class Packed:
+    """The packed result of a 1-bit collective (see the module docstring)."""
+
+    payload: torch.Tensor  # uint8 [R, B'] (rows) or [R, K, Cb] (planes)
+    planes: bool
+    num_rows: int
+
+    def counts(self, numel: int) -> torch.Tensor:
+        """Exact counts of +1 as int32 [numel] (a decode for tests and tools, not the hot path)."""
+        if self.planes:
+            rows, num_planes, chunk_bytes = self.payload.shape
+            counts = kernels.unpack_planes(self.payload, chunk_bytes * 8).reshape(-1)
+            return counts[:numel]
+        return kernels.unpack_counts(self.payload, numel)
+
+    def mean(self, numel: int) -> torch.Tensor:
+        """ū = (2·count - num_rows) / num_rows as float32 [numel]."""
+        return kernels.counts_to_mean(self.counts(numel), self.num_rows)
+
+
+def chunk_elems(numel: int, parts: int, multiple: int = 8) -> int:
+    """Elements per chunk when splitting ``numel`` into ``parts`` chunks of a multiple of ``multiple`` (>= 8)."""
     per_part = -(-numel // parts)
-    return max(8, -(-per_part // 8) * 8)
+    return max(multiple, -(-per_part // multiple) * multiple)
+
+
+def whole_chunk_map(numel: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The index map of a chunk that is one parameter at canonical offset 0: (seg_starts, seg_canon)."""
+    return (torch.tensor([0, numel], dtype=torch.int64, device=device),
+            torch.zeros(1, dtype=torch.int64, device=device))
 
 
 def _pad(tensor: torch.Tensor, size: int) -> torch.Tensor:
@@ -56,38 +103,53 @@ def _pad(tensor: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class OneBitCollective:
-    """Base: the world-size-1 path, stage error wrapping, shared helpers."""
+    """Base: the world-size-1 path, named stages, shared helpers.
+
+    Subclasses set ``name``, ``needs_node_groups`` and implement ``_reduce`` and ``_wire_bytes``.
+    """
 
     name = "base"
+    needs_node_groups = False
 
-    def __init__(self, topology: Topology, groups: CommGroups, *, requantize: bool = False):
+    def __init__(self, topology: Topology, groups: CommGroups, *, requantize: bool = False,
+                 inter_node: str = "auto"):
         self.topology = topology
         self.groups = groups
         self.requantize = requantize
+        if inter_node not in INTER_NODE_FORMS:
+            raise ValueError(f"inter_node={inter_node!r}: expected one of {', '.join(INTER_NODE_FORMS)}")
+        self.inter_node = inter_node
 
-    def reduce(self, bits_B, numel, index_D, *, seed, mask_D=None) -> torch.Tensor:
-        """Average of every rank's ±1 bits as float32 [numel] (0 where ``mask_D`` is False).
+    def reduce_packed(self, bits_B, numel, index_map, *, seed) -> Packed:
+        """The packed sum of every rank's ±1 bits for a chunk of ``numel`` elements.
 
-        ``seed`` keys the re-quantisation draws. It must be the same on every
-        rank and must not depend on the bucket layout (pass one per step).
+        ``index_map``: ``(seg_starts, seg_canon)`` of the chunk (canonical
+        indices key the re-quantisation draws). ``seed`` must be the same on
+        every rank and must not depend on the bucket layout (one per step).
         """
-        if numel == 0:
-            return torch.zeros(0, dtype=torch.float32, device=bits_B.device)
-        if self.topology.world_size == 1:
-            mean = kernels.unpack_mean(bits_B.view(1, -1), numel)
-        else:
-            mean = self._reduce(bits_B, numel, index_D, seed)
+        if self.topology.world_size == 1 or numel == 0:
+            return Packed(bits_B.view(1, -1), planes=False, num_rows=1)
+        return self._reduce(bits_B, numel, index_map, seed)
+
+    def reduce(self, bits_B, numel, index_map=None, *, seed, mask_D=None) -> torch.Tensor:
+        """:meth:`reduce_packed` decoded to ū, float32 [numel] (0 where ``mask_D`` is False). For tests and tools."""
+        if index_map is None:
+            index_map = whole_chunk_map(numel, bits_B.device)
+        mean = self.reduce_packed(bits_B, numel, index_map, seed=seed).mean(numel)
         if mask_D is not None:
             mean = mean.masked_fill_(~mask_D, 0.0)
         return mean
 
     def wire_bytes(self, numel: int) -> WireBytes:
-        """Bytes this rank sends to reduce one bucket of ``numel`` elements."""
+        """Bytes this rank sends to reduce one chunk of ``numel`` elements."""
         if numel == 0 or self.topology.world_size == 1:
             return WireBytes()
         return self._wire_bytes(numel)
 
-    def _stage(self, stage: str, where: str, fn):
+    # -- public stages (the hook's flag exchange uses them too) ---------------------------
+
+    def stage(self, stage: str, where: str, fn):
+        """Run ``fn()``; a failure (stopped peer, timeout) is re-raised naming the stage and this rank."""
         try:
             return fn()
         except Exception as error:  # re-raised with the stage named; the cause is chained
@@ -96,17 +158,25 @@ class OneBitCollective:
                 f"{self.topology.rank} of {self.topology.world_size}: {error}"
             ) from error
 
-    def _all_gather(self, stage, where, payload, num_rows, group):
+    def all_reduce_max(self, stage: str, flags: torch.Tensor) -> WireBytes:
+        """In-place MAX all-reduce of a small flag tensor over the world group; returns its wire bytes."""
+        if self.topology.world_size == 1:
+            return WireBytes()
+        self.stage(stage, "world", lambda: dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.groups.world))
+        nbytes = flags.numel() * flags.element_size()
+        return all_reduce_bytes(nbytes, list(range(self.topology.world_size)), self.topology)
+
+    def all_gather(self, stage, where, payload, num_rows, group):
         out = payload.new_empty(num_rows * payload.numel())
-        self._stage(stage, where, lambda: _all_gather_flat(out, payload, group=group))
+        self.stage(stage, where, lambda: _all_gather_flat(out, payload, group=group))
         return out
 
-    def _all_to_all(self, stage, where, payload, group):
+    def all_to_all(self, stage, where, payload, group):
         out = torch.empty_like(payload)
-        self._stage(stage, where, lambda: dist.all_to_all_single(out, payload, group=group))
+        self.stage(stage, where, lambda: dist.all_to_all_single(out, payload, group=group))
         return out
 
-    def _reduce(self, bits_B, numel, index_D, seed):
+    def _reduce(self, bits_B, numel, index_map, seed) -> Packed:
         raise NotImplementedError
 
     def _wire_bytes(self, numel):
@@ -118,10 +188,10 @@ class AllGather(OneBitCollective):
 
     name = "allgather"
 
-    def _reduce(self, bits_B, numel, index_D, seed):
+    def _reduce(self, bits_B, numel, index_map, seed):
         n = self.topology.world_size
-        rows = self._all_gather("all-gather bits", "world", bits_B, n, self.groups.world)
-        return kernels.unpack_mean(rows.view(n, -1), numel)
+        rows = self.all_gather("all-gather bits", "world", bits_B, n, self.groups.world)
+        return Packed(rows.view(n, -1), planes=False, num_rows=n)
 
     def _wire_bytes(self, numel):
         members = list(range(self.topology.world_size))
@@ -133,23 +203,21 @@ class TwoPhase(OneBitCollective):
 
     name = "two_phase"
 
-    def _reduce(self, bits_B, numel, index_D, seed):
+    def _reduce(self, bits_B, numel, index_map, seed):
         n, rank = self.topology.world_size, self.topology.rank
         chunk = chunk_elems(numel, n)
         chunk_bytes = chunk // 8
         send = _pad(bits_B, n * chunk_bytes)
-        recv = self._all_to_all("all-to-all chunks", "world", send, self.groups.world)
+        recv = self.all_to_all("all-to-all chunks", "world", send, self.groups.world)
         counts_C = kernels.unpack_counts(recv.view(n, chunk_bytes), chunk)
         if self.requantize:
-            index_C = _pad(index_D, n * chunk)[rank * chunk : (rank + 1) * chunk]
-            mine = kernels.requantize(counts_C, n, index_C, seed=mix_seed(seed, STAGE_REQUANTIZE))
-            rows = self._all_gather("all-gather requantized", "world", mine, n, self.groups.world)
-            return kernels.unpack_mean(rows.view(1, -1), n * chunk)[:numel]
+            mine = kernels.requantize(counts_C, n, *index_map, rank * chunk, seed=mix_seed(seed, STAGE_REQUANTIZE))
+            rows = self.all_gather("all-gather requantized", "world", mine, n, self.groups.world)
+            return Packed(rows.view(1, -1), planes=False, num_rows=1)
         planes = kernels.count_bits(n)
         mine = kernels.pack_counts(counts_C, planes).view(-1)
-        rows = self._all_gather("all-gather counts", "world", mine, n, self.groups.world)
-        counts = kernels.unpack_planes(rows.view(n, planes, chunk_bytes), chunk).view(-1)
-        return kernels.counts_to_mean(counts[:numel], n)
+        rows = self.all_gather("all-gather counts", "world", mine, n, self.groups.world)
+        return Packed(rows.view(n, planes, chunk_bytes), planes=True, num_rows=n)
 
     def _wire_bytes(self, numel):
         n = self.topology.world_size
@@ -162,63 +230,107 @@ class TwoPhase(OneBitCollective):
 
 
 class Hierarchical(OneBitCollective):
-    """Exact inside a node, 1 bit between nodes, exact counts all-gathered inside the node."""
+    """Exact inside a node, 1 bit between nodes (reduce-scatter or all-gather form), all-gather inside the node."""
 
     name = "hierarchical"
+    needs_node_groups = True
 
-    def _reduce(self, bits_B, numel, index_D, seed):
+    def form(self) -> str:
+        """The inter-node form used: ``allgather`` or ``reduce_scatter`` (``auto`` resolved by the node count)."""
+        if self.inter_node != "auto":
+            return self.inter_node
+        return "allgather" if self.topology.num_nodes <= 2 else "reduce_scatter"
+
+    def _chunk(self, numel):
+        topo = self.topology
+        # reduce_scatter splits each rank's chunk again into N sub-chunks of whole bytes.
+        multiple = 8 * topo.num_nodes if topo.num_nodes > 1 and self.form() == "reduce_scatter" else 8
+        return chunk_elems(numel, topo.local_world_size, multiple)
+
+    def _reduce(self, bits_B, numel, index_map, seed):
         topo = self.topology
         local, nodes = topo.local_world_size, topo.num_nodes
-        chunk = chunk_elems(numel, local)
+        chunk = self._chunk(numel)
         chunk_bytes = chunk // 8
+        lo = topo.local_rank * chunk  # chunk-local position of this rank's chunk
         send = _pad(bits_B, local * chunk_bytes)
         if local > 1:
-            recv = self._all_to_all("all-to-all chunks", "intra-node", send, self.groups.node)
+            recv = self.all_to_all("all-to-all chunks", "intra-node", send, self.groups.node)
             counts_C = kernels.unpack_counts(recv.view(local, chunk_bytes), chunk)
-        else:
-            counts_C = kernels.unpack_counts(send.view(1, chunk_bytes), chunk)
-        rows_counted = local
-        if nodes > 1:
-            if local > 1:
-                lo = topo.local_rank * chunk
-                index_C = _pad(index_D, local * chunk)[lo : lo + chunk]
-                # Nodes draw independently; the chunk owner's local rank does not enter.
-                node_bits = kernels.requantize(
-                    counts_C, local, index_C, seed=mix_seed(seed, STAGE_REQUANTIZE, topo.node_rank)
-                )
-            else:
-                node_bits = send  # one rank per node: its bit is the node average, exactly
-            rows = self._all_gather("all-gather node bits", "inter-node", node_bits, nodes, self.groups.cross)
-            counts_C = kernels.unpack_counts(rows.view(nodes, chunk_bytes), chunk)
-            rows_counted = nodes
+        if nodes == 1:  # one node: exact counts over its ranks, all-gathered inside it
+            return self._gather_in_node(kernels.pack_counts(counts_C, kernels.count_bits(local)),
+                                        planes=True, num_rows=local)
         if local > 1:
-            planes = kernels.count_bits(rows_counted)
-            mine = kernels.pack_counts(counts_C, planes).view(-1)
-            rows = self._all_gather("all-gather counts", "intra-node", mine, local, self.groups.node)
-            counts_C = kernels.unpack_planes(rows.view(local, planes, chunk_bytes), chunk).view(-1)
-        return kernels.counts_to_mean(counts_C[:numel], rows_counted)
+            # Nodes draw independently; the chunk owner's local rank does not enter.
+            node_bits = kernels.requantize(counts_C, local, *index_map, lo,
+                                           seed=mix_seed(seed, STAGE_REQUANTIZE, topo.node_rank))
+        else:
+            node_bits = send  # one rank per node: its bit is the node average, exactly
+        if self.form() == "allgather":
+            rows = self.all_gather("all-gather node bits", "inter-node", node_bits, nodes, self.groups.cross)
+            if local == 1:
+                return Packed(rows.view(nodes, chunk_bytes), planes=False, num_rows=nodes)
+            counts_C = kernels.unpack_counts(rows.view(nodes, chunk_bytes), chunk)
+            return self._gather_in_node(kernels.pack_counts(counts_C, kernels.count_bits(nodes)),
+                                        planes=True, num_rows=nodes)
+        sub = chunk // nodes
+        recv = self.all_to_all("all-to-all node sub-chunks", "inter-node", node_bits, self.groups.cross)
+        counts_S = kernels.unpack_counts(recv.view(nodes, sub // 8), sub)
+        mine = kernels.requantize(counts_S, nodes, *index_map, lo + topo.node_rank * sub,
+                                  seed=mix_seed(seed, STAGE_REQUANTIZE_INTER))
+        chunk_bits = self.all_gather("all-gather node results", "inter-node", mine, nodes, self.groups.cross)
+        return self._gather_in_node(chunk_bits.view(1, chunk_bytes), planes=False, num_rows=1)
+
+    def _gather_in_node(self, mine, *, planes, num_rows):
+        """All-gather each local owner's result ([K, Cb] planes or [1, Cb] bits) inside the node."""
+        local = self.topology.local_world_size
+        if local > 1:
+            rows = self.all_gather("all-gather results", "intra-node", mine.reshape(-1), local, self.groups.node)
+        else:
+            rows = mine
+        if planes:
+            return Packed(rows.view(local, mine.shape[0], mine.shape[1]), planes=True, num_rows=num_rows)
+        return Packed(rows.view(1, -1), planes=False, num_rows=num_rows)
 
     def _wire_bytes(self, numel):
         topo = self.topology
         local, nodes = topo.local_world_size, topo.num_nodes
-        chunk_bytes = chunk_elems(numel, local) // 8
+        chunk_bytes = self._chunk(numel) // 8
         node = topo.node_members(topo.node_rank)
+        cross = topo.cross_members(topo.local_rank)
         wire = WireBytes()
         if local > 1:
             wire += all_to_all_bytes(chunk_bytes, node, topo)
-        if nodes > 1:
-            wire += all_gather_bytes(chunk_bytes, topo.cross_members(topo.local_rank), topo)
+        if nodes > 1 and self.form() == "allgather":
+            wire += all_gather_bytes(chunk_bytes, cross, topo)
+            result_bytes = chunk_bytes * kernels.count_bits(nodes)
+        elif nodes > 1:
+            sub_bytes = chunk_bytes // nodes
+            wire += all_to_all_bytes(sub_bytes, cross, topo) + all_gather_bytes(sub_bytes, cross, topo)
+            result_bytes = chunk_bytes
+        else:
+            result_bytes = chunk_bytes * kernels.count_bits(local)
         if local > 1:
-            rows_counted = nodes if nodes > 1 else local
-            wire += all_gather_bytes(chunk_bytes * kernels.count_bits(rows_counted), node, topo)
+            wire += all_gather_bytes(result_bytes, node, topo)
         return wire
 
 
 COLLECTIVES = {cls.name: cls for cls in (AllGather, TwoPhase, Hierarchical)}
+# ``auto``: ``two_phase`` on one node, ``hierarchical`` across nodes (see resolve_collective).
+COLLECTIVE_CHOICES = ("auto", *COLLECTIVES)
 
 
-def build_collective(name: str, topology: Topology, groups: CommGroups, *, requantize: bool = False):
-    """The 1-bit collective called ``name``; ValueError naming the value if unknown."""
+def resolve_collective(name: str, topology: Topology) -> str:
+    """The collective ``name`` stands for on ``topology``: ``auto`` is two_phase on one node, else hierarchical."""
+    if name == "auto":
+        return "hierarchical" if topology.num_nodes > 1 else "two_phase"
     if name not in COLLECTIVES:
-        raise ValueError(f"collective={name!r}: expected one of {', '.join(COLLECTIVES)}")
-    return COLLECTIVES[name](topology, groups, requantize=requantize)
+        raise ValueError(f"collective={name!r}: expected one of {', '.join(COLLECTIVE_CHOICES)}")
+    return name
+
+
+def build_collective(name: str, topology: Topology, groups: CommGroups, *, requantize: bool = False,
+                     inter_node: str = "auto"):
+    """The 1-bit collective called ``name`` (``auto`` resolved); ValueError naming the value if unknown."""
+    cls = COLLECTIVES[resolve_collective(name, topology)]
+    return cls(topology, groups, requantize=requantize, inter_node=inter_node)

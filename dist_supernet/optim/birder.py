@@ -9,14 +9,18 @@ Per worker and element, fp32 ``m`` (momentum) and ``b`` (EMA of |g|):
 
 Two modes:
 
-- built from a DDP module (or after :func:`BirderDDP`): the comm hook does
-  the first four lines per bucket during backward, DDP writes ū into ``.grad``
-  and :meth:`Birder.step` applies the last line;
-- built from parameters: :meth:`step` does all of it locally on ``.grad``,
-  drawing the same bits on every rank (right when ``.grad`` is already
-  averaged by DDP's own all-reduce, fp16 or PowerSGD hooks, or with one process).
+- attached to a DDP module (``Birder(ddp_model)``, ``opt.attach(ddp_model)``
+  or :func:`BirderDDP`): the comm hook runs the first four lines per bucket
+  during backward and keeps the packed result; :meth:`Birder.step` decodes it
+  straight into the last line, one fused pass per bucket. ``.grad`` keeps
+  this rank's own gradient (see :mod:`dist_supernet.optim.hook`);
+- local (``collective=None``, or one process): :meth:`step` does all of it on
+  ``.grad``, drawing the same bits on every rank (right when ``.grad`` is
+  already averaged by DDP's own all-reduce, fp16 or PowerSGD hooks).
 """
 
+import logging
+import time
 import warnings
 
 import torch
@@ -26,65 +30,115 @@ from torch.nn.parallel import DistributedDataParallel
 import kernels
 from dist_supernet.optim.hook import BirderState, birder_hook
 
+log = logging.getLogger(__name__)
+
+_CONSOLIDATE_TIMEOUT_S = 30.0
+
 
 def _check_positive(name, value, *, allow_zero=False):
-    ok = value >= 0 if allow_zero else value > 0
-    if not isinstance(value, (int, float)) or not ok:
-        raise ValueError(f"{name}={value!r}: must be {'>= 0' if allow_zero else '> 0'}")
+    ok = isinstance(value, (int, float)) and (value >= 0 if allow_zero else value > 0)
+    if not ok or value != value or value == float("inf"):
+        raise ValueError(f"{name}={value!r}: must be a finite number {'>= 0' if allow_zero else '> 0'}")
 
 
-def BirderDDP(module, *, beta=0.9, amsgrad=False, collective="two_phase", requantize=False,
-              num_nodes=None, seed=0, timeout_s=None, skip_nonfinite=True,
-              **ddp_kwargs) -> DistributedDataParallel:
+def _hook_kwargs(beta, amsgrad, collective, requantize, num_nodes, inter_node, seed, timeout_s, skip_nonfinite):
+    return dict(beta=beta, amsgrad=amsgrad, collective=collective, requantize=requantize, num_nodes=num_nodes,
+                inter_node=inter_node, seed=seed, timeout_s=timeout_s, skip_nonfinite=skip_nonfinite)
+
+
+def _attach(ddp_model: DistributedDataParallel, state: BirderState | None, kwargs: dict) -> BirderState:
+    """Register the Birder hook on ``ddp_model``, reusing (and, if needed, re-ordering) ``state``.
+
+    The hook's canonical order is the DDP module's ``parameters()`` order (set_grad_mask tensors use it).
+    """
+    module_params = list(ddp_model.module.parameters())
+    kwargs = dict(kwargs)
+    if kwargs.get("collective") is None:
+        kwargs["collective"] = "auto"
+    may_skip = getattr(ddp_model, "find_unused_parameters", False) or getattr(ddp_model, "static_graph", False)
+    if state is not None and state.attached:
+        raise ValueError("Birder: this optimizer's state is already attached to a DDP module")
+    if state is None or [id(p) for p in state.params] != [id(p) for p in module_params]:
+        fresh = BirderState(module_params, track_unused=bool(may_skip), **kwargs)
+        if state is not None:  # an optimizer built before the wrap: carry its m, b and step over
+            for p in state.params:
+                if p in fresh.compressor.offset:
+                    views = fresh.compressor.views(p)
+                    old = state.compressor.views(p)
+                    views["m"].copy_(old["m"])
+                    views["b"].copy_(old["b"])
+            fresh.step = state.step
+            fresh.compressor.stats.load_state_dict(state.stats.state_dict())
+            state.superseded_by = fresh
+        state = fresh
+    else:
+        if state.collective is None:
+            state.compressor.connect(kwargs["collective"], requantize=kwargs["requantize"],
+                                     num_nodes=kwargs["num_nodes"], timeout_s=kwargs["timeout_s"],
+                                     inter_node=kwargs["inter_node"])
+        if may_skip:
+            state.enable_unused_tracking()
+    ddp_model.register_comm_hook(state, birder_hook)
+    state.attached = True
+    return state
+
+
+def BirderDDP(module, *, beta=0.9, amsgrad=False, collective="auto", requantize=False, num_nodes=None,
+              inter_node="auto", seed=0, timeout_s=None, skip_nonfinite=True, **ddp_kwargs) -> DistributedDataParallel:
     """DistributedDataParallel with the Birder 1-bit hook registered.
 
-    Pass the result to :class:`Birder`, which reuses the hook's state.
+    A :class:`Birder` built from the module's parameters, before or after this
+    call, uses the hook's state.
 
     Example::
         ddp_model = BirderDDP(model, collective="hierarchical", find_unused_parameters=True)
         opt = Birder(ddp_model, lr=3e-4, weight_decay=0.01)
     """
     ddp_model = DistributedDataParallel(module, **ddp_kwargs)
-    _attach_hook(ddp_model, beta=beta, amsgrad=amsgrad, collective=collective, requantize=requantize,
-                 num_nodes=num_nodes, seed=seed, timeout_s=timeout_s, skip_nonfinite=skip_nonfinite)
+    existing = BirderState.of(list(module.parameters()))
+    kwargs = _hook_kwargs(beta, amsgrad, collective, requantize, num_nodes, inter_node, seed, timeout_s,
+                          skip_nonfinite)
+    if existing is not None:  # an optimizer came first: its hyperparameters win
+        kwargs.update(beta=existing.compressor.beta, amsgrad=existing.compressor.amsgrad,
+                      seed=existing.compressor.seed, skip_nonfinite=existing.skip_nonfinite)
+    _attach(ddp_model, existing, kwargs)
     return ddp_model
-
-
-def _attach_hook(ddp_model, **kwargs) -> BirderState:
-    state = BirderState.for_ddp(ddp_model, **kwargs)
-    ddp_model.register_comm_hook(state, birder_hook)
-    ddp_model._birder_state = state
-    return state
 
 
 class Birder(torch.optim.Optimizer):
     """The Birder optimizer (a real ``torch.optim.Optimizer``: param_groups, LR schedulers, state_dict).
 
     Args:
-        params: a DDP module (registers the 1-bit hook: the one-line swap-in),
-            or parameters / param groups (local mode).
+        params: parameters, param groups (each group's own ``lr`` and
+            ``weight_decay``), a module, or a DDP module (which registers the
+            1-bit hook at once). Built before the DDP wrap, call
+            ``opt.attach(ddp_model)`` after it (or use :func:`BirderDDP`).
         lr: step size; every coordinate moves at most ``lr·(1 + wd·|x|)`` per step.
         beta: EMA factor of m and b, in [0, 1).
         weight_decay: decoupled weight decay.
         amsgrad: keep b non-decreasing (b = max(b_prev, b)).
-        collective: ``allgather``, ``two_phase`` or ``hierarchical`` (DDP mode).
+        collective: ``auto`` (two_phase on one node, hierarchical across nodes),
+            ``allgather``, ``two_phase`` or ``hierarchical``; ``None``: local mode on
+            purpose (the gradient is averaged by someone else, e.g. DDP's fp32 all-reduce).
         requantize: ``two_phase`` sends 1 re-quantised bit in its second phase.
         num_nodes: node count for ``hierarchical``; None reads torchrun's LOCAL_WORLD_SIZE.
+        inter_node: ``hierarchical``'s inter-node form: ``auto``, ``allgather``, ``reduce_scatter``.
         seed: base seed of every random draw.
         timeout_s: timeout of the hook's collectives (None: the process group's).
         skip_nonfinite: if any rank's gradient has NaN/Inf, every rank skips the
-            step (x, m, b unchanged; ``skipped_steps``, ``consecutive_skips`` and
-            ``last_skip`` say so). Costs a snapshot copy of m, b per bucket and one
-            small all-reduce per step.
+            step (x unchanged; the non-finite elements never entered m and b, the
+            finite elements of that step did). ``skipped_steps``,
+            ``consecutive_skips`` and ``last_skip`` say so. One tiny all-reduce per step.
 
     Example::
-        ddp_model = torch.nn.parallel.DistributedDataParallel(model)
-        opt = Birder(ddp_model, lr=3e-4, weight_decay=0.01)   # was: AdamW(model.parameters(), ...)
+        opt = Birder(model.parameters(), lr=3e-4, weight_decay=0.01)   # was: AdamW(...)
+        ddp_model = DistributedDataParallel(model)
+        opt.attach(ddp_model)                                          # the 1-bit exchange
         loss_fn(ddp_model(x), y).backward(); opt.step(); opt.zero_grad()
     """
 
     def __init__(self, params, lr=1e-3, beta=0.9, weight_decay=0.0, amsgrad=False, *,
-                 collective="two_phase", requantize=False, num_nodes=None, seed=0, timeout_s=None,
+                 collective="auto", requantize=False, num_nodes=None, inter_node="auto", seed=0, timeout_s=None,
                  skip_nonfinite=True):
         _check_positive("lr", lr)
         _check_positive("weight_decay", weight_decay, allow_zero=True)
@@ -92,35 +146,78 @@ class Birder(torch.optim.Optimizer):
             raise ValueError(f"beta={beta!r}: must be in [0, 1)")
         ddp_model = params if isinstance(params, DistributedDataParallel) else None
         if ddp_model is not None:
-            params = [p for p in ddp_model.module.parameters()]
+            params = list(ddp_model.module.parameters())
+        elif isinstance(params, torch.nn.Module):
+            params = list(params.parameters())
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
+        for group in self.param_groups:
+            _check_positive("lr", group["lr"])
+            _check_positive("weight_decay", group["weight_decay"], allow_zero=True)
         own = [p for group in self.param_groups for p in group["params"]]
-        if ddp_model is not None:
-            self.hook_state = getattr(ddp_model, "_birder_state", None) or _attach_hook(
-                ddp_model, beta=beta, amsgrad=amsgrad, collective=collective, requantize=requantize,
-                num_nodes=num_nodes, seed=seed, timeout_s=timeout_s, skip_nonfinite=skip_nonfinite,
-            )
-            self.hooked = True
+        self._hook_kwargs = _hook_kwargs(beta, amsgrad, collective, requantize, num_nodes, inter_node, seed,
+                                         timeout_s, skip_nonfinite)
+        self.local_on_purpose = collective is None
+        existing = BirderState.of(own)
+        if existing is not None and not all(p in existing.compressor.offset for p in own):
+            raise ValueError("Birder: a parameter group holds a parameter that the DDP module does not")
+        if existing is not None and existing.attached:
+            state = existing  # BirderDDP(model) or another Birder attached it already
+        elif ddp_model is not None:
+            state = _attach(ddp_model, existing, self._hook_kwargs)
         else:
-            self.hook_state = BirderState(own, beta=beta, amsgrad=amsgrad, seed=seed, collective=None,
-                                          skip_nonfinite=skip_nonfinite)
-            self.hooked = False
-        for p in own:
-            if p not in self.hook_state.param_state:
-                raise ValueError("Birder: a parameter group holds a parameter that the DDP module does not")
+            state = BirderState(own, **{**self._hook_kwargs, "collective": None})
+        self._state = state
         self._link_state()
-        self._consolidated = None
+        self._warned_unattached = False
+        self._chunk_groups = {}
         # Steps skipped because some rank's gradient had NaN/Inf (see skip_nonfinite).
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self.last_skip = None
 
+    @property
+    def hook_state(self) -> BirderState:
+        """The hook's state (follows the attach of an optimizer built before the DDP wrap)."""
+        state = self._state
+        if state.superseded_by is not None:
+            while state.superseded_by is not None:
+                state = state.superseded_by
+            self._state = state
+            self._link_state()
+            self._chunk_groups.clear()
+        return state
+
+    @property
+    def hooked(self) -> bool:
+        """True when the 1-bit hook is attached to a DDP module."""
+        return self.hook_state.attached
+
+    def attach(self, ddp_model: DistributedDataParallel) -> DistributedDataParallel:
+        """Register the 1-bit hook on ``ddp_model`` (call on every rank, after the DDP wrap); returns it.
+
+        Example::
+            opt = Birder(param_groups, lr=3e-4)
+            ddp_model = opt.attach(DistributedDataParallel(model))
+        """
+        if not isinstance(ddp_model, DistributedDataParallel):
+            raise TypeError(f"Birder.attach: expected a DistributedDataParallel module, got {type(ddp_model).__name__}")
+        if self.hook_state.attached:
+            raise ValueError("Birder.attach: the hook is already attached")
+        _attach(ddp_model, self.hook_state, self._hook_kwargs)
+        self.hook_state  # follows the attached state, re-links m, b
+        return ddp_model
+
     # -- state shared with the hook ----------------------------------------------------
 
     def _link_state(self):
+        comp = self._state.compressor
         for group in self.param_groups:
             for p in group["params"]:
-                self.state[p] = self.hook_state.param_state[p]
+                self.state[p] = comp.views(p)
+
+    @property
+    def compressor(self):
+        return self.hook_state.compressor
 
     @property
     def comm_stats(self):
@@ -144,94 +241,165 @@ class Birder(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         state = self.hook_state
-        if state.skip_nonfinite and self._skip_nonfinite_step():
-            return loss
-        if not self.hooked:
-            self._local_exchange()
-        for group in self.param_groups:
-            lr, weight_decay = group["lr"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                mask = state.param_mask(p)
-                if mask is False:
-                    continue
-                kernels.apply_update_(p, p.grad, lr=lr, weight_decay=weight_decay, mask=mask)
+        if state.attached:
+            round_ = state.take_round()
+            if round_ is None:
+                return loss  # no exchange since the last step (no backward, or only no_sync ones)
+            if state.skip_nonfinite and self._skip(round_.nonfinite_ranks):
+                return loss
+            for chunk, packed, used_P in round_.entries:
+                self._apply(chunk, packed, used_P)
+        else:
+            self._warn_if_unattached()
+            self._local_step()
         state.end_step()
         return loss
 
-    def _skip_nonfinite_step(self) -> bool:
-        """True (and the step is skipped on every rank, x, m, b unchanged) if any rank saw NaN/Inf."""
-        state = self.hook_state
-        if self.hooked:
-            bad = state.nonfinite_params()
-        else:
-            # Local mode: the gradient is already the same on every rank (averaged by DDP).
-            bad = [i for i, p in enumerate(state.params)
-                   if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
-        if not bad:
+    def _group_tables(self, chunk):
+        """Per-parameter group index of ``chunk`` (-1: not in any group), cached per chunk."""
+        key = id(chunk)
+        cached = self._chunk_groups.get(key)
+        if cached is None or cached[0] is not chunk:
+            group_of = {p: g for g, group in enumerate(self.param_groups) for p in group["params"]}
+            index = torch.tensor([group_of.get(p, -1) for p in chunk.params], dtype=torch.int64)
+            cached = (chunk, index, bool((index < 0).any()))
+            self._chunk_groups[key] = cached
+        return cached[1], cached[2]
+
+    def _lr_wd(self, chunk):
+        """Per-parameter lr and weight decay of ``chunk`` (float32 [P]); 0 for parameters no group holds."""
+        index, has_orphans = self._group_tables(chunk)
+        table = torch.tensor([[g["lr"], g["weight_decay"]] for g in self.param_groups] + [[0.0, 0.0]],
+                             dtype=torch.float32)
+        rows = table[index]  # index -1 picks the trailing zero row
+        device = self.hook_state.compressor.device
+        return rows[:, 0].contiguous().to(device), rows[:, 1].contiguous().to(device)
+
+    def _apply(self, chunk, packed, used_P):
+        lr_P, wd_P = self._lr_wd(chunk)
+        kernels.apply_packed_(
+            list(chunk.params), chunk.seg_starts, chunk.seg_canon, packed.payload, planes=packed.planes,
+            num_rows=packed.num_rows, lr_P=lr_P, wd_P=wd_P, mask_T=self.hook_state.canonical_mask, used_P=used_P,
+        )
+
+    def _skip(self, nonfinite_ranks) -> bool:
+        """True (the step is skipped on every rank, x unchanged) if any rank saw NaN/Inf. One host read."""
+        if nonfinite_ranks is None:
+            return False
+        ranks = torch.nonzero(nonfinite_ranks.cpu()).flatten().tolist()
+        if not ranks:
             self.consecutive_skips = 0
             return False
-        state.restore_touched()
+        state = self.hook_state
+        bad = [i for i, p in enumerate(state.params) if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+        mine = state.topology.rank in ranks
         self.skipped_steps += 1
         self.consecutive_skips += 1
-        self.last_skip = {"step": state.step, "param_index": bad[0], "num_params": len(bad)}
+        self.last_skip = {"step": state.step, "ranks": ranks,
+                          "param_index": bad[0] if (mine and bad) else None,
+                          "num_params": len(bad) if mine else None}
         state.end_step()
         return True
 
-    def _local_exchange(self):
-        """Compress each gradient to ±1 in place, same draws on every rank (local mode)."""
+    def _local_step(self):
+        """Local mode: compress each gradient to one bit with the same draws on every rank, apply."""
         state = self.hook_state
-        seed = state.step_seed()
-        for p in state.params:
-            if p.grad is None:
-                continue
-            start = state.offset[p]
-            index = torch.arange(start, start + p.numel(), dtype=torch.int32, device=p.device)
-            mask = state.param_mask(p)
-            mask = None if mask is None else mask.reshape(-1)
-            st = state.param_state[p]
-            bits = kernels.compress(
-                p.grad.reshape(-1), st["m"].view(-1), st["b"].view(-1), index,
-                beta=state.beta, seed=seed, mask=mask, amsgrad=state.amsgrad,
-            )
-            p.grad.copy_(kernels.unpack_mean(bits.view(1, -1), p.numel(), mask=mask).view_as(p))
+        comp = state.compressor
+        params = [p for group in self.param_groups for p in group["params"]]
+        if not params:
+            return
+        chunk = comp.chunk(params)
+        with_grad = [p.grad is not None for p in params]
+        if not any(with_grad):
+            return
+        grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=torch.float32,
+                                                                             device=p.device) for p in params]
+        grad_D = torch.cat(grads) if len(grads) > 1 else grads[0]
+        used_P = torch.tensor(with_grad, dtype=torch.uint8, device=comp.device)
+        flag = torch.zeros(1, dtype=torch.uint8, device=comp.device)
+        packed = comp.exchange(grad_D, chunk, mask_T=state.canonical_mask, used_P=used_P, flag=flag)
+        if state.skip_nonfinite and bool(flag[0]):
+            # The gradient is the same on every rank (averaged already): this rank decides for all.
+            bad = [i for i, p in enumerate(params) if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+            self.skipped_steps += 1
+            self.consecutive_skips += 1
+            self.last_skip = {"step": state.step, "ranks": None,
+                              "param_index": comp.position[params[bad[0]]] if bad else None, "num_params": len(bad)}
+            return
+        self.consecutive_skips = 0
+        self._apply(chunk, packed, used_P)
+
+    def _warn_if_unattached(self):
+        if self._warned_unattached or self.local_on_purpose:
+            return
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if world > 1:
+            log.warning(
+                "Birder: %d ranks but no 1-bit hook is attached, so no gradient is compressed (0 bytes saved); "
+                "call opt.attach(ddp_model) after DistributedDataParallel(...), or pass Birder(ddp_model, ...); "
+                "collective=None runs Birder on an already averaged gradient on purpose", world)
+            warnings.warn("Birder runs without its 1-bit hook in a multi-rank job (see the log)", stacklevel=3)
+        self._warned_unattached = True
 
     # -- checkpoints -------------------------------------------------------------------
 
-    def _flat_state(self, key):
-        params = self.hook_state.params
-        if not params:
-            return torch.zeros(0)
-        return torch.cat([self.hook_state.param_state[p][key].reshape(-1) for p in params])
+    def rank_state(self) -> dict:
+        """This rank's live flat state: ``{"m", "b"}`` fp32 [T] in canonical order (no copy, no collective)."""
+        comp = self.hook_state.compressor
+        return {"m": comp.m, "b": comp.b}
+
+    def load_rank_state(self, state: dict) -> None:
+        """Copy a saved :meth:`rank_state` into the live state."""
+        self.hook_state.compressor.load_flat(state["m"], state["b"])
 
     def consolidate_state_dict(self, to: int = 0) -> None:
-        """Collect every rank's m and b on rank ``to`` (call on all ranks), for its state_dict.
+        """Collect every rank's m and b on rank ``to`` for its next ``state_dict()`` — a collective.
 
-        Same convention as torch's ZeroRedundancyOptimizer: call on every rank,
-        then ``state_dict()`` on rank ``to`` holds the m, b of all ranks.
+        Call it on EVERY rank (like torch's ZeroRedundancyOptimizer). Called on
+        some ranks only, it raises within 30 s naming the ranks that arrived,
+        instead of hanging. Checkpoints of the training app do not use it: each
+        rank saves its own m, b (torch.distributed.checkpoint).
         """
         topo = self.hook_state.topology
-        flat = torch.stack([self._flat_state("m"), self._flat_state("b")])
+        flat = torch.stack([self.compressor.m, self.compressor.b])
         if not (dist.is_available() and dist.is_initialized()) or topo.world_size == 1:
             self._consolidated = flat.unsqueeze(0).clone()
             return
+        self._arrive_all("consolidate_state_dict")
         rows = [torch.empty_like(flat) for _ in range(topo.world_size)] if topo.rank == to else None
         dist.gather(flat, gather_list=rows, dst=to)
         self._consolidated = torch.stack(rows) if topo.rank == to else None
 
+    def _arrive_all(self, what: str) -> None:
+        """A store rendezvous with a deadline: a call made on one rank only fails in one line instead of hanging."""
+        store = dist.distributed_c10d._get_default_store()
+        world, rank = dist.get_world_size(), dist.get_rank()
+        self._arrivals = getattr(self, "_arrivals", 0) + 1
+        key = f"birder/{what}/{self._arrivals}"
+        store.set(f"{key}/rank{rank}", "1")
+        count = store.add(key, 1)
+        deadline = time.monotonic() + _CONSOLIDATE_TIMEOUT_S
+        while count < world:
+            if time.monotonic() > deadline:
+                arrived = [r for r in range(world) if store.check([f"{key}/rank{r}"])]
+                raise RuntimeError(f"Birder.{what}() is a collective: call it on every rank (only ranks {arrived} "
+                                   f"of {world} called it within {_CONSOLIDATE_TIMEOUT_S:.0f} s)")
+            time.sleep(0.01)
+            count = store.add(key, 0)
+
     def state_dict(self):
+        """torch's convention: this rank's own state (m, b per parameter), no collective; plus ``birder`` extras."""
         state_dict = super().state_dict()
         topo = self.hook_state.topology
         state_dict["birder"] = {
             "step": self.hook_state.step,
-            "seed": self.hook_state.seed,
-            "beta": self.hook_state.beta,
+            "seed": self.hook_state.compressor.seed,
+            "beta": self.hook_state.compressor.beta,
             "world_size": topo.world_size,
             "rank": topo.rank,
             "comm_stats": self.hook_state.stats.state_dict(),
             # [world_size, 2 (m, b), T] after consolidate_state_dict(), else absent
-            "per_rank": self._consolidated,
+            "per_rank": getattr(self, "_consolidated", None),
         }
         self._consolidated = None
         return state_dict
@@ -239,18 +407,17 @@ class Birder(torch.optim.Optimizer):
     def load_state_dict(self, state_dict):
         """Load; with every rank's m, b (consolidated) each rank takes its own row.
 
-        Different world size (or a state dict of one rank only): every rank
-        starts from the mean of the saved ranks' m and b (|mean m| <= mean b
-        keeps r in [-1, 1]) and a warning says so. Parameters, lr and the
-        step count resume exactly either way.
+        A state dict of another rank or world size (e.g. saved on rank 0 only):
+        every rank starts from its m, b (or the mean of all saved ranks') and a
+        warning says so. Parameters, lr and the step count resume exactly either way.
         """
         state_dict = dict(state_dict)
         extra = state_dict.pop("birder", None) or {}
         saved = {i: dict(s) for i, s in state_dict.get("state", {}).items()}
         super().load_state_dict(state_dict)
         topo = self.hook_state.topology
+        comp = self.hook_state.compressor
         per_rank = extra.get("per_rank")
-        own = self.hook_state.params
         if per_rank is not None:
             if per_rank.shape[0] == topo.world_size:
                 flat = per_rank[topo.rank]
@@ -260,34 +427,24 @@ class Birder(torch.optim.Optimizer):
                     f"{topo.world_size}: every rank starts from their mean", stacklevel=2,
                 )
                 flat = per_rank.mean(dim=0)
-            self._set_flat_state(flat[0], flat[1])
+            comp.load_flat(flat[0], flat[1])
         else:
             saved_world = extra.get("world_size", topo.world_size)
             if saved_world != topo.world_size or extra.get("rank", topo.rank) != topo.rank:
                 warnings.warn(
                     f"Birder: state dict holds the m, b of rank {extra.get('rank')} of {saved_world} only: "
-                    "every rank of this job starts from them (call consolidate_state_dict() on all "
-                    "ranks before state_dict() for an exact resume)", stacklevel=2,
+                    "every rank of this job starts from them (for an exact resume every rank saves and loads "
+                    "its own state_dict(), or use torch.distributed.checkpoint)", stacklevel=2,
                 )
-            # Optimizer.load_state_dict casts state to the parameter dtype; keep m, b in fp32.
-            index_of = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
-            for p in own:
-                st = saved.get(index_of.get(p))
+            own = [p for g in self.param_groups for p in g["params"]]
+            for i, p in enumerate(own):
+                st = saved.get(i)
                 if st is not None and "m" in st:
-                    self.state[p]["m"] = st["m"].to(device=p.device, dtype=torch.float32).clone()
-                    self.state[p]["b"] = st["b"].to(device=p.device, dtype=torch.float32).clone()
-        for p in own:
-            self.hook_state.param_state[p] = self.state[p]
-        self.hook_state.invalidate_layouts()
+                    views = comp.views(p)
+                    views["m"].copy_(st["m"].reshape(views["m"].shape))
+                    views["b"].copy_(st["b"].reshape(views["b"].shape))
+        self._link_state()  # Optimizer.load_state_dict replaced the state dicts: point them at the live views
         self.hook_state.step = int(extra.get("step", self.hook_state.step))
         # Byte counters are per rank: only a state dict saved by this very rank restores them.
         if "comm_stats" in extra and extra.get("rank") == topo.rank and extra.get("world_size") == topo.world_size:
             self.hook_state.stats.load_state_dict(extra["comm_stats"])
-
-    def _set_flat_state(self, flat_m, flat_b):
-        start = 0
-        for p in self.hook_state.params:
-            n = p.numel()
-            self.state[p]["m"] = flat_m[start : start + n].to(p.device, torch.float32).view_as(p).clone()
-            self.state[p]["b"] = flat_b[start : start + n].to(p.device, torch.float32).view_as(p).clone()
-            start += n

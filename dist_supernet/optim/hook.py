@@ -1,60 +1,46 @@
-"""Birder's DDP communication hook: one fused compress, one 1-bit collective, one decode per bucket.
+"""Birder's DDP communication hook: a thin adapter that feeds DDP's buckets to the compressor.
 
 Legend: D elements in a bucket, P parameters in a bucket, T elements in the model.
 
 The hook follows torch's ``ddp_comm_hooks`` convention: a stateful function
-``birder_hook(state, bucket) -> Future[Tensor]`` whose result (ū, the average
-of every rank's ±1) DDP writes into the gradients; :class:`~dist_supernet.optim.Birder`
-then applies ``x -= lr * (ū + wd * x)``.
+``birder_hook(state, bucket) -> Future[Tensor]``. Per bucket it runs the
+compressor's fused compress and 1-bit collective and keeps the collective's
+packed result for :meth:`Birder.step`, which decodes it straight into the
+update (one fused decode-and-apply pass per bucket: ū is never a float tensor).
+
+What ``.grad`` holds after backward: **this rank's own gradient** (the
+bucket is handed back unchanged, not averaged), so clipping, gradient-norm
+logging and GradScaler's inf checks see real gradients and cannot rescale
+Birder's update (every coordinate moves by at most ``lr`` anyway). If any
+rank's gradient had a NaN/Inf this step, the first element of the last
+bucket is set to NaN on every rank that had none, so every rank's ``.grad``
+is non-finite, as DDP's averaged gradient would be: GradScaler skips the step
+and backs off its scale identically on every rank.
 
 Why a worker thread: the 1-bit collectives have two or three stages with local
 work between them. The hook hands each bucket to one communication thread per
 rank and returns at once, so backward keeps computing while buckets are
 compressed and exchanged (DDP's overlap), and the stages of all buckets are
 issued from one thread in the order DDP calls the hook, which is the same on
-every rank. The thread uses its own process groups (see ``CommGroups``).
+every rank. The thread uses its own process groups (see ``CommGroups``) and,
+on GPU, its own CUDA stream: it waits on an event recorded when the bucket was
+ready and completes the future on its stream, so DDP's consumer waits on
+exactly that work while backward keeps running. Flags (non-finite, used) stay
+on the device; the optimizer reads them once per step.
 """
 
 import queue
 import threading
+import weakref
 
 import torch
 import torch.distributed as dist
 
-import kernels
-from dist_supernet.comm import (
-    CommGroups,
-    CommStats,
-    Topology,
-    WireBytes,
-    build_collective,
-    mix_seed,
-)
-from dist_supernet.comm.stats import all_reduce_bytes
+from dist_supernet.comm import Topology
+from dist_supernet.optim.compressor import STAGE_COMPRESS, BirderCompressor  # noqa: F401 (re-exported)
 
-STAGE_COMPRESS = 0
-# Rank stand-in for the seed when every rank must draw the same bits (Birder
-# applied to an already averaged gradient, no 1-bit exchange).
-SHARED_DRAW_RANK = -1
-
-
-class _BucketLayout:
-    """Flat m, b and canonical indices for one bucket's parameters, in bucket order."""
-
-    def __init__(self, params, offsets, device):
-        self.params = tuple(params)
-        self.numels = [p.numel() for p in params]
-        self.numel = sum(self.numels)
-        self.index = torch.cat(
-            [
-                torch.arange(offsets[p], offsets[p] + n, dtype=torch.int32, device=device)
-                for p, n in zip(params, self.numels)
-            ]
-        ) if params else torch.zeros(0, dtype=torch.int32, device=device)
-        self.numels_t = torch.tensor(self.numels, dtype=torch.long, device=device)
-        self.m = None
-        self.b = None
-        self.backup = None
+# Compressor states by parameter: Birder(params) and BirderDDP(model)/attach() find each other in any order.
+_STATE_OF = weakref.WeakKeyDictionary()
 
 
 class _CommWorker:
@@ -64,6 +50,13 @@ class _CommWorker:
         self._jobs = queue.SimpleQueue()
         self._thread = None
         self._lock = threading.Lock()
+        self._streams = {}
+
+    def stream(self, device):
+        """The worker's own CUDA stream on ``device`` (created once)."""
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device=device)
+        return self._streams[device]
 
     def submit(self, job, future):
         with self._lock:
@@ -83,16 +76,25 @@ class _CommWorker:
                 future.set_result(result)
 
 
-class BirderState:
-    """State of the Birder comm hook.
+class _Round:
+    """What one backward's exchange left for the optimizer."""
 
-    Hyperparameters: ``beta`` (EMA factor of m and b), ``amsgrad`` (b = max(b_prev, b)),
-    ``seed`` (base of every random draw), the 1-bit ``collective``.
-    Per-parameter state: ``param_state[p] = {"m", "b"}`` fp32, shared with the
-    optimizer's ``state``; views into one flat buffer per DDP bucket so the
-    hook reads them without a per-parameter loop. Keyed by parameter, not by
-    bucket index, so DDP's bucket rebuild after the first iteration re-lays
-    them out instead of losing or misaligning them.
+    def __init__(self, device):
+        self.entries = []  # (chunk, packed, used_P or None), in DDP's bucket order
+        self.nonfinite_local = torch.zeros(1, dtype=torch.uint8, device=device)
+        self.nonfinite_ranks = None  # uint8 [world] after the last bucket (skip_nonfinite)
+        self.complete = False
+
+
+class BirderState:
+    """State of the Birder comm hook (PowerSGDState-style).
+
+    Hyperparameters: ``skip_nonfinite``, ``track_unused``, and those of the
+    compressor (``beta``, ``amsgrad``, ``seed``, the 1-bit ``collective``).
+    Per-element state: the compressor's ``m``, ``b`` (fp32, canonical order,
+    8 bytes per parameter); nothing per element besides.
+    Per-step state: the grad mask, per-parameter "used" flags, the round of
+    packed results waiting for :meth:`Birder.step`.
     Stats: ``stats`` (bytes on the wire, exchanges).
 
     Example::
@@ -108,70 +110,30 @@ class BirderState:
         beta: float = 0.9,
         amsgrad: bool = False,
         seed: int = 0,
-        collective: str | None = "two_phase",
+        collective: str | None = "auto",
         requantize: bool = False,
         num_nodes: int | None = None,
+        inter_node: str = "auto",
         track_unused: bool = False,
         skip_nonfinite: bool = True,
         timeout_s: float | None = None,
     ):
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"beta={beta!r}: must be in [0, 1)")
-        # hyperparameters
-        self.beta = float(beta)
-        self.amsgrad = bool(amsgrad)
-        self.seed = int(seed)
+        self.compressor = BirderCompressor(params, beta=beta, amsgrad=amsgrad, seed=seed)
         self.skip_nonfinite = bool(skip_nonfinite)
-        self.topology = Topology.from_env(num_nodes)
-        if collective is None:
-            self.collective = None
-            self.draw_rank = SHARED_DRAW_RANK
-        else:
-            groups = CommGroups.create(
-                self.topology, hierarchical=collective == "hierarchical", timeout_s=timeout_s
-            )
-            self.groups = groups
-            self.collective = build_collective(collective, self.topology, groups, requantize=requantize)
-            self.draw_rank = self.topology.rank
-        # per-parameter state
-        self.params = list(params)
-        self.position = {p: i for i, p in enumerate(self.params)}
-        self.offset = {}
-        total = 0
-        for p in self.params:
-            self.offset[p] = total
-            total += p.numel()
-        self.numel_total = total
-        if total >= 2**31:
-            raise ValueError(f"{total} parameters: the canonical index is int32, at most 2**31 - 1")
-        self.param_state = {
-            p: {
-                "m": torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format),
-                "b": torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format),
-            }
-            for p in self.params
-        }
-        self.step = 0
-        self._layouts = {}
-        self.canonical_mask = None  # bool [T] for the coming step, or None
-        self.track_unused = bool(track_unused)
+        self.track_unused = False
         self.used_local = None
-        self.used_global = None
-        if self.track_unused:
-            device = self.params[0].device if self.params else torch.device("cpu")
-            self.used_local = torch.zeros(len(self.params), dtype=torch.uint8, device=device)
-            self.used_global = torch.ones(len(self.params), dtype=torch.uint8, device=device)
-            for p in self.params:
-                if p.requires_grad:
-                    p.register_post_accumulate_grad_hook(self._mark_used)
-        # Non-finite gradients: per-parameter flags of this step, and the buckets whose
-        # m, b were updated this step (restored from their snapshot if any rank saw NaN/Inf).
-        self.nonfinite_local = torch.zeros(len(self.params), dtype=torch.uint8,
-                                           device=self.params[0].device if self.params else "cpu")
-        self._touched = []
+        self.attached = False
+        self.superseded_by = None  # the state that replaced this one at attach (another parameter order)
+        if collective is not None:
+            self.compressor.connect(collective, requantize=requantize, num_nodes=num_nodes, timeout_s=timeout_s,
+                                    inter_node=inter_node)
+        if track_unused:
+            self.enable_unused_tracking()
+        self.canonical_mask = None  # bool [T] for the coming step, or None
+        self._round = None
         self._worker = _CommWorker()
-        # stats
-        self.stats = CommStats()
+        for p in self.params:
+            _STATE_OF[p] = self
 
     @classmethod
     def for_ddp(cls, ddp_model, **kwargs) -> "BirderState":
@@ -186,185 +148,163 @@ class BirderState:
         kwargs.setdefault("track_unused", bool(may_skip))
         return cls(list(ddp_model.module.parameters()), **kwargs)
 
-    # -- per-step inputs -------------------------------------------------------------
+    @staticmethod
+    def of(params) -> "BirderState | None":
+        """The state that manages the first of ``params`` (from an earlier Birder or BirderDDP), if any."""
+        for p in params:
+            return _STATE_OF.get(p)
+        return None
 
-    def _mark_used(self, param):
-        self.used_local[self.position[param]] = 1
+    # -- what the optimizer and the trainer read ----------------------------------------
+
+    @property
+    def params(self):
+        return self.compressor.params
+
+    @property
+    def stats(self):
+        return self.compressor.stats
+
+    @property
+    def topology(self) -> Topology:
+        return self.compressor.topology
+
+    @property
+    def collective(self):
+        return self.compressor.collective
+
+    @property
+    def step(self) -> int:
+        return self.compressor.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.compressor.step = int(value)
+
+    def enable_unused_tracking(self) -> None:
+        """Count a parameter as used in a step only if its gradient was computed on some rank."""
+        if self.track_unused:
+            return
+        self.track_unused = True
+        self.used_local = torch.zeros(len(self.params), dtype=torch.uint8, device=self.compressor.device)
+        for i, p in enumerate(self.params):
+            if p.requires_grad:
+                # A tensor hook runs before the gradient is accumulated, so before DDP's own
+                # post-accumulate hook can declare the bucket ready and start the exchange.
+                p.register_hook(self._marker(i))
+
+    def _marker(self, position):
+        used = self.used_local
+
+        def mark(grad):
+            used[position] = 1
+
+        return mark
 
     def set_grad_mask(self, masks) -> None:
         """Elements that may move in the coming step (True) — the rest keep x, m and b.
 
         ``masks``: None (every element that got a gradient), a bool tensor over
-        all parameters in canonical order, or a dict ``{param: bool tensor}``
-        (parameters left out are fully active). Must be identical on every
-        rank: derive it from the sampled architectures, never from a local
-        ``grad == 0``.
+        all parameters in canonical order (the DDP module's ``parameters()``
+        order), or a dict ``{param: bool tensor}`` (parameters left out are
+        fully active). Must be identical on every rank: derive it from the
+        sampled architectures, never from a local ``grad == 0``.
         """
-        if masks is None or isinstance(masks, torch.Tensor):
-            self.canonical_mask = masks
+        comp = self.compressor
+        if masks is None:
+            self.canonical_mask = None
             return
-        device = self.params[0].device
-        flat = torch.ones(self.numel_total, dtype=torch.bool, device=device)
+        if isinstance(masks, torch.Tensor):
+            if masks.numel() != comp.numel_total:
+                raise ValueError(f"set_grad_mask: a mask of {masks.numel()} elements, the model has {comp.numel_total}")
+            self.canonical_mask = masks.reshape(-1).to(device=comp.device, dtype=torch.bool)
+            return
+        flat = torch.ones(comp.numel_total, dtype=torch.bool, device=comp.device)
         for p, mask in masks.items():
-            if p not in self.offset:
+            if p not in comp.offset:
                 raise ValueError("set_grad_mask: a masked parameter is not managed by this Birder state")
-            start = self.offset[p]
-            flat[start : start + p.numel()] = mask.reshape(-1).to(device=device, dtype=torch.bool)
+            start = comp.offset[p]
+            flat[start : start + p.numel()] = mask.reshape(-1).to(device=comp.device, dtype=torch.bool)
         self.canonical_mask = flat
 
-    def param_mask(self, param):
-        """For the optimizer: None (all elements move), False (none), or a bool mask like ``param``."""
-        if self.used_global is not None and not bool(self.used_global[self.position[param]]):
-            return False
-        if self.canonical_mask is None:
-            return None
-        start = self.offset[param]
-        return self.canonical_mask[start : start + param.numel()].view_as(param)
-
-    def nonfinite_params(self) -> list[int]:
-        """Positions of the parameters that had NaN/Inf gradient on ANY rank this step.
-
-        A collective on the hook's group (call on every rank, after backward).
-        """
-        flags = self.nonfinite_local
-        if self.collective is not None and self.topology.world_size > 1:
-            flags = flags.clone()
-            self.collective._stage(  # a stopped peer fails here too: name the stage, not just gloo's error
-                "all-reduce non-finite flags",
-                "world",
-                lambda: dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.groups.world),
-            )
-        return torch.nonzero(flags).flatten().tolist()
-
-    def restore_touched(self) -> None:
-        """Undo this step's m, b updates (every bucket exchanged since the last step)."""
-        for layout in self._touched:
-            layout.m.copy_(layout.backup[0])
-            layout.b.copy_(layout.backup[1])
+    def take_round(self) -> "_Round | None":
+        """The complete round of the last backward (None if there was none); the next backward starts afresh."""
+        current, self._round = self._round, None
+        if current is not None and not current.complete:
+            raise RuntimeError("Birder: step() while the exchange of the last backward is still running")
+        return current
 
     def end_step(self) -> None:
         """Called by the optimizer after applying (or skipping) a step."""
-        self.step += 1
+        self.compressor.step += 1
         self.canonical_mask = None
-        self._touched = []
-        self.nonfinite_local.zero_()
+
+    # -- the exchange of one bucket (on the worker thread) ---------------------------------
+
+    def _begin_round(self, device) -> "_Round":
+        if self._round is None or self._round.complete:
+            # A round nobody stepped on (GradScaler skipped the step, or step() was not called) is dropped.
+            self._round = _Round(device)
+        return self._round
+
+    def exchange_bucket(self, grad_D: torch.Tensor, chunk, round_: _Round, *, is_last: bool) -> torch.Tensor:
+        """Compress and reduce one bucket; on the last one, agree on the step's flags. Returns ``grad_D``."""
+        comp = self.compressor
+        used_P, wire = None, None
         if self.used_local is not None:
-            self.used_local.zero_()
-            self.used_global.fill_(1)
-
-    def invalidate_layouts(self) -> None:
-        """Forget the flat buffers (after the optimizer loaded new per-parameter m, b)."""
-        self._layouts.clear()
-
-    def step_seed(self, stage: int = STAGE_COMPRESS) -> int:
-        return mix_seed(self.seed, self.draw_rank, self.step, stage)
-
-    # -- bucket layout -----------------------------------------------------------------
-
-    def layout_for(self, params) -> _BucketLayout:
-        key = tuple(id(p) for p in params)
-        layout = self._layouts.get(key)
-        if layout is not None:
-            return layout
-        for p in params:
-            if p not in self.offset:
-                raise ValueError("a DDP bucket holds a parameter that this Birder state does not manage")
-        device = params[0].device if params else torch.device("cpu")
-        layout = _BucketLayout(params, self.offset, device)
-        layout.positions = torch.tensor([self.position[p] for p in params], dtype=torch.long, device=device)
-        # Move each parameter's m, b into the bucket's flat buffers and point the
-        # shared per-parameter state at views of them.
-        layout.m = torch.cat([self.param_state[p]["m"].reshape(-1) for p in params]) if params else None
-        layout.b = torch.cat([self.param_state[p]["b"].reshape(-1) for p in params]) if params else None
-        start = 0
-        for p, n in zip(params, layout.numels):
-            self.param_state[p]["m"] = layout.m[start : start + n].view_as(p)
-            self.param_state[p]["b"] = layout.b[start : start + n].view_as(p)
-            start += n
-        # Layouts that share a parameter with this one are stale (DDP rebuilt its buckets).
-        members = set(key)
-        for other_key in [k for k in self._layouts if members.intersection(k)]:
-            del self._layouts[other_key]
-        self._layouts[key] = layout
-        return layout
-
-    # -- the exchange ------------------------------------------------------------------
-
-    def exchange(self, grad_D: torch.Tensor, layout: _BucketLayout, *, is_last: bool) -> torch.Tensor:
-        """Compress this rank's gradient, reduce 1 bit per element, return ū (float32 [D])."""
-        mask_D = None
-        if self.canonical_mask is not None:
-            mask_D = self.canonical_mask[layout.index]
-        wire = WireBytes()
-        if self.used_local is not None:
-            positions = layout.positions
-            used = self.used_local[positions].clone()
-            if self.topology.world_size > 1:
-                self.collective._stage(
-                    "all-reduce used-parameter flags",
-                    "world",
-                    lambda: dist.all_reduce(used, op=dist.ReduceOp.MAX, group=self.groups.world),
-                )
-                wire += all_reduce_bytes(used.numel(), list(range(self.topology.world_size)), self.topology)
-            self.used_global[positions] = used
-            if not bool(used.all()):
-                used_D = torch.repeat_interleave(used.bool(), layout.numels_t)
-                mask_D = used_D if mask_D is None else mask_D & used_D
-        if self.skip_nonfinite:
-            # A snapshot to restore if any rank's gradient turns out non-finite in this
-            # step (possibly in a later bucket): with overlap, this bucket's m, b are
-            # updated before that is known. Costs one copy pass and 8 bytes per element.
-            if layout.backup is None:
-                layout.backup = torch.empty(2, layout.numel, dtype=torch.float32, device=layout.m.device)
-            layout.backup[0].copy_(layout.m)
-            layout.backup[1].copy_(layout.b)
-            self._touched.append(layout)
-            if not bool(torch.isfinite(grad_D).all()):
-                start = 0
-                for p, n in zip(layout.params, layout.numels):
-                    if not bool(torch.isfinite(grad_D[start : start + n]).all()):
-                        self.nonfinite_local[self.position[p]] = 1
-                    start += n
-        bits_B = kernels.compress(
-            grad_D, layout.m, layout.b, layout.index,
-            beta=self.beta, seed=self.step_seed(STAGE_COMPRESS), mask=mask_D, amsgrad=self.amsgrad,
-        )
-        # The collective's own draws are keyed by the step, not by this rank: which rank
-        # owns an element's chunk depends on DDP's bucket layout, which a resume changes.
-        mean_D = self.collective.reduce(
-            bits_B, layout.numel, layout.index, seed=mix_seed(self.seed, self.step), mask_D=mask_D
-        )
-        self.stats.add(wire + self.collective.wire_bytes(layout.numel), exchanges=int(is_last))
-        return mean_D
+            used_P = self.used_local[chunk.positions]  # a copy: the flags of this bucket
+            wire = comp.collective.all_reduce_max("all-reduce used-parameter flags", used_P)
+        packed = comp.exchange(grad_D, chunk, mask_T=self.canonical_mask, used_P=used_P,
+                               flag=round_.nonfinite_local, extra_wire=wire, count_exchange=is_last)
+        round_.entries.append((chunk, packed, used_P))
+        if is_last:
+            if self.used_local is not None:
+                self.used_local.zero_()  # backward is over: the next marks belong to the next step
+            if self.skip_nonfinite:
+                ranks = torch.zeros(comp.topology.world_size, dtype=torch.uint8, device=grad_D.device)
+                ranks[comp.topology.rank] = round_.nonfinite_local[0]
+                comp.stats.add(comp.collective.all_reduce_max("all-reduce non-finite flags", ranks), exchanges=0)
+                round_.nonfinite_ranks = ranks
+                if grad_D.numel():
+                    # Every rank's .grad non-finite when any rank's is (see the module docstring).
+                    poison = (ranks.max() > 0) & (round_.nonfinite_local[0] == 0)
+                    head = grad_D[:1]
+                    head.copy_(torch.where(poison, torch.full_like(head, float("nan")), head))
+            round_.complete = True
+        return grad_D
 
 
 def birder_hook(state: BirderState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """DDP comm hook: 1 bit per gradient element on the wire; the future holds ū.
+    """DDP comm hook: 1 bit per gradient element on the wire; the future hands back this rank's gradient.
+
+    The packed result waits in ``state`` for :meth:`Birder.step`.
 
     Example::
         ddp_model.register_comm_hook(BirderState.for_ddp(ddp_model), birder_hook)
     """
     grad_D = bucket.buffer()
-    layout = state.layout_for(bucket.parameters())
-    if layout.numel != grad_D.numel():
-        raise RuntimeError(f"bucket {bucket.index()} holds {grad_D.numel()} elements, its parameters {layout.numel}")
+    chunk = state.compressor.chunk(bucket.parameters())
+    if chunk.numel != grad_D.numel():
+        raise RuntimeError(f"bucket {bucket.index()} holds {grad_D.numel()} elements, its parameters {chunk.numel}")
     is_last = bucket.is_last()
+    round_ = state._begin_round(grad_D.device)
     if grad_D.is_cuda:
         future = torch.futures.Future(devices=[grad_D.device])
         ready = torch.cuda.Event()
-        ready.record()
+        ready.record()  # on backward's stream: the bucket's gradient is complete after this
+        stream = state._worker.stream(grad_D.device)
 
         def job():
-            with torch.cuda.device(grad_D.device):
-                torch.cuda.current_stream().wait_event(ready)
-                return state.exchange(grad_D, layout, is_last=is_last).to(grad_D.dtype)
+            with torch.cuda.device(grad_D.device), torch.cuda.stream(stream):
+                stream.wait_event(ready)
+                grad_D.record_stream(stream)
+                return state.exchange_bucket(grad_D, chunk, round_, is_last=is_last)
 
     else:
         future = torch.futures.Future()
 
         def job():
-            return state.exchange(grad_D, layout, is_last=is_last).to(grad_D.dtype)
+            return state.exchange_bucket(grad_D, chunk, round_, is_last=is_last)
 
     state._worker.submit(job, future)
     return future
-

@@ -75,10 +75,14 @@ class NonFiniteGuard:
             if skipped and not self.optimizer.hooked:  # local mode: .grad is the reduced gradient, still there
                 bad = self._nonfinite_names()
                 name, num_bad = bad[0], len(bad)
-            elif skipped:  # the hook saw each rank's own gradient; its flags are in DDP's parameter order
+            elif skipped:  # the hook saw each rank's own gradient; the flags say which ranks
                 info = self.optimizer.last_skip
-                param = self.optimizer.hook_state.params[info["param_index"]]
-                name, num_bad = self.name_of.get(id(param), f"#{info['param_index']}"), info["num_params"]
+                if info["param_index"] is not None:  # this rank's own gradient was non-finite
+                    param = self.optimizer.hook_state.params[info["param_index"]]
+                    name = self.name_of.get(id(param), f"#{info['param_index']}")
+                    num_bad = info["num_params"]
+                else:
+                    name, num_bad = f"(on rank(s) {info['ranks']})", "some"
         else:
             bad = self._nonfinite_names()
             skipped = bool(bad)

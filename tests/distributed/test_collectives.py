@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 import kernels
 from dist_supernet.comm import CommGroups, Topology, build_collective, chunk_elems, mix_seed
+from dist_supernet.comm.collectives import whole_chunk_map
 from tests.distributed.harness import run_workers
 
 SIZES = (0, 1, 7, 9, 33, 4097)
@@ -44,7 +45,7 @@ def _collectives_worker(rank, world_size):
     # One rank per node (4 "nodes") and one node: hierarchical is exact there too.
     topo_flat = Topology(world_size, rank, 1)
     exact["hierarchical_1_per_node"] = build_collective(
-        "hierarchical", topo_flat, CommGroups.create(topo_flat, hierarchical=True)
+        "hierarchical", topo_flat, CommGroups.create(topo_flat, hierarchical=True), inter_node="allgather"
     )
     topo_one = Topology(world_size, rank, world_size)
     exact["hierarchical_1_node"] = build_collective(
@@ -53,11 +54,16 @@ def _collectives_worker(rank, world_size):
     randomized = {
         "two_phase_requantize": build_collective("two_phase", topo, groups, requantize=True),
         "hierarchical": build_collective("hierarchical", topo, groups),
+        # The inter-node reduce-scatter form (issue 12), forced, on L x N and on N pretend nodes x 1.
+        "hierarchical_rs": build_collective("hierarchical", topo, groups, inter_node="reduce_scatter"),
+        "hierarchical_rs_1_per_node": build_collective(
+            "hierarchical", topo_flat, CommGroups.create(topo_flat, hierarchical=True), inter_node="reduce_scatter"
+        ),
     }
     for numel in SIZES:
         signs = _random_signs(numel, rank, 0)
         bits = kernels.pack_bits(signs)
-        index = torch.arange(numel, dtype=torch.int32)
+        index = whole_chunk_map(numel)
         reference = _reference_mean(signs)
         for name, coll in exact.items():
             out = coll.reduce(bits, numel, index, seed=123)
@@ -71,7 +77,8 @@ def _collectives_worker(rank, world_size):
     numel, trials = 4097, 64
     signs = _random_signs(numel, rank, 1)
     bits = kernels.pack_bits(signs)
-    index = torch.arange(numel, dtype=torch.int32)
+    # A chunk of three parameters at scattered canonical offsets: draws keyed by canonical index.
+    index = (torch.tensor([0, 1000, 1001, numel]), torch.tensor([5, 70000, 3]))
     reference = _reference_mean(signs)
     for name, coll in randomized.items():
         total = torch.zeros(numel)
@@ -83,7 +90,7 @@ def _collectives_worker(rank, world_size):
         checks[f"{name}/unbiased_rms"] = error.pow(2).mean().sqrt().item() < 1.5 / math.sqrt(trials)
     # Masked elements decode to 0.
     mask = torch.arange(33) % 3 == 0
-    out = exact["two_phase"].reduce(kernels.pack_bits(_random_signs(33, rank, 2)), 33, torch.arange(33, dtype=torch.int32), seed=1, mask_D=mask)
+    out = exact["two_phase"].reduce(kernels.pack_bits(_random_signs(33, rank, 2)), 33, whole_chunk_map(33), seed=1, mask_D=mask)
     checks["mask_zero"] = bool((out[~mask] == 0).all())
     # Bytes: formulas by hand for D = 4097 on 2 nodes x 2.
     d = 4097
@@ -109,7 +116,14 @@ def _expected_wire(world_size, local, numel):
     counted_rows = nodes if nodes > 1 else local
     hier_intra = (local - 1) * hchunk + (local - 1) * hchunk * math.ceil(math.log2(counted_rows + 1))
     hier_inter = (nodes - 1) * hchunk
+    # reduce_scatter form: chunks a multiple of 8 * nodes, sub-chunks of chunk / nodes.
+    rs_chunk = chunk_elems(numel, local, 8 * nodes) // 8 if nodes > 1 else hchunk
+    rs_intra = (local - 1) * rs_chunk * 2
+    rs_inter = 2 * (nodes - 1) * (rs_chunk // nodes)
+    flat_chunk = chunk_elems(numel, 1, 8 * n) // 8
     return {
+        "hierarchical_rs": (rs_intra, rs_inter) if nodes > 1 else (hier_intra, hier_inter),
+        "hierarchical_rs_1_per_node": (0.0, 2 * (n - 1) * (flat_chunk // n)),
         "allgather": (allgather_total * (1 - ring_cross), allgather_total * ring_cross),
         "two_phase": (
             two_phase_a2a[0] + two_phase_ag * (1 - ring_cross),
@@ -137,3 +151,5 @@ def test_collectives_match_all_reduce(world_size, local):
     # The only inter-node traffic of hierarchical is (N - 1) * D / L bits per rank.
     if world_size == 4:
         assert results[0]["wire"]["hierarchical"][1] < results[0]["wire"]["allgather"][1] / 2
+        # 4 pretend nodes x 1: the reduce-scatter form sends 2 (N - 1) / N bits per element, not N - 1.
+        assert results[0]["wire"]["hierarchical_rs_1_per_node"][1] == pytest.approx(2 * 3 / 4 * 4128 / 8)

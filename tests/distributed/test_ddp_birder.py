@@ -122,23 +122,29 @@ def _train_worker(rank, world_size):
         opt.zero_grad()
     checks["no_sync/one_exchange_per_step"] = opt.comm_stats.num_exchanges == 4
     checks["no_sync/replicas_identical"] = _identical_across_ranks(_flat(model))
-    # A NaN on rank 1 only: every rank skips that step, x, m, b unchanged, then trains on.
+    # A NaN on rank 1 only: every rank skips that step with x unchanged; NaN/Inf elements never enter
+    # m, b (rank 1's gradient is all NaN: its m, b stay), finite ones do (rank 0's m, b take the step).
     model, ddp, opt = _make("two_phase", find_unused_parameters=True)
     _run_steps(ddp, opt, rank, range(3))
     params_before = _flat(model).clone()
-    state_before = {k: torch.cat([opt.state[p][k].reshape(-1) for p in model.parameters()]).clone() for k in "mb"}
+    state_before = {k: opt.rank_state()[k].clone() for k in "mb"}
     x, y = _batch(3, rank)
     if rank == 1:
         x[0, 0] = float("nan")
     opt.zero_grad()
     F.cross_entropy(ddp(x), y).backward()
+    grads_nonfinite = not bool(torch.isfinite(torch.cat([p.grad.reshape(-1) for p in model.parameters()
+                                                          if p.grad is not None])).all())
     opt.step()
     checks["nan/params_unchanged"] = torch.equal(_flat(model), params_before)
+    checks["nan/grad_nonfinite_on_every_rank"] = grads_nonfinite  # what GradScaler's inf check reads
     for k in "mb":
-        now = torch.cat([opt.state[p][k].reshape(-1) for p in model.parameters()])
-        checks[f"nan/{k}_unchanged"] = torch.equal(now, state_before[k])
+        now = opt.rank_state()[k]
+        checks[f"nan/{k}_finite"] = bool(torch.isfinite(now).all())
+        checks[f"nan/{k}_unchanged_where_nonfinite"] = torch.equal(now, state_before[k]) == (rank == 1)
     checks["nan/counted"] = opt.skipped_steps == 1 and opt.consecutive_skips == 1
-    checks["nan/first_param_is_fc1"] = opt.last_skip["param_index"] == 0 and opt.last_skip["step"] == 3
+    checks["nan/ranks_named"] = opt.last_skip["ranks"] == [1] and opt.last_skip["step"] == 3
+    checks["nan/first_param_is_fc1"] = opt.last_skip["param_index"] == (0 if rank == 1 else None)
     _run_steps(ddp, opt, rank, range(4, 6))
     checks["nan/trains_on"] = opt.consecutive_skips == 0 and not torch.equal(_flat(model), params_before)
     checks["nan/replicas_identical"] = _identical_across_ranks(_flat(model))

@@ -1,0 +1,192 @@
+"""Birder's transport-neutral compressor: m and b by canonical index, compress -> 1-bit collective -> packed result.
+
+Legend: T elements in the model, D elements in a chunk (a DDP bucket), P parameters in a chunk.
+
+The compressor knows nothing of DDP. It owns Birder's only persistent state,
+fp32 ``m`` and ``b`` for every element in canonical order (the order of its
+parameter list, each parameter flattened; 8 bytes per parameter, like AdamW),
+and runs one chunk of parameters at a time: the fused compress kernel (update
+m, b where the gradient is finite and the element active, draw one bit per
+element), then the 1-bit collective, returning the collective's packed result
+for the optimizer to decode straight into the update.
+
+A chunk is described by a small index map, not by a per-element index: for
+each of its P parameters its chunk-local start and its canonical offset
+(``seg_starts`` int64 [P+1], ``seg_canon`` int64 [P]). The kernels derive each
+element's canonical index from it, so the random draws, m and b do not depend
+on how DDP groups parameters into buckets (DDP rebuilds its buckets after the
+first iteration and on every resume), and there is no 2**31 cap.
+"""
+
+import dataclasses
+
+import torch
+
+import kernels
+from dist_supernet.comm import CommGroups, CommStats, Topology, WireBytes, build_collective, mix_seed
+from dist_supernet.comm.collectives import Packed, resolve_collective
+
+STAGE_COMPRESS = 0
+# Rank stand-in for the seed when every rank must draw the same bits (Birder
+# applied to an already averaged gradient, no 1-bit exchange).
+SHARED_DRAW_RANK = -1
+
+
+@dataclasses.dataclass
+class Chunk:
+    """A flat run of parameters (a DDP bucket, or all parameters in local mode) and its index map."""
+
+    params: tuple
+    positions: torch.Tensor  # int64 [P]: each parameter's position in the compressor's list
+    seg_starts: torch.Tensor  # int64 [P+1]: chunk-local start of each parameter
+    seg_canon: torch.Tensor  # int64 [P]: canonical index of each parameter's first element
+    numel: int
+
+    @property
+    def index_map(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.seg_starts, self.seg_canon
+
+
+class BirderCompressor:
+    """m, b and the 1-bit exchange of any flat chunk of ``params``.
+
+    Hyperparameters: ``beta`` (EMA factor of m and b), ``amsgrad`` (b = max(b_prev, b)),
+    ``seed`` (base of every random draw). Per-element state: ``m``, ``b`` (fp32 [T],
+    canonical order). Stats: ``stats`` (bytes on the wire, exchanges).
+
+    ``connect()`` attaches a 1-bit collective (a collective call on every rank,
+    it creates the process groups); without one, every rank draws the same bits
+    (local mode: the gradient is already the same everywhere).
+
+    Example::
+        comp = BirderCompressor(list(model.parameters()), beta=0.9)
+        comp.connect("two_phase")                       # on every rank
+        chunk = comp.chunk(list(model.parameters()))
+        flag = torch.zeros(1, dtype=torch.uint8)
+        packed = comp.exchange(flat_grad, chunk, flag=flag)   # a Packed result, same on every rank
+    """
+
+    def __init__(self, params, *, beta: float = 0.9, amsgrad: bool = False, seed: int = 0):
+        if not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
+            raise ValueError(f"beta={beta!r}: must be in [0, 1)")
+        # hyperparameters
+        self.beta = float(beta)
+        self.amsgrad = bool(amsgrad)
+        self.seed = int(seed)
+        self.collective = None
+        self.collective_name = None
+        self.topology = Topology.from_env()
+        self.groups = None
+        # per-element state, canonical order
+        self.params = list(params)
+        if len(set(map(id, self.params))) != len(self.params):
+            raise ValueError("Birder: a parameter appears twice in the parameter list")
+        self.position = {p: i for i, p in enumerate(self.params)}
+        self.offset = {}
+        total = 0
+        for p in self.params:
+            self.offset[p] = total
+            total += p.numel()
+        self.numel_total = total
+        device = self.params[0].device if self.params else torch.device("cpu")
+        self.device = device
+        self.m = torch.zeros(total, dtype=torch.float32, device=device)
+        self.b = torch.zeros(total, dtype=torch.float32, device=device)
+        self.step = 0
+        self._chunks = {}
+        # stats
+        self.stats = CommStats()
+
+    # -- set-up ------------------------------------------------------------------------
+
+    def connect(self, collective: str = "auto", *, requantize: bool = False, num_nodes: int | None = None,
+                timeout_s: float | None = None, inter_node: str = "auto") -> None:
+        """Attach the 1-bit ``collective`` (``auto``: two_phase on one node, hierarchical across nodes).
+
+        A collective call: every rank, same order (it creates the process groups).
+        """
+        if self.collective is not None:
+            raise RuntimeError("Birder: the compressor is already connected to a collective")
+        topology = Topology.from_env(num_nodes)
+        name = resolve_collective(collective, topology)
+        groups = CommGroups.create(topology, hierarchical=name == "hierarchical", timeout_s=timeout_s)
+        self.topology, self.groups = topology, groups
+        self.collective = build_collective(name, topology, groups, requantize=requantize, inter_node=inter_node)
+        self.collective_name = name
+
+    @property
+    def draw_rank(self) -> int:
+        return self.topology.rank if self.collective is not None else SHARED_DRAW_RANK
+
+    def step_seed(self, stage: int = STAGE_COMPRESS) -> int:
+        return mix_seed(self.seed, self.draw_rank, self.step, stage)
+
+    def chunk(self, params) -> Chunk:
+        """The chunk of ``params`` in this order (cached: DDP's buckets repeat every step)."""
+        key = tuple(map(id, params))
+        chunk = self._chunks.get(key)
+        if chunk is not None:
+            return chunk
+        for p in params:
+            if p not in self.offset:
+                raise ValueError("a DDP bucket holds a parameter that this Birder state does not manage")
+        numels = [p.numel() for p in params]
+        starts = [0]
+        for n in numels:
+            starts.append(starts[-1] + n)
+        chunk = Chunk(
+            params=tuple(params),
+            positions=torch.tensor([self.position[p] for p in params], dtype=torch.int64, device=self.device),
+            seg_starts=torch.tensor(starts, dtype=torch.int64, device=self.device),
+            seg_canon=torch.tensor([self.offset[p] for p in params], dtype=torch.int64, device=self.device),
+            numel=starts[-1],
+        )
+        # Chunks that share a parameter with this one are stale (DDP rebuilt its buckets); the state
+        # is by canonical index, so nothing needs moving.
+        members = set(key)
+        for other in [k for k in self._chunks if members.intersection(k)]:
+            del self._chunks[other]
+        self._chunks[key] = chunk
+        return chunk
+
+    def views(self, param) -> dict:
+        """``{"m", "b"}`` of ``param``: views of the flat state, shaped like the parameter."""
+        start, n = self.offset[param], param.numel()
+        return {"m": self.m[start : start + n].view(param.shape), "b": self.b[start : start + n].view(param.shape)}
+
+    # -- the exchange --------------------------------------------------------------------
+
+    def compress(self, grad_D: torch.Tensor, chunk: Chunk, *, mask_T=None, used_P=None, flag=None) -> torch.Tensor:
+        """Update m, b from this rank's gradient of ``chunk`` and draw its bits (uint8 [ceil(D/8)]).
+
+        Non-finite gradient elements never enter m and b; ``flag[0]`` is set to 1 if any active one is seen.
+        """
+        return kernels.compress(
+            grad_D, self.m, self.b, chunk.seg_starts, chunk.seg_canon,
+            beta=self.beta, seed=self.step_seed(STAGE_COMPRESS), mask_T=mask_T, used_P=used_P,
+            amsgrad=self.amsgrad, flag=flag,
+        )
+
+    def exchange(self, grad_D: torch.Tensor, chunk: Chunk, *, mask_T=None, used_P=None, flag=None,
+                 extra_wire: WireBytes | None = None, count_exchange: bool = True) -> Packed:
+        """Compress, then reduce 1 bit per element over the ranks: the packed sum, the same on every rank."""
+        bits_B = self.compress(grad_D, chunk, mask_T=mask_T, used_P=used_P, flag=flag)
+        if self.collective is None:
+            return Packed(bits_B.view(1, -1), planes=False, num_rows=1)
+        # The collective's own draws are keyed by the step, not by this rank: which rank
+        # owns an element's chunk depends on DDP's bucket layout, which a resume changes.
+        packed = self.collective.reduce_packed(bits_B, chunk.numel, chunk.index_map, seed=mix_seed(self.seed, self.step))
+        wire = self.collective.wire_bytes(chunk.numel)
+        if extra_wire is not None:
+            wire = wire + extra_wire
+        self.stats.add(wire, exchanges=int(count_exchange))
+        return packed
+
+    # -- persistence -----------------------------------------------------------------------
+
+    def load_flat(self, m: torch.Tensor, b: torch.Tensor) -> None:
+        """Copy saved flat m, b (canonical order, T elements each) into the live state."""
+        for name, saved, live in (("m", m, self.m), ("b", b, self.b)):
+            if saved.numel() != live.numel():
+                raise ValueError(f"Birder state {name} holds {saved.numel()} elements, this model {live.numel()}")
+            live.copy_(saved.reshape(-1).to(device=live.device, dtype=torch.float32))
