@@ -9,10 +9,14 @@ split's mean and std, ``y`` is int64 ``(N,)`` class ids.
 - ``npz``: your own ``.npz`` file with arrays ``x`` ((N, H, W), (N, C, H, W),
   or (N, D) with D a square number) and ``y`` ((N,) integer labels).
 
+Splits: ``val`` is what training looks at (``trainer.eval_every``, the
+supernet's search); ``test`` (``test_fraction`` > 0) is only scored for the
+reported numbers, so a subnet picked on val is not also graded on it.
+
 Example::
-    >>> ds = load_dataset("digits", val_fraction=0.2, split_seed=0)
-    >>> ds.x_train.shape[1:], ds.num_classes
-    (torch.Size([1, 8, 8]), 10)
+    >>> ds = load_dataset("digits", val_fraction=0.1, test_fraction=0.2, split_seed=0)
+    >>> ds.x_train.shape[1:], ds.num_classes, (len(ds.y_train), len(ds.y_val), len(ds.y_test))
+    (torch.Size([1, 8, 8]), 10, (1258, 180, 359))
 """
 
 import dataclasses
@@ -29,7 +33,7 @@ DATASETS = ("digits", "mnist5k", "npz")
 
 @dataclasses.dataclass
 class Dataset:
-    """A train/val split held in memory."""
+    """A train/val(/test) split held in memory; without a test split ``x_test`` has 0 rows."""
 
     name: str
     x_train: torch.Tensor  # (N_train, C, H, W) float32
@@ -37,6 +41,16 @@ class Dataset:
     x_val: torch.Tensor  # (N_val, C, H, W) float32
     y_val: torch.Tensor  # (N_val,) int64
     num_classes: int
+    x_test: torch.Tensor | None = None  # (N_test, C, H, W) float32; None -> empty
+    y_test: torch.Tensor | None = None  # (N_test,) int64
+
+    def __post_init__(self):
+        if self.x_test is None:
+            self.x_test, self.y_test = self.x_val[:0], self.y_val[:0]
+
+    @property
+    def has_test(self) -> bool:
+        return len(self.y_test) > 0
 
     @property
     def in_channels(self) -> int:
@@ -48,12 +62,15 @@ class Dataset:
 
 
 def load_dataset(
-    name: str, *, path: str | None = None, val_fraction: float = 0.2, split_seed: int = 0
+    name: str, *, path: str | None = None, val_fraction: float = 0.2, test_fraction: float = 0.0,
+    split_seed: int = 0,
 ) -> Dataset:
     """Load ``name`` (one of ``DATASETS``), split it and standardize it.
 
     The split is a permutation from ``split_seed``, so every rank and every run
-    with the same seed sees the same train and val sets. Raises ValueError naming
+    with the same seed sees the same train, val and test sets (val first, then
+    test, then train: ``test_fraction=0`` gives the same val set as before the
+    test split existed). Raises ValueError naming
     the config key for an unknown name, a missing file or a missing optional
     dependency.
     """
@@ -65,7 +82,7 @@ def load_dataset(
         x, y = _load_npz(path)
     else:
         raise ValueError(f"data.name={name}: expected one of {', '.join(DATASETS)}")
-    return _split(name, x, y, val_fraction, split_seed)
+    return _split(name, x, y, val_fraction, test_fraction, split_seed)
 
 
 def _load_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -131,22 +148,32 @@ def _load_npz(path: str | None) -> tuple[np.ndarray, np.ndarray]:
     return x.astype(np.float32), y.astype(np.int64)
 
 
-def _split(name, x: np.ndarray, y: np.ndarray, val_fraction: float, split_seed: int) -> Dataset:
+def _split(name, x: np.ndarray, y: np.ndarray, val_fraction: float, test_fraction: float,
+           split_seed: int) -> Dataset:
     num_val = int(round(len(x) * val_fraction))
     if not 0 < num_val < len(x):
         raise ValueError(
             f"data.val_fraction={val_fraction}: leaves {num_val} of {len(x)} samples for val"
         )
+    num_test = int(round(len(x) * test_fraction))
+    if not 0 <= test_fraction < 1 or (test_fraction > 0 and num_test == 0) or num_val + num_test >= len(x):
+        raise ValueError(
+            f"data.test_fraction={test_fraction}: leaves {num_test} of {len(x)} samples for test and "
+            f"{len(x) - num_val - num_test} for train"
+        )
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(split_seed))
     x_all, y_all = torch.from_numpy(x)[order], torch.from_numpy(y)[order]
-    x_train, x_val = x_all[num_val:], x_all[:num_val]
-    # One scalar mean/std from the training split: no val statistics leak in.
+    held_out = num_val + num_test
+    x_train = x_all[held_out:]
+    # One scalar mean/std from the training split: no val or test statistics leak in.
     mean, std = x_train.mean(), x_train.std().clamp_min(1e-6)
     return Dataset(
         name=name,
         x_train=(x_train - mean) / std,
-        y_train=y_all[num_val:],
-        x_val=(x_val - mean) / std,
+        y_train=y_all[held_out:],
+        x_val=(x_all[:num_val] - mean) / std,
         y_val=y_all[:num_val],
         num_classes=int(y.max()) + 1,
+        x_test=(x_all[num_val:held_out] - mean) / std,
+        y_test=y_all[num_val:held_out],
     )

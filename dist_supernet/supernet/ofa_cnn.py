@@ -85,6 +85,7 @@ class OFACNN(Supernet):
         width_mults: Sequence[float] = (0.75, 1.0),
         kernel_transform: bool = False,
         channel_divisor: int = 4,
+        zero_init_residual: bool = False,
     ):
         super().__init__()
         for key, value in (("in_channels", in_channels), ("image_size", image_size), ("num_classes", num_classes),
@@ -141,6 +142,14 @@ class OFACNN(Supernet):
                 )
             self.stages.append(blocks)
             max_in = width
+        if zero_init_residual:
+            # BigNAS: the last BN of every residual block starts at gamma = 0, so at init each such block is
+            # the identity and every depth computes what the shallowest subnet computes.
+            for blocks in self.stages:
+                for block in blocks:
+                    if block.residual:
+                        nn.init.zeros_(block.project.bn.weight)
+        self.zero_init_residual = bool(zero_init_residual)
         self.head = ElasticConvBNAct(max_in, self._channels(head_width, max_mult), (1,))
         self._set_input_sizes()
         self.classifier = ElasticLinear(self._channels(head_width, max_mult), num_classes)

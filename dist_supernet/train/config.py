@@ -120,6 +120,7 @@ class DataConfig:
     name: str = "digits"
     path: str | None = None
     val_fraction: float = 0.2
+    test_fraction: float = 0.0
     split_seed: int = 0
 
 
@@ -246,6 +247,8 @@ def _check_ranges(group: str, obj) -> None:
             _check(0 <= obj.momentum < 1, k("momentum"), obj.momentum, "must be in [0, 1)")
     elif group == "data":
         _check(0 < obj.val_fraction < 1, k("val_fraction"), obj.val_fraction, "must be in (0, 1)")
+        _check(0 <= obj.test_fraction < 1 - obj.val_fraction, k("test_fraction"), obj.test_fraction,
+               f"must be in [0, 1 - data.val_fraction={obj.val_fraction}) (0 = no test split)")
         if obj.name == "npz" or obj.path is not None:
             _check(obj.path is not None, k("path"), obj.path, "data=npz needs data.path=/path/to/file.npz")
             _check(os.path.isfile(obj.path), k("path"), obj.path, "file not found")

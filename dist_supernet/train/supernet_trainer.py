@@ -170,9 +170,9 @@ class SupernetTrainer(Trainer):
     # -- evaluation and the end ------------------------------------------------------------
 
     @torch.no_grad()
-    def evaluate(self) -> tuple[float, float]:
-        """Val loss and accuracy of the max subnet after BN recalibration (the supernet is left as it was)."""
-        return self.evaluator.score(self.model.max_arch())
+    def evaluate(self, split: str = "val") -> tuple[float, float]:
+        """Loss and accuracy of the max subnet on ``split`` after BN recalibration (the supernet is left as it was)."""
+        return self.evaluator.score(self.model.max_arch(), split=split)
 
     def _finish(self, last_row: dict | None, wall_time_s: float) -> dict:
         comp = self.cfg.compression

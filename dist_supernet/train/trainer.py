@@ -80,7 +80,7 @@ class Trainer:
         validate_layout(self.cfg.compression, world_size)
         trainer_cfg, data_cfg = self.cfg.trainer, self.cfg.data
         self.data = load_dataset(data_cfg.name, path=data_cfg.path, val_fraction=data_cfg.val_fraction,
-                                 split_seed=data_cfg.split_seed)
+                                 test_fraction=data_cfg.test_fraction, split_seed=data_cfg.split_seed)
         shard_size = len(self.data.y_train) // world_size
         if trainer_cfg.batch_size > shard_size:
             raise ConfigError("trainer.batch_size", trainer_cfg.batch_size,
@@ -270,11 +270,12 @@ class Trainer:
         return total_loss
 
     @torch.no_grad()
-    def evaluate(self) -> tuple[float, float]:
-        """Loss and accuracy on the val split; each rank scores an interleaved slice, summed over ranks."""
+    def evaluate(self, split: str = "val") -> tuple[float, float]:
+        """Loss and accuracy on the val (or test) split; each rank scores an interleaved slice, summed over ranks."""
         self.model.eval()
-        x = self.data.x_val[self.rank :: self.world_size].to(self.device)
-        y = self.data.y_val[self.rank :: self.world_size].to(self.device)
+        x_all, y_all = (self.data.x_val, self.data.y_val) if split == "val" else (self.data.x_test, self.data.y_test)
+        x = x_all[self.rank :: self.world_size].to(self.device)
+        y = y_all[self.rank :: self.world_size].to(self.device)
         logits = self.model(x)
         loss_sum = F.cross_entropy(logits, y, reduction="sum").item()
         correct = (logits.argmax(dim=1) == y).sum().item()
@@ -372,6 +373,8 @@ class Trainer:
             "host": platform.node(),
             "torch": torch.__version__,
         }
+        if self.data.has_test:  # scored once, at the end: nothing during training looked at it
+            summary["test_loss"], summary["test_accuracy"] = self.evaluate("test")
         summary.update(self.extra_summary())
         if not summary["params_in_sync"]:
             log.warning("parameters differ between ranks: sha256 %s", hashes)
@@ -379,8 +382,9 @@ class Trainer:
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             title = f"{comp.name}/{comp.collective}, {self.cfg.optim.name}, {self.world_size} ranks"
             self.metrics.plot_loss(self.output_dir / "loss.png", title=title)
-            log.info("done: loss %s, val accuracy %.4f, %.2f MiB sent, params in sync: %s -> %s",
-                     summary["final_loss"], summary["eval_accuracy"], summary["bytes_sent_total"] / 2**20,
+            test = f", test accuracy {summary['test_accuracy']:.4f}" if "test_accuracy" in summary else ""
+            log.info("done: loss %s, val accuracy %.4f%s, %.2f MiB sent, params in sync: %s -> %s",
+                     summary["final_loss"], summary["eval_accuracy"], test, summary["bytes_sent_total"] / 2**20,
                      summary["params_in_sync"], self.output_dir)
         return summary
 
