@@ -1,31 +1,43 @@
-"""Birder's compression kernels: Triton on CUDA tensors, pure torch elsewhere.
+"""Birder's compression kernels: numba on CPU tensors, Triton on CUDA tensors, pure torch as the contract.
 
-Every public function here has the same signature as its reference in
-:mod:`kernels.reference` (the contract: bit layout, random stream, state
-update) and dispatches on the device of its first tensor argument:
+Every public op here has the signature of its reference in :mod:`kernels.reference` (the
+contract: bit layout, random stream, state update, rounding) and dispatches on the device of
+its main tensor argument. The ops and their launchers are listed once, in
+:mod:`kernels.registry`. Backends (``set_backend`` or the ``DIST_SUPERNET_KERNELS``
+environment variable, read at import):
 
-- ``"auto"`` (default): Triton for CUDA tensors when triton imports, torch otherwise;
-- ``"torch"``: always the reference path;
-- ``"triton"``: always Triton (CPU tensors need ``TRITON_INTERPRET=1`` set
-  before this package is imported).
+- ``"auto"`` (default): Triton for CUDA tensors, numba for CPU tensors, each when it
+  imports; otherwise torch. CUDA tensors that fall back to torch because triton does not
+  import get one RuntimeWarning (that path is 10-50x slower);
+- ``"torch"``: always the reference;
+- ``"numba"``: numba for CPU tensors (CUDA tensors raise ValueError);
+- ``"triton"``: always Triton (CPU tensors need ``TRITON_INTERPRET=1`` set before the first
+  Triton module is imported).
 
-Importing this package never needs triton or a GPU.
+All backends give the same bits, m, b and x. Importing this package needs neither numba nor
+triton nor a GPU.
 
 Example::
     >>> import torch, kernels
-    >>> kernels.set_backend("torch")
     >>> bits = kernels.pack_bits(torch.tensor([True, False, True]))
     >>> int(bits[0])
     5
 """
 
+import functools
 import os
+import threading
+import warnings
 
 from kernels import reference
-from kernels.reference import count_bits, num_bytes, pack_bits, uniform, unpack_bits
+from kernels.reference import count_bits, index_map, num_bytes
+from kernels.registry import BACKENDS, OPS, implementation
 
-BACKENDS = ("auto", "torch", "triton")
-_backend = os.environ.get("DIST_SUPERNET_KERNELS", "auto")
+ENV_VAR = "DIST_SUPERNET_KERNELS"
+_backend = os.environ.get(ENV_VAR, "auto")
+_available: dict[str, bool] = {}
+_warned: set[str] = set()
+_lock = threading.Lock()
 
 
 def set_backend(name: str) -> None:
@@ -37,117 +49,135 @@ def set_backend(name: str) -> None:
 
 
 def get_backend() -> str:
+    """The backend in use; ValueError naming DIST_SUPERNET_KERNELS if it holds an unknown name."""
+    if _backend not in BACKENDS:
+        raise ValueError(f"{ENV_VAR}={_backend!r}: expected one of {', '.join(BACKENDS)}")
     return _backend
 
 
+def _importable(package: str) -> bool:
+    if package not in _available:
+        try:
+            __import__(package)
+            _available[package] = True
+        except Exception as error:  # a broken install raises more than ImportError
+            _available[package] = False
+            _available[package + ":error"] = f"{type(error).__name__}: {error}"
+    return _available[package]
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether triton imports (needed for CUDA tensors to take the fast path)."""
+    return _importable("triton")
 
 
-def _use_triton(tensor) -> bool:
-    if _backend == "torch":
-        return False
-    if _backend == "triton":
-        return True
-    return tensor.is_cuda and triton_available()
+def numba_available() -> bool:
+    """Whether numba imports (needed for CPU tensors to take the fast path)."""
+    return _importable("numba")
 
 
+def _warn_once(key: str, message: str) -> None:
+    with _lock:
+        if key in _warned:
+            return
+        _warned.add(key)
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
-def _triton_module(name: str):
-    import importlib
-
-    return importlib.import_module(f"kernels.ops.{name}")
-
-
-def compress(g, m, b, index, *, beta, seed, mask=None, amsgrad=False):
-    """Fused Birder compress; see :func:`kernels.reference.compress`."""
-    if _use_triton(g):
-        return _triton_module("compress").compress(
-            g, m, b, index, beta=beta, seed=seed, mask=mask, amsgrad=amsgrad
-        )
-    return reference.compress(g, m, b, index, beta=beta, seed=seed, mask=mask, amsgrad=amsgrad)
-
-
-def unpack_mean(packed_NB, numel, *, mask=None):
-    """N packed rows -> float32 mean of ±1; see :func:`kernels.reference.unpack_mean`."""
-    if _use_triton(packed_NB):
-        return _triton_module("unpack_mean").unpack_mean(packed_NB, numel, mask=mask)
-    return reference.unpack_mean(packed_NB, numel, mask=mask)
-
-
-def unpack_counts(packed_NB, numel):
-    """N packed rows -> int32 exact counts; see :func:`kernels.reference.unpack_counts`."""
-    if _use_triton(packed_NB):
-        return _triton_module("unpack_mean").unpack_counts(packed_NB, numel)
-    return reference.unpack_counts(packed_NB, numel)
+def backend_for(tensor) -> str:
+    """The backend ("torch", "numba" or "triton") that ops on ``tensor`` take now."""
+    backend = get_backend()
+    is_cuda = getattr(tensor, "is_cuda", False)
+    if backend == "torch":
+        return "torch"
+    if backend == "triton":
+        return "triton"
+    if backend == "numba":
+        if is_cuda:
+            raise ValueError(f"{ENV_VAR}=numba: numba kernels take CPU tensors, got a CUDA tensor")
+        return "numba"
+    if is_cuda:
+        if triton_available():
+            return "triton"
+        _warn_once("cuda-torch", "kernels: CUDA tensors take the pure-torch path because triton does not import "
+                   f"({_available.get('triton:error')}); compression will be 10-50x slower. Install triton, or set "
+                   f"{ENV_VAR}=torch to choose this path on purpose.")
+        return "torch"
+    if numba_available():
+        return "numba"
+    _warn_once("cpu-torch", "kernels: CPU tensors take the pure-torch path because numba does not import "
+               f"({_available.get('numba:error')}); compression will be ~10x slower. Install numba, or set "
+               f"{ENV_VAR}=torch to choose this path on purpose.")
+    return "torch"
 
 
-def counts_to_mean(counts, num_rows, *, mask=None):
-    """Exact counts -> float32 mean of ±1; see :func:`kernels.reference.counts_to_mean`."""
-    return reference.counts_to_mean(counts, num_rows, mask=mask)
+@functools.lru_cache(maxsize=None)
+def _resolved(name: str, backend: str):
+    return implementation(name, backend)
 
 
-def pack_counts(counts_D, num_planes):
-    """Counts -> K bit planes; see :func:`kernels.reference.pack_counts`."""
-    if _use_triton(counts_D):
-        return _triton_module("pack_counts").pack_counts(counts_D, num_planes)
-    return reference.pack_counts(counts_D, num_planes)
+def _device_tensor(op, args, kwargs):
+    position, keyword = op.device_arg
+    value = args[position] if len(args) > position else kwargs.get(keyword)
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else None
+    return value
 
 
-def unpack_planes(planes_KB, numel):
-    """K bit planes -> int32 counts; see :func:`kernels.reference.unpack_planes`."""
-    if _use_triton(planes_KB):
-        return _triton_module("pack_counts").unpack_planes(planes_KB, numel)
-    return reference.unpack_planes(planes_KB, numel)
+def _make_public(op):
+    @functools.wraps(op.reference)
+    def public(*args, **kwargs):
+        return _resolved(op.name, backend_for(_device_tensor(op, args, kwargs)))(*args, **kwargs)
+
+    public.__module__ = __name__
+    public.__doc__ = f"Dispatched :func:`kernels.reference.{op.name}` (see kernels.registry).\n\n" + (
+        op.reference.__doc__ or "")
+    return public
 
 
-def requantize(counts, num_rows, index, *, seed):
-    """Exact counts -> 1 unbiased bit each; see :func:`kernels.reference.requantize`."""
-    if _use_triton(counts):
-        return _triton_module("requantize").requantize(counts, num_rows, index, seed=seed)
-    return reference.requantize(counts, num_rows, index, seed=seed)
+for _name, _op in OPS.items():
+    globals()[_name] = _make_public(_op)
+del _name, _op
 
 
-def apply_update_(x, update, *, lr, weight_decay, mask=None):
-    """x -= lr * (update + weight_decay * x); see :func:`kernels.reference.apply_update_`."""
-    if _use_triton(x):
-        return _triton_module("apply_update").apply_update_(
-            x, update, lr=lr, weight_decay=weight_decay, mask=mask
-        )
-    return reference.apply_update_(x, update, lr=lr, weight_decay=weight_decay, mask=mask)
+def warmup(device, bucket_numels=()) -> None:
+    """Compile (or load from cache) and autotune every kernel before the first step, off the hot path.
 
+    CPU: each numba kernel runs once on a tiny input (loading its cached machine code, or
+    compiling it the first time on this machine). CUDA: Triton's autotuner runs on dummy
+    tensors of each bucket size in ``bucket_numels`` (see kernels.ops._launch.autotune_warmup),
+    so tuning does not happen inside the first backward on the comm thread.
 
-def apply_packed_(x, packed_NB, *, lr, weight_decay, mask=None):
-    """x -= lr * (mean of N packed rows + wd * x), fused; see :func:`kernels.reference.apply_packed_`."""
-    if _use_triton(x):
-        return _triton_module("apply_packed").apply_packed_(
-            x, packed_NB, lr=lr, weight_decay=weight_decay, mask=mask
-        )
-    return reference.apply_packed_(x, packed_NB, lr=lr, weight_decay=weight_decay, mask=mask)
+    Example::
+        >>> kernels.warmup("cpu")
+    """
+    import torch
+
+    device = torch.device(device)
+    backend = backend_for(torch.empty(0, device=device))
+    if backend == "triton" and device.type == "cuda":
+        from kernels.ops import _launch
+
+        _launch.autotune_warmup(bucket_numels, device)
+    elif backend == "numba":
+        import kernels.cpu
+
+        kernels.cpu.warmup()
 
 
 __all__ = [
     "BACKENDS",
-    "apply_packed_",
-    "apply_update_",
-    "compress",
+    "ENV_VAR",
+    "OPS",
+    "backend_for",
     "count_bits",
-    "counts_to_mean",
     "get_backend",
+    "index_map",
     "num_bytes",
-    "pack_bits",
-    "pack_counts",
-    "requantize",
+    "numba_available",
+    "reference",
     "set_backend",
     "triton_available",
-    "uniform",
-    "unpack_bits",
-    "unpack_counts",
-    "unpack_mean",
-    "unpack_planes",
+    "warmup",
+    *OPS,
 ]

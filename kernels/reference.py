@@ -415,19 +415,26 @@ def apply_update_(
     return x.copy_(new)
 
 
-def payload_counts(payload: torch.Tensor, *, planes: bool, numel: int) -> torch.Tensor:
-    """int32 [numel] exact counts of a chunk's packed result: N rows of bits, or [R, K, Cb] planes."""
+def check_payload(payload: torch.Tensor, *, planes: bool, numel: int) -> None:
+    """Validate a chunk's packed result: uint8 [N, B'] rows (planes=False) or [R, K, Cb] planes holding numel."""
     if planes:
         if payload.dim() != 3 or payload.dtype != torch.uint8:
             raise ValueError(f"payload: expected uint8 [R, K, Cb] with planes=True, got {payload.dtype} {list(payload.shape)}")
-        rows, _, row_bytes = payload.shape
-        if rows * row_bytes * 8 < numel:
-            raise ValueError(f"payload holds {rows * row_bytes * 8} elements, too few for numel={numel}")
-        return unpack_planes(payload, row_bytes * 8).reshape(-1)[:numel]
+        capacity = payload.shape[0] * payload.shape[2] * 8
+        if capacity < numel:
+            raise ValueError(f"payload holds {capacity} elements, too few for numel={numel}")
+        return
     if payload.dim() != 2 or payload.dtype != torch.uint8:
         raise ValueError(f"payload: expected uint8 [N, B] with planes=False, got {payload.dtype} {list(payload.shape)}")
     if payload.shape[1] * 8 < numel:
         raise ValueError(f"payload has {payload.shape[1]} bytes per row, too few for numel={numel}")
+
+
+def payload_counts(payload: torch.Tensor, *, planes: bool, numel: int) -> torch.Tensor:
+    """int32 [numel] exact counts of a chunk's packed result (see :func:`check_payload`)."""
+    check_payload(payload, planes=planes, numel=numel)
+    if planes:
+        return unpack_planes(payload, payload.shape[2] * 8).reshape(-1)[:numel]
     return unpack_counts(payload, numel)
 
 
