@@ -1,21 +1,28 @@
 """Launch helpers shared by the Triton kernels of this package (no kernel here).
 
-Block sizes: every kernel here is memory-bandwidth bound and works on whole
-bytes of the packed output (8 elements per byte), so one tuning knob,
-BLOCK_BYTES, plus num_warps, covers them all. The default below (1024 bytes =
-8192 elements per program, 8 warps) was NOT measured on a GPU: no GPU was
-available when these kernels were written, so on CUDA ``triton.autotune``
-picks among ``byte_block_configs()`` per size class, and under the CPU
-interpreter (TRITON_INTERPRET=1) the default is used without tuning, because
-large blocks keep the interpreter fast (it pays per program, not per element).
+Block sizes: every kernel here is memory-bandwidth bound and works on whole bytes of the
+packed output (8 elements per byte), so one tuning knob, BLOCK_BYTES, plus num_warps, covers
+them all. The default below (1024 bytes = 8192 elements per program, 8 warps) was NOT
+measured on a GPU: no GPU was available when these kernels were written, so on CUDA
+``triton.autotune`` picks among ``byte_block_configs()`` per size class, ahead of the first
+step when :func:`autotune_warmup` is called (``kernels.warmup``), and under the CPU
+interpreter (TRITON_INTERPRET=1) the default is used without tuning, because large blocks
+keep the interpreter fast (it pays per program, not per element).
+
+Rounding: every launch passes ``enable_fp_fusion=False`` (:data:`LAUNCH_OPTIONS`), so the
+compiler does not contract ``a * b + c`` into an fma: m, b and x round as the contract in
+:mod:`kernels.reference` says (issue 11: with fusion on, m and b differed at 4097 elements).
 """
+
+import os
 
 import torch
 import triton
 
 DEFAULT_BLOCK_BYTES = 1024  # unmeasured on GPU, see the module docstring
 DEFAULT_NUM_WARPS = 8  # unmeasured on GPU, see the module docstring
-MAX_NUMEL = 2**31 - 1  # offsets and canonical indices are int32
+MAX_NUMEL = 2**31 - 1  # chunk-local offsets are int32 in the kernels; canonical indices are int64
+LAUNCH_OPTIONS = {"enable_fp_fusion": False}  # no fma contraction: the contract's rounding
 
 
 def byte_block_configs() -> list:
@@ -28,7 +35,11 @@ def byte_block_configs() -> list:
 
 
 def interpreting() -> bool:
-    return bool(triton.knobs.runtime.interpret)
+    """Whether Triton runs in its CPU interpreter (``triton.knobs`` exists from Triton 3.3 only)."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 def keep_default_when_interpreting(configs, named_args, **kwargs):
@@ -48,6 +59,11 @@ def size_class(numel: int) -> int:
     return max(int(numel) - 1, 0).bit_length()
 
 
+def search_steps(num_segments: int) -> int:
+    """Binary-search steps that find any element's segment among num_segments: ceil(log2(P))."""
+    return max(int(num_segments) - 1, 0).bit_length()
+
+
 def seed_halves(seed: int) -> tuple[int, int]:
     """The low and high 32 bits of a 64-bit seed, each as the int32 with the same bits."""
     halves = []
@@ -58,7 +74,7 @@ def seed_halves(seed: int) -> tuple[int, int]:
 
 def check_numel(numel: int) -> None:
     if numel > MAX_NUMEL:
-        raise ValueError(f"numel={numel}: the Triton kernels take at most {MAX_NUMEL} elements per call")
+        raise ValueError(f"numel={numel}: the Triton kernels take at most {MAX_NUMEL} elements per chunk")
 
 
 def check_same_numel(name: str, tensor: torch.Tensor, numel: int) -> None:
@@ -66,18 +82,60 @@ def check_same_numel(name: str, tensor: torch.Tensor, numel: int) -> None:
         raise ValueError(f"{name} has {tensor.numel()} elements, expected {numel}")
 
 
-def mask_bytes(mask: torch.Tensor | None, numel: int) -> torch.Tensor | None:
-    """A bool mask as a flat contiguous uint8 view (Triton loads uint8 portably; bool is stored 1 byte)."""
+def mask_bytes(mask: torch.Tensor | None, numel: int | None = None) -> torch.Tensor | None:
+    """A bool/uint8 mask as a flat contiguous uint8 view (Triton loads uint8 portably; bool is 1 byte)."""
     if mask is None:
         return None
-    if mask.dtype != torch.bool:
-        raise ValueError(f"mask dtype={mask.dtype}: expected torch.bool")
-    check_same_numel("mask", mask, numel)
-    return mask.reshape(-1).contiguous().view(torch.uint8)
+    if mask.dtype not in (torch.bool, torch.uint8):
+        raise ValueError(f"mask dtype={mask.dtype}: expected torch.bool or torch.uint8")
+    if numel is not None:
+        check_same_numel("mask", mask, numel)
+    flat = mask.reshape(-1).contiguous()
+    return flat.view(torch.uint8) if flat.dtype == torch.bool else flat
 
 
-def check_inplace(name: str, tensor: torch.Tensor, numel: int) -> None:
+def check_inplace(name: str, tensor: torch.Tensor, numel: int | None = None) -> None:
     """State updated in place must be flat-addressable: a copy would silently drop the update."""
-    check_same_numel(name, tensor, numel)
+    if numel is not None:
+        check_same_numel(name, tensor, numel)
     if not tensor.is_contiguous():
         raise ValueError(f"{name} must be contiguous: it is updated in place")
+
+
+def autotune_warmup(bucket_numels, device, *, num_rows: int = 2, chunk_numels=()) -> None:
+    """Run the autotuner of every kernel on dummy tensors of the real sizes, before the first step.
+
+    bucket_numels: the element counts of the chunks that compress and apply_packed_ will see
+    (DDP's buckets); chunk_numels: those of the collective's chunks (requantize, pack_counts,
+    unpack_planes; default: each bucket split over num_rows ranks). Tuning results are cached
+    per size class (ceil(log2(numel))) and dtype, so the first backward does not benchmark
+    configs on the comm thread while collectives are in flight. A no-op under the interpreter.
+
+    Example::
+        >>> autotune_warmup([25_000_000, 3_000_000], "cuda", num_rows=8)
+    """
+    if interpreting():
+        return
+    from kernels.ops import apply_packed, compress, pack_counts, requantize, unpack_counts, unpack_mean, unpack_planes
+
+    device = torch.device(device)
+    num_planes = max(1, int(num_rows).bit_length())
+    chunk_numels = list(chunk_numels) or [-(-int(n) // num_rows) for n in bucket_numels]
+    for numel in sorted({int(n) for n in bucket_numels if int(n) > 0}):
+        g = torch.zeros(numel, device=device)
+        starts = torch.tensor([0, numel], dtype=torch.int64, device=device)
+        canon = torch.zeros(1, dtype=torch.int64, device=device)
+        compress.compress(g, torch.zeros_like(g), torch.zeros_like(g), starts, canon, beta=0.9, seed=0)
+        rows = torch.zeros((num_rows, (numel + 7) // 8), dtype=torch.uint8, device=device)
+        unpack_mean.unpack_mean(rows, numel)
+        unpack_counts.unpack_counts(rows, numel)
+        one = torch.ones(1, device=device)
+        apply_packed.apply_packed_([g], starts, canon, rows, planes=False, num_rows=num_rows, lr_P=one, wd_P=one)
+        del g, rows
+    for numel in sorted({int(n) for n in chunk_numels if int(n) > 0}):
+        counts = torch.zeros(numel, dtype=torch.int32, device=device)
+        starts = torch.tensor([0, numel], dtype=torch.int64, device=device)
+        canon = torch.zeros(1, dtype=torch.int64, device=device)
+        requantize.requantize(counts, num_rows, starts, canon, 0, seed=0)
+        planes = pack_counts.pack_counts(counts, num_planes)
+        unpack_planes.unpack_planes(planes, numel)

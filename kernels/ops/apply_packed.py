@@ -1,109 +1,165 @@
-"""Fused decompress-and-apply: x -= lr * (mean of N packed rows of +-1 + weight_decay * x).
+"""Fused decode-and-apply of one chunk: x -= lr * (mean + wd * x) for every active element.
 
-The same result as :func:`kernels.ops.unpack_mean.unpack_mean` followed by
-:func:`kernels.ops.apply_update.apply_update_`, without the float32 update ever
-touching memory: N / 8 bytes of packed rows plus 8 bytes of fp32 x per
-element, instead of N / 8 + 4 (unpack) and 12 (apply). Contract:
-:func:`kernels.reference.apply_packed_`.
+One launch per chunk (not per parameter): each program decodes a [BLOCK_BYTES, 8] tile of
+the chunk's packed result (N rows of bits, or [R, K, Cb] exact-count planes) in registers,
+finds each element's segment (binary search over seg_starts), and updates the parameter
+through a table of data pointers (int64 [P], cast to float32 pointers in the kernel; this
+runs under TRITON_INTERPRET=1 too). ū never touches memory: N / 8 bytes of payload plus
+8 bytes of fp32 x per element (+1 for the mask). Parameters that are not contiguous fp32
+(bf16, fp16, channels_last) are updated through an fp32 contiguous copy written back once:
+the same values, since the update is fp32 and rounds once to x's dtype. Launched with
+enable_fp_fusion=False. Contract: :func:`kernels.reference.apply_packed_`.
 
-Legend: N rows, D elements, B bytes per row (B >= ceil(D / 8)).
+Legend: D elements of the chunk, P segments, N rows (or R chunk rows of K planes, Cb bytes).
 """
 
 import torch
 import triton
 import triton.language as tl
 
+from kernels import reference
 from kernels.ops import _launch
+from kernels.ops._segments import canonical_index
 
 
 @triton.autotune(
     configs=_launch.byte_block_configs(),
     key=["size_class"],
     prune_configs_by={"early_config_prune": _launch.keep_default_when_interpreting},
-    restore_value=["x_ptr"],  # tuning runs the kernel several times: undo its in-place update
+    # x lives behind the pointer table, which autotune cannot restore: tuning (only ever on
+    # dummy parameters, see _launch.autotune_warmup, or a first real call) moves x several
+    # times; autotune_warmup runs before the first step so real calls reuse a cached config.
 )
-@triton.jit(do_not_specialize=["num_rows"])
+@triton.jit(do_not_specialize=["num_rows", "state_offset"])
 def _apply_packed_kernel(
-    x_ptr,  # [D] parameters (fp32 / bf16 / fp16), updated in place
-    packed_ptr,  # [N, B] uint8 packed rows, row r starts at packed_ptr + r * row_stride
-    mask_ptr,  # [D] uint8 view of the bool mask; unused unless HAS_MASK
+    address_ptr,  # [P] int64 data pointers of the fp32 contiguous parameters (0: empty segment)
+    seg_starts_ptr,  # [P + 1] int64 chunk-local segment starts
+    seg_canon_ptr,  # [P] int64 canonical index of each segment's first element
+    payload_ptr,  # uint8 payload: N rows [N, B'] (PLANES False) or planes [R, K, Cb] (PLANES True)
+    lr_ptr,  # [P] fp32 learning rate per segment
+    wd_ptr,  # [P] fp32 weight decay per segment
+    mask_ptr,  # [T] uint8 view of the bool mask; unused unless HAS_MASK
+    used_ptr,  # [P] uint8 (0 = unused segment); unused unless HAS_USED
     numel,  # D
-    num_rows,  # N
-    row_stride,  # bytes between rows of packed
-    lr,  # fp32 learning rate
-    weight_decay,  # fp32 decoupled weight decay; unused unless HAS_WEIGHT_DECAY
+    num_segments,  # P (>= 1)
+    num_steps,  # ceil(log2(P))
+    num_rows,  # N: the mean is (2 count - N) / N
+    num_planes,  # rows of bits (PLANES False) or planes per chunk row (PLANES True)
+    plane_stride,  # bytes between rows of bits / between planes
+    row_bytes,  # Cb (PLANES True): bytes per plane of one chunk row
+    row_stride,  # bytes between chunk rows (PLANES True)
+    state_offset,  # canonical index of mask_ptr[0]
     size_class,  # autotune key only: ceil(log2(D))
-    HAS_WEIGHT_DECAY: tl.constexpr,  # the reference skips x * wd when wd == 0 (matters for inf x)
-    HAS_MASK: tl.constexpr,  # elements where the mask is False are not written
-    BLOCK_BYTES: tl.constexpr,  # bytes of each row per program (8 elements each)
+    PLANES: tl.constexpr,  # count = sum_k bit_k << k over the planes of row j // (8 Cb)
+    HAS_MASK: tl.constexpr,
+    HAS_USED: tl.constexpr,
+    BLOCK_BYTES: tl.constexpr,  # payload bytes per program (8 elements each)
 ):
     byte = tl.program_id(0) * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
     bit = tl.arange(0, 8)
-    offsets = byte[:, None] * 8 + bit[None, :]
+    offsets = byte[:, None].to(tl.int64) * 8 + bit[None, :]
     in_range = offsets < numel
     byte_in_range = byte * 8 < numel
 
+    if PLANES:
+        chunk_row = byte // row_bytes
+        source = payload_ptr + chunk_row.to(tl.int64) * row_stride + (byte - chunk_row * row_bytes)
+    else:
+        source = payload_ptr + byte
     count = tl.zeros((BLOCK_BYTES, 8), dtype=tl.int32)
-    row_ptr = packed_ptr
-    for _ in range(num_rows):
-        row = tl.load(row_ptr + byte, mask=byte_in_range, other=0).to(tl.int32)
-        count += (row[:, None] >> bit[None, :]) & 1
-        row_ptr += row_stride
-    # As unpack_mean (IEEE division), then as apply_update_ (fp32, one fma, one final rounding).
-    step = tl.div_rn((count * 2 - num_rows).to(tl.float32), num_rows.to(tl.float32))
+    for plane in range(num_planes):
+        value = tl.load(source + plane * plane_stride, mask=byte_in_range, other=0).to(tl.int32)
+        if PLANES:
+            count += ((value[:, None] >> bit[None, :]) & 1) << plane
+        else:
+            count += (value[:, None] >> bit[None, :]) & 1
+    # (2 count - N) is exact in fp32; div_rn: IEEE division, the one rounding of the contract
+    mean = tl.div_rn((count * 2 - num_rows).to(tl.float32), num_rows.to(tl.float32))
 
+    canon, seg = canonical_index(seg_starts_ptr, seg_canon_ptr, offsets, num_segments, num_steps)
+    active = in_range
     if HAS_MASK:
-        in_range = in_range & (tl.load(mask_ptr + offsets, mask=in_range, other=0) != 0)
-    x = tl.load(x_ptr + offsets, mask=in_range, other=0.0)
-    if HAS_WEIGHT_DECAY:
-        step = step + x.to(tl.float32) * weight_decay
-    x_new = tl.fma(-lr, step, x.to(tl.float32))
-    tl.store(x_ptr + offsets, x_new.to(x.dtype), mask=in_range)
+        active = active & (tl.load(mask_ptr + (canon - state_offset), mask=in_range, other=0) != 0)
+    if HAS_USED:
+        active = active & (tl.load(used_ptr + seg, mask=in_range, other=0) != 0)
+    address = tl.load(address_ptr + seg, mask=in_range, other=0)
+    x_ptr = address.to(tl.pointer_type(tl.float32), bitcast=True) + (offsets - tl.load(seg_starts_ptr + seg))
+    lr = tl.load(lr_ptr + seg, mask=in_range, other=0.0)
+    wd = tl.load(wd_ptr + seg, mask=in_range, other=0.0)
+    x = tl.load(x_ptr, mask=active, other=0.0)
+    # the contract's rounding, no fma: t = fl(wd x); s = fl(mean + t); x = fl(x - fl(lr s))
+    x_new = x - lr * (mean + wd * x)
+    tl.store(x_ptr, x_new, mask=active)
 
 
-def apply_packed_(
-    x: torch.Tensor,
-    packed_NB: torch.Tensor,
-    *,
-    lr: float,
-    weight_decay: float,
-    mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Triton twin of :func:`kernels.reference.apply_packed_`; returns x (contiguous, updated in place).
+def apply_packed_(xs, seg_starts, seg_canon, payload, *, planes, num_rows, lr_P, wd_P, mask_T=None, used_P=None,
+                  state_offset=0):
+    """Triton twin of :func:`kernels.reference.apply_packed_` (same values; xs updated in place).
 
     Example::
-        >>> x = torch.ones(3, device="cuda")
-        >>> rows = torch.tensor([[0b101], [0b101]], dtype=torch.uint8, device="cuda")
-        >>> apply_packed_(x, rows, lr=0.5, weight_decay=0.0).tolist()
-        [0.5, 1.5, 0.5]
+        >>> xs = [torch.ones(2, device="cuda"), torch.ones(1, device="cuda")]
+        >>> starts, canon = kernels.index_map([2, 1], device="cuda")
+        >>> rows = torch.tensor([[5], [5]], dtype=torch.uint8, device="cuda")
+        >>> lr, wd = torch.tensor([0.5, 0.25], device="cuda"), torch.zeros(2, device="cuda")
+        >>> apply_packed_(xs, starts, canon, rows, planes=False, num_rows=2, lr_P=lr, wd_P=wd)
+        >>> xs[0].tolist(), xs[1].tolist()
+        ([0.5, 1.5], [0.75])
     """
-    numel = x.numel()
+    num_segments = reference.check_index_map(seg_starts, seg_canon)
+    if len(xs) != num_segments:
+        raise ValueError(f"xs has {len(xs)} tensors, expected one per segment ({num_segments})")
+    numel = sum(x.numel() for x in xs)  # host metadata only: seg_starts stays on the device
     _launch.check_numel(numel)
-    _launch.check_inplace("x", x, numel)
-    if packed_NB.dim() != 2 or packed_NB.dtype != torch.uint8:
-        raise ValueError(f"packed_NB: expected uint8 [N, B], got {packed_NB.dtype} {list(packed_NB.shape)}")
-    if packed_NB.shape[1] * 8 < numel:
-        raise ValueError(f"packed_NB has {packed_NB.shape[1]} bytes per row, too few for numel={numel}")
     if numel == 0:
-        return x
-    if packed_NB.shape[0] == 0:
-        raise ValueError("packed_NB has no rows: the mean of 0 rows is undefined")
-    if packed_NB.stride(1) != 1:
-        packed_NB = packed_NB.contiguous()
-    mask_u8 = _launch.mask_bytes(mask, numel)
+        return
+    if num_rows <= 0:
+        raise ValueError(f"num_rows={num_rows}: expected at least one counted row")
+    reference.check_payload(payload, planes=planes, numel=numel)
+    if payload.stride(-1) != 1:
+        payload = payload.contiguous()
+    device = payload.device
+    staged = []  # (parameter, fp32 contiguous copy) for the parameters the kernel cannot address
+    addresses = []
+    for x in xs:
+        target = x
+        if x.numel() and (x.dtype != torch.float32 or not x.is_contiguous()):
+            target = x.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+            staged.append((x, target))
+        addresses.append(target.data_ptr() if x.numel() else 0)
+    address_P = torch.tensor(addresses, dtype=torch.int64).to(device, non_blocking=True)
+    mask_u8 = _launch.mask_bytes(mask_T)
+    used_u8 = _launch.mask_bytes(used_P)
+    if planes:
+        num_planes, plane_stride = payload.shape[1], payload.stride(1)
+        row_bytes, row_stride = payload.shape[2], payload.stride(0)
+    else:
+        num_planes, plane_stride = payload.shape[0], payload.stride(0)
+        row_bytes, row_stride = payload.shape[1], 0
     num_bytes = (numel + 7) // 8
     grid = lambda meta: (triton.cdiv(num_bytes, meta["BLOCK_BYTES"]),)  # noqa: E731
     _apply_packed_kernel[grid](
-        x,
-        packed_NB,
-        packed_NB if mask_u8 is None else mask_u8,
+        address_P,
+        seg_starts.contiguous(),
+        seg_canon.contiguous(),
+        payload,
+        lr_P.to(torch.float32).contiguous(),
+        wd_P.to(torch.float32).contiguous(),
+        address_P if mask_u8 is None else mask_u8,
+        address_P if used_u8 is None else used_u8,
         numel,
-        packed_NB.shape[0],
-        packed_NB.stride(0),
-        float(lr),
-        float(weight_decay),
+        num_segments,
+        _launch.search_steps(num_segments),
+        int(num_rows),
+        num_planes,
+        plane_stride,
+        row_bytes,
+        row_stride,
+        int(state_offset),
         _launch.size_class(numel),
-        HAS_WEIGHT_DECAY=weight_decay != 0.0,
+        PLANES=bool(planes),
         HAS_MASK=mask_u8 is not None,
+        HAS_USED=used_u8 is not None,
+        **_launch.LAUNCH_OPTIONS,
     )
-    return x
+    for x, target in staged:
+        x.copy_(target.view(x.shape))

@@ -1,12 +1,12 @@
 """Decoupled-weight-decay update in place: x -= lr * (update + weight_decay * x).
 
-Elementwise over flat x: reads x and update, writes x (12 bytes per fp32
-element, +1 for the mask). Arithmetic is fp32 whatever x's dtype, rounded once
-to x's dtype at the store; the torch reference rounds each intermediate to
-x's dtype, so bf16/fp16 parameters can differ from it by one unit in the last
-place. Contract: :func:`kernels.reference.apply_update_`. See
-:mod:`kernels.ops.apply_packed` for the variant that reads packed rows instead of
-a float update.
+Elementwise over x in its logical order: reads x and update, writes x (12 bytes per fp32
+element, +1 for the mask). Arithmetic is fp32 whatever x's dtype, each product rounded
+(launched with enable_fp_fusion=False), rounded once to x's dtype at the store, exactly as
+:func:`kernels.reference.apply_update_`. A parameter that is not contiguous (channels_last,
+a transposed view) is updated through a contiguous copy written back once, so its mask and
+update apply to the logical elements (issue 11). See :mod:`kernels.ops.apply_packed` for the
+variant that reads packed rows instead of a float update.
 
 Legend: D elements.
 """
@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import reference
 from kernels.ops import _launch
 
 
@@ -26,7 +27,7 @@ from kernels.ops import _launch
 )
 @triton.jit
 def _apply_update_kernel(
-    x_ptr,  # [D] parameters (fp32 / bf16 / fp16), updated in place
+    x_ptr,  # [D] parameters (fp32 / bf16 / fp16), contiguous, updated in place
     update_ptr,  # [D] update (any float dtype), read
     mask_ptr,  # [D] uint8 view of the bool mask; unused unless HAS_MASK
     numel,  # D
@@ -45,23 +46,14 @@ def _apply_update_kernel(
     step = tl.load(update_ptr + offsets, mask=in_range, other=0.0).to(tl.float32)
     if HAS_WEIGHT_DECAY:
         step = step + x.to(tl.float32) * weight_decay
-    # Written as the reference's x.sub_(step, alpha=lr), which torch evaluates as one fma.
-    x_new = tl.fma(-lr, step, x.to(tl.float32))
+    x_new = x.to(tl.float32) - lr * step  # two roundings: the product, then the difference
     tl.store(x_ptr + offsets, x_new.to(x.dtype), mask=in_range)
 
 
-def apply_update_(
-    x: torch.Tensor,
-    update: torch.Tensor,
-    *,
-    lr: float,
-    weight_decay: float,
-    mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Triton twin of :func:`kernels.reference.apply_update_`; returns x.
+def apply_update_(x, update, *, lr, weight_decay, mask=None):
+    """Triton twin of :func:`kernels.reference.apply_update_`; returns x, updated in place.
 
-    x must be contiguous (it is updated in place); update and mask are read as
-    flat arrays with x's number of elements.
+    update and mask are read as flat arrays in x's logical order.
 
     Example::
         >>> x = torch.ones(3, device="cuda")
@@ -70,22 +62,25 @@ def apply_update_(
     """
     numel = x.numel()
     _launch.check_numel(numel)
-    _launch.check_inplace("x", x, numel)
     _launch.check_same_numel("update", update, numel)
     if numel == 0:
         return x
+    target = x if x.is_contiguous() else x.contiguous()
     mask_u8 = _launch.mask_bytes(mask, numel)
     update_flat = update.reshape(-1).contiguous()
     grid = lambda meta: (triton.cdiv(numel, meta["BLOCK_BYTES"] * 8),)  # noqa: E731
     _apply_update_kernel[grid](
-        x,
+        target,
         update_flat,
         update_flat if mask_u8 is None else mask_u8,
         numel,
-        float(lr),
-        float(weight_decay),
+        reference.as_float32(lr),
+        reference.as_float32(weight_decay),
         _launch.size_class(numel),
         HAS_WEIGHT_DECAY=weight_decay != 0.0,
         HAS_MASK=mask_u8 is not None,
+        **_launch.LAUNCH_OPTIONS,
     )
+    if target is not x:
+        x.copy_(target)
     return x

@@ -5,8 +5,7 @@ Plane j is the packed bit array of bit j of every count, so a count in
 [BLOCK_BYTES, 8] tile of counts once and writes one byte per plane: 4 bytes
 read (int32) and K / 8 written per element. Contract:
 :func:`kernels.reference.pack_counts`; the inverse lives in
-:mod:`kernels.ops.unpack_planes` and is re-exported here, where the dispatch
-looks for it.
+:mod:`kernels.ops.unpack_planes`.
 
 Legend: D elements, K planes, B = ceil(D / 8) bytes per plane.
 """
@@ -16,7 +15,6 @@ import triton
 import triton.language as tl
 
 from kernels.ops import _launch
-from kernels.ops.unpack_planes import unpack_planes  # noqa: F401  (dispatch: kernels.ops.pack_counts.unpack_planes)
 
 
 @triton.autotune(
@@ -68,5 +66,7 @@ def pack_counts(counts_D: torch.Tensor, num_planes: int) -> torch.Tensor:
     if counts.dtype not in (torch.int32, torch.int64):
         counts = counts.to(torch.int32)
     grid = lambda meta: (triton.cdiv(num_bytes, meta["BLOCK_BYTES"]),)  # noqa: E731
-    _pack_counts_kernel[grid](counts, planes, numel, num_bytes, num_planes, _launch.size_class(numel))
+    _pack_counts_kernel[grid](
+        counts, planes, numel, num_bytes, num_planes, _launch.size_class(numel), **_launch.LAUNCH_OPTIONS
+    )
     return planes

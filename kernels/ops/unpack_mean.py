@@ -1,10 +1,9 @@
-"""Unpack-and-average: N packed rows of +-1 -> exact counts or the float32 mean.
+"""Unpack-and-average: N packed rows of +-1 -> the float32 mean (2 * count - N) / N.
 
-One kernel serves both launchers: it popcounts bit i of every row in
-registers (a loop over the N rows, each a coalesced read of BLOCK_BYTES bytes)
-and writes either the int32 count or (2 * count - N) / N. Traffic: N / 8
-bytes read and 4 bytes written per element (+1 byte for the mask).
-Contract: :func:`kernels.reference.unpack_mean`, :func:`kernels.reference.unpack_counts`.
+Each program popcounts bit i of every row in registers (a loop over the N rows, each a
+coalesced read of BLOCK_BYTES bytes), as :mod:`kernels.ops.unpack_counts`, and writes the
+mean; the counts never touch memory. Traffic: N / 8 bytes read and 4 bytes written per
+element (+1 byte for the mask). Contract: :func:`kernels.reference.unpack_mean`.
 
 Legend: N rows, D elements, B bytes per row (B >= ceil(D / 8)).
 """
@@ -14,6 +13,7 @@ import triton
 import triton.language as tl
 
 from kernels.ops import _launch
+from kernels.ops.unpack_counts import check_rows
 
 
 @triton.autotune(
@@ -25,13 +25,12 @@ from kernels.ops import _launch
 def _unpack_mean_kernel(
     packed_ptr,  # [N, B] uint8 packed rows, row r starts at packed_ptr + r * row_stride
     mask_ptr,  # [D] uint8 view of the bool mask; unused unless HAS_MASK
-    out_ptr,  # [D] float32 mean (MEAN) or int32 count, written
+    out_ptr,  # [D] float32 mean, written
     numel,  # D
     num_rows,  # N
     row_stride,  # elements (bytes) between rows of packed
     size_class,  # autotune key only: ceil(log2(D))
-    MEAN: tl.constexpr,  # True: (2 * count - N) / N as float32; False: int32 count
-    HAS_MASK: tl.constexpr,  # MEAN only: 0 where the mask is False
+    HAS_MASK: tl.constexpr,  # 0 where the mask is False
     BLOCK_BYTES: tl.constexpr,  # bytes of each row per program (8 elements each)
 ):
     byte = tl.program_id(0) * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
@@ -47,42 +46,12 @@ def _unpack_mean_kernel(
         count += (row[:, None] >> bit[None, :]) & 1
         row_ptr += row_stride
 
-    if MEAN:
-        # div_rn: IEEE division as the reference's '/', not Triton's approximate GPU default.
-        mean = tl.div_rn((count * 2 - num_rows).to(tl.float32), num_rows.to(tl.float32))
-        if HAS_MASK:
-            keep = tl.load(mask_ptr + offsets, mask=in_range, other=0) != 0
-            mean = tl.where(keep, mean, 0.0)
-        tl.store(out_ptr + offsets, mean, mask=in_range)
-    else:
-        tl.store(out_ptr + offsets, count, mask=in_range)
-
-
-def _check_rows(packed_NB: torch.Tensor, numel: int) -> torch.Tensor:
-    _launch.check_numel(numel)
-    if packed_NB.dim() != 2 or packed_NB.dtype != torch.uint8:
-        raise ValueError(f"packed_NB: expected uint8 [N, B], got {packed_NB.dtype} {list(packed_NB.shape)}")
-    if packed_NB.shape[1] * 8 < numel:
-        raise ValueError(f"packed_NB has {packed_NB.shape[1]} bytes per row, too few for numel={numel}")
-    return packed_NB if packed_NB.stride(1) == 1 else packed_NB.contiguous()
-
-
-def _launch_unpack(packed_NB, numel, out, mask, mean):
-    mask_u8 = _launch.mask_bytes(mask, numel)
-    num_bytes = (numel + 7) // 8
-    grid = lambda meta: (triton.cdiv(num_bytes, meta["BLOCK_BYTES"]),)  # noqa: E731
-    _unpack_mean_kernel[grid](
-        packed_NB,
-        out if mask_u8 is None else mask_u8,
-        out,
-        numel,
-        packed_NB.shape[0],
-        packed_NB.stride(0),
-        _launch.size_class(numel),
-        MEAN=mean,
-        HAS_MASK=mask_u8 is not None,
-    )
-    return out
+    # div_rn: IEEE division as the reference's '/', not Triton's approximate GPU default.
+    mean = tl.div_rn((count * 2 - num_rows).to(tl.float32), num_rows.to(tl.float32))
+    if HAS_MASK:
+        keep = tl.load(mask_ptr + offsets, mask=in_range, other=0) != 0
+        mean = tl.where(keep, mean, 0.0)
+    tl.store(out_ptr + offsets, mean, mask=in_range)
 
 
 def unpack_mean(packed_NB: torch.Tensor, numel: int, *, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -93,25 +62,23 @@ def unpack_mean(packed_NB: torch.Tensor, numel: int, *, mask: torch.Tensor | Non
         >>> unpack_mean(rows, 3).tolist()
         [1.0, -1.0, 0.0]
     """
-    packed_NB = _check_rows(packed_NB, numel)
+    packed_NB = check_rows(packed_NB, numel)
     out = torch.empty(numel, dtype=torch.float32, device=packed_NB.device)
     if numel == 0:
         return out
     if packed_NB.shape[0] == 0:
         raise ValueError("packed_NB has no rows: the mean of 0 rows is undefined")
-    return _launch_unpack(packed_NB, numel, out, mask, mean=True)
-
-
-def unpack_counts(packed_NB: torch.Tensor, numel: int) -> torch.Tensor:
-    """Triton twin of :func:`kernels.reference.unpack_counts`: uint8 [N, B] -> int32 [numel].
-
-    Example::
-        >>> rows = torch.tensor([[0b101], [0b001]], dtype=torch.uint8, device="cuda")
-        >>> unpack_counts(rows, 3).tolist()
-        [2, 0, 1]
-    """
-    packed_NB = _check_rows(packed_NB, numel)
-    out = torch.zeros(numel, dtype=torch.int32, device=packed_NB.device)
-    if numel == 0 or packed_NB.shape[0] == 0:
-        return out
-    return _launch_unpack(packed_NB, numel, out, None, mean=False)
+    mask_u8 = _launch.mask_bytes(mask, numel)
+    grid = lambda meta: (triton.cdiv((numel + 7) // 8, meta["BLOCK_BYTES"]),)  # noqa: E731
+    _unpack_mean_kernel[grid](
+        packed_NB,
+        out if mask_u8 is None else mask_u8,
+        out,
+        numel,
+        packed_NB.shape[0],
+        packed_NB.stride(0),
+        _launch.size_class(numel),
+        HAS_MASK=mask_u8 is not None,
+        **_launch.LAUNCH_OPTIONS,
+    )
+    return out

@@ -66,5 +66,7 @@ def unpack_planes(planes_KB: torch.Tensor, numel: int) -> torch.Tensor:
         return out
     planes = planes_KB.contiguous()
     grid = lambda meta: (triton.cdiv(numel, meta["BLOCK_BYTES"] * 8), num_batch)  # noqa: E731
-    _unpack_planes_kernel[grid](planes, out, numel, num_bytes, num_planes, _launch.size_class(numel))
+    _unpack_planes_kernel[grid](
+        planes, out, numel, num_bytes, num_planes, _launch.size_class(numel), **_launch.LAUNCH_OPTIONS
+    )
     return out

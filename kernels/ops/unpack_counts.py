@@ -1,0 +1,74 @@
+"""Unpack-and-count: N packed rows of +-1 -> exact int32 counts per element.
+
+Each program popcounts bit i of every row in registers (a loop over the N rows, each a
+coalesced read of BLOCK_BYTES bytes) and writes the int32 count. Traffic: N / 8 bytes read
+and 4 bytes written per element. Contract: :func:`kernels.reference.unpack_counts`.
+
+Legend: N rows, D elements, B bytes per row (B >= ceil(D / 8)).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.ops import _launch
+
+
+@triton.autotune(
+    configs=_launch.byte_block_configs(),
+    key=["size_class"],
+    prune_configs_by={"early_config_prune": _launch.keep_default_when_interpreting},
+)
+@triton.jit(do_not_specialize=["num_rows"])
+def _unpack_counts_kernel(
+    packed_ptr,  # [N, B] uint8 packed rows, row r starts at packed_ptr + r * row_stride
+    out_ptr,  # [D] int32 counts, written
+    numel,  # D
+    num_rows,  # N
+    row_stride,  # bytes between rows of packed
+    size_class,  # autotune key only: ceil(log2(D))
+    BLOCK_BYTES: tl.constexpr,  # bytes of each row per program (8 elements each)
+):
+    byte = tl.program_id(0) * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
+    bit = tl.arange(0, 8)
+    offsets = byte[:, None] * 8 + bit[None, :]
+    in_range = offsets < numel
+    byte_in_range = byte * 8 < numel  # every byte holding at least one element
+
+    count = tl.zeros((BLOCK_BYTES, 8), dtype=tl.int32)
+    row_ptr = packed_ptr
+    for _ in range(num_rows):
+        row = tl.load(row_ptr + byte, mask=byte_in_range, other=0).to(tl.int32)
+        count += (row[:, None] >> bit[None, :]) & 1
+        row_ptr += row_stride
+    tl.store(out_ptr + offsets, count, mask=in_range)
+
+
+def check_rows(packed_NB: torch.Tensor, numel: int) -> torch.Tensor:
+    """Validate N packed rows for numel elements; rows with a byte stride are made contiguous."""
+    _launch.check_numel(numel)
+    if packed_NB.dim() != 2 or packed_NB.dtype != torch.uint8:
+        raise ValueError(f"packed_NB: expected uint8 [N, B], got {packed_NB.dtype} {list(packed_NB.shape)}")
+    if packed_NB.shape[1] * 8 < numel:
+        raise ValueError(f"packed_NB has {packed_NB.shape[1]} bytes per row, too few for numel={numel}")
+    return packed_NB if packed_NB.stride(1) == 1 else packed_NB.contiguous()
+
+
+def unpack_counts(packed_NB: torch.Tensor, numel: int) -> torch.Tensor:
+    """Triton twin of :func:`kernels.reference.unpack_counts`: uint8 [N, B] -> int32 [numel].
+
+    Example::
+        >>> rows = torch.tensor([[0b101], [0b001]], dtype=torch.uint8, device="cuda")
+        >>> unpack_counts(rows, 3).tolist()
+        [2, 0, 1]
+    """
+    packed_NB = check_rows(packed_NB, numel)
+    out = torch.zeros(numel, dtype=torch.int32, device=packed_NB.device)
+    if numel == 0 or packed_NB.shape[0] == 0:
+        return out
+    grid = lambda meta: (triton.cdiv((numel + 7) // 8, meta["BLOCK_BYTES"]),)  # noqa: E731
+    _unpack_counts_kernel[grid](
+        packed_NB, out, numel, packed_NB.shape[0], packed_NB.stride(0), _launch.size_class(numel),
+        **_launch.LAUNCH_OPTIONS,
+    )
+    return out
