@@ -66,6 +66,7 @@ sys.path.insert(0, str(ROOT))
 
 import kernels  # noqa: E402
 from dist_supernet.comm import Topology, register_baseline_hook  # noqa: E402
+from dist_supernet.comm.collectives import COLLECTIVES as ONE_BIT_COLLECTIVES  # noqa: E402
 from dist_supernet.comm.collectives import OneBitCollective  # noqa: E402
 from dist_supernet.optim.hook import BirderState  # noqa: E402
 from dist_supernet.models.cnn import CNN  # noqa: E402
@@ -73,7 +74,7 @@ from dist_supernet.models.mlp import MLP  # noqa: E402
 from dist_supernet.optim import Birder  # noqa: E402
 
 BASELINES = {"fp32": "none", "fp16": "fp16", "powersgd": "powersgd"}
-COLLECTIVES = ("allgather", "two_phase", "hierarchical")
+COLLECTIVES = tuple(ONE_BIT_COLLECTIVES)  # the 1-bit collectives dist_supernet.comm registers
 METHODS = ("compute",) + tuple(BASELINES) + COLLECTIVES
 IMAGE_SHAPE = (3, 32, 32)
 NUM_CLASSES = 10
@@ -107,8 +108,7 @@ class StageTimer:
 
     # kernels.<name> (what dist_supernet calls) and kernels.reference.<name> (inside
     # the torch path's compress / unpack: the hash, the bit packing).
-    KERNELS = ("compress", "unpack_mean", "unpack_counts", "counts_to_mean", "pack_counts",
-               "unpack_planes", "requantize", "apply_update_")
+    KERNELS = ("compress", "unpack_counts", "pack_counts", "unpack_planes", "requantize", "apply_packed_")
     REFERENCE_PARTS = ("uniform", "pack_bits", "unpack_bits")
 
     def __init__(self):
@@ -143,16 +143,14 @@ class StageTimer:
             setattr(kernels, name, self.wrap(f"kernel {name}", getattr(kernels, name)))
         for name in self.REFERENCE_PARTS:
             setattr(kernels.reference, name, self.wrap(f"  torch path: {name}", getattr(kernels.reference, name)))
-        stage = OneBitCollective._stage
+        stage = OneBitCollective.stage
 
         def timed_stage(collective, name, where, fn):
             with self.span(f"gloo {name} ({where})"):
                 return stage(collective, name, where, fn)
 
-        OneBitCollective._stage = timed_stage
-        BirderState.exchange = self.wrap("hook exchange (whole, comm thread)", BirderState.exchange)
-        BirderState.nonfinite_params = self.wrap("optimizer: non-finite flag all-reduce",
-                                                 BirderState.nonfinite_params)
+        OneBitCollective.stage = timed_stage
+        BirderState.exchange_bucket = self.wrap("hook exchange (whole, comm thread)", BirderState.exchange_bucket)
 
     def reset(self) -> None:
         with self._lock:

@@ -36,9 +36,11 @@ _CONSOLIDATE_TIMEOUT_S = 30.0
 
 
 def _check_positive(name, value, *, allow_zero=False):
+    if isinstance(value, (int, float)) and (value != value or value in (float("inf"), float("-inf"))):
+        raise ValueError(f"{name}={value!r}: must be finite")
     ok = isinstance(value, (int, float)) and (value >= 0 if allow_zero else value > 0)
-    if not ok or value != value or value == float("inf"):
-        raise ValueError(f"{name}={value!r}: must be a finite number {'>= 0' if allow_zero else '> 0'}")
+    if not ok:
+        raise ValueError(f"{name}={value!r}: must be {'>= 0' if allow_zero else '> 0'}")
 
 
 def _hook_kwargs(beta, amsgrad, collective, requantize, num_nodes, inter_node, seed, timeout_s, skip_nonfinite):

@@ -131,14 +131,15 @@ class BirderCompressor:
             if p not in self.offset:
                 raise ValueError("a DDP bucket holds a parameter that this Birder state does not manage")
         numels = [p.numel() for p in params]
+        device = self.device if self.device.type != "meta" else torch.device("cpu")  # tables need values
         starts = [0]
         for n in numels:
             starts.append(starts[-1] + n)
         chunk = Chunk(
             params=tuple(params),
-            positions=torch.tensor([self.position[p] for p in params], dtype=torch.int64, device=self.device),
-            seg_starts=torch.tensor(starts, dtype=torch.int64, device=self.device),
-            seg_canon=torch.tensor([self.offset[p] for p in params], dtype=torch.int64, device=self.device),
+            positions=torch.tensor([self.position[p] for p in params], dtype=torch.int64, device=device),
+            seg_starts=torch.tensor(starts, dtype=torch.int64, device=device),
+            seg_canon=torch.tensor([self.offset[p] for p in params], dtype=torch.int64, device=device),
             numel=starts[-1],
         )
         # Chunks that share a parameter with this one are stale (DDP rebuilt its buckets); the state

@@ -306,5 +306,21 @@ def birder_hook(state: BirderState, bucket: dist.GradBucket) -> torch.futures.Fu
         def job():
             return state.exchange_bucket(grad_D, chunk, round_, is_last=is_last)
 
-    state._worker.submit(job, future)
+    if not is_last:
+        state._worker.submit(job, future)
+        return future
+    # The last bucket: return only once the worker has issued every collective of this step, so that
+    # DDP's own collectives after backward (its unused-parameter all-reduce, from this thread) never run
+    # concurrently with the worker's on another communicator (unsafe on NCCL; a hang with
+    # CUDA_DEVICE_MAX_CONNECTIONS=1). Nothing is lost: backward has no work left to overlap.
+    issued = threading.Event()
+
+    def last_job():
+        try:
+            return job()
+        finally:
+            issued.set()
+
+    state._worker.submit(last_job, future)
+    issued.wait()
     return future

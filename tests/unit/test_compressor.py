@@ -1,0 +1,64 @@
+"""BirderCompressor without processes: canonical layout, index maps, no 2**31 cap, chunk cache."""
+
+import torch
+
+import kernels
+from dist_supernet.optim import BirderCompressor
+
+
+def test_more_than_2_pow_31_elements_build_without_allocating():
+    # Meta tensors: shapes without memory. The index map is int64, so offsets past 2**31 are exact.
+    params = [torch.nn.Parameter(torch.empty(2**31 + 5, device="meta")), torch.nn.Parameter(torch.empty(3, 7, device="meta"))]
+    comp = BirderCompressor(params, beta=0.9)
+    assert comp.numel_total == 2**31 + 5 + 21
+    assert comp.m.device.type == "meta" and comp.m.numel() == comp.numel_total
+    chunk = comp.chunk([params[1], params[0]])  # DDP's order: reversed
+    assert chunk.seg_canon.dtype == torch.int64
+    assert chunk.seg_canon.tolist() == [2**31 + 5, 0]
+    assert chunk.seg_starts.tolist() == [0, 21, 21 + 2**31 + 5]
+    assert comp.views(params[1])["m"].shape == (3, 7)
+
+
+def test_draws_past_2_pow_32_follow_the_canonical_index():
+    # A chunk of 40 elements whose parameter starts at canonical index 2**32 + 7: the re-quantisation
+    # draws equal uniform() at those 64-bit indices (the kernels' hash takes the high half too).
+    first = 2**32 + 7
+    seg_starts, seg_canon = torch.tensor([0, 40]), torch.tensor([first])
+    counts = torch.arange(40, dtype=torch.int32) % 5
+    bits = kernels.requantize(counts, 4, seg_starts, seg_canon, 0, seed=11)
+    u = kernels.uniform(torch.arange(first, first + 40, dtype=torch.int64), 11)
+    expected = kernels.pack_bits(u < counts.to(torch.float32) / 4)
+    assert torch.equal(bits, expected)
+    low = kernels.uniform(torch.arange(7, 47, dtype=torch.int64), 11)
+    assert not torch.equal(u, low)  # the high half enters the hash
+
+
+def test_chunk_cache_follows_a_bucket_rebuild_and_state_stays_by_canonical_index():
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (5, 3, 8)]
+    comp = BirderCompressor(params, beta=0.5)
+    first = comp.chunk(params[::-1])
+    assert comp.chunk(params[::-1]) is first  # cached
+    g = torch.cat([torch.full((8,), 2.0), torch.full((3,), -1.0), torch.full((5,), 4.0)])
+    comp.compress(g, first)
+    m_after = comp.m.clone()
+    # DDP rebuilds its buckets: a new grouping of the same parameters; the old chunk is dropped.
+    rebuilt = [comp.chunk([params[0], params[1]]), comp.chunk([params[2]])]
+    assert all(c is not first for c in comp._chunks.values()) and len(comp._chunks) == 2
+    assert rebuilt[0].seg_canon.tolist() == [0, 5] and rebuilt[1].seg_canon.tolist() == [8]
+    # m is by canonical index: parameter 0 got 4.0, 1 got -1.0, 2 got 2.0 (times 1 - beta).
+    assert torch.equal(m_after, torch.cat([torch.full((5,), 2.0), torch.full((3,), -0.5), torch.full((8,), 1.0)]))
+
+
+def test_nonfinite_elements_never_enter_m_b_and_raise_the_flag():
+    params = [torch.nn.Parameter(torch.zeros(16))]
+    comp = BirderCompressor(params, beta=0.9)
+    chunk = comp.chunk(params)
+    g = torch.ones(16)
+    g[3], g[9] = float("nan"), float("inf")
+    flag = torch.zeros(1, dtype=torch.uint8)
+    comp.compress(g, chunk, flag=flag)
+    assert int(flag[0]) == 1
+    assert comp.m[3] == 0 and comp.b[9] == 0
+    finite = torch.ones(16, dtype=torch.bool)
+    finite[[3, 9]] = False
+    assert torch.allclose(comp.m[finite], torch.full((14,), 0.1)) and bool(torch.isfinite(comp.m).all())
