@@ -22,6 +22,14 @@ fi
 # addresses (pytorch/pytorch#135712), and restart counts differ between nodes.
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 
+# Pre-flight on every node (its own data, devices and paths): a config or input mistake is one line and
+# exit status 2 before torchrun, not a traceback and --max-restarts retries. PREFLIGHT=0 skips it.
+if [ "${PREFLIGHT:-1}" != 0 ]; then
+    NODES_MAX=${NNODES##*:}
+    WORLD_SIZE=$((NODES_MAX * NPROC_PER_NODE)) LOCAL_WORLD_SIZE="$NPROC_PER_NODE" \
+        python -m dist_supernet.train --check hydra.run.dir="${OUTPUT_ROOT:-outputs}/$RUN_ID" "$@" || exit $?
+fi
+
 # hydra.run.dir from RUN_ID: every node and every restart agree on one directory.
 exec torchrun --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE" \
     --rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id="$RUN_ID" \

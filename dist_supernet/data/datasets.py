@@ -29,6 +29,8 @@ import numpy as np
 import torch
 
 DATASETS = ("digits", "mnist5k", "npz")
+MAX_CLASSES = 100_000  # why: a label beyond this is a corrupt file, not a class (the head would take GBs)
+MAX_ABS_VALUE = 1e15  # why: squares stay far below float32's max (3.4e38) in the standardization
 
 
 @dataclasses.dataclass
@@ -127,9 +129,18 @@ def _load_npz(path: str | None) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"data.path={path}: file not found")
     try:
         with np.load(path, allow_pickle=False) as npz:
+            missing = [k for k in ("x", "y") if k not in npz.files]
+            if missing:
+                raise ValueError(f"data.path={path}: needs arrays 'x' and 'y' (has {sorted(npz.files)})")
             x, y = np.asarray(npz["x"]), np.asarray(npz["y"])
-    except (KeyError, ValueError, OSError) as e:
-        raise ValueError(f"data.path={path}: needs arrays 'x' and 'y' ({e})") from None
+    except ValueError as e:
+        if str(e).startswith("data.path="):
+            raise
+        raise ValueError(f"data.path={path}: not a readable .npz of arrays x, y ({_one_line(e)})") from None
+    except Exception as e:  # a truncated or corrupt file: BadZipFile, EOFError, zlib.error, OSError ...
+        raise ValueError(f"data.path={path}: not a readable .npz (truncated or corrupt: {_one_line(e)})") from None
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_) or np.iscomplexobj(x):
+        raise ValueError(f"data.path={path}: x has dtype {x.dtype}; expected real numbers")
     if x.ndim == 2 and math.isqrt(x.shape[1]) ** 2 == x.shape[1]:
         side = math.isqrt(x.shape[1])
         x = x.reshape(-1, 1, side, side)
@@ -140,12 +151,30 @@ def _load_npz(path: str | None) -> tuple[np.ndarray, np.ndarray]:
             f"data.path={path}: x has shape {tuple(x.shape)}; expected (N, H, W), (N, C, H, W) "
             "with H == W, or (N, D) with D a square number"
         )
+    if x.shape[0] == 0:
+        raise ValueError(f"data.path={path}: holds no samples")
     if y.shape != (x.shape[0],) or not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
         raise ValueError(
             f"data.path={path}: y must be {x.shape[0]} non-negative integer labels, "
             f"got shape {tuple(y.shape)} dtype {y.dtype}"
         )
-    return x.astype(np.float32), y.astype(np.int64)
+    if y.max() >= MAX_CLASSES:
+        raise ValueError(f"data.path={path}: label {int(y.max())} in y (sample {int(y.argmax())}) means more than "
+                         f"{MAX_CLASSES} classes; labels must be class ids 0..C-1")
+    x = x.astype(np.float32)
+    # NaN/Inf (or values whose square overflows float32) would turn every input into NaN
+    # through the standardization below, and the error would blame a gradient steps later.
+    bad = ~np.isfinite(x) | (np.abs(x) > MAX_ABS_VALUE)
+    if bad.any():
+        first = int(np.flatnonzero(bad.reshape(len(x), -1).any(axis=1))[0])
+        raise ValueError(f"data.path={path}: x holds {int(bad.sum())} non-finite or huge (> {MAX_ABS_VALUE:g}) "
+                         f"values, the first in sample {first}")
+    return x, y.astype(np.int64)
+
+
+def _one_line(error: Exception) -> str:
+    text = " ".join(str(error).split())[:200]
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _split(name, x: np.ndarray, y: np.ndarray, val_fraction: float, test_fraction: float,

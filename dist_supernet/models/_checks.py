@@ -16,3 +16,10 @@ def probability(key: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
         raise ValueError(f"{key}={value}: expected a number in [0, 1)")
     return float(value)
+
+
+def known_keys(family: str, cfg, keys) -> None:
+    """Every key of a model config is one its family reads (a typo would otherwise be ignored)."""
+    unknown = [k for k in cfg if k != "name" and k not in keys]
+    if unknown:
+        raise ValueError(f"model.{unknown[0]}={cfg[unknown[0]]}: unknown key for {family}; expected {sorted(keys)}")

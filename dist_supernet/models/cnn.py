@@ -5,7 +5,7 @@ from collections.abc import Mapping
 from torch import nn
 
 from dist_supernet.models import register_model
-from dist_supernet.models._checks import positive_int_list, probability
+from dist_supernet.models._checks import known_keys, positive_int_list, probability
 
 
 class CNN(nn.Module):
@@ -41,6 +41,7 @@ class CNN(nn.Module):
 
 @register_model("cnn")
 def build_cnn(cfg: Mapping, in_channels: int, image_size: int, num_classes: int) -> CNN:
+    known_keys("cnn", cfg, ("channels", "dropout"))
     channels = positive_int_list("model.channels", cfg.get("channels", [16, 32]))
     dropout = probability("model.dropout", cfg.get("dropout", 0.0))
     return CNN(in_channels, image_size, channels, num_classes, dropout)

@@ -5,7 +5,7 @@ from collections.abc import Mapping
 from torch import nn
 
 from dist_supernet.models import register_model
-from dist_supernet.models._checks import positive_int_list, probability
+from dist_supernet.models._checks import known_keys, positive_int_list, probability
 
 
 class MLP(nn.Module):
@@ -34,6 +34,7 @@ class MLP(nn.Module):
 
 @register_model("mlp")
 def build_mlp(cfg: Mapping, in_channels: int, image_size: int, num_classes: int) -> MLP:
+    known_keys("mlp", cfg, ("hidden", "dropout"))
     hidden = positive_int_list("model.hidden", cfg.get("hidden", [128]))
     dropout = probability("model.dropout", cfg.get("dropout", 0.0))
     return MLP(in_channels * image_size * image_size, hidden, num_classes, dropout)

@@ -2,6 +2,13 @@
 
 A mistake in the config prints one line, ``error: optim.lr=-1.0: must be > 0``,
 on every rank and exits with status 2 (``HYDRA_FULL_ERROR=1`` shows the traceback).
+``--check`` runs only those checks, before any process exists (the launchers'
+pre-flight: dist_supernet/train/preflight.py).
+
+Exit status: 0 done; 1 a fault while training (a dead or stopped peer, a diverged
+run); 2 a mistake in the config or the inputs, or a run directory another job
+holds; 143 stopped by SIGTERM after writing a checkpoint (rerun the same
+command to resume from it).
 """
 
 import os
@@ -14,7 +21,10 @@ from omegaconf import DictConfig
 
 from dist_supernet.models import is_supernet
 from dist_supernet.train.config import check_group_choices, register_resolvers
+from dist_supernet.train.distributed import EXIT_PREEMPTED, Preempted
 from dist_supernet.train.faults import runtime_fault_message
+from dist_supernet.train.preflight import explicit_run_dir, preflight
+from dist_supernet.train.runlock import check_free
 from dist_supernet.train.supernet_trainer import SupernetTrainer
 from dist_supernet.train.trainer import Trainer, setup_logging
 
@@ -43,6 +53,11 @@ def run(cfg: DictConfig) -> None:
         fail(e)
     try:
         trainer.fit()
+    except Preempted as e:  # every rank, after the same step's checkpoint
+        if trainer.is_rank0:
+            print(f"stopped: {e}; exit status {EXIT_PREEMPTED}: rerun the same command "
+                  f"(hydra.run.dir={trainer.output_dir}) to resume", file=sys.stderr, flush=True)
+        sys.exit(EXIT_PREEMPTED)
     except Exception as e:  # a hung peer or a diverged run: one line, status 1 (torchrun may restart)
         message = runtime_fault_message(e)
         if message is None:
@@ -53,10 +68,26 @@ def run(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    check_only = "--check" in sys.argv[1:]
+    if check_only:
+        sys.argv.remove("--check")
+    args = sys.argv[1:]
     try:
-        check_group_choices(sys.argv[1:], CONF_DIR)
+        check_group_choices(args, CONF_DIR)
+        # Before Hydra writes .hydra/ and the log files into a directory another job holds.
+        run_dir = explicit_run_dir(args)
+        if run_dir is not None:
+            check_free(run_dir)
+        if check_only:
+            preflight(args, CONF_DIR)
     except ValueError as e:
         fail(e)
+    except Exception as e:  # Hydra's composition errors (an override of a key that does not exist, ...)
+        if not check_only or type(e).__module__.split(".")[0] != "hydra":
+            raise
+        fail(e, " ".join(str(e).split()))
+    if check_only:
+        return
     run()
 
 

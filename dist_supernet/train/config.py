@@ -24,6 +24,7 @@ Example::
 
 import dataclasses
 import datetime
+import math
 import os
 import types
 import typing
@@ -32,6 +33,12 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 GROUPS = ("compression", "optim", "model", "data", "trainer")
+# Top-level keys a composed config may hold: the groups, the supernet group (read for supernet models),
+# and hydra's own section when composed with return_hydra_config (the pre-flight).
+TOP_LEVEL_KEYS = (*GROUPS, "supernet", "hydra")
+MAX_LR = 10.0  # why: Birder moves every coordinate by lr per step; SGD/AdamW beyond 10 diverge at once
+MAX_TIMEOUT_S = 7 * 24 * 3600  # why: a week is longer than any legitimate wait; timedelta overflows near 1e14 s
+MAX_SEED = 2**31  # why: fits every generator seeded from it (numpy: < 2**32) with room for + rank
 COLLECTIVES = ("allgather", "two_phase", "hierarchical")
 SCHEDULES = ("constant", "cosine")
 
@@ -203,7 +210,17 @@ def to_schema(node, prefix: str, schema: type):
         _check(not missing, f"{prefix}.{key}", value, "required (no default), set it on the command line")
         _check(key in hints, f"{prefix}.{key}", value, f"unknown key (expected one of {', '.join(hints)})")
         _check(_type_ok(value, hints[key]), f"{prefix}.{key}", value, f"expected {_type_name(hints[key])}")
+        _check(_finite(value), f"{prefix}.{key}", value, "must be a finite number")
     return schema(**values)
+
+
+def _finite(value) -> bool:
+    """No NaN or +-inf anywhere in a value (``optim.lr=inf`` would pass ``> 0``)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return all(_finite(v) for v in value)
+    return True
 
 
 def validate_group(cfg: DictConfig, group: str, schemas: dict[str, type]):
@@ -230,10 +247,13 @@ def _check_ranges(group: str, obj) -> None:
                "must be >= 1 or null")
         if obj.name == "birder":
             _check(obj.timeout_s is None or obj.timeout_s > 0, k("timeout_s"), obj.timeout_s, "must be > 0 or null")
+            _check(obj.timeout_s is None or obj.timeout_s <= MAX_TIMEOUT_S, k("timeout_s"), obj.timeout_s,
+                   f"must be <= {MAX_TIMEOUT_S} (7 days)")
         if obj.name == "powersgd":
             _check(obj.rank >= 1, k("rank"), obj.rank, "must be >= 1")
     elif group == "optim":
         _check(obj.lr > 0, k("lr"), obj.lr, "must be > 0")
+        _check(obj.lr <= MAX_LR, k("lr"), obj.lr, f"must be <= {MAX_LR} (a larger step diverges at once)")
         _check(obj.weight_decay >= 0, k("weight_decay"), obj.weight_decay, "must be >= 0")
         _check(obj.schedule in SCHEDULES, k("schedule"), obj.schedule, f"expected one of {', '.join(SCHEDULES)}")
         _check(obj.warmup_steps >= 0, k("warmup_steps"), obj.warmup_steps, "must be >= 0")
@@ -247,6 +267,7 @@ def _check_ranges(group: str, obj) -> None:
             _check(0 <= obj.momentum < 1, k("momentum"), obj.momentum, "must be in [0, 1)")
     elif group == "data":
         _check(0 < obj.val_fraction < 1, k("val_fraction"), obj.val_fraction, "must be in (0, 1)")
+        _check(0 <= obj.split_seed < MAX_SEED, k("split_seed"), obj.split_seed, f"must be in [0, {MAX_SEED})")
         _check(0 <= obj.test_fraction < 1 - obj.val_fraction, k("test_fraction"), obj.test_fraction,
                f"must be in [0, 1 - data.val_fraction={obj.val_fraction}) (0 = no test split)")
         if obj.name == "npz" or obj.path is not None:
@@ -262,6 +283,10 @@ def _check_ranges(group: str, obj) -> None:
                "expected auto, never, or the path of a checkpoint file")
         _check(obj.max_consecutive_skips >= 1, k("max_consecutive_skips"), obj.max_consecutive_skips, "must be >= 1")
         _check(obj.timeout_s > 0, k("timeout_s"), obj.timeout_s, "must be > 0 (seconds)")
+        _check(obj.timeout_s <= MAX_TIMEOUT_S, k("timeout_s"), obj.timeout_s,
+               f"must be <= {MAX_TIMEOUT_S} (7 days; torch's timeouts overflow far above)")
+        _check(0 <= obj.seed < MAX_SEED, k("seed"), obj.seed, f"must be in [0, {MAX_SEED})")
+        check_device(obj.device)
         _check(all(s >= 1 for s in obj.inject_nan_at_steps), k("inject_nan_at_steps"), obj.inject_nan_at_steps,
                "steps are 1-based, each must be >= 1")
         if obj.checkpoint_dir is not None:
@@ -272,6 +297,9 @@ def _check_ranges(group: str, obj) -> None:
 
 def validate(cfg: DictConfig) -> TrainConfig:
     """Check the composed config; returns typed dataclasses or raises ConfigError."""
+    for key in cfg:
+        _check(key in TOP_LEVEL_KEYS, str(key), cfg.get(key),
+               f"unknown top-level key (expected one of {', '.join(TOP_LEVEL_KEYS[:-1])})")
     for group in GROUPS:
         _check(group in cfg and isinstance(cfg[group], DictConfig), group, cfg.get(group), "missing config group")
     from dist_supernet.data import DATASETS
@@ -288,6 +316,22 @@ def validate(cfg: DictConfig) -> TrainConfig:
     _check(model.get("name") in available_models(), "model.name", model.get("name"),
            f"expected one of {', '.join(available_models())}")
     return TrainConfig(compression=compression, optim=optim, model=model, data=data, trainer=trainer)
+
+
+def check_device(device: str) -> None:
+    """``trainer.device`` names a device this process has (under torchrun: one GPU per local rank)."""
+    if device == "cpu":
+        return
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device", device, "no CUDA device is visible to this process "
+                                                  "(torch.cuda.is_available() is False); use cpu or auto")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available() and local_rank >= torch.cuda.device_count():
+        raise ConfigError("trainer.device", device, f"LOCAL_RANK={local_rank} needs GPU {local_rank} but only "
+                                                    f"{torch.cuda.device_count()} are visible; start at most "
+                                                    f"{torch.cuda.device_count()} processes per node")
 
 
 def validate_layout(compression, world_size: int) -> None:

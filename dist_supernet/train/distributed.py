@@ -1,4 +1,5 @@
-"""Process-group plumbing for the trainer: init, one output directory, sums, parameter hashes.
+"""Process-group plumbing for the trainer: init, one output directory, sums, parameter hashes,
+and the two process faults a worker must notice itself: preemption (SIGTERM) and a dead torchrun agent.
 
 Runs under torchrun (env:// rendezvous) or as a single plain process (a
 world of one on an in-memory store), on NCCL with one GPU per process or on
@@ -9,6 +10,10 @@ import contextlib
 import hashlib
 import logging
 import os
+import signal
+import sys
+import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -135,3 +140,88 @@ def params_sha256(module: torch.nn.Module) -> str:
         digest.update(name.encode())
         digest.update(p.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+# -- preemption and orphaned workers -------------------------------------------------------
+
+EXIT_PREEMPTED = 143  # why: 128 + SIGTERM, what schedulers and shells expect from a job stopped by SIGTERM
+
+
+class Preempted(Exception):
+    """Raised by ``Trainer.fit`` on every rank after the checkpoint of a step at which some rank had SIGTERM."""
+
+    def __init__(self, step: int, signal_name: str):
+        self.step, self.signal_name = step, signal_name
+        super().__init__(f"{signal_name} at step {step}: checkpoint written, stopping")
+
+
+class PreemptionFlag:
+    """SIGTERM sets a flag (nothing else happens in the handler); :meth:`agreed` ORs it over ranks.
+
+    SLURM and Kubernetes send SIGTERM before SIGKILL; torchrun forwards it to its
+    workers and SIGKILLs them 30 s later. Every rank finishes the step it is in,
+    then all agree in one 1-element all-reduce per step, so all of them stop
+    after the same step (a lone SIGTERM, e.g. to one worker, stops them all too).
+
+    Example::
+        flag = PreemptionFlag()           # main thread, after the process group exists
+        ...                               # a step
+        if flag.agreed(device, stage="stop flag"):
+            save_checkpoint(); raise Preempted(step, flag.signal_name)
+    """
+
+    def __init__(self, signals=(signal.SIGTERM,)):
+        self.received: int | None = None
+        self.received_at: float | None = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in signals:
+                self._previous[sig] = signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        if self.received is None:
+            self.received, self.received_at = signum, time.monotonic()
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.received).name if self.received else "SIGTERM"
+
+    def agreed(self, device: torch.device, *, stage: str = "stop flag") -> bool:
+        """True on every rank when any rank has received the signal (collective on the default group)."""
+        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
+        if dist.get_world_size() > 1:
+            _collective(stage, lambda: dist.all_reduce(flag, op=dist.ReduceOp.MAX))
+        if flag.item() and self.received is None:
+            self.received = signal.SIGTERM  # another rank's signal
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+def start_orphan_watchdog(poll_s: float = 1.0) -> threading.Thread | None:
+    """Under torchrun: stop this worker within ``poll_s`` once its agent (the parent process) is gone.
+
+    When the agent is SIGKILLed (the OOM killer, ``kill -9`` of the launcher) its
+    workers are reparented and would train on, writing into the run directory
+    that a relaunch then shares with them. The parent pid changing is the signal;
+    no store or network is involved. Returns the daemon thread (None outside torchrun).
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    parent = os.getppid()
+    rank = os.environ.get("RANK", "?")
+
+    def watch():
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:
+                print(f"error: rank {rank}: torchrun's agent (pid {parent}) is gone; stopping this worker so that "
+                      f"a relaunch is the only writer of its run directory", file=sys.stderr, flush=True)
+                os._exit(1)
+
+    thread = threading.Thread(target=watch, name="orphan-watchdog", daemon=True)
+    thread.start()
+    return thread

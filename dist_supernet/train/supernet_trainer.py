@@ -59,7 +59,7 @@ class SupernetTrainer(Trainer):
         summary = trainer.fit()   # also writes subnets.json, subnets/*.pt and pareto.png
     """
 
-    def __init__(self, cfg: DictConfig, output_dir: Path):
+    def __init__(self, cfg: DictConfig, output_dir: Path, *, check_only: bool = False):
         supernet_cfg = cfg.get("supernet")
         if not isinstance(supernet_cfg, DictConfig):
             raise ConfigError("supernet", None if supernet_cfg is None else supernet_cfg,
@@ -68,7 +68,9 @@ class SupernetTrainer(Trainer):
         self._supernet_cfg = OmegaConf.to_container(supernet_cfg, resolve=True)
         self._mask_cache: dict[str, torch.Tensor] = {}
         self.report: dict | None = None
-        super().__init__(cfg, output_dir)
+        super().__init__(cfg, output_dir, check_only=check_only)
+        if check_only:  # the pre-flight: the checks above and Trainer's, no process group
+            return
         recal = self.scfg.get("bn_recalibration") or {}
         self.evaluator = SubnetEvaluator(self.model, self.data, batch_size=self.cfg.trainer.batch_size,
                                          num_batches=recal.get("num_batches", 20), seed=self.cfg.trainer.seed,

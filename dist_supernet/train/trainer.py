@@ -46,6 +46,8 @@ from dist_supernet.train.config import ConfigError, TrainConfig, validate, valid
 from dist_supernet.train.faults import NanInjector
 from dist_supernet.train.metrics import MetricsWriter, Progress
 from dist_supernet.train.nonfinite import NonFiniteGuard
+from dist_supernet.train.preflight import check_can_hold_file
+from dist_supernet.train.runlock import RunDirLock, report_stale, report_unfinished_runs
 from dist_supernet.train.untrusted import check_fits_model, load_untrusted, verify_against_manifest
 
 log = logging.getLogger(__name__)
@@ -72,8 +74,10 @@ class Trainer:
         summary = trainer.fit()
     """
 
-    def __init__(self, cfg: DictConfig, output_dir: Path):
+    def __init__(self, cfg: DictConfig, output_dir: Path, *, check_only: bool = False):
         # 1. Checks that need no process group: every rank fails the same way, nobody waits.
+        #    ``check_only`` (the launchers' pre-flight, dist_supernet/train/preflight.py) stops after them.
+        self.check_only = check_only
         self.cfg: TrainConfig = validate(cfg)
         self.config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
         world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -90,11 +94,20 @@ class Trainer:
                             image_size=self.data.image_size, num_classes=self.data.num_classes)
         self.setup_model(model)
 
-        # 2. The process group, one output directory, rank-dependent randomness.
+        # Every rank writes its own checkpoint shard: a path that cannot hold a file fails now, not at the end.
+        if trainer_cfg.checkpoint_dir is not None:
+            check_can_hold_file("trainer.checkpoint_dir", trainer_cfg.checkpoint_dir)
+        check_can_hold_file("hydra.run.dir", output_dir)
+        if check_only:
+            return
+
+        # 2. The process group, one output directory (one job's: locked), rank-dependent randomness.
         self.device = distributed.init_distributed(trainer_cfg.device, timeout_s=trainer_cfg.timeout_s)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.is_rank0 = self.rank == 0
         self.output_dir = distributed.agree_on_output_dir(output_dir)
+        self.run_locks = self._lock_run_dir()  # a second job into this directory stops here, on every rank
+        distributed.start_orphan_watchdog()  # torchrun's agent SIGKILLed: its workers stop instead of training on
         torch.manual_seed(trainer_cfg.seed + self.rank)  # dropout etc. differ per rank, reproducibly
         self.topology = Topology.from_env(num_nodes=self.cfg.compression.num_nodes)
 
@@ -120,6 +133,10 @@ class Trainer:
         )
         self.step, self.wall_time_offset_s, self.resumed_from = 0, 0.0, None
         self._resume()
+        if self.resumed_from is None and self.is_rank0 and trainer_cfg.resume == "auto":
+            report_unfinished_runs(self.output_dir)
+        # SIGTERM (a scheduler's preemption): every rank finishes its step, checkpoints, exits 143.
+        self.preemption = distributed.PreemptionFlag()
 
     # -- setup helpers -----------------------------------------------------------------
 
@@ -245,9 +262,17 @@ class Trainer:
                 last_row = row
             progress.update(self.step, row)
 
-            if is_last or (tcfg.checkpoint_every > 0 and self.step % tcfg.checkpoint_every == 0):
+            saved = is_last or (tcfg.checkpoint_every > 0 and self.step % tcfg.checkpoint_every == 0)
+            if saved:
                 with distributed.collective_stage("checkpoint"):
                     self.save_checkpoint(time.perf_counter() - start_time)
+            # One tiny all-reduce per step: a SIGTERM on any rank stops every rank after this same step.
+            if not is_last and self.preemption.agreed(self.device, stage=f"stop flag after step {self.step}"):
+                if not saved:
+                    with distributed.collective_stage("checkpoint"):
+                        self.save_checkpoint(time.perf_counter() - start_time)
+                progress.close()
+                raise distributed.Preempted(self.step, self.preemption.signal_name)
         progress.close()
         return self._finish(last_row, time.perf_counter() - start_time)
 
@@ -389,5 +414,31 @@ class Trainer:
         return summary
 
     def close(self) -> None:
+        if getattr(self, "preemption", None) is not None:
+            self.preemption.restore()
+        for lock in getattr(self, "run_locks", []):
+            lock.release()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+    def _lock_run_dir(self) -> list[RunDirLock]:
+        """Rank 0 locks the run directory (and a checkpoint_dir outside it) for the job's life; every rank
+        learns the outcome, so a busy directory stops the whole job, before training, with the same line."""
+        locks, error = [], None
+        if self.is_rank0:
+            wanted = [RunDirLock(self.output_dir, key="hydra.run.dir")]
+            ckpt_dir = self.cfg.trainer.checkpoint_dir
+            if ckpt_dir is not None and not Path(ckpt_dir).resolve().is_relative_to(self.output_dir.resolve()):
+                wanted.append(RunDirLock(ckpt_dir, key="trainer.checkpoint_dir"))
+            try:
+                for lock in wanted:
+                    report_stale(lock, lock.acquire())
+                    locks.append(lock)
+            except ConfigError as e:
+                error = str(e)
+                for lock in locks:
+                    lock.release()
+        error = distributed.broadcast_object(error, stage="run directory lock")
+        if error is not None:
+            raise ValueError(error)
+        return locks

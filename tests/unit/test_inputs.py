@@ -1,0 +1,174 @@
+"""Issue 13, item 5: every input is checked before training, in one line naming the key.
+
+Each case here was accepted before (and failed later, blaming something else,
+or not at all): non-finite and absurd numbers, unknown keys at the top level
+and in model groups, a CUDA device that does not exist, paths that pass
+``os.access`` but cannot hold a file, and data files that are truncated, hold
+NaN, or have absurd labels. The last tests run the launcher itself: a config
+error is one line and exit status 2 before torchrun starts.
+"""
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from dist_supernet.data import load_dataset
+from dist_supernet.models import build_model
+from dist_supernet.train.config import ConfigError, register_resolvers, validate
+from dist_supernet.train.preflight import check_can_hold_file
+from dist_supernet.train.trainer import Trainer
+from dist_supernet.train.untrusted import check_directory
+from tests.fault_report import record
+
+REPO = Path(__file__).resolve().parents[2]
+PLAIN = ["model=mlp", "compression=none", "optim=adamw"]
+
+
+def _compose(*overrides):
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optim.lr=inf"], "optim.lr=inf: must be a finite number"),
+    (["optim.lr=nan"], "optim.lr=nan: must be a finite number"),
+    (["optim.lr=1e6"], "optim.lr=1000000.0: must be <= 10.0"),
+    (["optim.betas=[0.9,inf]"], "optim.betas=[0.9,inf]: must be a finite number"),
+    (["optim.eps=inf"], "optim.eps=inf: must be a finite number"),
+    (["trainer.timeout_s=1e300"], "trainer.timeout_s=1e+300: must be <= 604800"),
+    (["trainer.timeout_s=inf"], "trainer.timeout_s=inf: must be a finite number"),
+    (["compression=birder", "optim=birder", "compression.timeout_s=1e20"], "compression.timeout_s=1e+20: must be <= 604800"),
+    (["trainer.seed=-1"], "trainer.seed=-1: must be in [0, 2147483648)"),
+    (["data.split_seed=1099511627776"], "data.split_seed=1099511627776: must be in [0, 2147483648)"),
+    (["+foo=1"], "foo=1: unknown top-level key (expected one of compression, optim, model, data, trainer, supernet)"),
+])
+def test_bad_numbers_and_unknown_keys_are_one_line_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        validate(_compose(*PLAIN, *overrides))
+    assert str(error.value).startswith(message), str(error.value)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("model, message", [
+    ({"name": "mlp", "hidden": [8], "hiden": [16]}, "model.hiden=[16]: unknown key for mlp"),
+    ({"name": "cnn", "channel": [8]}, "model.channel=[8]: unknown key for cnn"),
+])
+def test_unknown_model_keys_are_refused(model, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        build_model(model, in_channels=1, image_size=8, num_classes=10)
+
+
+def test_a_device_that_does_not_exist_is_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"^trainer.device=cuda: no CUDA device is visible"):
+        validate(_compose(*PLAIN, "trainer.device=cuda"))
+    validate(_compose(*PLAIN, "trainer.device=auto"))  # auto falls back to the CPU
+    # Under torchrun: more processes on this node than GPUs.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ConfigError, match=r"^trainer.device=auto: LOCAL_RANK=1 needs GPU 1 but only 1 are visible"):
+        validate(_compose(*PLAIN, "trainer.device=auto"))
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.access("/proc", os.W_OK),
+                    reason="needs a directory that passes os.access but cannot hold a file: /proc as root")
+def test_a_path_that_passes_os_access_but_cannot_hold_a_file_fails_before_training(tmp_path):
+    check_directory("trainer.checkpoint_dir", "/proc/dist_supernet_ckpts")  # the permission check passes ...
+    with pytest.raises(ConfigError, match=r"^trainer.checkpoint_dir=/proc/dist_supernet_ckpts: cannot be created: "
+                                          r"a file written to /proc fails \("):
+        check_can_hold_file("trainer.checkpoint_dir", "/proc/dist_supernet_ckpts")  # ... writing one does not
+    # Through the trainer's own start-up checks (no process group exists yet).
+    cfg = _compose(*PLAIN, "trainer.checkpoint_dir=/proc/dist_supernet_ckpts")
+    with pytest.raises(ConfigError, match=r"^trainer.checkpoint_dir=/proc/dist_supernet_ckpts: cannot be created"):
+        Trainer(cfg, output_dir=tmp_path / "run", check_only=True)
+    with pytest.raises(ConfigError, match=r"^hydra.run.dir=/sys/dist_supernet_run: cannot be created"):
+        Trainer(_compose(*PLAIN), output_dir=Path("/sys/dist_supernet_run"), check_only=True)
+
+
+def test_a_writable_path_passes_and_keeps_nothing(tmp_path):
+    check_can_hold_file("hydra.run.dir", tmp_path / "a" / "b")
+    assert list(tmp_path.iterdir()) == []  # nothing created, the probe file removed
+
+
+@pytest.fixture(scope="module")
+def bad_npz(tmp_path_factory) -> dict[str, Path]:
+    """One good .npz and one per way of being bad."""
+    d = tmp_path_factory.mktemp("npz")
+    rng = np.random.default_rng(0)
+    x, y = rng.random((60, 8, 8), dtype=np.float32), np.arange(60) % 10
+    files = {}
+
+    def save(name, compressed=False, **arrays):
+        files[name] = d / f"{name}.npz"
+        (np.savez_compressed if compressed else np.savez)(files[name], **arrays)
+
+    save("good", x=x, y=y)
+    save("compressed", compressed=True, x=x, y=y)
+    for name, source in (("truncated", "good"), ("truncated_compressed", "compressed")):
+        data = files[source].read_bytes()
+        files[name] = d / f"{name}.npz"
+        files[name].write_bytes(data[: len(data) * 2 // 3])
+    nan_x = x.copy()
+    nan_x[17, 3, 4] = np.nan
+    save("nan_pixel", x=nan_x, y=y)
+    inf_x = x.astype(np.float64)
+    inf_x[5, 0, 0] = 1e300  # finite in float64, inf once cast to float32
+    save("huge_pixel", x=inf_x, y=y)
+    big_y = y.copy()
+    big_y[9] = 10**9
+    save("absurd_label", x=x, y=big_y)
+    save("no_x", images=x, y=y)
+    return files
+
+
+@pytest.mark.parametrize("name, message", [
+    ("truncated", "not a readable .npz (truncated or corrupt: BadZipFile"),
+    ("truncated_compressed", "not a readable .npz (truncated or corrupt: BadZipFile"),
+    ("nan_pixel", "x holds 1 non-finite or huge (> 1e+15) values, the first in sample "),
+    ("huge_pixel", "x holds 1 non-finite or huge (> 1e+15) values, the first in sample "),
+    ("absurd_label", "label 1000000000 in y (sample 9) means more than 100000 classes"),
+    ("no_x", "needs arrays 'x' and 'y' (has ['images', 'y'])"),
+])
+def test_bad_data_files_are_one_line_naming_data_path(bad_npz, name, message):
+    load_dataset("npz", path=str(bad_npz["good"]))  # the same arrays, undamaged, load
+    with pytest.raises(ValueError) as error:
+        load_dataset("npz", path=str(bad_npz[name]))
+    text = str(error.value)
+    assert text.startswith(f"data.path={bad_npz[name]}: {message}"), text
+    assert "\n" not in text
+
+
+def _launcher(*overrides, cwd: Path) -> tuple[subprocess.CompletedProcess, float]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "RANK", "WORLD_SIZE"))}
+    env.update(NPROC="2", MAX_RESTARTS="3", GLOO_SOCKET_IFNAME="lo", PYTHONPATH=str(REPO))
+    started = time.monotonic()
+    out = subprocess.run(["bash", str(REPO / "launch" / "single_node.sh"), *overrides], cwd=cwd, env=env,
+                         capture_output=True, text=True, timeout=120)
+    return out, time.monotonic() - started
+
+
+def test_the_launcher_shows_one_line_and_exits_2_without_starting_torchrun(tmp_path):
+    """README command 1 with a bad value (and MAX_RESTARTS=3): one line, status 2, no retries, no traceback."""
+    out, elapsed = _launcher("model=mlp", "optim.lr=inf", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines() == ["error: optim.lr=inf: must be a finite number"], out.stderr[-3000:]
+    assert out.stdout == "" and not (tmp_path / "run").exists()  # torchrun never started, nothing written
+    record("config error through the launcher (optim.lr=inf)", detected_s=round(elapsed, 1),
+           note="whole launcher, start to exit 2")
+    # A data file that is damaged: also before torchrun.
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"PK\x03\x04 not really a zip")
+    out, elapsed = _launcher("model=mlp", "data=npz", f"data.path={bad}", cwd=tmp_path)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr[-3000:]
+    assert out.stderr.startswith(f"error: data.path={bad}: not a readable .npz"), out.stderr
+    assert not (tmp_path / "outputs").exists()
+    record("truncated data file through the launcher", detected_s=round(elapsed, 1),
+           note="whole launcher, start to exit 2")
