@@ -1,47 +1,104 @@
-"""Atomic checkpoints with a manifest, loaded with ``weights_only=True``.
+"""Sharded, atomic checkpoints on ``torch.distributed.checkpoint`` (DCP), components as ``Stateful``.
 
-A checkpoint is two files in one directory::
+One checkpoint is one directory that every rank writes into in parallel::
 
-    step_00000100.pt     torch.save of a dict of tensors and plain values
-    step_00000100.json   manifest: {"step", "world_size", "sha256", "file", "num_bytes", "time"}
+    step_00000100/
+        __0_0.distcp     rank 0's items: its own m, b, RNG, byte counters, and its share of the model
+        __1_0.distcp     rank 1's items (likewise)
+        .metadata        DCP's index (a pickle; read through a restricted unpickler, see below)
+        manifest.json    step, world size, writer, sha256 and size of every file above, the config
 
-Each is written to a temporary name, fsynced and renamed, the ``.pt`` first:
-a manifest exists only for a complete ``.pt``, and a crash at any point
-leaves the previous checkpoint usable. On resume the newest checkpoint whose
-manifest parses and whose sha256 matches wins; each newer one that fails, or
-that an interrupted save left behind (a temporary, or a ``.pt`` without its
-manifest), is reported in one warning line, and the next complete save removes
-such leftovers (docs/reliability.md). Only rank 0 writes; every rank reads the file
-(the directory must be shared between nodes, like the output directory).
+What goes in (``Trainer.checkpoint_components``):
+
+- replicated components, identical on every rank, under one key each
+  (``model``, ``optimizer`` for AdamW/SGD, ``scheduler``, ``sampler``,
+  ``nonfinite``, ``extra`` = the supernet's arch sampler): DCP's save planner
+  keeps ONE copy of each and spreads them over the ranks' files;
+- per-rank components under ``rank00003`` etc.: each rank's RNG, byte
+  counters and, with Birder, its own m and b (``Birder.rank_state()``, 8 bytes
+  per parameter on every rank, never gathered anywhere). They are separate
+  keys, not rows of one ``[world, T]`` tensor sharded by rank, because they
+  are not shards of one thing: each is a whole state that only its rank can
+  use, and a different world size needs whole rows by name (the mean
+  fallback), not a re-slicing (see :meth:`CheckpointManager.load_mean`).
+
+Atomic: every rank writes into ``.step_N.tmp-<writer>`` (the writer id is the
+same on every rank of one job and across torchrun restarts of it); then each
+rank hashes the files it wrote, rank 0 writes ``manifest.json`` last, fsyncs
+and renames the directory to ``step_N`` (the commit point), then prunes. A
+crash at any point leaves the previous checkpoint as it was.
+
+Nothing in a checkpoint runs code on load. DCP itself unpickles ``.metadata``
+with plain ``pickle.load`` and loads non-tensor items with
+``torch.load(weights_only=False)`` (torch 2.13); both are replaced here:
+``.metadata`` goes through :func:`~dist_supernet.train.untrusted.load_dcp_metadata`
+(an unpickler that builds only DCP's own metadata classes, size-capped) and
+non-tensor items through ``torch.load(weights_only=True)``. Before DCP reads
+anything, the sha256 of every file is checked against the manifest (each rank
+hashes a share of the files).
+
+What is pruned (issue 13): only complete checkpoints beyond ``keep`` (oldest
+first), and temporaries whose name carries this job's writer id (provably ours
+and incomplete). Another writer's temporary, a directory without manifest, a
+file of the older single-file format: never deleted. A ``step_N`` directory
+without a manifest is verified by reading every item (``weights_only``) and
+then used with a warning, or set aside as ``step_N.unusable-no-manifest``.
 
 Example::
-    >>> ckpts = CheckpointManager(tmp_dir, keep=2)
-    >>> ckpts.save({"step": 10, "model": model.state_dict()}, step=10, world_size=2)
-    >>> path, manifest = ckpts.find_latest()
-    >>> state = load_checkpoint(path)
+    >>> ckpts = CheckpointManager(tmp_dir, keep=2)          # on every rank
+    >>> ckpts.save({"model": ModelState(model)}, {"rng": RNGState()}, step=10)
+    >>> found = ckpts.find_latest()                          # every rank gets the same answer
+    >>> ckpts.load(found, {"model": ModelState(model)})
 """
 
+from __future__ import annotations
+
+import dataclasses
 import hashlib
+import io
 import json
 import logging
 import os
 import random
 import re
+import shutil
+import socket
 import time
+import uuid
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+from torch.distributed.checkpoint._traverse import set_element
+
+from dist_supernet.train.config import ConfigError
+from dist_supernet.train.untrusted import MAX_MANIFEST_BYTES, load_dcp_metadata, one_line, read_json_capped
 
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^step_(\d+)\.json$")
-# What a writer that stopped mid-save leaves: a temporary (see _atomic_write), or a .pt without its manifest.
-_TEMPORARY = re.compile(r"^\.step_(\d+)\.(pt|json)\.tmp\d+$")
-_WEIGHTS = re.compile(r"^step_(\d+)\.pt$")
+FORMAT = "dist_supernet/dcp-1"
+MANIFEST = "manifest.json"
+METADATA = ".metadata"
+_COMPLETE = re.compile(r"^step_(\d{8,})$")
+# What this code itself leaves when a process dies mid-save or mid-prune; the writer id says whose.
+_OURS = re.compile(r"^\.step_(\d{8,})\.(tmp|deleting)-([A-Za-z0-9_-]{1,80})$")
+_LEGACY = re.compile(r"^step_(\d+)\.pt$")
 
 
-def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
+def rank_key(rank: int) -> str:
+    """The top-level key of one rank's own components, e.g. ``rank00003``."""
+    return f"rank{rank:05d}"
+
+
+def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(chunk_bytes):
@@ -49,108 +106,135 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(file)`` on a temporary sibling, fsync, then rename it to ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.fsync(fd)  # a rename survives a power loss only once its directory is synced
     finally:
-        if tmp.exists():
-            tmp.unlink()
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself survives a power loss
-    finally:
-        os.close(dir_fd)
+        os.close(fd)
 
 
-class CheckpointManager:
-    """Save, list, prune and pick checkpoints in ``directory``."""
-
-    def __init__(self, directory: str | Path, keep: int = 3):
-        self.directory = Path(directory)
-        self.keep = keep
-
-    def save(self, state: dict, *, step: int, world_size: int) -> Path:
-        """Write ``state`` atomically with its manifest; prune to the newest ``keep``. Rank 0 only."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / f"step_{step:08d}.pt"
-        _atomic_write(path, lambda f: torch.save(state, f))
-        manifest = {
-            "step": step,
-            "world_size": world_size,
-            "sha256": sha256_file(path),
-            "file": path.name,
-            "num_bytes": path.stat().st_size,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
-        _atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(manifest, indent=1).encode()))
-        self._prune()
-        return path
-
-    def manifests(self) -> list[Path]:
-        """Manifest paths, newest step first."""
-        if not self.directory.is_dir():
-            return []
-        found = [(int(m.group(1)), p) for p in self.directory.iterdir() if (m := _NAME.match(p.name))]
-        return [p for _, p in sorted(found, reverse=True)]
-
-    def find_latest(self) -> tuple[Path, dict] | None:
-        """The newest complete, uncorrupted checkpoint and its manifest, or None.
-
-        Every newer checkpoint that fails a check is logged in one warning line.
-        """
-        for manifest_path in self.manifests():
-            try:
-                manifest = json.loads(manifest_path.read_text())
-                path = self.directory / manifest["file"]
-                if not path.is_file():
-                    raise ValueError(f"{manifest['file']} is missing")
-                digest = sha256_file(path)
-                if digest != manifest["sha256"]:
-                    size, expected = path.stat().st_size, manifest.get("num_bytes")
-                    raise ValueError(f"sha256 mismatch ({size} of {expected} bytes, truncated or corrupt)")
-            except (ValueError, KeyError, TypeError, OSError) as e:
-                log.warning("checkpoint %s is unusable: %s; trying the previous one", manifest_path.stem, e)
-                continue
-            found = path, manifest
-            break
-        else:
-            found = None
-        for step, path in self.incomplete_writes():
-            if found is None or step > found[1]["step"]:
-                log.warning("checkpoint step_%08d is unusable: %s is an incomplete write (the writer stopped "
-                            "before its manifest); trying the previous one", step, path.name)
-        return found
-
-    def incomplete_writes(self) -> list[tuple[int, Path]]:
-        """(step, path) of what an interrupted save left: temporaries and ``.pt`` files without a manifest."""
-        if not self.directory.is_dir():
-            return []
-        found = []
-        for p in self.directory.iterdir():
-            if m := _TEMPORARY.match(p.name):
-                found.append((int(m.group(1)), p))
-            elif (m := _WEIGHTS.match(p.name)) and not p.with_suffix(".json").exists():
-                found.append((int(m.group(1)), p))
-        return sorted(found, reverse=True)
-
-    def _prune(self) -> None:
-        for manifest_path in self.manifests()[self.keep :]:
-            # Manifest first: a half-pruned checkpoint is never mistaken for a complete one.
-            manifest_path.unlink(missing_ok=True)
-            manifest_path.with_suffix(".pt").unlink(missing_ok=True)
-        for _, path in self.incomplete_writes():  # called after a complete save: these are leftovers
-            path.unlink(missing_ok=True)
+# -- collectives that also work without a process group (unit tests, tools) ---------------------
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """``torch.load`` with ``weights_only=True``: tensors and plain containers only, no code."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+def _dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if _dist() else (0, 1)
+
+
+def _broadcast(obj, src: int = 0):
+    if not _dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def _all_gather(obj) -> list:
+    if not _dist():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# -- components ---------------------------------------------------------------------------------
+
+
+class StatefulGroup:
+    """Several ``Stateful`` parts under one key (DCP calls ``state_dict`` only on top-level values)."""
+
+    def __init__(self, parts: dict):
+        self.parts = parts
+
+    def state_dict(self) -> dict:
+        return {name: part.state_dict() for name, part in self.parts.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, part in self.parts.items():
+            if name in state:  # a part an older checkpoint lacks keeps its current state
+                part.load_state_dict(state[name])
+
+
+class ModelState:
+    """``Stateful`` model: DCP loads the tensors in place into the live parameters and buffers."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def state_dict(self) -> dict:
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state)
+
+
+class TorchOptimizerState:
+    """``Stateful`` torch optimizer (AdamW, SGD), replicated: its state is the same on every rank.
+
+    DCP turns the integer keys of ``state`` into strings; they are turned back here.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+
+    def state_dict(self) -> dict:
+        # Save: the live state. Load: {} and the structure is rebuilt from the checkpoint's
+        # metadata (a fresh AdamW has no state to load into; see _SafeLoadPlanner).
+        return self.optimizer.state_dict() if self.optimizer.state else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        state["state"] = {int(k): v for k, v in (state.get("state") or {}).items()}
+        self.optimizer.load_state_dict(state)
+
+
+class BirderRankState:
+    """``Stateful`` Birder state of THIS rank: m, b (``rank_state()``) and the rest of its state_dict.
+
+    m and b are loaded in place into the live tensors ``rank_state()`` returns, then
+    handed to ``load_rank_state`` (so a copy-returning ``rank_state`` works too).
+    """
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+    def state_dict(self) -> dict:
+        return {**self.optimizer.rank_state(), "meta": self.meta()}
+
+    def meta(self) -> dict:
+        """``Birder.state_dict()`` without the per-parameter m, b (``rank_state`` holds them)."""
+        state = self.optimizer.state_dict()
+        state["state"] = {k: {n: v for n, v in s.items() if n not in ("m", "b")}
+                          for k, s in (state.get("state") or {}).items()}
+        return state
+
+    def load_meta(self, meta: dict) -> None:
+        # Load over the live state dict, so per-parameter entries this meta lacks (m, b) keep
+        # their place; load_rank_state then sets m and b.
+        live = self.optimizer.state_dict()
+        saved_state = {int(k): v for k, v in (meta.get("state") or {}).items()}
+        for k, entries in saved_state.items():
+            live.setdefault("state", {}).setdefault(k, {}).update(entries)
+        live.update({k: v for k, v in meta.items() if k != "state"})
+        self.optimizer.load_state_dict(live)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.load_meta(state.get("meta") or {})
+        self.optimizer.load_rank_state({"m": state["m"], "b": state["b"]})
+
+
+class RNGState:
+    """``Stateful`` RNG of this process: torch (and CUDA), Python's ``random``, NumPy."""
+
+    def state_dict(self) -> dict:
+        return rng_state()
+
+    def load_state_dict(self, state: dict) -> None:
+        set_rng_state(state)
 
 
 def rng_state() -> dict:
@@ -174,3 +258,413 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+# -- reading safely -----------------------------------------------------------------------------
+
+
+class _SafeReader(FileSystemReader):
+    """DCP's reader with the metadata already read by :func:`load_dcp_metadata` (never ``pickle.load``)."""
+
+    def __init__(self, path: Path, metadata: Metadata):
+        super().__init__(path)
+        self._metadata = metadata
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        return self._metadata
+
+
+class _SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's load planner with ``weights_only`` for non-tensor items, rebuilding what a target lacks.
+
+    ``rebuild``: key paths (tuples) under which every saved item missing from the target is
+    created from the metadata (an empty tensor of the saved shape and dtype, or a placeholder
+    for a non-tensor value), as torch's ``_EmptyStateDictLoadPlanner`` does for a whole checkpoint.
+    """
+
+    def __init__(self, rebuild: list[tuple] = ()):
+        super().__init__(allow_partial_load=True)
+        self.rebuild = [tuple(p) for p in rebuild]
+
+    def set_up_planner(self, state_dict, metadata=None, is_coordinator=False) -> None:
+        present = set(flatten_state_dict(state_dict)[0])
+        for fqn, item in metadata.state_dict_metadata.items():
+            path = tuple((metadata.planner_data or {}).get(fqn, (fqn,)))
+            if fqn in present or not any(path[: len(p)] == p for p in self.rebuild):
+                continue
+            value = torch.empty(item.size, dtype=item.properties.dtype) if isinstance(
+                item, TensorStorageMetadata) else None
+            set_element(state_dict, path, value)
+        super().set_up_planner(state_dict, metadata, is_coordinator)
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        # DefaultLoadPlanner uses weights_only=False here: a crafted item would run code.
+        set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn],
+                    torch.load(value, weights_only=True))
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """A checkpoint found or opened for loading; every rank holds the same one."""
+
+    path: Path
+    step: int
+    world_size: int
+    manifest: dict | None  # None: a step_N directory without manifest, verified by reading it
+    metadata: Metadata = dataclasses.field(repr=False)
+    key: str = "trainer.resume"  # the config key and value that picked it, for one-line errors
+    value: object = "auto"
+
+    @property
+    def config(self) -> dict:
+        """The resolved config the checkpoint was written with ({} if unknown)."""
+        config = (self.manifest or {}).get("config")
+        return config if isinstance(config, dict) else {}
+
+    def shapes(self, prefix: str = "model") -> dict[str, list[int]]:
+        """Saved tensor shapes under one top-level key, by their name inside it."""
+        found = {}
+        for fqn, item in self.metadata.state_dict_metadata.items():
+            path = (self.metadata.planner_data or {}).get(fqn, (fqn,))
+            if path[0] == prefix and isinstance(item, TensorStorageMetadata):
+                found[".".join(str(p) for p in path[1:])] = list(item.size)
+        return found
+
+
+def _world_size_from_keys(metadata: Metadata) -> int:
+    ranks = {int(m.group(1)) for fqn in metadata.state_dict_metadata if (m := re.match(r"^rank(\d{5})\.", fqn))}
+    return max(ranks) + 1 if ranks else 1
+
+
+def _verify_files(directory: Path, files: dict) -> str | None:
+    """The first problem with this rank's share of ``files`` ({name: {sha256, num_bytes}}), or None."""
+    rank, world = _rank_world()
+    for i, (name, info) in enumerate(sorted(files.items())):
+        if i % world != rank:
+            continue
+        path = directory / name
+        if "/" in name or name.startswith(".."):
+            return f"manifest names a file outside the checkpoint: {name!r}"
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != info.get("num_bytes") or sha256_file(path) != info.get("sha256"):
+            return f"sha256 mismatch in {name} ({size} of {info.get('num_bytes')} bytes, truncated or corrupt)"
+    return None
+
+
+def _verify_by_reading(directory: Path, metadata: Metadata) -> str | None:
+    """No manifest: read this rank's share of the items (each alone, ``weights_only``); first problem or None."""
+    rank, world = _rank_world()
+    by_file: dict[str, list] = {}
+    for index, info in (metadata.storage_data or {}).items():
+        by_file.setdefault(info.relative_path, []).append((index, info))
+    for i, (name, items) in enumerate(sorted(by_file.items())):
+        if i % world != rank:
+            continue
+        path = directory / name
+        if "/" in name or not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        try:
+            with open(path, "rb") as f:
+                for index, info in items:
+                    if info.offset + info.length > size:
+                        return f"{name} is truncated ({size} bytes, {index.fqn} ends at {info.offset + info.length})"
+                    f.seek(info.offset)
+                    torch.load(io.BytesIO(f.read(info.length)), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 (any refusal: corrupt, truncated, not weights_only)
+            return f"{name}: item unreadable ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})"
+    return None
+
+
+class CheckpointManager:
+    """Save, find, load and prune the checkpoints in ``directory``; every method is called on every rank.
+
+    Args:
+        directory: shared by all ranks (and nodes), like the output directory.
+        keep: complete checkpoints kept (newest first).
+        async_save: write with ``dcp.async_save`` in a background thread on a separate
+            gloo group; the commit (hashes, manifest, rename) happens at the next ``save``
+            or ``wait``.
+    """
+
+    def __init__(self, directory: str | Path, keep: int = 3, *, async_save: bool = False):
+        self.directory = Path(directory)
+        self.keep = keep
+        self.rank, self.world_size = _rank_world()
+        # One id for every rank of this job and its torchrun restarts (TORCHELASTIC_RUN_ID is
+        # the rendezvous id); it names our temporaries, so only ours are ever pruned.
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID") or uuid.uuid4().hex[:12]
+        writer = re.sub(r"[^A-Za-z0-9_-]", "-", f"{socket.gethostname()}-{run_id}")[:80]
+        self.writer = _broadcast(writer)
+        self.async_save = async_save and _dist()
+        # DCP's background upload does collectives (plan gather) while training does its own:
+        # a group of its own keeps the two streams apart (what torchtitan does too).
+        self._async_group = dist.new_group(backend="gloo") if self.async_save else None
+        self._pending: tuple[Future, Path, Path, int, dict] | None = None
+
+    # -- saving -------------------------------------------------------------------------------
+
+    def save(self, replicated: dict, per_rank: dict | None = None, *, step: int, manifest: dict | None = None,
+             blocking: bool = True) -> Path:
+        """Write one checkpoint: ``replicated`` once, ``per_rank`` under this rank's key. Collective.
+
+        ``manifest``: extra JSON-able entries for manifest.json (the config, wall time).
+        Returns the final path (with ``blocking=False`` and async_save: where it will be).
+        """
+        self.wait()
+        tmp = self.directory / f".step_{step:08d}.tmp-{self.writer}"
+        final = self.directory / f"step_{step:08d}"
+        error = None
+        if self.rank == 0:
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                if tmp.exists():  # ours, from an attempt that died at this step: incomplete by name
+                    shutil.rmtree(tmp)
+                tmp.mkdir()
+            except OSError as e:
+                error = f"cannot create {tmp}: {e}"
+        error = _broadcast(error)
+        if error:
+            raise OSError(error)
+        state = {**replicated, rank_key(self.rank): StatefulGroup(per_rank or {})}
+        writer = FileSystemWriter(tmp, sync_files=True, overwrite=False)
+        extra = dict(manifest or {}, step=step)
+        if self.async_save and not blocking:
+            future = dcp.async_save(state, storage_writer=writer, process_group=self._async_group)
+            self._pending = (future, tmp, final, step, extra)
+            return final
+        dcp.save(state, storage_writer=writer, no_dist=not _dist())
+        return self._commit(tmp, final, step, extra)
+
+    def wait(self) -> None:
+        """Finish a pending asynchronous save (wait for its files, then commit). Collective."""
+        if self._pending is None:
+            return
+        future, tmp, final, step, extra = self._pending
+        self._pending = None
+        future.result()
+        self._commit(tmp, final, step, extra)
+
+    def _commit(self, tmp: Path, final: Path, step: int, extra: dict) -> Path:
+        """Hash, manifest last, rename, prune. Collective: the files are complete on every rank."""
+        mine = {p.name: {"sha256": sha256_file(p), "num_bytes": p.stat().st_size}
+                for p in sorted(tmp.iterdir()) if p.name.startswith(f"__{self.rank}_")
+                or (self.rank == 0 and p.name == METADATA)}
+        files = {name: info for part in _all_gather(mine) for name, info in part.items()}
+        error = None
+        if self.rank == 0:
+            try:
+                manifest = {"format": FORMAT, "step": step, "world_size": self.world_size, "writer": self.writer,
+                            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra, "files": files}
+                with open(tmp / MANIFEST, "w") as f:
+                    f.write(json.dumps(manifest, indent=1, default=str))
+                    f.flush()
+                    os.fsync(f.fileno())
+                _fsync_dir(tmp)
+                if final.exists():  # e.g. resumed from an earlier step of this directory: keep, never overwrite
+                    aside = final.with_name(f"{final.name}.replaced-{time.strftime('%Y%m%dT%H%M%S')}")
+                    log.warning("checkpoint %s already exists: set aside as %s", final.name, aside.name)
+                    os.rename(final, aside)
+                os.rename(tmp, final)  # the commit point
+                _fsync_dir(self.directory)
+                self._prune()
+            except OSError as e:
+                error = f"checkpoint {final.name} could not be committed: {e}"
+        error = _broadcast(error)
+        if error:
+            raise OSError(error)
+        return final
+
+    def _prune(self) -> None:
+        """Rank 0: complete checkpoints beyond ``keep``, and our own leftovers; nothing else."""
+        complete = sorted(((int(m.group(1)), p) for p in self.directory.iterdir()
+                           if (m := _COMPLETE.match(p.name)) and (p / MANIFEST).is_file()), reverse=True)
+        for step, path in complete[self.keep :]:
+            # Rename first: a crash mid-delete leaves a name that says "ours, being deleted".
+            doomed = path.with_name(f".{path.name}.deleting-{self.writer}")
+            os.rename(path, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+        for path in self.directory.iterdir():
+            m = _OURS.match(path.name)
+            if m and m.group(3) == self.writer and not (self._pending and path == self._pending[1]):
+                shutil.rmtree(path, ignore_errors=True)
+
+    # -- finding ------------------------------------------------------------------------------
+
+    def find_latest(self, key: str = "trainer.resume", value="auto") -> Checkpoint | None:
+        """The newest usable checkpoint (the same on every rank), or None. Collective.
+
+        Every newer one that fails is reported in one warning line (rank 0). A newest file of
+        the older single-file format stops the job (ConfigError): resuming older work silently
+        from scratch would lose it.
+        """
+        candidates = _broadcast(self._candidates() if self.rank == 0 else None)
+        for step, name, kind in candidates:
+            path = self.directory / name
+            if kind == "legacy":
+                raise ConfigError(key, value, _legacy_message(path))
+            if kind == "temporary":
+                if self.rank == 0:
+                    whose = "this job's" if name.endswith(f"-{self.writer}") else "another writer's"
+                    log.warning("checkpoint step_%08d is unusable: %s is an incomplete write (%s; the writer "
+                                "stopped before its manifest); trying the previous one", step, name, whose)
+                continue
+            found, problem = self._open(path)
+            if found is not None:
+                found.key, found.value = key, value
+                return found
+            if self.rank == 0:
+                log.warning("checkpoint %s is unusable: %s; trying the previous one", name, problem)
+                if kind == "no-manifest":
+                    aside = path.with_name(f"{name}.unusable-no-manifest")
+                    os.rename(path, aside)
+                    log.warning("checkpoint %s set aside as %s (not deleted)", name, aside.name)
+        return None
+
+    def _candidates(self) -> list[tuple[int, str, str]]:
+        """(step, name, kind) newest first: complete, no-manifest, temporary, legacy."""
+        if not self.directory.is_dir():
+            return []
+        found = []
+        for p in self.directory.iterdir():
+            if (m := _COMPLETE.match(p.name)) and p.is_dir():
+                kind = "complete" if (p / MANIFEST).is_file() else "no-manifest" if (p / METADATA).is_file() else None
+                if kind is None:
+                    continue  # an empty step_N directory holds nothing to resume
+                found.append((int(m.group(1)), p.name, kind))
+            elif (m := _OURS.match(p.name)) and m.group(2) == "tmp":
+                found.append((int(m.group(1)), p.name, "temporary"))
+            elif (m := _LEGACY.match(p.name)) and p.is_file():
+                found.append((int(m.group(1)), p.name, "legacy"))
+        order = {"complete": 0, "no-manifest": 1, "temporary": 2, "legacy": 3}
+        return sorted(found, key=lambda t: (-t[0], order[t[2]]))
+
+    def open(self, path: Path, key: str = "trainer.resume", value=None) -> Checkpoint:
+        """An explicit checkpoint (``trainer.resume=<path>``), checked like any other; ConfigError if unusable."""
+        path = Path(path)
+        if path.is_file():
+            raise ConfigError(key, value if value is not None else str(path), _legacy_message(path))
+        found, problem = self._open(path)
+        value = value if value is not None else str(path)
+        if found is None:
+            raise ConfigError(key, value, f"{path.name} is unusable: {problem}")
+        found.key, found.value = key, value
+        return found
+
+    def _open(self, path: Path) -> tuple[Checkpoint | None, str | None]:
+        """Verify a checkpoint directory on every rank (each hashes a share); (checkpoint, None) or (None, why)."""
+        manifest, problem = None, None
+        if (path / MANIFEST).is_file():
+            try:
+                manifest = read_json_capped(path / MANIFEST, MAX_MANIFEST_BYTES)
+                if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+                    raise ValueError(f"not a {FORMAT} manifest")
+                if not isinstance(manifest.get("files"), dict) or METADATA not in manifest["files"]:
+                    raise ValueError("the manifest lists no files")
+                int(manifest["step"]), int(manifest["world_size"])
+            except (ValueError, KeyError, TypeError, OSError, RecursionError) as e:
+                problem = f"{MANIFEST} is unreadable ({e})"
+            if problem is None:
+                problem = _verify_files(path, manifest["files"])
+        elif not (path / METADATA).is_file():
+            problem = f"neither {MANIFEST} nor {METADATA} in it"
+        problem = next((p for p in _all_gather(problem) if p), None)
+        metadata = None
+        if problem is None:
+            try:  # every byte was checked against the manifest (if any); still: no code on load
+                metadata = load_dcp_metadata(path / METADATA)
+            except ValueError as e:
+                problem = str(e)
+        if problem is None and manifest is None:
+            problem = next((p for p in _all_gather(_verify_by_reading(path, metadata)) if p), None)
+        if problem is not None:
+            return None, problem
+        step = int(manifest["step"]) if manifest else int(_COMPLETE.match(path.name).group(1)) if _COMPLETE.match(
+            path.name) else 0
+        world = int(manifest["world_size"]) if manifest else _world_size_from_keys(metadata)
+        if manifest is None and self.rank == 0:
+            log.warning("checkpoint %s has no %s: every item was read back (weights_only) and is used; its recipe "
+                        "and digests cannot be checked", path.name, MANIFEST)
+        return Checkpoint(path=path, step=step, world_size=world, manifest=manifest, metadata=metadata), None
+
+    # -- loading ------------------------------------------------------------------------------
+
+    def load(self, found: Checkpoint, components: dict, *, rebuild: list[tuple] | None = None) -> None:
+        """Load ``components`` ({top-level key: Stateful or dict}) from ``found``. Collective.
+
+        Tensors a component's ``state_dict()`` returns are loaded in place; anything it
+        lacks is rebuilt from the checkpoint's metadata (under ``rebuild``: key paths,
+        default every component's whole key); then its ``load_state_dict`` runs.
+        """
+        statefuls = {k: v for k, v in components.items() if hasattr(v, "load_state_dict")}
+        targets = {k: (v.state_dict() if k in statefuls else v) for k, v in components.items()}
+        try:
+            dcp.load(targets, storage_reader=_SafeReader(found.path, found.metadata),
+                     planner=_SafeLoadPlanner(rebuild=[(k,) for k in targets] if rebuild is None else rebuild),
+                     no_dist=not _dist())
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 (DCP wraps each rank's failure; a BaseException)
+            raise ConfigError(found.key, found.value, f"{found.path.name} could not be loaded: {one_line(e)}") from None
+        for k, v in statefuls.items():
+            v.load_state_dict(targets[k])
+        for k, v in components.items():
+            if k not in statefuls and isinstance(v, dict):
+                v.update(targets[k])
+
+    def load_mean(self, found: Checkpoint, path: tuple, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Mean over the saved ranks of ``rank<r>.<path>.<name>`` for each tensor name in ``like``. Collective.
+
+        No rank holds more than its own sum and one saved row at a time: rank ``k`` of
+        this job reads the saved rows ``r`` with ``r % world_size == k`` (DCP without
+        collectives, so ranks may read different numbers of rows), then one all-reduce
+        of the sums.
+        """
+        sums = {n: torch.zeros_like(t, dtype=torch.float32) for n, t in like.items()}
+        for r in range(self.rank, found.world_size, self.world_size):
+            row = {n: torch.empty_like(t, dtype=torch.float32) for n, t in like.items()}
+            target: dict = {}
+            set_element(target, (rank_key(r), *path), row)
+            dcp.load(target, storage_reader=_SafeReader(found.path, found.metadata),
+                     planner=_SafeLoadPlanner(), no_dist=True)
+            for n in sums:
+                sums[n] += row[n]
+        if _dist():
+            for t in sums.values():
+                dist.all_reduce(t)
+        return {n: t / found.world_size for n, t in sums.items()}
+
+
+def _legacy_message(path: Path) -> str:
+    return (f"{path.name} is a single-file checkpoint of an older dist_supernet (before the sharded "
+            f"torch.distributed.checkpoint layout); this version does not load it: resume it with the version "
+            f"that wrote it, or move it out of {path.parent} to start fresh")
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The whole checkpoint as one nested dict in this process (tests, inspection); no process group.
+
+    Checked like any load: digests against the manifest, restricted metadata, ``weights_only``.
+
+    Example::
+        >>> state = read_checkpoint("outputs/run/checkpoints/step_00000040")
+        >>> state["model"]["net.0.weight"].shape, state["rank00001"]["optimizer"]["m"].shape
+    """
+    path = Path(path)
+    manifest = read_json_capped(path / MANIFEST, MAX_MANIFEST_BYTES) if (path / MANIFEST).is_file() else None
+    if manifest is not None:
+        for name, info in manifest["files"].items():
+            if sha256_file(path / name) != info["sha256"]:
+                raise ValueError(f"{path.name}/{name}: sha256 mismatch")
+    metadata = load_dcp_metadata(path / METADATA)
+    # DCP hands back only the top-level keys it was given: name them all, the planner fills them.
+    state: dict = {p[0]: {} for p in (metadata.planner_data or {}).values()}
+    dcp.load(state, storage_reader=_SafeReader(path, metadata), planner=_SafeLoadPlanner(rebuild=[()]),
+             no_dist=True)
+    return state
+
+
+def dcp_file_sizes(path: str | Path) -> dict[str, int]:
+    """Bytes of every data file of a checkpoint directory (``__<rank>_<i>.distcp``, ``.metadata``)."""
+    return {p.name: p.stat().st_size for p in sorted(Path(path).iterdir()) if p.name != MANIFEST}
+

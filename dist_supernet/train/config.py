@@ -143,6 +143,8 @@ class TrainerConfig:
     checkpoint_dir: str | None = None
     keep_checkpoints: int = 3
     resume: str = "auto"
+    resume_weights_only: bool = False
+    async_checkpoint: bool = False
     device: str = "auto"
     crash_at_step: int | None = None
     max_consecutive_skips: int = 5
@@ -279,8 +281,12 @@ def _check_ranges(group: str, obj) -> None:
         for field in ("log_every", "eval_every", "checkpoint_every"):
             _check(getattr(obj, field) >= 0, k(field), getattr(obj, field), "must be >= 0 (0 = off)")
         _check(obj.device in ("auto", "cpu", "cuda"), k("device"), obj.device, "expected one of auto, cpu, cuda")
-        _check(obj.resume in ("auto", "never") or os.path.isfile(obj.resume), k("resume"), obj.resume,
-               "expected auto, never, or the path of a checkpoint file")
+        # A checkpoint is a step_N directory (torch.distributed.checkpoint); a file is the older
+        # single-file format, refused with one line when the trainer opens it.
+        is_checkpoint = os.path.isfile(obj.resume) or any(
+            os.path.isfile(os.path.join(obj.resume, name)) for name in ("manifest.json", ".metadata"))
+        _check(obj.resume in ("auto", "never") or is_checkpoint, k("resume"), obj.resume,
+               "expected auto, never, or the path of a checkpoint file or step_N directory")
         _check(obj.max_consecutive_skips >= 1, k("max_consecutive_skips"), obj.max_consecutive_skips, "must be >= 1")
         _check(obj.timeout_s > 0, k("timeout_s"), obj.timeout_s, "must be > 0 (seconds)")
         _check(obj.timeout_s <= MAX_TIMEOUT_S, k("timeout_s"), obj.timeout_s,

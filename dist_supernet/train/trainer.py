@@ -41,14 +41,22 @@ from dist_supernet.data import ShardSampler, load_dataset
 from dist_supernet.models import build_model
 from dist_supernet.optim import Birder
 from dist_supernet.train import distributed
-from dist_supernet.train.checkpoint import CheckpointManager, rng_state, set_rng_state
+from dist_supernet.train.checkpoint import (
+    BirderRankState,
+    CheckpointManager,
+    ModelState,
+    RNGState,
+    StatefulGroup,
+    TorchOptimizerState,
+    rank_key,
+)
 from dist_supernet.train.config import ConfigError, TrainConfig, validate, validate_layout
 from dist_supernet.train.faults import NanInjector
 from dist_supernet.train.metrics import MetricsWriter, Progress
 from dist_supernet.train.nonfinite import NonFiniteGuard
 from dist_supernet.train.preflight import check_can_hold_file
 from dist_supernet.train.runlock import RunDirLock, report_stale, report_unfinished_runs
-from dist_supernet.train.untrusted import check_fits_model, load_untrusted, verify_against_manifest
+from dist_supernet.train.untrusted import check_fits_model, check_recipe
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +87,7 @@ class Trainer:
         #    ``check_only`` (the launchers' pre-flight, dist_supernet/train/preflight.py) stops after them.
         self.check_only = check_only
         self.cfg: TrainConfig = validate(cfg)
-        self.config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+        self.config_dict = OmegaConf.to_container(cfg, resolve=True)  # recorded in every checkpoint's manifest
         world_size = int(os.environ.get("WORLD_SIZE", 1))
         validate_layout(self.cfg.compression, world_size)
         trainer_cfg, data_cfg = self.cfg.trainer, self.cfg.data
@@ -129,7 +137,8 @@ class Trainer:
         # 4. Outputs and resume.
         self.metrics = MetricsWriter(self.output_dir, enabled=self.is_rank0)
         self.checkpoints = CheckpointManager(
-            trainer_cfg.checkpoint_dir or self.output_dir / "checkpoints", keep=trainer_cfg.keep_checkpoints
+            trainer_cfg.checkpoint_dir or self.output_dir / "checkpoints", keep=trainer_cfg.keep_checkpoints,
+            async_save=trainer_cfg.async_checkpoint,
         )
         self.step, self.wall_time_offset_s, self.resumed_from = 0, 0.0, None
         self._resume()
@@ -172,47 +181,86 @@ class Trainer:
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
     def _resume(self) -> None:
-        resume = self.cfg.trainer.resume
+        """Load ``trainer.resume`` (auto: the newest usable checkpoint) on every rank; see checkpoint.py.
+
+        Before anything is loaded it must fit, one line naming the first key otherwise: the
+        model's tensors (from the checkpoint's index) and model config, then the recipe
+        (optimizer, compression and collective, supernet sampling), unless
+        ``trainer.resume_weights_only=true``, which loads the model weights and nothing else.
+        """
+        tcfg = self.cfg.trainer
+        key, resume = "trainer.resume", tcfg.resume
         if resume == "never":
             return
+        # Collective: every rank hashes a share of the files; all agree on one checkpoint (or none).
         if resume == "auto":
-            found = self.checkpoints.find_latest() if self.is_rank0 else None
-            found = distributed.broadcast_object(found)  # rank 0 decides; every rank loads the same file
-            if found is None:
-                return
-            path = found[0]
+            found = self.checkpoints.find_latest(key, resume)
         else:
-            path = Path(resume)
-            verify_against_manifest("trainer.resume", resume, path)
-        # Untrusted input: weights_only, and it must fit this model before anything is loaded.
-        state = load_untrusted("trainer.resume", resume, path)
-        check_fits_model("trainer.resume", resume, path, state, self.model, self.cfg.model)
+            found = self.checkpoints.open(Path(resume), key, resume)
+        if found is None:
+            return
+        check_fits_model(key, resume, found.path, {"model": found.shapes("model"), "config": found.config},
+                         self.model, self.cfg.model)
+        if tcfg.resume_weights_only:
+            self.checkpoints.load(found, {"model": ModelState(self.model)})
+            log.log(logging.WARNING if self.is_rank0 else logging.INFO,
+                    "trainer.resume_weights_only=true: loaded the model weights of %s (step %d) and nothing else; "
+                    "optimizer state, LR schedule, data order and the step count start fresh", found.path, found.step)
+            return
+        check_recipe(key, resume, found.path.name, found.config, self.config_dict)
+        same_world = found.world_size == self.world_size
+        replicated, per_rank = self.checkpoint_components()
         with warnings.catch_warnings(record=True) as caught:  # folded into the one line below
             warnings.simplefilter("always")
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-        notes = "".join(f"; {w.message}" for w in caught)
-        if state["world_size"] != self.world_size:  # one line on rank 0, the rest in each rank's log file
+            own = {rank_key(self.rank): StatefulGroup(per_rank)} if same_world else {}
+            self.checkpoints.load(found, {**replicated, **own})
+            if not same_world and isinstance(self.optimizer, Birder):
+                # Saved rank 0's lr, step count and seed (the same on every rank), then the mean m, b.
+                meta: dict = {}
+                self.checkpoints.load(found, {rank_key(0): {"optimizer": {"meta": meta}}},
+                                      rebuild=[(rank_key(0), "optimizer", "meta")])
+                BirderRankState(self.optimizer).load_meta(meta)
+                self.optimizer.load_rank_state(
+                    self.checkpoints.load_mean(found, ("optimizer",), like=self.optimizer.rank_state()))
+        # On another world size Birder warns that rank 0's state is not this rank's: the line below says it all.
+        notes = "".join(f"; {w.message}" for w in caught) if same_world else ""
+        if not same_world:  # one line on rank 0, the rest in each rank's log file
+            mean = (f"; Birder: checkpoint holds m, b of {found.world_size} ranks, this job has {self.world_size}: "
+                    "every rank starts from their mean") if isinstance(self.optimizer, Birder) else ""
             log.log(logging.WARNING if self.is_rank0 else logging.INFO,
                     "checkpoint %s was written by %d ranks, this job has %d: resuming at the next epoch "
                     "with fresh RNG and byte counts, not bit-identically%s",
-                    path.name, state["world_size"], self.world_size, notes)
+                    found.path.name, found.world_size, self.world_size, mean)
+            # The shards differ: start the saved epoch's next one.
+            self.sampler.load_state_dict({"epoch": self.sampler.epoch + 1, "batch_index": 0})
         elif notes:
-            log.warning("checkpoint %s%s", path.name, notes)
-        self.nonfinite.load_state_dict(state.get("nonfinite", {}))
-        self.scheduler.load_state_dict(state["scheduler"])
-        per_rank = state["world_size"] == self.world_size
-        self.comm_stats.load_state_dict(state["comm_stats"][self.rank] if per_rank else {})
-        if per_rank:
-            self.sampler.load_state_dict(state["sampler"])
-            set_rng_state(state["rng"][self.rank])
-        else:  # shards differ: start the saved epoch's next one
-            self.sampler.load_state_dict({"epoch": state["sampler"]["epoch"] + 1, "batch_index": 0})
-        self.load_extra_state(state)
-        self.step, self.wall_time_offset_s = state["step"], state["wall_time_s"]
-        self.resumed_from = state["step"]
+            log.warning("checkpoint %s%s", found.path.name, notes)
+        self.load_extra_state(replicated["extra"])
+        progress = replicated["progress"]
+        self.step, self.wall_time_offset_s = int(progress["step"]), float(progress["wall_time_s"])
+        self.resumed_from = self.step
         self.metrics.truncate_after(self.step)
-        log.info("resumed from %s at step %d", path, self.step)
+        log.info("resumed from %s at step %d", found.path, self.step)
+
+    def checkpoint_components(self, wall_time_s: float = 0.0) -> tuple[dict, dict]:
+        """What a checkpoint holds: (components the same on every rank, saved once; this rank's own).
+
+        Each is ``Stateful`` (``state_dict``/``load_state_dict``) or a plain dict; see checkpoint.py.
+        """
+        replicated = {
+            "model": ModelState(self.model),
+            "scheduler": self.scheduler,
+            "sampler": self.sampler,  # the same position on every rank
+            "nonfinite": self.nonfinite,
+            "progress": {"step": self.step, "wall_time_s": wall_time_s},
+            "extra": self.extra_state(),
+        }
+        per_rank = {"rng": RNGState(), "comm_stats": self.comm_stats}
+        if isinstance(self.optimizer, Birder):
+            per_rank["optimizer"] = BirderRankState(self.optimizer)  # m, b differ per rank: each writes its own
+        else:
+            replicated["optimizer"] = TorchOptimizerState(self.optimizer)  # averaged gradient: the same everywhere
+        return replicated, per_rank
 
     # -- hooks for subclasses (SupernetTrainer) ------------------------------------------
 
@@ -224,11 +272,11 @@ class Trainer:
         return {}
 
     def extra_state(self) -> dict:
-        """Entries added to every checkpoint (rank 0 only; no collectives)."""
+        """Entries added to every checkpoint, the same on every rank (saved once; no collectives)."""
         return {}
 
     def load_extra_state(self, state: dict) -> None:
-        """Restore what ``extra_state`` saved (every rank, same checkpoint)."""
+        """Restore what ``extra_state`` saved (every rank, same checkpoint; ``state`` is that dict)."""
 
     def extra_summary(self) -> dict:
         """Keys added to ``summary.json`` (every rank; no collectives)."""
@@ -264,13 +312,15 @@ class Trainer:
 
             saved = is_last or (tcfg.checkpoint_every > 0 and self.step % tcfg.checkpoint_every == 0)
             if saved:
-                with distributed.collective_stage("checkpoint"):
-                    self.save_checkpoint(time.perf_counter() - start_time)
+                with distributed.collective_stage("checkpoint"):  # the last one is always synchronous
+                    self.save_checkpoint(time.perf_counter() - start_time, blocking=is_last)
             # One tiny all-reduce per step: a SIGTERM on any rank stops every rank after this same step.
             if not is_last and self.preemption.agreed(self.device, stage=f"stop flag after step {self.step}"):
                 if not saved:
                     with distributed.collective_stage("checkpoint"):
                         self.save_checkpoint(time.perf_counter() - start_time)
+                with distributed.collective_stage("checkpoint"):
+                    self.checkpoints.wait()  # an asynchronous save of this step is committed before the exit
                 progress.close()
                 raise distributed.Preempted(self.step, self.preemption.signal_name)
         progress.close()
@@ -326,30 +376,15 @@ class Trainer:
             "skipped_steps": self.nonfinite.skipped_steps,  # steps skipped for a NaN/Inf gradient on some rank
         }
 
-    def save_checkpoint(self, wall_time_s: float) -> None:
-        """Collective: every rank contributes its RNG and byte counts; rank 0 writes."""
-        if hasattr(self.optimizer, "consolidate_state_dict"):
-            self.optimizer.consolidate_state_dict(to=0)  # Birder: every rank's m, b into rank 0's state_dict
-        rngs = distributed.all_gather_object(rng_state())
-        stats = distributed.all_gather_object(self.comm_stats.state_dict())
-        optimizer_state = self.optimizer.state_dict()
-        if not self.is_rank0:
-            return
-        state = {
-            "step": self.step,
-            "world_size": self.world_size,
-            "wall_time_s": wall_time_s,
-            "model": self.model.state_dict(),
-            "optimizer": optimizer_state,
-            "scheduler": self.scheduler.state_dict(),
-            "sampler": self.sampler.state_dict(),  # the same position on every rank
-            "rng": rngs,  # one per rank
-            "comm_stats": stats,  # one per rank
-            "nonfinite": self.nonfinite.state_dict(),
-            "config": self.config_yaml,
-            **self.extra_state(),
-        }
-        path = self.checkpoints.save(state, step=self.step, world_size=self.world_size)
+    def save_checkpoint(self, wall_time_s: float, *, blocking: bool = True) -> None:
+        """Collective: every rank writes its own shard of one checkpoint (checkpoint.py); nothing is gathered.
+
+        ``blocking=False`` with ``trainer.async_checkpoint=true``: the files are written in the
+        background and committed at the next save (``self.checkpoints.wait()`` commits it now).
+        """
+        replicated, per_rank = self.checkpoint_components(wall_time_s)
+        path = self.checkpoints.save(replicated, per_rank, step=self.step, blocking=blocking,
+                                     manifest={"wall_time_s": wall_time_s, "config": self.config_dict})
         log.debug("saved %s", path)
 
     def _maybe_crash(self) -> None:

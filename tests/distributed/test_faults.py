@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dist_supernet.train.checkpoint import read_checkpoint
 from tests.fault_report import record
 
 REPO = Path(__file__).resolve().parents[2]
@@ -155,7 +156,8 @@ def run_once(overrides, *, cwd, nproc=2, check=True) -> subprocess.CompletedProc
 
 
 def load(path: Path) -> dict:
-    return torch.load(path, weights_only=True)
+    """A whole checkpoint directory in this process (digests checked, weights_only)."""
+    return read_checkpoint(path)
 
 
 def same_tensors(a, b) -> bool:
@@ -229,7 +231,7 @@ def test_sigkilled_worker_of_the_supernet_job_resumes_its_sampler_bit_identicall
     run_once([*SUPERNET, f"hydra.run.dir={reference_dir}"], cwd=reference_dir.parent)
     summary = kill_resume_compare(reference_dir, SUPERNET, tmp_path, kill_after=4, every=3, max_steps=8,
                                   fault="worker SIGKILL (supernet job)")
-    assert "arch_sampler" in load(tmp_path / "run" / "checkpoints" / "step_00000006.pt")
+    assert "arch_sampler" in load(tmp_path / "run" / "checkpoints" / "step_00000006")["extra"]
     assert summary["supernet"]["searched"] == json.loads((reference_dir / "summary.json").read_text()
                                                          )["supernet"]["searched"]
 
@@ -303,11 +305,12 @@ def test_nan_on_one_rank_skips_on_every_rank_and_stops_after_the_limit_birder(tm
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 8))
     assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 1, 1, 2, 3]
-    ckpt = {s: load(run_dir / "checkpoints" / f"step_{s:08d}.pt") for s in (2, 3, 4, 5, 6, 7)}
+    ckpt = {s: load(run_dir / "checkpoints" / f"step_{s:08d}") for s in (2, 3, 4, 5, 6, 7)}
     for before, skipped in ((2, 3), (5, 6), (5, 7)):
         assert same_tensors(ckpt[before]["model"], ckpt[skipped]["model"])  # x unchanged
-        per_rank = [ckpt[s]["optimizer"]["birder"]["per_rank"] for s in (before, skipped)]
-        assert per_rank[0].shape[0] == 2 and torch.equal(*per_rank)  # m, b of BOTH ranks unchanged
+        per_rank = [[ckpt[s][f"rank0000{r}"]["optimizer"][k] for r in (0, 1) for k in ("m", "b")]
+                    for s in (before, skipped)]
+        assert same_tensors(*per_rank)  # m, b of BOTH ranks unchanged (each rank saved its own)
     assert not same_tensors(ckpt[3]["model"], ckpt[4]["model"])  # and training goes on after a skip
     injected_at, _ = job.wait_for_line(r"inject_nan_at_steps: NaN .* at step 3 ")
     skip_at, _ = job.wait_for_line(r"step 3: non-finite gradient on some rank")
@@ -329,7 +332,7 @@ def test_nan_on_one_rank_skips_the_step_for_adamw_too_and_replicas_stay_identica
     name = _last_param_name("mlp")
     skips = [line for line in job.text.splitlines() if "optimizer step skipped on every rank" in line]
     assert len(skips) == 3 and all(f"first offending parameter {name} (1 of 6" in s for s in skips), skips
-    ckpt = {s: load(run_dir / "checkpoints" / f"step_{s:08d}.pt") for s in (2, 3, 4)}
+    ckpt = {s: load(run_dir / "checkpoints" / f"step_{s:08d}") for s in (2, 3, 4)}
     assert same_tensors(ckpt[2]["model"], ckpt[3]["model"])  # parameters unchanged
     assert same_tensors(ckpt[2]["optimizer"]["state"], ckpt[3]["optimizer"]["state"])  # Adam moments unchanged
     assert not same_tensors(ckpt[3]["model"], ckpt[4]["model"])
@@ -344,7 +347,7 @@ def _fallback_lines(text: str, old: int, new: int) -> list[str]:
 
 def test_resume_a_two_rank_checkpoint_on_four_ranks(reference, tmp_path):
     run_dir = tmp_path / "run"
-    ckpt = reference / "checkpoints" / "step_00000020.pt"
+    ckpt = reference / "checkpoints" / "step_00000020"
     out = run_once(["model=mlp", "trainer.max_steps=26", "trainer.log_every=1", f"trainer.resume={ckpt}",
                     f"hydra.run.dir={run_dir}"], cwd=tmp_path, nproc=4)
     text = out.stdout + out.stderr
@@ -372,7 +375,7 @@ def test_resume_a_two_rank_checkpoint_on_one_process(reference, tmp_path):
 
 
 def test_a_checkpoint_of_another_model_fails_before_training_naming_the_first_key(reference, tmp_path):
-    ckpt = reference / "checkpoints" / "step_00000040.pt"
+    ckpt = reference / "checkpoints" / "step_00000040"
     run_dir = tmp_path / "run"
     started = time.monotonic()
     out = run_once(["model=cnn", f"trainer.resume={ckpt}", f"hydra.run.dir={run_dir}"], cwd=tmp_path, nproc=1,
@@ -380,7 +383,7 @@ def test_a_checkpoint_of_another_model_fails_before_training_naming_the_first_ke
     elapsed = time.monotonic() - started
     errors = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("error:")]
     assert out.returncode == 2 and len(errors) == 1, out.stdout[-3000:]
-    assert errors[0].startswith(f"error: trainer.resume={ckpt}: step_00000040.pt is from a different model "
+    assert errors[0].startswith(f"error: trainer.resume={ckpt}: step_00000040 is from a different model "
                                 "(saved with model=mlp, this run has model=cnn): first mismatched key "), errors
     assert "Traceback" not in out.stdout and not (run_dir / "metrics.jsonl").exists()
     record("checkpoint of another model", detected_s=round(elapsed, 1), note="whole process, start to exit 2")

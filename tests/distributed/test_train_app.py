@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from dist_supernet.train.checkpoint import read_checkpoint
+from dist_supernet.train.untrusted import load_dcp_metadata
+
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 180
 SUMMARY_KEYS = {"final_loss", "eval_accuracy", "steps", "world_size", "compression", "collective",
@@ -84,14 +87,22 @@ def test_default_birder_run(birder_run):
     assert [r["step"] for r in rows] == list(range(1, 13))
     assert [r["step"] for r in rows if "val_accuracy" in r] == [6, 12]
     assert summary["optimizer"] == "birder" and summary["resumed_from_step"] is None
-    # keep_checkpoints=3 of 4, 8, 12; manifests say step, world size, sha256; weights_only loads them
-    manifests = sorted((birder_run / "checkpoints").glob("*.json"))
+    # keep_checkpoints=3 of 4, 8, 12, one directory each (torch.distributed.checkpoint); manifests say
+    # step, world size and the sha256 of every file
+    manifests = sorted((birder_run / "checkpoints").glob("step_*/manifest.json"))
     assert [json.loads(m.read_text())["step"] for m in manifests] == [4, 8, 12]
-    state = torch.load(birder_run / "checkpoints" / "step_00000012.pt", weights_only=True)
-    assert state["world_size"] == 2 and len(state["rng"]) == 2 and len(state["comm_stats"]) == 2
-    assert {"model", "optimizer", "scheduler", "sampler", "config"} <= set(state)
-    # Birder's consolidated state dict holds both ranks' m and b: [world, 2, numel]
-    assert state["optimizer"]["birder"]["per_rank"].shape == (2, 2, summary["num_params"])
+    newest = birder_run / "checkpoints" / "step_00000012"
+    manifest = json.loads((newest / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and set(manifest["files"]) == {".metadata", "__0_0.distcp", "__1_0.distcp"}
+    state = read_checkpoint(newest)  # digests checked, weights_only
+    assert {"model", "scheduler", "sampler", "nonfinite", "progress", "rank00000", "rank00001"} <= set(state)
+    assert {"optimizer", "rng", "comm_stats"} <= set(state["rank00001"])
+    assert state["progress"]["step"] == 12 and manifest["config"]["model"]["name"] == "mlp"
+    # Each rank wrote its own m, b (never gathered on one rank): T elements each, into its own file
+    m = [state[f"rank0000{r}"]["optimizer"]["m"] for r in (0, 1)]
+    assert all(x.shape == (summary["num_params"],) for x in m) and not torch.equal(*m)
+    where = {i.fqn: s.relative_path for i, s in load_dcp_metadata(newest / ".metadata").storage_data.items()}
+    assert (where["rank00000.optimizer.m"], where["rank00001.optimizer.b"]) == ("__0_0.distcp", "__1_0.distcp")
 
 
 def test_restart_resumes_bit_identically_and_skips_a_corrupt_checkpoint(birder_run, tmp_path):
@@ -113,7 +124,7 @@ def test_restart_resumes_bit_identically_and_skips_a_corrupt_checkpoint(birder_r
 
     # Truncate the newest checkpoint; resume on ONE process (no torchrun): the previous
     # checkpoint is used, each problem reported in one line, training goes on.
-    with open(run_dir / "checkpoints" / "step_00000012.pt", "r+b") as f:
+    with open(run_dir / "checkpoints" / "step_00000012" / "__1_0.distcp", "r+b") as f:
         f.truncate(1000)
     out = subprocess.run([sys.executable, "-m", "dist_supernet.train", "model=mlp", "trainer.max_steps=14",
                           "trainer.log_every=1",

@@ -1,17 +1,11 @@
 """Issue 6 without process groups: crashes while writing a checkpoint, untrusted files, the non-finite rule.
 
-The faults are real where it matters: a forked writer is killed (``os._exit``)
-half-way through ``torch.save`` or between the two renames, and a malicious
-pickle really tries to run a command. The end-to-end faults (SIGKILL, SIGSTOP,
+Checkpoint files (writers killed mid-save, corrupt, malicious, without manifest) are in
+tests/unit/test_checkpoint_files.py. The end-to-end faults (SIGKILL, SIGSTOP,
 NaN on one rank, world-size changes) are in tests/distributed/test_faults.py.
 """
 
-import io
-import json
-import logging
 import os
-import pickle
-import time
 from pathlib import Path
 
 import pytest
@@ -21,8 +15,6 @@ from torch import nn
 
 from dist_supernet.models import available_models, build_model
 from dist_supernet.optim import Birder
-from dist_supernet.train import checkpoint as checkpoint_module
-from dist_supernet.train.checkpoint import CheckpointManager
 from dist_supernet.train.config import ConfigError, register_resolvers, validate
 from dist_supernet.train.faults import runtime_fault_message
 from dist_supernet.train.nonfinite import NonFiniteGradientError, NonFiniteGuard
@@ -30,145 +22,12 @@ from dist_supernet.train.untrusted import (
     check_directory,
     check_fits_model,
     first_mismatch,
-    load_untrusted,
-    verify_against_manifest,
 )
-from tests.fault_report import record
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _state(step: int) -> dict:
-    torch.manual_seed(step)
-    return {"step": step, "model": {"w": torch.randn(4096)}, "world_size": 1}
-
-
-def _crash_in_child(fn) -> float:
-    """Run ``fn`` in a forked child that must die inside it (exit 9); returns the seconds it ran."""
-    started = time.monotonic()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns to pytest
-        try:
-            fn()
-        finally:
-            os._exit(3)  # fn returned or raised: the crash did not happen where intended
-    _, status = os.waitpid(pid, 0)
-    assert os.WEXITSTATUS(status) == 9, status
-    return time.monotonic() - started
-
-
-def _warnings(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-
-
-# -- 2. crash while writing a checkpoint --------------------------------------------------
-
-
-def test_writer_killed_inside_torch_save_leaves_the_previous_checkpoint_in_use(tmp_path, caplog):
-    ckpts = CheckpointManager(tmp_path, keep=3)
-    ckpts.save(_state(2), step=2, world_size=1)
-
-    def die_half_way():
-        real_save = torch.save
-
-        def half_save(obj, f):
-            buffer = io.BytesIO()
-            real_save(obj, buffer)
-            f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-            f.flush()
-            os._exit(9)  # the process dies with half a file written
-
-        checkpoint_module.torch.save = half_save
-        ckpts.save(_state(4), step=4, world_size=1)
-
-    _crash_in_child(die_half_way)
-    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".step_00000004.pt.tmp")]
-    assert len(leftovers) == 1 and not (tmp_path / "step_00000004.pt").exists()
-    started = time.monotonic()
-    path, manifest = ckpts.find_latest()
-    record("writer killed inside torch.save", detected_s=round(time.monotonic() - started, 4), note="at the next load")
-    assert manifest["step"] == 2 and path.name == "step_00000002.pt"
-    (line,) = _warnings(caplog)
-    assert line.startswith(f"checkpoint step_00000004 is unusable: {leftovers[0]} is an incomplete write")
-    # The next complete save cleans the leftover up.
-    ckpts.save(_state(6), step=6, world_size=1)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "step_00000002.json", "step_00000002.pt", "step_00000006.json", "step_00000006.pt"]
-
-
-def test_writer_killed_between_weights_and_manifest(tmp_path, caplog):
-    ckpts = CheckpointManager(tmp_path, keep=3)
-    ckpts.save(_state(2), step=2, world_size=1)
-
-    def die_before_manifest():
-        real_write = checkpoint_module._atomic_write
-
-        def write_then_die(path, write):
-            if path.suffix == ".json":
-                os._exit(9)
-            real_write(path, write)
-
-        checkpoint_module._atomic_write = write_then_die
-        ckpts.save(_state(4), step=4, world_size=1)
-
-    _crash_in_child(die_before_manifest)
-    assert (tmp_path / "step_00000004.pt").is_file() and not (tmp_path / "step_00000004.json").exists()
-    started = time.monotonic()
-    assert ckpts.find_latest()[1]["step"] == 2
-    record("writer killed before the manifest", detected_s=round(time.monotonic() - started, 4))
-    (line,) = _warnings(caplog)
-    assert "step_00000004 is unusable: step_00000004.pt is an incomplete write" in line
-
-
-def test_a_corrupt_newest_checkpoint_of_the_same_size_is_caught_by_its_hash(tmp_path, caplog):
-    ckpts = CheckpointManager(tmp_path, keep=3)
-    for step in (2, 4):
-        ckpts.save(_state(step), step=step, world_size=1)
-    newest = tmp_path / "step_00000004.pt"
-    data = bytearray(newest.read_bytes())
-    data[len(data) // 2] ^= 0xFF  # one flipped bit pattern in the middle of the tensor data
-    newest.write_bytes(bytes(data))
-    started = time.monotonic()
-    assert ckpts.find_latest()[1]["step"] == 2
-    record("corrupt newest checkpoint", detected_s=round(time.monotonic() - started, 4))
-    (line,) = _warnings(caplog)
-    assert "step_00000004 is unusable: sha256 mismatch" in line and "\n" not in line
-
-
 # -- 6. untrusted files ---------------------------------------------------------------------
-
-
-def test_an_explicit_resume_path_is_checked_against_its_manifest(tmp_path):
-    ckpts = CheckpointManager(tmp_path, keep=3)
-    path = ckpts.save(_state(2), step=2, world_size=1)
-    verify_against_manifest("trainer.resume", str(path), path)  # intact: fine
-    with open(path, "r+b") as f:
-        f.truncate(100)
-    with pytest.raises(ConfigError, match=r"^trainer\.resume=.*: sha256 mismatch with step_00000002\.json "
-                                          r"\(100 of \d+ bytes, truncated or corrupt\)$"):
-        verify_against_manifest("trainer.resume", str(path), path)
-    with pytest.raises(ConfigError, match=r"is not a loadable checkpoint: torch.load\(weights_only=True\) refused it"):
-        load_untrusted("trainer.resume", str(path), path)
-
-
-def test_a_malicious_checkpoint_is_refused_in_one_line_and_runs_nothing(tmp_path):
-    marker = tmp_path / "pwned"
-
-    class Evil:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
-    path = tmp_path / "step_00000002.pt"
-    path.write_bytes(pickle.dumps({"step": 2, "model": Evil()}, protocol=2))
-    with pytest.raises(ConfigError) as info:
-        load_untrusted("trainer.resume", str(path), path)
-    text = str(info.value)
-    assert "\n" not in text and "refused it" in text and "system" in text, text
-    assert not marker.exists()
-    record("malicious pickle as checkpoint", refused=True, code_ran=False)
-    torch.save({"x": torch.zeros(2)}, path)  # loadable, but not a checkpoint of ours
-    with pytest.raises(ConfigError, match="is not a dist_supernet checkpoint"):
-        load_untrusted("trainer.resume", str(path), path)
 
 
 def _model(name: str, **overrides) -> tuple[nn.Module, dict]:
@@ -317,13 +176,6 @@ def test_runtime_faults_become_one_line():
                                                 "callback: RuntimeError: Timed out")
     assert runtime_fault_message(NonFiniteGradientError("step 3: ...")) == "step 3: ..."
     assert runtime_fault_message(RuntimeError("a bug")) is None  # keeps its traceback
-
-
-def test_checkpoint_manifest_records_step_world_size_and_hash(tmp_path):
-    path = CheckpointManager(tmp_path).save(_state(3), step=3, world_size=4)
-    manifest = json.loads(path.with_suffix(".json").read_text())
-    assert (manifest["step"], manifest["world_size"], manifest["num_bytes"]) == (3, 4, path.stat().st_size)
-    assert manifest["sha256"] == checkpoint_module.sha256_file(path)
 
 
 def test_collective_stage_names_peer_failures_only():
