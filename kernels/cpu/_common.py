@@ -11,14 +11,18 @@ Every kernel in this package is compiled with the same options, chosen for the c
 - ``cache=True``: compiled machine code is stored next to the source (``__pycache__``), or in
   the user's cache dir when that is read-only (numba's own fallback), so a machine compiles
   each kernel once per checkout, not once per process. When no cache location is writable at
-  all, the kernels compile in memory for this process, with one warning.
+  all, the kernels compile in memory for this process, with one warning. numba keys a cache
+  entry on the kernel file's timestamp only, so a change to the shared helpers (this file,
+  _bits.py) drops the package's cache at the next import (:func:`_drop_stale_cache`).
 
 The threads a kernel uses are chosen by :func:`run_split`: at most ``torch.get_num_threads()``,
 so two ranks under torchrun (OMP_NUM_THREADS=1) run one thread each.
 """
 
 import concurrent.futures
+import hashlib
 import math
+import pathlib
 import threading
 import warnings
 
@@ -38,6 +42,35 @@ MUL_2 = np.uint32(0x846CA68B)
 
 _OPTIONS = dict(nogil=True, fastmath=False, error_model="numpy", boundscheck=False)
 _warned_cache = threading.Event()
+_HERE = pathlib.Path(__file__).resolve().parent
+_HELPER_FILES = ("_common.py", "_bits.py")  # compiled into every kernel, invisible to numba's cache key
+
+
+def _drop_stale_cache() -> None:
+    """Delete this package's cached kernels when a helper file changed since they were compiled.
+
+    numba keys a cached kernel on its own file's timestamp only; the inlined helpers here and in
+    _bits.py would otherwise keep stale machine code after an edit. Best effort: a read-only
+    tree keeps its cache (an installed package does not change without a reinstall).
+    """
+    cache_dir = _HERE / "__pycache__"
+    digest = hashlib.sha256(b"".join((_HERE / name).read_bytes() for name in _HELPER_FILES)).hexdigest()
+    stamp = cache_dir / "numba_helpers.sha256"
+    try:
+        if stamp.read_text() == digest:
+            return
+    except OSError:
+        pass
+    try:
+        for stale in [*cache_dir.glob("*.nbi"), *cache_dir.glob("*.nbc")]:
+            stale.unlink(missing_ok=True)
+        cache_dir.mkdir(exist_ok=True)
+        stamp.write_text(digest)
+    except OSError:
+        pass
+
+
+_drop_stale_cache()
 
 
 def kernel(fn):

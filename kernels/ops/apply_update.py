@@ -1,11 +1,11 @@
 """Decoupled-weight-decay update in place: x -= lr * (update + weight_decay * x).
 
 Elementwise over x in its logical order: reads x and update, writes x (12 bytes per fp32
-element, +1 for the mask). Arithmetic is fp32 whatever x's dtype, each product rounded
-(launched with enable_fp_fusion=False), rounded once to x's dtype at the store, exactly as
-:func:`kernels.reference.apply_update_`. A parameter that is not contiguous (channels_last,
-a transposed view) is updated through a contiguous copy written back once, so its mask and
-update apply to the logical elements (issue 11). See :mod:`kernels.ops.apply_packed` for the
+element, +1 for the mask). Arithmetic is fp32, each product rounded (launched with
+enable_fp_fusion=False), exactly as :func:`kernels.reference.apply_update_`. A parameter that
+is not contiguous fp32 (bf16, fp16, channels_last, a transposed view) is updated through an
+fp32 contiguous copy that torch writes back once (rounding to x's dtype as the reference
+does), so its mask and update apply to the logical elements (issue 11). See :mod:`kernels.ops.apply_packed` for the
 variant that reads packed rows instead of a float update.
 
 Legend: D elements.
@@ -27,7 +27,7 @@ from kernels.ops import _launch
 )
 @triton.jit
 def _apply_update_kernel(
-    x_ptr,  # [D] parameters (fp32 / bf16 / fp16), contiguous, updated in place
+    x_ptr,  # [D] fp32 parameters, contiguous, updated in place
     update_ptr,  # [D] update (any float dtype), read
     mask_ptr,  # [D] uint8 view of the bool mask; unused unless HAS_MASK
     numel,  # D
@@ -45,9 +45,9 @@ def _apply_update_kernel(
     x = tl.load(x_ptr + offsets, mask=in_range, other=0.0)
     step = tl.load(update_ptr + offsets, mask=in_range, other=0.0).to(tl.float32)
     if HAS_WEIGHT_DECAY:
-        step = step + x.to(tl.float32) * weight_decay
-    x_new = x.to(tl.float32) - lr * step  # two roundings: the product, then the difference
-    tl.store(x_ptr + offsets, x_new.to(x.dtype), mask=in_range)
+        step = step + x * weight_decay
+    x_new = x - lr * step  # two roundings: the product, then the difference
+    tl.store(x_ptr + offsets, x_new, mask=in_range)
 
 
 def apply_update_(x, update, *, lr, weight_decay, mask=None):
@@ -65,7 +65,10 @@ def apply_update_(x, update, *, lr, weight_decay, mask=None):
     _launch.check_same_numel("update", update, numel)
     if numel == 0:
         return x
-    target = x if x.is_contiguous() else x.contiguous()
+    # fp32 contiguous in the kernel; anything else through an fp32 copy that torch rounds back to
+    # x's dtype (round to nearest even: the interpreter's own fp32 -> bf16 cast truncates)
+    staged = x.dtype != torch.float32 or not x.is_contiguous()
+    target = x.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True) if staged else x
     mask_u8 = _launch.mask_bytes(mask, numel)
     update_flat = update.reshape(-1).contiguous()
     grid = lambda meta: (triton.cdiv(numel, meta["BLOCK_BYTES"] * 8),)  # noqa: E731
@@ -81,6 +84,6 @@ def apply_update_(x, update, *, lr, weight_decay, mask=None):
         HAS_MASK=mask_u8 is not None,
         **_launch.LAUNCH_OPTIONS,
     )
-    if target is not x:
-        x.copy_(target)
+    if staged:
+        x.copy_(target.view(x.shape))
     return x
