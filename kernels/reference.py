@@ -315,14 +315,34 @@ def requantize(
     return pack_bits(uniform(canon, seed) < probability)
 
 
-def unpack_counts(packed_NB: torch.Tensor, numel: int) -> torch.Tensor:
+def check_out(out: torch.Tensor | None, shape, dtype: torch.dtype, device) -> torch.Tensor | None:
+    """Validate an ``out=`` buffer: contiguous, of exactly this shape and dtype, on this device."""
+    if out is None:
+        return None
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != torch.device(device) \
+            or not out.is_contiguous():
+        raise ValueError(f"out shape={list(out.shape)} dtype={out.dtype} device={out.device} "
+                         f"contiguous={out.is_contiguous()}: expected a contiguous {dtype} {list(shape)} on {device}")
+    return out
+
+
+def _into(out: torch.Tensor | None, result: torch.Tensor) -> torch.Tensor:
+    if check_out(out, result.shape, result.dtype, result.device) is None:
+        return result
+    return out.copy_(result)
+
+
+def unpack_counts(packed_NB: torch.Tensor, numel: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """Exact count of +1 bits per element over N packed rows: uint8 [N, B] -> int32 [numel].
+
+    out: an optional preallocated int32 [numel] result (the decoders' outputs are 4 bytes per
+    element: a fresh one per call pays the first-touch page faults, see docs/kernels.md).
 
     Example::
         >>> unpack_counts(torch.tensor([[5], [1]], dtype=torch.uint8), 3).tolist()
         [2, 0, 1]
     """
-    return unpack_bits(packed_NB, numel).sum(dim=0, dtype=torch.int32)
+    return _into(out, unpack_bits(packed_NB, numel).sum(dim=0, dtype=torch.int32))
 
 
 def unpack_mean(
@@ -330,8 +350,11 @@ def unpack_mean(
     numel: int,
     *,
     mask: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Average of N rows of ±1: (2 * count - N) / N as float32 [numel]; 0 where mask is False.
+
+    out: an optional preallocated float32 [numel] result.
 
     Example::
         >>> unpack_mean(torch.tensor([[5], [1]], dtype=torch.uint8), 3).tolist()
@@ -339,7 +362,7 @@ def unpack_mean(
     """
     num_rows = packed_NB.shape[0]
     counts = unpack_counts(packed_NB, numel)
-    return counts_to_mean(counts, num_rows, mask=mask)
+    return counts_to_mean(counts, num_rows, mask=mask, out=out)
 
 
 def counts_to_mean(
@@ -347,8 +370,11 @@ def counts_to_mean(
     num_rows: int,
     *,
     mask: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(2 * count - N) / N as float32 (one rounding: 2 * count - N is exact); 0 where mask is False.
+
+    out: an optional preallocated float32 result shaped like counts.
 
     Example::
         >>> counts_to_mean(torch.tensor([0, 1, 2]), 2).tolist()
@@ -357,7 +383,7 @@ def counts_to_mean(
     mean = (counts * 2 - num_rows).to(torch.float32) / num_rows
     if mask is not None:
         mean = torch.where(mask, mean, torch.zeros_like(mean))
-    return mean
+    return _into(out, mean)
 
 
 def pack_counts(counts_D: torch.Tensor, num_planes: int) -> torch.Tensor:
@@ -371,8 +397,8 @@ def pack_counts(counts_D: torch.Tensor, num_planes: int) -> torch.Tensor:
     return torch.stack(planes) if planes else counts_D.new_zeros((0, num_bytes(counts_D.numel())), dtype=torch.uint8)
 
 
-def unpack_planes(planes_KB: torch.Tensor, numel: int) -> torch.Tensor:
-    """Inverse of :func:`pack_counts` for [..., K, B] -> int32 [..., numel].
+def unpack_planes(planes_KB: torch.Tensor, numel: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse of :func:`pack_counts` for [..., K, B] -> int32 [..., numel]; out: optional preallocated result.
 
     Example::
         >>> unpack_planes(torch.tensor([[1], [5]], dtype=torch.uint8), 3).tolist()
@@ -383,7 +409,7 @@ def unpack_planes(planes_KB: torch.Tensor, numel: int) -> torch.Tensor:
     counts = bits.select(-2, 0).to(torch.int32)
     for plane in range(1, num_planes):
         counts += bits.select(-2, plane).to(torch.int32) << plane
-    return counts
+    return _into(out, counts)
 
 
 def apply_update_(

@@ -9,6 +9,7 @@ Legend: N rows, B' bytes per row (B' >= ceil(D / 8)), D elements.
 import numpy as np
 import torch
 
+from kernels import reference
 from kernels.cpu import _bits, _common
 from kernels.cpu._common import BLOCK, kernel
 
@@ -32,7 +33,7 @@ def check_rows(packed_NB: torch.Tensor, numel: int) -> torch.Tensor:
     return packed_NB.contiguous()
 
 
-def unpack_counts(packed_NB, numel):
+def unpack_counts(packed_NB, numel, *, out=None):
     """numba twin of :func:`kernels.reference.unpack_counts`: uint8 [N, B] -> int32 [numel].
 
     Example::
@@ -40,8 +41,12 @@ def unpack_counts(packed_NB, numel):
         [2, 0, 1]
     """
     rows = check_rows(packed_NB, numel)
-    out = torch.zeros(numel, dtype=torch.int32)
-    if numel and rows.shape[0]:
+    out = reference.check_out(out, (numel,), torch.int32, "cpu")
+    if out is None:
+        out = torch.empty(numel, dtype=torch.int32)
+    if numel and rows.shape[0] == 0:
+        out.zero_()
+    elif numel:
         _common.run_split(_unpack_counts_kernel, numel, _common.numpy_view(rows)[np.newaxis], False,
                           _common.numpy_view(out))
     return out

@@ -10,6 +10,7 @@ Legend: N rows, B' bytes per row, D elements.
 import numpy as np
 import torch
 
+from kernels import reference
 from kernels.cpu import _bits, _common
 from kernels.cpu._common import BLOCK, helper, kernel
 from kernels.cpu.unpack_counts import check_rows
@@ -44,7 +45,7 @@ def _counts_to_mean_kernel(counts, num_rows, mask, out, lo, hi):
     _to_mean(counts[lo:hi], num_rows, mask[lo:hi] if has_mask else mask, has_mask, out[lo:hi])
 
 
-def unpack_mean(packed_NB, numel, *, mask=None):
+def unpack_mean(packed_NB, numel, *, mask=None, out=None):
     """numba twin of :func:`kernels.reference.unpack_mean`: uint8 [N, B] -> float32 [numel].
 
     Example::
@@ -52,7 +53,9 @@ def unpack_mean(packed_NB, numel, *, mask=None):
         [1.0, -1.0, 0.0]
     """
     rows = check_rows(packed_NB, numel)
-    out = torch.empty(numel, dtype=torch.float32)
+    out = reference.check_out(out, (numel,), torch.float32, "cpu")
+    if out is None:
+        out = torch.empty(numel, dtype=torch.float32)
     if numel == 0:
         return out
     if rows.shape[0] == 0:
@@ -62,7 +65,7 @@ def unpack_mean(packed_NB, numel, *, mask=None):
     return out
 
 
-def counts_to_mean(counts, num_rows, *, mask=None):
+def counts_to_mean(counts, num_rows, *, mask=None, out=None):
     """numba twin of :func:`kernels.reference.counts_to_mean` for int32/int64 counts.
 
     Example::
@@ -72,8 +75,10 @@ def counts_to_mean(counts, num_rows, *, mask=None):
     flat = counts.reshape(-1)
     if flat.dtype not in (torch.int32, torch.int64):
         flat = flat.to(torch.int32)
-    out = torch.empty(flat.numel(), dtype=torch.float32)
+    out = reference.check_out(out, counts.shape, torch.float32, "cpu")
+    if out is None:
+        out = torch.empty(counts.shape, dtype=torch.float32)
     if flat.numel():
         _common.run_split(_counts_to_mean_kernel, flat.numel(), _common.numpy_view(flat.contiguous()), int(num_rows),
-                          _common.optional_u8(mask, "mask"), _common.numpy_view(out))
-    return out.view(counts.shape)
+                          _common.optional_u8(mask, "mask"), _common.numpy_view(out.view(-1)))
+    return out

@@ -10,6 +10,7 @@ Legend: M batch entries, K planes, B bytes per plane (B >= ceil(D / 8)), D eleme
 import numpy as np
 import torch
 
+from kernels import reference
 from kernels.cpu import _bits, _common
 from kernels.cpu._common import BLOCK, kernel
 
@@ -28,7 +29,7 @@ def _unpack_planes_kernel(planes, out, lo, hi):
             block = end
 
 
-def unpack_planes(planes_KB, numel):
+def unpack_planes(planes_KB, numel, *, out=None):
     """numba twin of :func:`kernels.reference.unpack_planes`: uint8 [..., K, B] -> int32 [..., numel].
 
     Example::
@@ -40,9 +41,11 @@ def unpack_planes(planes_KB, numel):
     *batch_shape, num_planes, row_bytes = planes_KB.shape
     if row_bytes * 8 < numel:
         raise ValueError(f"planes_KB has {row_bytes} bytes per plane, too few for numel={numel}")
-    out = torch.zeros((*batch_shape, numel), dtype=torch.int32)
+    out = reference.check_out(out, (*batch_shape, numel), torch.int32, "cpu")
+    if out is None:
+        out = torch.empty((*batch_shape, numel), dtype=torch.int32)
     if out.numel() == 0 or num_planes == 0:
-        return out
+        return out.zero_()
     planes = planes_KB.reshape(-1, num_planes, row_bytes).contiguous()
     _common.run_split(_unpack_planes_kernel, numel, _common.numpy_view(planes),
                       _common.numpy_view(out.view(-1, numel)))

@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import reference
 from kernels.ops import _launch
 
 
@@ -54,7 +55,7 @@ def check_rows(packed_NB: torch.Tensor, numel: int) -> torch.Tensor:
     return packed_NB if packed_NB.stride(1) == 1 else packed_NB.contiguous()
 
 
-def unpack_counts(packed_NB: torch.Tensor, numel: int) -> torch.Tensor:
+def unpack_counts(packed_NB: torch.Tensor, numel: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """Triton twin of :func:`kernels.reference.unpack_counts`: uint8 [N, B] -> int32 [numel].
 
     Example::
@@ -63,9 +64,11 @@ def unpack_counts(packed_NB: torch.Tensor, numel: int) -> torch.Tensor:
         [2, 0, 1]
     """
     packed_NB = check_rows(packed_NB, numel)
-    out = torch.zeros(numel, dtype=torch.int32, device=packed_NB.device)
+    out = reference.check_out(out, (numel,), torch.int32, packed_NB.device)
+    if out is None:
+        out = torch.empty(numel, dtype=torch.int32, device=packed_NB.device)
     if numel == 0 or packed_NB.shape[0] == 0:
-        return out
+        return out.zero_()
     grid = lambda meta: (triton.cdiv((numel + 7) // 8, meta["BLOCK_BYTES"]),)  # noqa: E731
     _unpack_counts_kernel[grid](
         packed_NB, out, numel, packed_NB.shape[0], packed_NB.stride(0), _launch.size_class(numel),

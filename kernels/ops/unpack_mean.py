@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import reference
 from kernels.ops import _launch
 from kernels.ops.unpack_counts import check_rows
 
@@ -54,7 +55,8 @@ def _unpack_mean_kernel(
     tl.store(out_ptr + offsets, mean, mask=in_range)
 
 
-def unpack_mean(packed_NB: torch.Tensor, numel: int, *, mask: torch.Tensor | None = None) -> torch.Tensor:
+def unpack_mean(packed_NB: torch.Tensor, numel: int, *, mask: torch.Tensor | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """Triton twin of :func:`kernels.reference.unpack_mean`: uint8 [N, B] -> float32 [numel].
 
     Example::
@@ -63,7 +65,9 @@ def unpack_mean(packed_NB: torch.Tensor, numel: int, *, mask: torch.Tensor | Non
         [1.0, -1.0, 0.0]
     """
     packed_NB = check_rows(packed_NB, numel)
-    out = torch.empty(numel, dtype=torch.float32, device=packed_NB.device)
+    out = reference.check_out(out, (numel,), torch.float32, packed_NB.device)
+    if out is None:
+        out = torch.empty(numel, dtype=torch.float32, device=packed_NB.device)
     if numel == 0:
         return out
     if packed_NB.shape[0] == 0:

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import reference
 from kernels.ops import _launch
 
 
@@ -47,7 +48,7 @@ def _unpack_planes_kernel(
     tl.store(out_ptr + batch * numel + offsets, count, mask=in_range)
 
 
-def unpack_planes(planes_KB: torch.Tensor, numel: int) -> torch.Tensor:
+def unpack_planes(planes_KB: torch.Tensor, numel: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """Triton twin of :func:`kernels.reference.unpack_planes`: uint8 [..., K, B] -> int32 [..., numel].
 
     Example::
@@ -60,10 +61,12 @@ def unpack_planes(planes_KB: torch.Tensor, numel: int) -> torch.Tensor:
     *batch_shape, num_planes, num_bytes = planes_KB.shape
     if num_bytes * 8 < numel:
         raise ValueError(f"planes_KB has {num_bytes} bytes per plane, too few for numel={numel}")
-    out = torch.zeros((*batch_shape, numel), dtype=torch.int32, device=planes_KB.device)
+    out = reference.check_out(out, (*batch_shape, numel), torch.int32, planes_KB.device)
+    if out is None:
+        out = torch.empty((*batch_shape, numel), dtype=torch.int32, device=planes_KB.device)
     num_batch = out.numel() // numel if numel else 0
     if num_batch == 0 or num_planes == 0:
-        return out
+        return out.zero_()
     planes = planes_KB.contiguous()
     grid = lambda meta: (triton.cdiv(numel, meta["BLOCK_BYTES"] * 8), num_batch)  # noqa: E731
     _unpack_planes_kernel[grid](

@@ -76,3 +76,23 @@ def test_empty_and_errors(backend):
             backend.unpack_mean(torch.zeros((2, 1), dtype=torch.uint8, device=device), 9)
         with pytest.raises(ValueError, match="integer"):
             backend.pack_counts(torch.zeros(4, device=device), 2)
+
+
+def test_out_buffers(backend):
+    device, numel, num_rows = backend.device, 1001, 3
+    rows = _rows(num_rows, numel, device)
+    counts = ref.unpack_counts(rows, numel)
+    planes = ref.pack_counts(counts, 2)
+    for fn, args, dtype, shape in (
+        (backend.unpack_counts, (rows, numel), torch.int32, (numel,)),
+        (backend.unpack_mean, (rows, numel), torch.float32, (numel,)),
+        (backend.counts_to_mean, (counts, num_rows), torch.float32, (numel,)),
+        (backend.unpack_planes, (torch.stack([planes, planes]), numel), torch.int32, (2, numel)),
+    ):
+        out = torch.full(shape, 7, dtype=dtype, device=device)
+        assert fn(*args, out=out) is out
+        assert torch.equal(out, fn(*args))
+        with pytest.raises(ValueError, match="out shape"):
+            fn(*args, out=torch.empty(numel + 1, dtype=dtype, device=device))
+        with pytest.raises(ValueError, match="out shape"):
+            fn(*args, out=torch.empty(shape, dtype=torch.float64, device=device))
