@@ -161,7 +161,8 @@ def _load_npz(path: str | None) -> tuple[np.ndarray, np.ndarray]:
     if y.max() >= MAX_CLASSES:
         raise ValueError(f"data.path={path}: label {int(y.max())} in y (sample {int(y.argmax())}) means more than "
                          f"{MAX_CLASSES} classes; labels must be class ids 0..C-1")
-    x = x.astype(np.float32)
+    with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes inf, refused just below
+        x = x.astype(np.float32)
     # NaN/Inf (or values whose square overflows float32) would turn every input into NaN
     # through the standardization below, and the error would blame a gradient steps later.
     bad = ~np.isfinite(x) | (np.abs(x) > MAX_ABS_VALUE)

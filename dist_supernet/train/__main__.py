@@ -11,6 +11,7 @@ holds; 143 stopped by SIGTERM after writing a checkpoint (rerun the same
 command to resume from it).
 """
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -19,14 +20,11 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from dist_supernet.models import is_supernet
+# Light imports only up here: a typo in a group choice or a busy run directory is refused in about a
+# second, before torch and the trainer are imported (inside run() and preflight()).
 from dist_supernet.train.config import check_group_choices, register_resolvers
-from dist_supernet.train.distributed import EXIT_PREEMPTED, Preempted
-from dist_supernet.train.faults import runtime_fault_message
 from dist_supernet.train.preflight import explicit_run_dir, preflight
 from dist_supernet.train.runlock import check_free
-from dist_supernet.train.supernet_trainer import SupernetTrainer
-from dist_supernet.train.trainer import Trainer, setup_logging
 
 # A checkout (or editable install) reads conf/ at the repository root; a regular
 # install ships the same files as dist_supernet/conf (see setup.py).
@@ -44,6 +42,12 @@ def fail(error: Exception, message: str | None = None, status: int = 2) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def run(cfg: DictConfig) -> None:
+    from dist_supernet.models import is_supernet
+    from dist_supernet.train.distributed import EXIT_PREEMPTED, Preempted
+    from dist_supernet.train.faults import runtime_fault_message
+    from dist_supernet.train.supernet_trainer import SupernetTrainer
+    from dist_supernet.train.trainer import Trainer, setup_logging
+
     setup_logging()
     try:  # ValueErrors before the first step are the user's: bad values, missing files
         # A family registered with supernet=True trains sampled subnets and ends with search and export.
@@ -54,9 +58,10 @@ def run(cfg: DictConfig) -> None:
     try:
         trainer.fit()
     except Preempted as e:  # every rank, after the same step's checkpoint
-        if trainer.is_rank0:
-            print(f"stopped: {e}; exit status {EXIT_PREEMPTED}: rerun the same command "
-                  f"(hydra.run.dir={trainer.output_dir}) to resume", file=sys.stderr, flush=True)
+        line = (f"stopped: {e}; exit status {EXIT_PREEMPTED}: rerun the same command "
+                f"(hydra.run.dir={trainer.output_dir}) to resume")
+        # Rank 0 on the console; every rank in its own log file (the others' consoles show warnings only).
+        logging.getLogger(__name__).log(logging.WARNING if trainer.is_rank0 else logging.INFO, line)
         sys.exit(EXIT_PREEMPTED)
     except Exception as e:  # a hung peer or a diverged run: one line, status 1 (torchrun may restart)
         message = runtime_fault_message(e)

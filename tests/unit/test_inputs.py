@@ -163,12 +163,3 @@ def test_the_launcher_shows_one_line_and_exits_2_without_starting_torchrun(tmp_p
     assert out.stdout == "" and not (tmp_path / "run").exists()  # torchrun never started, nothing written
     record("config error through the launcher (optim.lr=inf)", detected_s=round(elapsed, 1),
            note="whole launcher, start to exit 2")
-    # A data file that is damaged: also before torchrun.
-    bad = tmp_path / "bad.npz"
-    bad.write_bytes(b"PK\x03\x04 not really a zip")
-    out, elapsed = _launcher("model=mlp", "data=npz", f"data.path={bad}", cwd=tmp_path)
-    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr[-3000:]
-    assert out.stderr.startswith(f"error: data.path={bad}: not a readable .npz"), out.stderr
-    assert not (tmp_path / "outputs").exists()
-    record("truncated data file through the launcher", detected_s=round(elapsed, 1),
-           note="whole launcher, start to exit 2")
