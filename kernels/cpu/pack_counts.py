@@ -27,8 +27,9 @@ def _pack_counts_kernel(counts, num_planes, planes, lo, hi):
         cs = counts[block:end]
         for plane in range(num_planes):
             bits = scratch[:filled]
+            shift = cs.dtype.type(plane)  # the counts' own width: int64 shifts would widen int32 lanes
             for i in range(filled):
-                bits[i] = numba.uint8((cs[i] >> plane) & 1)
+                bits[i] = numba.uint8((cs[i] >> shift) & 1)
             scratch[filled:num_bytes * 8] = 0
             _common.pack8(words, num_bytes, planes[plane], block // 8)
         block = end
