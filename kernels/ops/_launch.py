@@ -109,13 +109,19 @@ def autotune_warmup(bucket_numels, device, *, num_rows: int = 2, chunk_numels=()
     (DDP's buckets); chunk_numels: those of the collective's chunks (requantize, pack_counts,
     unpack_planes; default: each bucket split over num_rows ranks). Tuning results are cached
     per size class (ceil(log2(numel))) and dtype, so the first backward does not benchmark
-    configs on the comm thread while collectives are in flight. A no-op under the interpreter.
+    configs on the comm thread while collectives are in flight. A no-op under the interpreter
+    (which runs one fixed config).
 
     Example::
         >>> autotune_warmup([25_000_000, 3_000_000], "cuda", num_rows=8)
     """
     if interpreting():
         return
+    warm_calls(bucket_numels, device, num_rows=num_rows, chunk_numels=chunk_numels)
+
+
+def warm_calls(bucket_numels, device, *, num_rows: int = 2, chunk_numels=()) -> None:
+    """The launches autotune_warmup makes: every kernel once per size, on dummy tensors (zeros)."""
     from kernels.ops import apply_packed, compress, pack_counts, requantize, unpack_counts, unpack_mean, unpack_planes
 
     device = torch.device(device)

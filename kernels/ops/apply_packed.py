@@ -26,9 +26,9 @@ from kernels.ops._segments import canonical_index
     configs=_launch.byte_block_configs(),
     key=["size_class"],
     prune_configs_by={"early_config_prune": _launch.keep_default_when_interpreting},
-    # x lives behind the pointer table, which autotune cannot restore: tuning (only ever on
-    # dummy parameters, see _launch.autotune_warmup, or a first real call) moves x several
-    # times; autotune_warmup runs before the first step so real calls reuse a cached config.
+    # x lives behind the pointer table, which autotune's restore_value cannot restore: tuning
+    # would apply the update several times. So tuning only ever runs on dummy parameters:
+    # _tune_on_dummies before the first real launch of each size class (or autotune_warmup).
 )
 @triton.jit(do_not_specialize=["num_rows", "state_offset"])
 def _apply_packed_kernel(
@@ -92,6 +92,24 @@ def _apply_packed_kernel(
     tl.store(x_ptr, x_new, mask=active)
 
 
+_tuned: set = set()  # (device, size class, planes, has mask, has used): tuned on dummies already
+
+
+def _tune_on_dummies(numel, device, payload, *, planes, num_rows, has_mask, has_used):
+    """Let the autotuner pick a config for this size class on a dummy parameter, not on the real ones."""
+    key = (str(device), _launch.size_class(numel), bool(planes), has_mask, has_used)
+    if key in _tuned or _launch.interpreting():
+        return
+    _tuned.add(key)
+    dummy = [torch.zeros(numel, device=device)]
+    starts = torch.tensor([0, numel], dtype=torch.int64, device=device)
+    canon = torch.zeros(1, dtype=torch.int64, device=device)
+    one = torch.ones(1, device=device)
+    apply_packed_(dummy, starts, canon, torch.zeros_like(payload), planes=planes, num_rows=num_rows, lr_P=one,
+                  wd_P=one, mask_T=torch.ones(numel, dtype=torch.uint8, device=device) if has_mask else None,
+                  used_P=torch.ones(1, dtype=torch.uint8, device=device) if has_used else None)
+
+
 def apply_packed_(xs, seg_starts, seg_canon, payload, *, planes, num_rows, lr_P, wd_P, mask_T=None, used_P=None,
                   state_offset=0):
     """Triton twin of :func:`kernels.reference.apply_packed_` (same values; xs updated in place).
@@ -118,6 +136,8 @@ def apply_packed_(xs, seg_starts, seg_canon, payload, *, planes, num_rows, lr_P,
     if payload.stride(-1) != 1:
         payload = payload.contiguous()
     device = payload.device
+    _tune_on_dummies(numel, device, payload, planes=planes, num_rows=num_rows, has_mask=mask_T is not None,
+                     has_used=used_P is not None)
     staged = []  # (parameter, fp32 contiguous copy) for the parameters the kernel cannot address
     addresses = []
     for x in xs:

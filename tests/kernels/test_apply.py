@@ -129,3 +129,13 @@ def test_apply_packed_errors_and_empty(backend):
     backend.apply_packed_([torch.zeros(0, device=device)], empty_starts, empty_canon,
                           torch.zeros((2, 0), dtype=torch.uint8, device=device), planes=False, num_rows=2,
                           lr_P=lr[:1], wd_P=lr[:1])
+
+
+def test_autotune_warm_calls_run(compiled):
+    # On CUDA autotune_warmup benchmarks every config; here the same launches run once (interpreter).
+    if compiled.name != "triton":
+        pytest.skip("Triton's autotune warm-up")
+    from kernels.ops import _launch
+
+    _launch.warm_calls([1000, 37], compiled.device, num_rows=3)
+    _launch.autotune_warmup([1000], compiled.device)  # a no-op under the interpreter
