@@ -461,10 +461,11 @@ class Trainer:
         learns the outcome, so a busy directory stops the whole job, before training, with the same line."""
         locks, error = [], None
         if self.is_rank0:
-            wanted = [RunDirLock(self.output_dir, key="hydra.run.dir")]
-            ckpt_dir = self.cfg.trainer.checkpoint_dir
-            if ckpt_dir is not None and not Path(ckpt_dir).resolve().is_relative_to(self.output_dir.resolve()):
-                wanted.append(RunDirLock(ckpt_dir, key="trainer.checkpoint_dir"))
+            # The checkpoint directory too, even inside the run directory: another job may point its
+            # trainer.checkpoint_dir at <this run>/checkpoints.
+            ckpt_dir = self.cfg.trainer.checkpoint_dir or self.output_dir / "checkpoints"
+            wanted = [RunDirLock(self.output_dir, key="hydra.run.dir"),
+                      RunDirLock(ckpt_dir, key="trainer.checkpoint_dir")]
             try:
                 for lock in wanted:
                     report_stale(lock, lock.acquire())

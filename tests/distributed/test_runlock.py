@@ -3,7 +3,8 @@
 Job A trains. A second job into the same directory, through README command 1
 (the launcher's pre-flight) and as a plain ``python -m dist_supernet.train``,
 refuses in one line naming the directory and A's holder, exit status 2,
-before writing anything there. Then A's torchrun agent is SIGKILLed (what the
+before writing anything there; so does a job in another directory whose
+``trainer.checkpoint_dir`` is A's. Then A's torchrun agent is SIGKILLed (what the
 OOM killer or ``kill -9`` of the launcher does): its workers notice and stop
 instead of training on as orphans, and a relaunch into the directory resumes
 from A's checkpoint as its only writer: every logged step exactly once.
@@ -53,6 +54,14 @@ def test_a_second_job_is_refused_orphans_stop_and_the_relaunch_is_the_only_write
         assert lines[0].endswith("; wait for it to end or choose another hydra.run.dir"), lines
         record(f"second job into a held run dir ({name})", detected_s=round(elapsed, 1),
                note="whole process, start to exit 2")
+    # Another run directory, but A's checkpoint directory: refused by the trainer's own lock, before training.
+    other = tmp_path / "other"
+    b = Job(single(*RUN, "trainer.max_steps=10", f"hydra.run.dir={other}",
+                   f"trainer.checkpoint_dir={run_dir / 'checkpoints'}"), cwd=tmp_path, jobs=jobs)
+    assert b.wait() == 2, b.text[-3000:]
+    errors = [line for line in b.text.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: trainer.checkpoint_dir={run_dir / 'checkpoints'}: {holder}")
+    assert "Traceback" not in b.text and not (other / "metrics.jsonl").exists()
     assert (run_dir / ".hydra" / "overrides.yaml").read_text() == overrides_before
     assert a.proc.poll() is None, a.text[-3000:]  # A is untouched
 
