@@ -21,6 +21,7 @@ setup(
         "hydra-core>=1.3",
         "omegaconf>=2.3",
         "numpy",
+        "numba>=0.58",  # the compiled CPU kernels (kernels/cpu); without it CPU tensors take the torch path
         "tqdm",
         "matplotlib",
         "scikit-learn",
