@@ -51,7 +51,7 @@ from dist_supernet.comm.stats import all_reduce_bytes  # noqa: E402
 
 RESULTS_DIR = HERE / "results"
 GPUS_PER_NODE = 8
-NODE_COUNTS = (1, 2, 8, 64)
+NODE_COUNTS = (1, 2, 8, 64, 128)  # up to 1024 GPUs
 MODEL_PARAMS = (25_000_000, 110_000_000)
 LINK_RATES_BIT_S = (10e9, 100e9)
 FIRST_BUCKET_BYTES = 1 << 20  # torch.distributed._DEFAULT_FIRST_BUCKET_BYTES
@@ -64,9 +64,16 @@ PAPER_METHODS = (
     ("allgather", ("collective", "allgather", False)),
     ("two_phase", ("collective", "two_phase", False)),
     ("two_phase+requantize", ("collective", "two_phase", True)),
-    ("hierarchical", ("collective", "hierarchical", False)),
+    ("powersgd r4", ("powersgd", 4)),
+    ("hierarchical allgather", ("collective", "hierarchical", False, "allgather")),
+    ("hierarchical reduce_scatter", ("collective", "hierarchical", False, "reduce_scatter")),
+    ("hierarchical (auto)", ("collective", "hierarchical", False, "auto")),
 )
-MEASURED_METHODS = ("fp32", "allgather", "two_phase", "hierarchical")
+MEASURED_METHODS = ("fp32", "allgather", "two_phase", "hierarchical", "hierarchical_rs")
+# PowerSGD's formula needs matrix shapes; the paper table assumes every parameter sits in square
+# 1024 x 1024 matrices (a 25M/110M model of such layers): rank r sends P (1024 x r) and Q (1024 x r)
+# in fp32 per matrix, each by a ring all-reduce, instead of the 2**20 elements.
+POWERSGD_MATRIX_SIDE = 1024
 
 
 def bucket_sizes(num_params: int) -> list[int]:
@@ -89,9 +96,14 @@ def node_wire_bytes(how: tuple, num_params: int, num_nodes: int, gpus_per_node: 
         for numel in bucket_sizes(num_params):
             if how[0] == "all_reduce":
                 total += all_reduce_bytes(numel * how[1], list(range(world)), topo)
+            elif how[0] == "powersgd":
+                factor_elems = numel / POWERSGD_MATRIX_SIDE**2 * 2 * POWERSGD_MATRIX_SIDE * how[1]
+                total += all_reduce_bytes(factor_elems * 4, list(range(world)), topo)
             else:
-                _, name, requantize = how
-                total += COLLECTIVES[name](topo, CommGroups(world=None), requantize=requantize).wire_bytes(numel)
+                _, name, requantize, *form = how
+                kwargs = {"inter_node": form[0]} if form else {}
+                total += COLLECTIVES[name](topo, CommGroups(world=None), requantize=requantize,
+                                           **kwargs).wire_bytes(numel)
     return total
 
 
@@ -265,11 +277,17 @@ def main(argv=None):
         "ring all-reduce. `two_phase` sends exact counts in its second phase "
         "(ceil(log2(n+1)) bits per element), `+requantize` one bit.",
         "",
-        "Reading: `hierarchical` exchanges between nodes by an all-gather of each node's 1-bit "
-        "chunk, so a node sends (N - 1) / 8 bytes per parameter: 1 bit at 2 nodes (1/60 of fp32), "
-        "7 at 8, 63 at 64 nodes, where it equals fp32's ring (~64 bits). `two_phase` stays at "
-        "9-18 bits per parameter per node (its all-to-all sends ~1 bit per parameter per local rank "
-        "across the boundary), `+requantize` at 5-9.",
+        "Reading: `hierarchical allgather` (the form of 2026-11-22) exchanges between nodes by an "
+        "all-gather of each node's 1-bit chunk, so a node sends N - 1 bits per parameter: 1 bit at 2 nodes, "
+        "7 at 8, 63 at 64, 127 at 128 nodes, beyond fp32's ring (~64 bits). `hierarchical reduce_scatter` "
+        "(all-to-all of 1-bit sub-chunks between the nodes, exact count per owner, one re-quantised bit, "
+        "all-gather of it) sends 2 (N - 1) / N bits: 1 at 2 nodes, at most 2 at any N. `auto` (the default) "
+        "takes allgather at N <= 2 (the same bytes, one round fewer, no second re-quantisation) and "
+        "reduce_scatter beyond. `powersgd r4` assumes 1024 x 1024 matrices (see POWERSGD_MATRIX_SIDE): "
+        "0.5 bits per parameter in its factors, fewer bytes than any 1-bit scheme, at the price of its "
+        "error feedback memory and two matrix products per layer. `two_phase` stays at 9-18 bits per "
+        "parameter per node (its all-to-all sends ~1 bit per parameter per local rank across the boundary), "
+        "`+requantize` at 5-9.",
         "",
         paper,
         "",

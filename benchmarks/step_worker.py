@@ -75,7 +75,9 @@ from dist_supernet.optim import Birder  # noqa: E402
 
 BASELINES = {"fp32": "none", "fp16": "fp16", "powersgd": "powersgd"}
 COLLECTIVES = tuple(ONE_BIT_COLLECTIVES)  # the 1-bit collectives dist_supernet.comm registers
-METHODS = ("compute",) + tuple(BASELINES) + COLLECTIVES
+# Birder with a forced inter-node form of hierarchical (auto picks allgather at 2 nodes).
+FORMS = {"hierarchical_rs": ("hierarchical", "reduce_scatter")}
+METHODS = ("compute",) + tuple(BASELINES) + COLLECTIVES + tuple(FORMS)
 IMAGE_SHAPE = (3, 32, 32)
 NUM_CLASSES = 10
 
@@ -172,8 +174,9 @@ def build(method: str, model_name: str, args):
     builder, _ = MODELS[model_name]
     model = builder()
     ddp_model = DistributedDataParallel(model, bucket_cap_mb=args.bucket_cap_mb)
-    if method in COLLECTIVES:
-        opt = Birder(ddp_model, lr=1e-3, collective=method, num_nodes=args.num_nodes)
+    if method in COLLECTIVES or method in FORMS:
+        collective, inter_node = FORMS.get(method, (method, "auto"))
+        opt = Birder(ddp_model, lr=1e-3, collective=collective, inter_node=inter_node, num_nodes=args.num_nodes)
         return ddp_model, opt, opt.comm_stats
     name = BASELINES.get(method, "none")  # "compute" never communicates; a hook is harmless
     stats = register_baseline_hook(ddp_model, name, powersgd_rank=args.powersgd_rank,

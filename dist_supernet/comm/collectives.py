@@ -334,3 +334,26 @@ def build_collective(name: str, topology: Topology, groups: CommGroups, *, requa
     """The 1-bit collective called ``name`` (``auto`` resolved); ValueError naming the value if unknown."""
     cls = COLLECTIVES[resolve_collective(name, topology)]
     return cls(topology, groups, requantize=requantize, inter_node=inter_node)
+
+
+# Smallest per-peer message that keeps an all-to-all bandwidth bound (benchmarks/message_size.py; see
+# benchmarks/results/message_size_*.md): below it, per-message latency dominates.
+MIN_PEER_BYTES = 64 << 10
+DDP_DEFAULT_BUCKET_MB = 25
+MAX_BUCKET_MB = 1024
+
+
+def bucket_cap_mb(world_size: int, min_peer_bytes: int = MIN_PEER_BYTES) -> int:
+    """DDP ``bucket_cap_mb`` for Birder so each peer's 1-bit message stays >= ``min_peer_bytes``.
+
+    A bucket of D fp32 gradients (4·D bytes) sends D / (8 n) bytes to each of n peers in
+    ``two_phase``'s all-to-all and in ``hierarchical``'s inter-node reduce-scatter, so the
+    cap is 32·n·min_peer_bytes, at least DDP's 25 MB and at most 1 GiB (fewer, larger buckets
+    overlap less with backward; past 1 GiB, i.e. beyond 512 ranks at 64 KiB, the floor is not kept).
+
+    Example::
+        >>> bucket_cap_mb(2), bucket_cap_mb(64), bucket_cap_mb(512)
+        (25, 128, 1024)
+    """
+    cap = 32 * int(world_size) * int(min_peer_bytes) / 2**20
+    return int(min(MAX_BUCKET_MB, max(DDP_DEFAULT_BUCKET_MB, -(-cap // 1))))

@@ -39,8 +39,26 @@ import torch.distributed as dist
 from dist_supernet.comm import Topology
 from dist_supernet.optim.compressor import STAGE_COMPRESS, BirderCompressor  # noqa: F401 (re-exported)
 
+class _StatesByParam:
+    """The newest BirderState of each parameter, by identity (a tensor's == is elementwise, so no
+    WeakKeyDictionary); entries go with their parameter."""
+
+    def __init__(self):
+        self._entries = {}  # id(param) -> (weakref to param, state)
+
+    def __setitem__(self, param, state):
+        key = id(param)
+        self._entries[key] = (weakref.ref(param, lambda _, key=key: self._entries.pop(key, None)), state)
+
+    def get(self, param):
+        entry = self._entries.get(id(param))
+        if entry is None or entry[0]() is not param:
+            return None
+        return entry[1]
+
+
 # Compressor states by parameter: Birder(params) and BirderDDP(model)/attach() find each other in any order.
-_STATE_OF = weakref.WeakKeyDictionary()
+_STATE_OF = _StatesByParam()
 
 
 class _CommWorker:

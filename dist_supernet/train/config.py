@@ -32,6 +32,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from dist_supernet.comm.collectives import COLLECTIVE_CHOICES, INTER_NODE_FORMS
+
 GROUPS = ("compression", "optim", "model", "data", "trainer")
 # Top-level keys a composed config may hold: the groups, the supernet group (read for supernet models),
 # and hydra's own section when composed with return_hydra_config (the pre-flight).
@@ -39,7 +41,7 @@ TOP_LEVEL_KEYS = (*GROUPS, "supernet", "hydra")
 MAX_LR = 10.0  # why: Birder moves every coordinate by lr per step; SGD/AdamW beyond 10 diverge at once
 MAX_TIMEOUT_S = 7 * 24 * 3600  # why: a week is longer than any legitimate wait; timedelta overflows near 1e14 s
 MAX_SEED = 2**31  # why: fits every generator seeded from it (numpy: < 2**32) with room for + rank
-COLLECTIVES = ("allgather", "two_phase", "hierarchical")
+COLLECTIVES = COLLECTIVE_CHOICES  # auto, allgather, two_phase, hierarchical (dist_supernet.comm)
 SCHEDULES = ("constant", "cosine")
 
 
@@ -69,8 +71,10 @@ def format_value(value) -> str:
 @dataclasses.dataclass
 class BirderCompression:
     name: str = "birder"
-    collective: str = "two_phase"
+    collective: str = "auto"
     requantize: bool = False
+    inter_node: str = "auto"
+    bucket_cap_mb: int | None = None
     num_nodes: int | None = None
     timeout_s: float | None = None
 
@@ -241,6 +245,10 @@ def _check_ranges(group: str, obj) -> None:
         if obj.name == "birder":
             _check(obj.collective in COLLECTIVES, k("collective"), obj.collective,
                    f"expected one of {', '.join(COLLECTIVES)}")
+            _check(obj.inter_node in INTER_NODE_FORMS, k("inter_node"), obj.inter_node,
+                   f"expected one of {', '.join(INTER_NODE_FORMS)}")
+            _check(obj.bucket_cap_mb is None or 1 <= obj.bucket_cap_mb <= 4096, k("bucket_cap_mb"),
+                   obj.bucket_cap_mb, "must be in [1, 4096] MB or null")
         else:
             _check(obj.collective == "allreduce", k("collective"), obj.collective,
                    f"compression={obj.name} uses DDP's allreduce; the 1-bit collectives "

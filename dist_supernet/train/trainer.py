@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
+from dist_supernet.comm.collectives import bucket_cap_mb
 from dist_supernet.comm import CommStats, Topology, register_baseline_hook
 from dist_supernet.data import ShardSampler, load_dataset
 from dist_supernet.models import build_model
@@ -121,8 +122,11 @@ class Trainer:
 
         # 3. Model, compression hook, optimizer, schedule.
         self.model = model.to(self.device)
+        ddp_kwargs = self.ddp_kwargs()
+        if self.cfg.compression.name == "birder":  # buckets large enough that each peer's 1-bit message is >= 64 KiB
+            ddp_kwargs.setdefault("bucket_cap_mb", self.cfg.compression.bucket_cap_mb or bucket_cap_mb(world_size))
         self.ddp_model = DistributedDataParallel(
-            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None, **self.ddp_kwargs()
+            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None, **ddp_kwargs
         )
         self.optimizer, self.comm_stats = self._build_optimizer_and_hook()
         # NaN/Inf on any rank: the step is skipped on every rank; too many in a row stop the job.
@@ -154,15 +158,22 @@ class Trainer:
         if comp.name == "birder":
             optimizer = Birder(self.ddp_model, lr=opt.lr, beta=opt.beta, weight_decay=opt.weight_decay,
                                amsgrad=opt.amsgrad, collective=comp.collective, requantize=comp.requantize,
-                               num_nodes=comp.num_nodes, seed=self.cfg.trainer.seed,
+                               num_nodes=comp.num_nodes, inter_node=comp.inter_node, seed=self.cfg.trainer.seed,
                                timeout_s=comp.timeout_s or self.cfg.trainer.timeout_s)
+            collective = optimizer.hook_state.collective
+            form = f", inter-node {collective.form()}" if hasattr(collective, "form") else ""
+            log.log(logging.INFO if self.is_rank0 else logging.DEBUG,
+                    "Birder 1-bit collective: %s (compression.collective=%s, %d node(s) x %d rank(s)%s)",
+                    collective.name, comp.collective, collective.topology.num_nodes,
+                    collective.topology.local_world_size, form)
             return optimizer, optimizer.comm_stats
         stats = register_baseline_hook(self.ddp_model, comp.name, powersgd_rank=getattr(comp, "rank", 4),
                                        topology=self.topology)
         params = self.model.parameters()
         if opt.name == "birder":
+            # collective=None: DDP (or the baseline hook) has averaged the gradient already, on purpose.
             optimizer = Birder(params, lr=opt.lr, beta=opt.beta, weight_decay=opt.weight_decay,
-                               amsgrad=opt.amsgrad, seed=self.cfg.trainer.seed)
+                               amsgrad=opt.amsgrad, seed=self.cfg.trainer.seed, collective=None)
         elif opt.name == "adamw":
             optimizer = torch.optim.AdamW(params, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps,
                                           weight_decay=opt.weight_decay, amsgrad=opt.amsgrad)
@@ -414,7 +425,8 @@ class Trainer:
             "world_size": self.world_size,
             "num_nodes": self.topology.num_nodes,
             "compression": comp.name,
-            "collective": comp.collective,
+            # the collective that ran (compression.collective=auto resolved by the node layout)
+            "collective": self.optimizer.hook_state.collective.name if comp.name == "birder" else comp.collective,
             "optimizer": self.cfg.optim.name,
             "model": self.cfg.model["name"],
             "dataset": self.cfg.data.name,

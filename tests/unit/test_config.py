@@ -75,7 +75,7 @@ def test_every_config_composes_and_validates(npz_path):
 
 def test_defaults_are_birder_supernet_digits():
     run = validate(_compose())
-    assert (run.compression.name, run.compression.collective, run.optim.name) == ("birder", "two_phase", "birder")
+    assert (run.compression.name, run.compression.collective, run.optim.name) == ("birder", "auto", "birder")
     assert (run.model["name"], run.data.name, run.trainer.resume) == ("ofa_cnn", "digits", "auto")
 
 
@@ -127,7 +127,7 @@ BAD_INPUTS = [
     (["optim.beta=1.0"], "optim.beta=1.0: must be in [0, 1)"),
     (["optim.beta=-0.1"], "optim.beta=-0.1: must be in [0, 1)"),
     (["compression.collective=ring"],
-     "compression.collective=ring: expected one of allgather, two_phase, hierarchical"),
+     "compression.collective=ring: expected one of auto, allgather, two_phase, hierarchical"),
     (["compression=none", "compression.collective=two_phase"], "compression.collective=two_phase: compression=none"),
     (["compression.num_nodes=0"], "compression.num_nodes=0: must be >= 1 or null"),
     (["data=npz", "data.path=/no/such/file.npz"], "data.path=/no/such/file.npz: file not found"),
