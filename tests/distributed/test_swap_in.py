@@ -328,3 +328,39 @@ def test_rank0_only_checkpoint_and_one_rank_consolidate(tmp_path):
             assert checks["one_rank_consolidate_s"] < 15, checks["one_rank_consolidate_s"]
         else:
             assert len(checks["load_warnings"]) == 1 and "rank 0 of 2" in checks["load_warnings"][0], checks
+
+
+def _consolidate_worker(rank, world_size):
+    import dist_supernet.optim.birder as birder_module
+
+    birder_module._CONSOLIDATE_TIMEOUT_S = 2.0
+    checks = {}
+    model = _model()
+    opt = Birder(_groups(model), lr=0.01, seed=6)
+    ddp = opt.attach(DDP(model, bucket_cap_mb=0.001))
+    _train(ddp, opt, 2, rank)
+    opt.consolidate_state_dict(to=0)  # on every rank: rank 0's state_dict holds every rank's m, b
+    saved = opt.state_dict()
+    checks["per_rank_shape"] = None if saved["birder"]["per_rank"] is None else tuple(saved["birder"]["per_rank"].shape)
+    if rank == 0:  # the mistake: inside the rank-0 save block
+        try:
+            opt.consolidate_state_dict(to=0)
+        except RuntimeError:
+            pass
+    dist.barrier()
+    # Told to call it on every rank, the script does: this must work (or fail on every rank alike).
+    try:
+        opt.consolidate_state_dict(to=0)
+        retry = opt.state_dict()["birder"]["per_rank"]
+        checks["retry"] = "ok" if (rank != 0 or (retry is not None and retry.shape[0] == 2)) else "no per_rank"
+    except Exception as error:  # noqa: BLE001 (reported to the test)
+        checks["retry"] = f"{type(error).__name__}: {str(error)[:200]}"
+    return checks
+
+
+def test_consolidate_on_every_rank_works_after_a_one_rank_call():
+    # A short process-group timeout: a rank stuck in the gather fails in seconds, not 30 minutes.
+    results = run_workers(_consolidate_worker, 2, timeout_s=120, env={"TEST_PG_TIMEOUT_S": "15"})
+    assert results[0]["per_rank_shape"][:2] == (2, 2), results[0]
+    for rank, checks in enumerate(results):
+        assert checks["retry"] == "ok", (rank, checks["retry"])
