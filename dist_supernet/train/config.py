@@ -329,6 +329,12 @@ def validate(cfg: DictConfig) -> TrainConfig:
     model = OmegaConf.to_container(cfg.model, resolve=True)
     _check(model.get("name") in available_models(), "model.name", model.get("name"),
            f"expected one of {', '.join(available_models())}")
+    if isinstance(cfg.get("supernet"), DictConfig):  # a supernet model checks all of it; any model its keys
+        from dist_supernet.supernet.config import SUPERNET_KEYS
+
+        for key in cfg.supernet:
+            _check(key in SUPERNET_KEYS, f"supernet.{key}", cfg.supernet.get(key),
+                   f"unknown key (expected one of {', '.join(SUPERNET_KEYS)})")
     return TrainConfig(compression=compression, optim=optim, model=model, data=data, trainer=trainer)
 
 
