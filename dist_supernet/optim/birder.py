@@ -82,7 +82,25 @@ def _attach(ddp_model: DistributedDataParallel, state: BirderState | None, kwarg
             state.enable_unused_tracking()
     ddp_model.register_comm_hook(state, birder_hook)
     state.attached = True
+    _warm_kernels(ddp_model, module_params)
     return state
+
+
+def _warm_kernels(ddp_model, params) -> None:
+    """Compile / load and (CUDA) autotune the kernels now, on dummy tensors of DDP's bucket sizes.
+
+    Not inside the first backward on the comm thread, while collectives are in flight (issue 11).
+    """
+    trainable = [p for p in params if p.requires_grad]
+    if not trainable:
+        return
+    caps = [dist._DEFAULT_FIRST_BUCKET_BYTES, int(getattr(ddp_model, "bucket_bytes_cap", 25 << 20))]
+    try:
+        buckets, _ = dist._compute_bucket_assignment_by_size(trainable[::-1], caps, [False] * len(trainable))
+        numels = sorted({sum(trainable[::-1][i].numel() for i in bucket) for bucket in buckets})
+    except (AttributeError, RuntimeError):  # a private helper of torch's: sizes are only a hint
+        numels = [sum(p.numel() for p in trainable)]
+    kernels.warmup(trainable[0].device, numels)
 
 
 def BirderDDP(module, *, beta=0.9, amsgrad=False, collective="auto", requantize=False, num_nodes=None,
