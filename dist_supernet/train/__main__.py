@@ -87,8 +87,8 @@ def main() -> None:
             preflight(args, CONF_DIR)
     except ValueError as e:
         fail(e)
-    except Exception as e:  # Hydra's composition errors (an override of a key that does not exist, ...)
-        if not check_only or type(e).__module__.split(".")[0] != "hydra":
+    except Exception as e:  # Hydra's and OmegaConf's errors (an override of a key that does not exist, ...)
+        if not check_only or type(e).__module__.split(".")[0] not in ("hydra", "omegaconf"):
             raise
         fail(e, " ".join(str(e).split()))
     if check_only:

@@ -479,9 +479,11 @@ class Trainer:
             wanted = [RunDirLock(self.output_dir, key="hydra.run.dir"),
                       RunDirLock(ckpt_dir, key="trainer.checkpoint_dir")]
             try:
+                stale = []
                 for lock in wanted:
-                    report_stale(lock, lock.acquire())
+                    stale.append(lock.acquire())
                     locks.append(lock)
+                report_stale(locks[0], next((s for s in stale if s), None))  # one line, not one per lock
             except ConfigError as e:
                 error = str(e)
                 for lock in locks:
