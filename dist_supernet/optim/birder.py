@@ -267,36 +267,34 @@ class Birder(torch.optim.Optimizer):
                 return loss  # no exchange since the last step (no backward, or only no_sync ones)
             if state.skip_nonfinite and self._skip(round_.nonfinite_ranks):
                 return loss
+            table = self._lr_wd_table()
             for chunk, packed, used_P in round_.entries:
-                self._apply(chunk, packed, used_P)
+                self._apply(chunk, packed, used_P, table)
         else:
             self._warn_if_unattached()
             self._local_step()
         state.end_step()
         return loss
 
-    def _group_tables(self, chunk):
-        """Per-parameter group index of ``chunk`` (-1: not in any group), cached per chunk."""
-        key = id(chunk)
-        cached = self._chunk_groups.get(key)
+    def _group_index(self, chunk):
+        """Per-parameter group index of ``chunk`` on the state's device (G: in no group), cached per chunk."""
+        cached = self._chunk_groups.get(id(chunk))
         if cached is None or cached[0] is not chunk:
             group_of = {p: g for g, group in enumerate(self.param_groups) for p in group["params"]}
-            index = torch.tensor([group_of.get(p, -1) for p in chunk.params], dtype=torch.int64)
-            cached = (chunk, index, bool((index < 0).any()))
-            self._chunk_groups[key] = cached
-        return cached[1], cached[2]
+            missing = len(self.param_groups)  # the trailing zero row of the table below
+            index = torch.tensor([group_of.get(p, missing) for p in chunk.params], dtype=torch.int64)
+            cached = (chunk, index.to(self.hook_state.compressor.device))
+            self._chunk_groups[id(chunk)] = cached
+        return cached[1]
 
-    def _lr_wd(self, chunk):
-        """Per-parameter lr and weight decay of ``chunk`` (float32 [P]); 0 for parameters no group holds."""
-        index, has_orphans = self._group_tables(chunk)
-        table = torch.tensor([[g["lr"], g["weight_decay"]] for g in self.param_groups] + [[0.0, 0.0]],
-                             dtype=torch.float32)
-        rows = table[index]  # index -1 picks the trailing zero row
-        device = self.hook_state.compressor.device
-        return rows[:, 0].contiguous().to(device), rows[:, 1].contiguous().to(device)
+    def _lr_wd_table(self):
+        """float32 [G + 1, 2]: each group's (lr, weight_decay), then zeros; built once per step, one copy to the device."""
+        rows = [[g["lr"], g["weight_decay"]] for g in self.param_groups] + [[0.0, 0.0]]
+        return torch.tensor(rows, dtype=torch.float32).to(self.hook_state.compressor.device)
 
-    def _apply(self, chunk, packed, used_P):
-        lr_P, wd_P = self._lr_wd(chunk)
+    def _apply(self, chunk, packed, used_P, table):
+        rows = table[self._group_index(chunk)]  # [P, 2] on the device: a gather, no host work per parameter
+        lr_P, wd_P = rows[:, 0].contiguous(), rows[:, 1].contiguous()
         kernels.apply_packed_(
             list(chunk.params), chunk.seg_starts, chunk.seg_canon, packed.payload, planes=packed.planes,
             num_rows=packed.num_rows, lr_P=lr_P, wd_P=wd_P, mask_T=self.hook_state.canonical_mask, used_P=used_P,
@@ -347,7 +345,7 @@ class Birder(torch.optim.Optimizer):
                               "param_index": comp.position[params[bad[0]]] if bad else None, "num_params": len(bad)}
             return
         self.consecutive_skips = 0
-        self._apply(chunk, packed, used_P)
+        self._apply(chunk, packed, used_P, self._lr_wd_table())
 
     def _warn_if_unattached(self):
         if self._warned_unattached or self.local_on_purpose:
@@ -402,6 +400,10 @@ class Birder(torch.optim.Optimizer):
         while count < world:
             if time.monotonic() > deadline:
                 arrived = [r for r in range(world) if store.check([f"{key}/rank{r}"])]
+                # Undo this arrival, so that a later call on every rank meets under the same key.
+                store.add(key, -1)
+                store.delete_key(f"{key}/rank{rank}")
+                self._arrivals -= 1
                 raise RuntimeError(f"Birder.{what}() is a collective: call it on every rank (only ranks {arrived} "
                                    f"of {world} called it within {_CONSOLIDATE_TIMEOUT_S:.0f} s)")
             time.sleep(0.01)
