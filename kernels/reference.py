@@ -467,6 +467,8 @@ def payload_counts(payload: torch.Tensor, *, planes: bool, numel: int) -> torch.
 def check_segment_params(xs, seg_starts: torch.Tensor) -> list[int]:
     """The host copy of seg_starts, after checking that xs[s] has seg_starts[s + 1] - seg_starts[s] elements."""
     starts = seg_starts.tolist()
+    if starts[0] != 0:
+        raise ValueError(f"seg_starts[0]={starts[0]}: a chunk starts at 0")
     if len(xs) != len(starts) - 1:
         raise ValueError(f"xs has {len(xs)} tensors, expected one per segment ({len(starts) - 1})")
     for s, x in enumerate(xs):

@@ -178,6 +178,28 @@ def optional_u8(tensor: torch.Tensor | None, name: str) -> np.ndarray:
     return numpy_view(tensor.reshape(-1).contiguous())
 
 
+def check_index_map(seg_starts: np.ndarray, seg_canon: np.ndarray, numel: int | None, state_offset: int,
+                    state_sizes: dict) -> None:
+    """Host checks of a chunk's index map before a kernel runs without bounds checks (P-sized work).
+
+    seg_starts must run from 0 to numel (when given) without decreasing, and every non-empty
+    segment's canonical range, less state_offset, must lie inside each state tensor: the kernels
+    index m, b, mask and x there unchecked, so a bad map would corrupt memory instead of raising.
+    """
+    if seg_starts[0] != 0 or (numel is not None and seg_starts[-1] != numel) or (np.diff(seg_starts) < 0).any():
+        raise ValueError(f"seg_starts={seg_starts.tolist()[:8]}...: expected 0 .. {numel}, non-decreasing")
+    lengths = np.diff(seg_starts)
+    used = lengths > 0
+    if not used.any():
+        return
+    first = seg_canon[used] - state_offset
+    last = first + lengths[used]
+    for name, size in state_sizes.items():
+        if first.min() < 0 or last.max() > size:
+            raise ValueError(f"{name} has {size} elements (state_offset={state_offset}): the index map reaches "
+                             f"canonical [{int(first.min()) + state_offset}, {int(last.max()) + state_offset})")
+
+
 def seed_halves(seed: int) -> tuple[np.uint32, np.uint32]:
     return np.uint32(int(seed) & 0xFFFFFFFF), np.uint32((int(seed) >> 32) & 0xFFFFFFFF)
 

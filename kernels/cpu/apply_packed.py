@@ -99,11 +99,17 @@ def apply_packed_(xs, seg_starts, seg_canon, payload, *, planes, num_rows, lr_P,
         addresses[s] = target.data_ptr()
     lr = lr_P.detach().to(torch.float32).contiguous()
     wd = wd_P.detach().to(torch.float32).contiguous()
+    starts_np, canon_np = _common.numpy_view(seg_starts.contiguous()), _common.numpy_view(seg_canon.contiguous())
+    mask, used = _common.optional_u8(mask_T, "mask_T"), _common.optional_u8(used_P, "used_P")
+    if mask_T is not None:
+        _common.check_index_map(starts_np, canon_np, numel, int(state_offset), {"mask_T": mask.shape[0]})
+    for name, tensor in (("lr_P", lr), ("wd_P", wd), ("used_P", used if used_P is not None else None)):
+        if tensor is not None and tensor.shape[0] != len(xs):
+            raise ValueError(f"{name} has {tensor.shape[0]} elements, expected one per segment ({len(xs)})")
     _common.run_split(
-        _apply_packed_kernel, numel, _common.numpy_view(addresses), _common.numpy_view(seg_starts.contiguous()),
-        _common.numpy_view(seg_canon.contiguous()), _common.numpy_view(payload3), bool(planes), int(num_rows),
-        _common.numpy_view(lr), _common.numpy_view(wd), _common.optional_u8(mask_T, "mask_T"),
-        _common.optional_u8(used_P, "used_P"), int(state_offset),
+        _apply_packed_kernel, numel, _common.numpy_view(addresses), starts_np, canon_np,
+        _common.numpy_view(payload3), bool(planes), int(num_rows), _common.numpy_view(lr), _common.numpy_view(wd),
+        mask, used, int(state_offset),
     )
     for x, target in staged:
         x.copy_(target.view(x.shape))

@@ -156,11 +156,16 @@ def compress(g_D, m_T, b_T, seg_starts, seg_canon, *, beta, seed, mask_T=None, u
     if g.dtype != torch.float32:
         g = g.to(torch.float32)
     seed_lo, seed_hi = _common.seed_halves(seed)
+    starts, canon = _common.numpy_view(seg_starts.contiguous()), _common.numpy_view(seg_canon.contiguous())
+    mask, used = _common.optional_u8(mask_T, "mask_T"), _common.optional_u8(used_P, "used_P")
+    sizes = {"m_T": m_T.numel(), "b_T": b_T.numel(), **({"mask_T": mask.shape[0]} if mask_T is not None else {})}
+    _common.check_index_map(starts, canon, numel, int(state_offset), sizes)
+    if used_P is not None and used.shape[0] != canon.shape[0]:
+        raise ValueError(f"used_P has {used.shape[0]} elements, expected one per segment ({canon.shape[0]})")
     bad = _common.run_split(
         _compress_kernel, numel,
         _common.numpy_view(g.contiguous()), _common.numpy_view(m_T.view(-1)), _common.numpy_view(b_T.view(-1)),
-        _common.numpy_view(seg_starts.contiguous()), _common.numpy_view(seg_canon.contiguous()),
-        _common.optional_u8(mask_T, "mask_T"), _common.optional_u8(used_P, "used_P"), int(state_offset),
+        starts, canon, mask, used, int(state_offset),
         np.float32(beta), np.float32(1.0 - float(beta)), seed_lo, seed_hi, bool(amsgrad),
         _common.numpy_view(out),
     )

@@ -131,11 +131,14 @@ def test_apply_packed_errors_and_empty(backend):
                           lr_P=lr[:1], wd_P=lr[:1])
 
 
-def test_autotune_warm_calls_run(compiled):
+def test_autotune_warm_calls_run():
     # On CUDA autotune_warmup benchmarks every config; here the same launches run once (interpreter).
-    if compiled.name != "triton":
-        pytest.skip("Triton's autotune warm-up")
+    import kernels
+
+    if not kernels.triton_available():
+        pytest.skip("triton is not importable")
     from kernels.ops import _launch
 
-    _launch.warm_calls([1000, 37], compiled.device, num_rows=3)
-    _launch.autotune_warmup([1000], compiled.device)  # a no-op under the interpreter
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    _launch.warm_calls([1000, 37], device, num_rows=3)
+    _launch.autotune_warmup([1000], device)  # a no-op under the interpreter

@@ -184,3 +184,19 @@ def test_rejects_bad_state(compiled):
     with pytest.raises(ValueError, match="int64"):
         compiled.compress(g, torch.zeros(8, device=device), torch.zeros(8, device=device), starts.int(), canon,
                           beta=0.9, seed=0)
+
+
+def test_numba_rejects_an_index_map_outside_the_state():
+    # numba runs without bounds checks: a map that reaches past m_T must raise, not write past it.
+    from kernels.registry import implementation
+
+    pytest.importorskip("numba")
+    compress = implementation("compress", "numba")
+    g, m, b = torch.randn(10), torch.zeros(10), torch.zeros(10)
+    for numels, canon_starts, offset in (([10], [1], 0), ([4, 6], [0, 2], 3), ([10], [0], 0)):
+        starts, canon = chunk(numels, canon_starts)
+        if offset == 0 and canon_starts == [0]:
+            starts = torch.tensor([0, 11])  # seg_starts[P] != D
+        with pytest.raises(ValueError):
+            compress(g, m, b, starts, canon, beta=0.9, seed=0, state_offset=offset)
+    assert torch.equal(m, torch.zeros(10))
