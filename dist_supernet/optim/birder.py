@@ -137,7 +137,7 @@ class Birder(torch.optim.Optimizer):
         beta: EMA factor of m and b, in [0, 1).
         weight_decay: decoupled weight decay.
         amsgrad: keep b non-decreasing (b = max(b_prev, b)).
-        collective: ``auto`` (two_phase on one node, hierarchical across nodes),
+        collective: ``auto`` (hierarchical across nodes; on one node allgather up to 4 ranks, two_phase beyond),
             ``allgather``, ``two_phase`` or ``hierarchical``; ``None``: local mode on
             purpose (the gradient is averaged by someone else, e.g. DDP's fp32 all-reduce).
         requantize: ``two_phase`` sends 1 re-quantised bit in its second phase.

@@ -101,7 +101,7 @@ class BirderCompressor:
 
     def connect(self, collective: str = "auto", *, requantize: bool = False, num_nodes: int | None = None,
                 timeout_s: float | None = None, inter_node: str = "auto") -> None:
-        """Attach the 1-bit ``collective`` (``auto``: two_phase on one node, hierarchical across nodes).
+        """Attach the 1-bit ``collective`` (``auto``: see ``comm.collectives.resolve_collective``).
 
         A collective call: every rank, same order (it creates the process groups).
         """

@@ -73,7 +73,7 @@ def check_common(run_dir: Path, *, steps: int, compression: str, collective: str
 
 @pytest.fixture(scope="module")
 def birder_run(tmp_path_factory):
-    """The default (Birder, two_phase) through launch/single_node.sh; the reference for resume."""
+    """The default (Birder, collective=auto: allgather on 2 ranks) through launch/single_node.sh; the reference for resume."""
     run_dir = tmp_path_factory.mktemp("birder") / "run"
     out = subprocess.run(["bash", str(REPO / "launch" / "single_node.sh"), *TINY, f"hydra.run.dir={run_dir}"],
                          cwd=run_dir.parent, env=_env(NPROC="2"), capture_output=True, text=True,
@@ -83,7 +83,7 @@ def birder_run(tmp_path_factory):
 
 
 def test_default_birder_run(birder_run):
-    summary, rows = check_common(birder_run, steps=12, compression="birder", collective="two_phase")
+    summary, rows = check_common(birder_run, steps=12, compression="birder", collective="allgather")
     assert [r["step"] for r in rows] == list(range(1, 13))
     assert [r["step"] for r in rows if "val_accuracy" in r] == [6, 12]
     assert summary["optimizer"] == "birder" and summary["resumed_from_step"] is None
@@ -114,7 +114,7 @@ def test_restart_resumes_bit_identically_and_skips_a_corrupt_checkpoint(birder_r
     """
     out = torchrun([*TINY, "trainer.crash_at_step=10"], cwd=tmp_path, max_restarts=1)
     (run_dir,) = (tmp_path / "outputs").iterdir()
-    summary, rows = check_common(run_dir, steps=12, compression="birder", collective="two_phase")
+    summary, rows = check_common(run_dir, steps=12, compression="birder", collective="allgather")
     assert "crashing on purpose" in out.stdout + out.stderr
     assert summary["resumed_from_step"] == 8
     reference, reference_rows = read_run(birder_run)
