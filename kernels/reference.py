@@ -190,6 +190,28 @@ def index_map(numels, canon_starts=None, *, device=None) -> tuple[torch.Tensor, 
     )
 
 
+def segment_runs(seg_starts: torch.Tensor, seg_canon: torch.Tensor, first: int, count: int) -> list:
+    """The chunk positions [first, first + count) as runs (lo, hi, canon(lo), s) of one segment each, in order.
+
+    Positions at or past D (padding) continue the last segment; with P = 0 the index of a
+    position is the position itself (s = 0). Host lists: the reference loops over segments.
+    """
+    num_segments = check_index_map(seg_starts, seg_canon)
+    end = int(first) + int(count)
+    if count <= 0:
+        return []
+    if num_segments == 0:
+        return [(int(first), end, int(first), 0)]
+    starts, canon = seg_starts.tolist(), seg_canon.tolist()
+    runs = []
+    for s in range(num_segments):
+        lo = max(starts[s], int(first))
+        hi = end if s == num_segments - 1 else min(starts[s + 1], end)
+        if hi > lo:
+            runs.append((lo, hi, canon[s] + lo - starts[s], s))
+    return runs
+
+
 def canonical_index(
     seg_starts: torch.Tensor, seg_canon: torch.Tensor, first: int, count: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,26 +222,19 @@ def canonical_index(
     The only per-element index tensors of the package: the reference materialises them,
     the compiled backends do not.
     """
-    num_segments = check_index_map(seg_starts, seg_canon)
-    j = torch.arange(int(first), int(first) + int(count), dtype=torch.int64, device=seg_starts.device)
-    if num_segments == 0:
-        return j, torch.zeros_like(j)
-    # right=True: of several segments starting at j (empty ones, then the one holding j), the last.
-    seg = (torch.searchsorted(seg_starts[:num_segments].contiguous(), j, right=True) - 1).clamp_(min=0)
-    return seg_canon[seg] + (j - seg_starts[seg]), seg
+    device = seg_starts.device
+    runs = segment_runs(seg_starts, seg_canon, first, count)
+    if not runs:
+        return torch.zeros(0, dtype=torch.int64, device=device), torch.zeros(0, dtype=torch.int64, device=device)
+    index = torch.cat([torch.arange(c, c + hi - lo, dtype=torch.int64, device=device) for lo, hi, c, _ in runs])
+    seg = torch.cat([torch.full((hi - lo,), s, dtype=torch.int64, device=device) for lo, hi, _, s in runs])
+    return index, seg
 
 
-def _active(state, seg, mask_T, used_P):
-    """active(j) as a bool tensor, or None when every element is active."""
-    active = None
-    if mask_T is not None:
-        active = mask_T[state]
-        if active.dtype != torch.bool:
-            active = active != 0
-    if used_P is not None:
-        used = used_P[seg] != 0
-        active = used if active is None else active & used
-    return active
+def _gather_runs(state: torch.Tensor, runs, offset: int) -> torch.Tensor:
+    """state[canon(j) - offset] for every run, concatenated: slices, not a per-element gather."""
+    pieces = [state[c - offset : c - offset + hi - lo] for lo, hi, c, _ in runs]
+    return pieces[0].clone() if len(pieces) == 1 else torch.cat(pieces)
 
 
 def compress(
@@ -260,12 +275,21 @@ def compress(
         [1, 0]
     """
     numel = g_D.numel()
+    runs = segment_runs(seg_starts, seg_canon, 0, numel)
+    if not runs:
+        return torch.zeros(0, dtype=torch.uint8, device=g_D.device)
+    offset = int(state_offset)
     canon, seg = canonical_index(seg_starts, seg_canon, 0, numel)
-    state = canon - int(state_offset) if state_offset else canon
     g = g_D.reshape(-1).to(torch.float32)
     beta_f, one_minus_beta_f = as_float32(beta), as_float32(1.0 - float(beta))
-    m, b = m_T[state], b_T[state]
-    active = _active(state, seg, mask_T, used_P)
+    # m, b (and the mask) of a segment are contiguous at canonical offsets: slices, not gathers
+    m, b = _gather_runs(m_T, runs, offset), _gather_runs(b_T, runs, offset)
+    active = None
+    if mask_T is not None:
+        active = _gather_runs(mask_T, runs, offset) != 0
+    if used_P is not None:
+        used = used_P[seg] != 0
+        active = used if active is None else active & used
     finite = torch.isfinite(g)
     update = finite if active is None else finite & active
     # Each product rounded on its own, then the sum: the contract's two-rounding form.
@@ -275,8 +299,9 @@ def compress(
         b_new = torch.maximum(b, b_new)
     m = torch.where(update, m_new, m)
     b = torch.where(update, b_new, b)
-    m_T[state] = m
-    b_T[state] = b
+    for lo, hi, c, _ in runs:
+        m_T[c - offset : c - offset + hi - lo].copy_(m[lo:hi])
+        b_T[c - offset : c - offset + hi - lo].copy_(b[lo:hi])
     if flag is not None:
         bad = ~finite if active is None else active & ~finite
         flag.bitwise_or_(bad.any().to(torch.uint8))
