@@ -2,8 +2,9 @@
 
 ``python -m dist_supernet.train --check <overrides>`` composes the config
 the way the job will, then runs every check the trainer runs before its
-process group (config values, data files, the model, devices, paths, the
-checkpoint to resume), and that the run directory is not held by another job.
+process group (config values, data files, the model, devices, paths), the
+checks of an explicit ``trainer.resume=<path>`` (which the trainer makes once
+its process group exists), and that the run directory is not held by another job.
 It prints nothing and exits 0 when all pass, else one line
 (``error: key=value: reason``) and exits 2. The launchers run it before
 torchrun, so a config error is one line and status 2 instead of torchrun's
@@ -86,4 +87,27 @@ def preflight(overrides: list[str], conf_dir: Path) -> None:
     with open_dict(cfg):
         del cfg["hydra"]
     trainer_cls = SupernetTrainer if is_supernet(cfg.model.get("name")) else Trainer
-    trainer_cls(cfg, output_dir=run_dir, check_only=True)
+    check_resume(trainer_cls(cfg, output_dir=run_dir, check_only=True))
+
+
+def check_resume(trainer) -> None:
+    """An explicit ``trainer.resume=<path>``: the checks ``Trainer._resume`` makes, here before any process.
+
+    The trainer makes them after its process group exists (every rank hashes a share
+    of the files); here, without one, this process reads all of it: the checkpoint is
+    complete and unaltered, fits the model, and (unless ``trainer.resume_weights_only``)
+    was written with the same recipe. ``auto`` is not checked here: which checkpoint
+    it finds is decided at start.
+    """
+    tcfg = trainer.cfg.trainer
+    if tcfg.resume in ("auto", "never"):
+        return
+    from dist_supernet.train.checkpoint import CheckpointManager
+    from dist_supernet.train.untrusted import check_fits_model, check_recipe
+
+    key, path = "trainer.resume", Path(tcfg.resume)
+    found = CheckpointManager(path.parent).open(path, key, tcfg.resume)
+    check_fits_model(key, tcfg.resume, found.path, {"model": found.shapes("model"), "config": found.config},
+                     trainer.model, trainer.cfg.model)
+    if not tcfg.resume_weights_only:
+        check_recipe(key, tcfg.resume, found.path.name, found.config, trainer.config_dict)

@@ -108,6 +108,7 @@ class Trainer:
             check_can_hold_file("trainer.checkpoint_dir", trainer_cfg.checkpoint_dir)
         check_can_hold_file("hydra.run.dir", output_dir)
         if check_only:
+            self.model = model  # for the pre-flight's resume check (preflight.check_resume)
             return
 
         # 2. The process group, one output directory (one job's: locked), rank-dependent randomness.

@@ -21,7 +21,7 @@ from hydra import compose, initialize_config_dir
 from dist_supernet.data import load_dataset
 from dist_supernet.models import build_model
 from dist_supernet.train.config import ConfigError, register_resolvers, validate
-from dist_supernet.train.preflight import check_can_hold_file
+from dist_supernet.train.preflight import check_can_hold_file, check_resume
 from dist_supernet.train.trainer import Trainer
 from dist_supernet.train.untrusted import check_directory
 from tests.fault_report import record
@@ -164,3 +164,26 @@ def test_the_launcher_shows_one_line_and_exits_2_without_starting_torchrun(tmp_p
     assert out.stdout == "" and not (tmp_path / "run").exists()  # torchrun never started, nothing written
     record("config error through the launcher (optim.lr=inf)", detected_s=round(elapsed, 1),
            note="whole launcher, start to exit 2")
+
+
+def test_an_explicit_resume_that_does_not_fit_fails_in_the_preflight(tmp_path):
+    """The trainer checks ``trainer.resume=<path>`` once its process group exists; the pre-flight before any."""
+    trainer = Trainer(_compose(*PLAIN, "trainer.max_steps=2", "trainer.checkpoint_every=0"), output_dir=tmp_path / "run")
+    try:  # a world of one in this process: a real checkpoint of step 2
+        trainer.fit()
+    finally:
+        trainer.close()
+    (ckpt,) = [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith("step_")]
+
+    def preflight_resume(*overrides):
+        check_resume(Trainer(_compose(*PLAIN, *overrides, f"trainer.resume={ckpt}"), output_dir=tmp_path / "new",
+                             check_only=True))
+
+    preflight_resume()  # the same model and recipe
+    with pytest.raises(ConfigError, match=rf"^trainer.resume={ckpt}: {ckpt.name} is from a different model"):
+        preflight_resume("model=cnn")
+    with pytest.raises(ConfigError) as error:
+        preflight_resume("optim=sgd")
+    assert str(error.value).startswith(f"trainer.resume={ckpt}: ") and "optim" in str(error.value), str(error.value)
+    preflight_resume("optim=sgd", "trainer.resume_weights_only=true")  # the documented override
+    assert not (tmp_path / "new").exists()
