@@ -182,9 +182,9 @@ class TorchOptimizerState:
         self.optimizer = optimizer
 
     def state_dict(self) -> dict:
-        # Save: the live state. Load: {} and the structure is rebuilt from the checkpoint's
-        # metadata (a fresh AdamW has no state to load into; see _SafeLoadPlanner).
-        return self.optimizer.state_dict() if self.optimizer.state else {}
+        # As a load target: what a fresh AdamW lacks (it has no per-parameter state yet) is
+        # rebuilt from the checkpoint's metadata by _SafeLoadPlanner.
+        return self.optimizer.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         state = dict(state)
@@ -435,7 +435,10 @@ class CheckpointManager:
             future = dcp.async_save(state, storage_writer=writer, process_group=self._async_group)
             self._pending = (future, tmp, final, step, extra)
             return final
-        dcp.save(state, storage_writer=writer, no_dist=not _dist())
+        try:
+            dcp.save(state, storage_writer=writer, no_dist=not _dist())
+        except CheckpointException as e:  # a BaseException: e.g. a full disk on some rank, raised on every rank
+            raise OSError(f"checkpoint {final.name} could not be written: {one_line(e)}") from None
         return self._commit(tmp, final, step, extra)
 
     def wait(self) -> None:
@@ -444,7 +447,10 @@ class CheckpointManager:
             return
         future, tmp, final, step, extra = self._pending
         self._pending = None
-        future.result()
+        try:
+            future.result()
+        except CheckpointException as e:
+            raise OSError(f"checkpoint {final.name} could not be written: {one_line(e)}") from None
         self._commit(tmp, final, step, extra)
 
     def _commit(self, tmp: Path, final: Path, step: int, extra: dict) -> Path:

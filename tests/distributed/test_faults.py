@@ -387,3 +387,37 @@ def test_a_checkpoint_of_another_model_fails_before_training_naming_the_first_ke
                                 "(saved with model=mlp, this run has model=cnn): first mismatched key "), errors
     assert "Traceback" not in out.stdout and not (run_dir / "metrics.jsonl").exists()
     record("checkpoint of another model", detected_s=round(elapsed, 1), note="whole process, start to exit 2")
+
+
+def test_a_checkpoint_of_another_recipe_fails_before_training_unless_only_its_weights_are_asked_for(reference,
+                                                                                                    tmp_path):
+    """Issue 13: a Birder checkpoint resumed with compression=fp16 used to exit 0 with two different models."""
+    ckpt = reference / "checkpoints" / "step_00000040"
+    saved = json.loads((ckpt / "manifest.json").read_text())["config"]["compression"]["collective"]
+    other = "allgather" if saved != "allgather" else "two_phase"
+    for overrides, key, values in [(["compression=fp16"], "compression.name", "birder in the checkpoint, fp16"),
+                                   (["compression=none", "optim=adamw"], "optim.name", "birder in the checkpoint, adamw"),
+                                   ([f"compression.collective={other}"], "compression.collective",
+                                    f"{saved} in the checkpoint, {other}")]:
+        run_dir = tmp_path / key
+        started = time.monotonic()
+        out = run_once(["model=mlp", *overrides, f"trainer.resume={ckpt}", f"hydra.run.dir={run_dir}"], cwd=tmp_path,
+                       nproc=1, check=False)
+        errors = [line for line in out.stdout.splitlines() if line.startswith("error:")]
+        assert out.returncode == 2 and errors == [
+            f"error: trainer.resume={ckpt}: step_00000040 was written with another recipe: first differing key {key} "
+            f"({values} in this run); trainer.resume_weights_only=true loads only its model weights"], out.stdout[-3000:]
+        assert not (run_dir / "metrics.jsonl").exists()
+    record("checkpoint of another recipe", detected_s=round(time.monotonic() - started, 1),
+           note="whole process, start to exit 2")
+    # The documented override: the weights, nothing else (a fresh optimizer, schedule and step count).
+    run_dir = tmp_path / "weights_only"
+    out = run_once(["model=mlp", "compression=fp16", "trainer.max_steps=3", "trainer.log_every=1",
+                    f"trainer.resume={ckpt}", "trainer.resume_weights_only=true", f"hydra.run.dir={run_dir}"],
+                   cwd=tmp_path, nproc=1)
+    assert "trainer.resume_weights_only=true: loaded the model weights of" in out.stdout
+    summary, rows = read_run(run_dir)
+    assert summary["resumed_from_step"] is None and [r["step"] for r in rows] == [1, 2, 3]
+    _, reference_rows = read_run(reference)
+    fresh, trained = reference_rows[0]["loss"], reference_rows[-1]["loss"]
+    assert rows[0]["loss"] < fresh - (fresh - trained) / 2  # it starts from the trained weights

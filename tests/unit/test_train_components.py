@@ -1,14 +1,12 @@
 """The training application's parts without processes: data, sampler, models, checkpoints, metrics."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
 
 from dist_supernet.data import ShardSampler, load_dataset
 from dist_supernet.models import available_models, build_model, register_model
-from dist_supernet.train.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
+from dist_supernet.train.checkpoint import CheckpointManager, RNGState, StatefulGroup, rank_key
 from dist_supernet.train.metrics import MetricsWriter
 
 
@@ -109,54 +107,15 @@ def test_registry_and_model_errors():
 # -- checkpoints ------------------------------------------------------------------------
 
 
-def _state(step):
-    return {"step": step, "model": {"w": torch.full((3,), float(step))}, "rng": [rng_state()], "note": (1, None)}
-
-
-def test_checkpoints_are_atomic_pruned_and_verified(tmp_path):
-    ckpts = CheckpointManager(tmp_path, keep=2)
-    for step in (2, 4, 6):
-        ckpts.save(_state(step), step=step, world_size=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "step_00000004.json", "step_00000004.pt", "step_00000006.json", "step_00000006.pt"]  # no temp files left
-    path, manifest = ckpts.find_latest()
-    assert manifest["step"] == 6 and manifest["world_size"] == 2 and len(manifest["sha256"]) == 64
-    assert load_checkpoint(path)["model"]["w"][0] == 6
-
-
-def test_a_truncated_newest_checkpoint_falls_back_with_one_warning(tmp_path, caplog):
-    ckpts = CheckpointManager(tmp_path, keep=3)
-    for step in (2, 4):
-        ckpts.save(_state(step), step=step, world_size=1)
-    with open(tmp_path / "step_00000004.pt", "r+b") as f:
-        f.truncate(64)
-    (tmp_path / "step_00000009.pt").write_bytes(b"crashed before its manifest")  # not used: no manifest
-    path, manifest = ckpts.find_latest()
-    assert manifest["step"] == 2
-    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert len(warnings) == 2 and "step_00000004 is unusable: sha256 mismatch" in warnings[0]  # one line each
-    assert "step_00000009 is unusable: step_00000009.pt is an incomplete write" in warnings[1]
-    (tmp_path / "step_00000002.json").write_text("{not json")
-    assert ckpts.find_latest() is None
-
-
-def test_weights_only_load_refuses_code(tmp_path):
-    class Evil:
-        def __reduce__(self):
-            return (print, ("pwned",))
-
-    torch.save({"x": Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(Exception, match="Weights only load failed"):
-        load_checkpoint(tmp_path / "evil.pt")
-
-
 def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
+    """Atomicity, pruning, digests and untrusted files: tests/unit/test_checkpoint_files.py."""
     import random
 
-    state = rng_state()
+    ckpts = CheckpointManager(tmp_path, keep=2)
+    ckpts.save({}, {"rng": RNGState()}, step=1)
     expected = (torch.rand(3), random.random(), np.random.rand())
-    torch.save({"rng": state}, tmp_path / "r.pt")
-    set_rng_state(load_checkpoint(tmp_path / "r.pt")["rng"])
+    torch.manual_seed(123), random.seed(4), np.random.seed(5)
+    ckpts.load(ckpts.find_latest(), {rank_key(0): StatefulGroup({"rng": RNGState()})})
     assert torch.equal(torch.rand(3), expected[0])
     assert (random.random(), np.random.rand()) == expected[1:]
 
