@@ -81,8 +81,8 @@ def torchrun(run_dir: Path, overrides: list[str]) -> float:
 
 
 def _key(overrides: list[str]) -> str:
-    """A short stable name for a list of overrides (standalone runs are shared between supernet variants)."""
-    return hashlib.sha256(" ".join(overrides).encode()).hexdigest()[:10]
+    """A short stable name for a set of overrides: a run is trained once and reused by every table that needs it."""
+    return hashlib.sha256(" ".join(sorted(overrides)).encode()).hexdigest()[:10]
 
 
 def run_seed(root: Path, seed: int, steps: int, overrides: list[str], supernet_overrides: list[str]) -> list[dict]:
@@ -90,14 +90,17 @@ def run_seed(root: Path, seed: int, steps: int, overrides: list[str], supernet_o
 
     ``overrides`` go to every run (optimizer, compression, data); ``supernet_overrides`` only to the
     supernet (recipe levers: sampler, distillation, model init). A standalone run with the same
-    overrides, steps and seed is trained once and reused from ``root/standalone``.
+    overrides, steps and seed is trained once and reused from ``root/../standalone`` (supernet runs
+    likewise from ``root/../supernet``): delete a run directory to retrain it.
     """
     common = [f"trainer.max_steps={steps}", f"trainer.seed={seed}", "trainer.eval_every=0",
               "trainer.checkpoint_every=0", "trainer.log_every=50", *overrides]
     rows = []
     sup_cmd = [*common, *TOKEN_SEARCH, *supernet_overrides]
-    run_dir = root / f"supernet_{_key(sup_cmd)}_seed{seed}"
-    job_s = torchrun(run_dir, sup_cmd)
+    run_dir = root.parent / "supernet" / f"{_key(sup_cmd)}_seed{seed}"
+    job_s = 0.0
+    if not (run_dir / "subnets.json").is_file():
+        job_s = torchrun(run_dir, sup_cmd)
     summary = json.loads((run_dir / "summary.json").read_text())
     report_file = json.loads((run_dir / "subnets.json").read_text())
     report = {e["name"]: e for e in report_file["subnets"]}
@@ -110,7 +113,7 @@ def run_seed(root: Path, seed: int, steps: int, overrides: list[str], supernet_o
                      "job_wall_s": round(job_s, 1), "bytes_sent": summary["bytes_sent_total"],
                      "run_dir": str(run_dir.relative_to(REPO))})
     print(f"  seed {seed} supernet: max {report['max']['accuracy']:.4f}, min {report['min']['accuracy']:.4f} "
-          f"({split}; {summary['wall_time_s']:.0f} s training)", flush=True)
+          f"({split}; {summary['wall_time_s']:.0f} s training{', reused' if not job_s else ''})", flush=True)
     for name in ("max", "min"):
         alone_cmd = [*common, "model=subnet", f"model.arch={name}"]
         run_dir = root.parent / "standalone" / f"{name}_{_key(alone_cmd)}_seed{seed}"
@@ -190,7 +193,7 @@ def main() -> None:
     text = "\n".join([
         f"# Supernet vs standalone: max and min subnets, {steps} steps ({date}{', ' + args.tag if args.tag else ''})",
         "",
-        f"Command: `{command}` ({total_s / 60:.1f} min; standalone runs already trained with the same overrides, "
+        f"Command: `{command}` ({total_s / 60:.1f} min; runs already trained with the same overrides, "
         f"steps and seed are reused). Machine: {cpu_name()}, {os.cpu_count()} cores shared with other users "
         f"(1-min load average {load_before:.1f} at the start), torch CPU, 2 gloo processes.",
         "",
