@@ -1,5 +1,7 @@
 """The training application's parts without processes: data, sampler, models, checkpoints, metrics."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
