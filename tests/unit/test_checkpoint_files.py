@@ -315,3 +315,16 @@ def test_the_recipe_check_names_the_first_differing_key_and_both_values():
         assert str(info.value) == (f"trainer.resume=auto: step_00000040 was written with another recipe: first "
                                    f"differing key {group}.{field} ({shown}); trainer.resume_weights_only=true "
                                    "loads only its model weights")
+
+
+def test_a_save_at_a_step_that_has_a_checkpoint_sets_the_old_one_aside(tmp_path, caplog):
+    """Resumed from an earlier step of the same directory: the later checkpoint is kept, not overwritten."""
+    ckpts = CheckpointManager(tmp_path, keep=3)
+    first = _save(ckpts, 4, seed=1)
+    digest = json.loads((first / "manifest.json").read_text())["files"]["__0_0.distcp"]["sha256"]
+    _save(ckpts, 4, seed=2)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names[0] == "step_00000004" and names[1].startswith("step_00000004.replaced-") and len(names) == 2
+    assert json.loads((tmp_path / names[1] / "manifest.json").read_text())["files"]["__0_0.distcp"]["sha256"] == digest
+    (line,) = _warnings(caplog)
+    assert line == f"checkpoint step_00000004 already exists: set aside as {names[1]}"
