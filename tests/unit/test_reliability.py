@@ -5,7 +5,6 @@ tests/unit/test_checkpoint_files.py. The end-to-end faults (SIGKILL, SIGSTOP,
 NaN on one rank, world-size changes) are in tests/distributed/test_faults.py.
 """
 
-import os
 from pathlib import Path
 
 import pytest
