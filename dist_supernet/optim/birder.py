@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import kernels
+from dist_supernet.optim.compressor import flat_like_memory, flat_view
 from dist_supernet.optim.hook import BirderState, birder_hook
 
 log = logging.getLogger(__name__)
@@ -296,7 +297,7 @@ class Birder(torch.optim.Optimizer):
         rows = table[self._group_index(chunk)]  # [P, 2] on the device: a gather, no host work per parameter
         lr_P, wd_P = rows[:, 0].contiguous(), rows[:, 1].contiguous()
         kernels.apply_packed_(
-            list(chunk.params), chunk.seg_starts, chunk.seg_canon, packed.payload, planes=packed.planes,
+            [flat_view(p) for p in chunk.params], chunk.seg_starts, chunk.seg_canon, packed.payload, planes=packed.planes,
             num_rows=packed.num_rows, lr_P=lr_P, wd_P=wd_P, mask_T=self.hook_state.canonical_mask, used_P=used_P,
         )
 
@@ -330,8 +331,8 @@ class Birder(torch.optim.Optimizer):
         with_grad = [p.grad is not None for p in params]
         if not any(with_grad):
             return
-        grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=torch.float32,
-                                                                             device=p.device) for p in params]
+        grads = [flat_like_memory(p.grad, p) if p.grad is not None else torch.zeros(p.numel(), dtype=torch.float32,
+                                                                                     device=p.device) for p in params]
         grad_D = torch.cat(grads) if len(grads) > 1 else grads[0]
         used_P = torch.tensor(with_grad, dtype=torch.uint8, device=comp.device)
         flag = torch.zeros(1, dtype=torch.uint8, device=comp.device)

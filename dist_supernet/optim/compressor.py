@@ -32,6 +32,45 @@ STAGE_COMPRESS = 0
 SHARED_DRAW_RANK = -1
 
 
+def memory_perm(tensor: torch.Tensor) -> tuple[int, ...] | None:
+    """Dimension order in which ``tensor``'s elements lie in memory, if it is dense and non-overlapping.
+
+    DDP lays a dense parameter's gradient into its bucket in the parameter's memory order (e.g. NHWC
+    for channels_last), so that is the order of the parameter's elements in a chunk and in m, b.
+    None for a layout with gaps or overlaps (DDP then uses the logical order).
+
+    Example::
+        >>> memory_perm(torch.zeros(2, 3, 4, 5).to(memory_format=torch.channels_last))
+        (0, 2, 3, 1)
+    """
+    perm = tuple(sorted(range(tensor.dim()), key=lambda d: (-tensor.stride(d), -tensor.shape[d])))
+    expected = 1
+    for d in reversed(perm):
+        if tensor.shape[d] != 1 and tensor.stride(d) != expected:
+            return None
+        expected *= tensor.shape[d]
+    return perm
+
+
+def flat_like_memory(values: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``values`` (shaped like ``param``, any layout) flattened in ``param``'s chunk order (see memory_perm)."""
+    if param.is_contiguous():
+        return values.reshape(-1)
+    perm = memory_perm(param)
+    if perm is None:
+        return values.reshape(-1)
+    return values.permute(perm).reshape(-1)
+
+
+def flat_view(param: torch.Tensor) -> torch.Tensor:
+    """A 1-D view of ``param``'s elements in chunk order (its memory, for a dense layout); else ``param``."""
+    if param.is_contiguous():
+        return param.view(-1)
+    if memory_perm(param) is not None:
+        return param.as_strided((param.numel(),), (1,))
+    return param  # gaps or overlaps: the kernels take it in logical order
+
+
 @dataclasses.dataclass
 class Chunk:
     """A flat run of parameters (a DDP bucket, or all parameters in local mode) and its index map."""
@@ -151,9 +190,13 @@ class BirderCompressor:
         return chunk
 
     def views(self, param) -> dict:
-        """``{"m", "b"}`` of ``param``: views of the flat state, shaped like the parameter."""
+        """``{"m", "b"}`` of ``param``: views of the flat state, shaped (and strided) like the parameter."""
         start, n = self.offset[param], param.numel()
-        return {"m": self.m[start : start + n].view(param.shape), "b": self.b[start : start + n].view(param.shape)}
+        m, b = self.m[start : start + n], self.b[start : start + n]
+        if param.is_contiguous() or memory_perm(param) is None:
+            return {"m": m.view(param.shape), "b": b.view(param.shape)}
+        # Chunk order is the parameter's memory order (channels_last: NHWC): give m, b its strides.
+        return {"m": m.as_strided(param.shape, param.stride()), "b": b.as_strided(param.shape, param.stride())}
 
     # -- the exchange --------------------------------------------------------------------
 

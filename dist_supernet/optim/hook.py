@@ -38,6 +38,7 @@ import torch.distributed as dist
 
 from dist_supernet.comm import Topology
 from dist_supernet.optim.compressor import STAGE_COMPRESS, BirderCompressor  # noqa: F401 (re-exported)
+from dist_supernet.optim.compressor import flat_like_memory, memory_perm
 
 class _StatesByParam:
     """The newest BirderState of each parameter, by identity (a tensor's == is elementwise, so no
@@ -148,6 +149,8 @@ class BirderState:
         if track_unused:
             self.enable_unused_tracking()
         self.canonical_mask = None  # bool [T] for the coming step, or None
+        # Parameters whose chunk order is their memory order, not the logical one (e.g. channels_last).
+        self._strided = [p for p in self.params if not p.is_contiguous() and memory_perm(p) is not None]
         self._round = None
         self._worker = _CommWorker()
         for p in self.params:
@@ -235,14 +238,18 @@ class BirderState:
         if isinstance(masks, torch.Tensor):
             if masks.numel() != comp.numel_total:
                 raise ValueError(f"set_grad_mask: a mask of {masks.numel()} elements, the model has {comp.numel_total}")
-            self.canonical_mask = masks.reshape(-1).to(device=comp.device, dtype=torch.bool)
+            flat = masks.reshape(-1).to(device=comp.device, dtype=torch.bool)
+            for p in self._strided:  # logical order in, chunk (memory) order for channels_last and the like
+                start = comp.offset[p]
+                flat[start : start + p.numel()] = flat_like_memory(flat[start : start + p.numel()].view(p.shape), p)
+            self.canonical_mask = flat
             return
         flat = torch.ones(comp.numel_total, dtype=torch.bool, device=comp.device)
         for p, mask in masks.items():
             if p not in comp.offset:
                 raise ValueError("set_grad_mask: a masked parameter is not managed by this Birder state")
             start = comp.offset[p]
-            flat[start : start + p.numel()] = mask.reshape(-1).to(device=comp.device, dtype=torch.bool)
+            flat[start : start + p.numel()] = flat_like_memory(mask.reshape(p.shape), p).to(comp.device, torch.bool)
         self.canonical_mask = flat
 
     def take_round(self) -> "_Round | None":
