@@ -32,7 +32,6 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from dist_supernet.comm.collectives import COLLECTIVE_CHOICES, INTER_NODE_FORMS
 
 GROUPS = ("compression", "optim", "model", "data", "trainer")
 # Top-level keys a composed config may hold: the groups, the supernet group (read for supernet models),
@@ -41,7 +40,11 @@ TOP_LEVEL_KEYS = (*GROUPS, "supernet", "hydra")
 MAX_LR = 10.0  # why: Birder moves every coordinate by lr per step; SGD/AdamW beyond 10 diverge at once
 MAX_TIMEOUT_S = 7 * 24 * 3600  # why: a week is longer than any legitimate wait; timedelta overflows near 1e14 s
 MAX_SEED = 2**31  # why: fits every generator seeded from it (numpy: < 2**32) with room for + rank
-COLLECTIVES = COLLECTIVE_CHOICES  # auto, allgather, two_phase, hierarchical (dist_supernet.comm)
+# The 1-bit collectives' names and hierarchical's inter-node forms. Spelled here so that the config check
+# (and the launchers' pre-flight) does not import torch; tests/unit/test_config.py holds them equal to the
+# registry in dist_supernet.comm.collectives.
+COLLECTIVES = ("auto", "allgather", "two_phase", "hierarchical")
+INTER_NODE_FORMS = ("auto", "allgather", "reduce_scatter")
 SCHEDULES = ("constant", "cosine")
 
 

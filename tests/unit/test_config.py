@@ -188,3 +188,12 @@ def test_cli_prints_one_line_and_exits_2():
         assert out.returncode == 2, out
         assert out.stderr.strip().splitlines() == [line], out.stderr
     assert OmegaConf.has_resolver("run_stamp")
+
+
+def test_collective_names_match_the_registry():
+    # config.py spells them out (no torch import in the pre-flight); they must be the registry's.
+    from dist_supernet.comm import collectives
+    from dist_supernet.train import config
+
+    assert config.COLLECTIVES == collectives.COLLECTIVE_CHOICES
+    assert config.INTER_NODE_FORMS == collectives.INTER_NODE_FORMS
