@@ -72,3 +72,28 @@ def test_zero_init_residual_makes_every_depth_the_shallow_function():
     residual_gammas = [b.project.bn.weight for blocks in net.stages for b in blocks if b.residual]
     assert residual_gammas and all(bool((g == 0).all()) for g in residual_gammas)
     assert bool((OFACNN(1, 8, 10).stages[0][1].project.bn.weight == 1).all())  # off by default
+
+
+def test_default_config_splits_digits_three_ways_and_rejects_a_bad_fraction():
+    import os
+
+    from hydra import compose, initialize_config_dir
+
+    from dist_supernet.models import build_model
+    from dist_supernet.train.config import ConfigError, register_resolvers, validate
+
+    register_resolvers()
+    conf = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "conf"))
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        cfg = compose("train")
+        bad = compose("train", overrides=["data.test_fraction=0.95"])
+    checked = validate(cfg)
+    assert (checked.data.val_fraction, checked.data.test_fraction) == (0.1, 0.2)
+    with pytest.raises(ConfigError, match=r"data.test_fraction=0.95: must be in \[0, 1 - data.val_fraction=0.1\)"):
+        validate(bad)
+    # The default supernet starts its residual blocks at zero (BigNAS); the standalone baseline does not.
+    net = build_model(checked.model, in_channels=1, image_size=8, num_classes=10)
+    assert net.zero_init_residual and bool((net.stages[0][1].project.bn.weight == 0).all())
+    alone = build_model({"name": "subnet", "arch": "max", "space": {"name": "ofa_cnn"}}, 1, 8, 10)
+    gammas = [m.weight for name, m in alone.named_modules() if name.endswith("project.bn")]
+    assert gammas and all(bool((g == 1).all()) for g in gammas)
