@@ -350,9 +350,10 @@ def build_collective(name: str, topology: Topology, groups: CommGroups, *, requa
     return cls(topology, groups, requantize=requantize, inter_node=inter_node)
 
 
-# Smallest per-peer message that keeps an all-to-all bandwidth bound (benchmarks/message_size.py; see
-# benchmarks/results/message_size_*.md): below it, per-message latency dominates.
-MIN_PEER_BYTES = 64 << 10
+# Smallest per-peer message that keeps an all-to-all bandwidth bound: benchmarks/message_size.py measured
+# the knee (half the 4 MiB throughput) at 256 KiB per peer for gloo between 2 processes on this project's
+# 2-core machine (loaded: a ~0.5 ms per-call floor); below it, per-message latency dominates.
+MIN_PEER_BYTES = 256 << 10
 DDP_DEFAULT_BUCKET_MB = 25
 MAX_BUCKET_MB = 1024
 
@@ -363,11 +364,11 @@ def bucket_cap_mb(world_size: int, min_peer_bytes: int = MIN_PEER_BYTES) -> int:
     A bucket of D fp32 gradients (4·D bytes) sends D / (8 n) bytes to each of n peers in
     ``two_phase``'s all-to-all and in ``hierarchical``'s inter-node reduce-scatter, so the
     cap is 32·n·min_peer_bytes, at least DDP's 25 MB and at most 1 GiB (fewer, larger buckets
-    overlap less with backward; past 1 GiB, i.e. beyond 512 ranks at 64 KiB, the floor is not kept).
+    overlap less with backward; past 1 GiB, i.e. beyond 128 ranks at 256 KiB, the floor is not kept).
 
     Example::
-        >>> bucket_cap_mb(2), bucket_cap_mb(64), bucket_cap_mb(512)
-        (25, 128, 1024)
+        >>> bucket_cap_mb(2), bucket_cap_mb(16), bucket_cap_mb(64), bucket_cap_mb(512)
+        (25, 128, 512, 1024)
     """
     cap = 32 * int(world_size) * int(min_peer_bytes) / 2**20
     return int(min(MAX_BUCKET_MB, max(DDP_DEFAULT_BUCKET_MB, -(-cap // 1))))

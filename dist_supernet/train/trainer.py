@@ -124,7 +124,7 @@ class Trainer:
         # 3. Model, compression hook, optimizer, schedule.
         self.model = model.to(self.device)
         ddp_kwargs = self.ddp_kwargs()
-        if self.cfg.compression.name == "birder":  # buckets large enough that each peer's 1-bit message is >= 64 KiB
+        if self.cfg.compression.name == "birder":  # buckets large enough that each peer's 1-bit message is >= 256 KiB
             ddp_kwargs.setdefault("bucket_cap_mb", self.cfg.compression.bucket_cap_mb or bucket_cap_mb(world_size))
         self.ddp_model = DistributedDataParallel(
             self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None, **ddp_kwargs
