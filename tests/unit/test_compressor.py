@@ -62,3 +62,13 @@ def test_nonfinite_elements_never_enter_m_b_and_raise_the_flag():
     finite = torch.ones(16, dtype=torch.bool)
     finite[[3, 9]] = False
     assert torch.allclose(comp.m[finite], torch.full((14,), 0.1)) and bool(torch.isfinite(comp.m).all())
+
+
+def test_bucket_cap_keeps_each_peers_message_above_the_measured_knee():
+    from dist_supernet.comm.collectives import MIN_PEER_BYTES, bucket_cap_mb
+
+    for world in (2, 4, 16, 64, 128):
+        cap_bytes = bucket_cap_mb(world) * 2**20
+        assert cap_bytes // 4 // (8 * world) >= MIN_PEER_BYTES  # D / (8 n) bytes to each peer
+        assert bucket_cap_mb(world) >= 25
+    assert bucket_cap_mb(100_000) == 1024  # capped: past 128 ranks the floor is not kept (documented)
