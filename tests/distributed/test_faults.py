@@ -393,12 +393,9 @@ def test_a_checkpoint_of_another_recipe_fails_before_training_unless_only_its_we
                                                                                                     tmp_path):
     """Issue 13: a Birder checkpoint resumed with compression=fp16 used to exit 0 with two different models."""
     ckpt = reference / "checkpoints" / "step_00000040"
-    saved = json.loads((ckpt / "manifest.json").read_text())["config"]["compression"]["collective"]
-    other = "allgather" if saved != "allgather" else "two_phase"
+    # Two spawns; every other key (the collective, lr, ...) takes the same path (unit test: test_checkpoint_files).
     for overrides, key, values in [(["compression=fp16"], "compression.name", "birder in the checkpoint, fp16"),
-                                   (["compression=none", "optim=adamw"], "optim.name", "birder in the checkpoint, adamw"),
-                                   ([f"compression.collective={other}"], "compression.collective",
-                                    f"{saved} in the checkpoint, {other}")]:
+                                   (["compression=none", "optim=adamw"], "optim.name", "birder in the checkpoint, adamw")]:
         run_dir = tmp_path / key
         started = time.monotonic()
         out = run_once(["model=mlp", *overrides, f"trainer.resume={ckpt}", f"hydra.run.dir={run_dir}"], cwd=tmp_path,
