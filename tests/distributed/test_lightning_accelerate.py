@@ -78,7 +78,7 @@ def test_lightning_recipe(tmp_path):
 
 def _accelerate_worker(rank, world_size):
     example = _example("accelerate_birder")
-    accelerator, model, birder, losses = example.train(max_steps=STEPS, lr=3e-3, accumulate=ACCUMULATE)
+    _, model, birder, losses = example.train(max_steps=STEPS, lr=3e-3, accumulate=ACCUMULATE)
     return _summary(model, birder, losses)
 
 

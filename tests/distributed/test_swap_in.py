@@ -12,7 +12,6 @@ import os
 import time
 import warnings
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
