@@ -310,13 +310,21 @@ class Birder(torch.optim.Optimizer):
             self.consecutive_skips = 0
             return False
         state = self.hook_state
-        bad = [i for i, p in enumerate(state.params) if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
-        mine = state.topology.rank in ranks
+        # Rare path (a skip, decided alike on every rank): name the parameters. Ranks that saw NaN/Inf
+        # flag theirs from .grad (their own gradient, untouched); the others, whose .grad got the hook's
+        # NaN marker, flag none; one MAX all-reduce gives every rank the same list.
+        flags = torch.zeros(len(state.params), dtype=torch.uint8)
+        if state.topology.rank in ranks:
+            for i, p in enumerate(state.params):
+                if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                    flags[i] = 1
+        flags = flags.to(state.compressor.device)
+        state.collective.all_reduce_max("all-reduce non-finite parameters", flags)
+        bad = torch.nonzero(flags.cpu()).flatten().tolist()
         self.skipped_steps += 1
         self.consecutive_skips += 1
-        self.last_skip = {"step": state.step, "ranks": ranks,
-                          "param_index": bad[0] if (mine and bad) else None,
-                          "num_params": len(bad) if mine else None}
+        self.last_skip = {"step": state.step, "ranks": ranks, "param_index": bad[0] if bad else None,
+                          "num_params": len(bad)}
         state.end_step()
         return True
 

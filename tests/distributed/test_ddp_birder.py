@@ -144,7 +144,7 @@ def _train_worker(rank, world_size):
         checks[f"nan/{k}_unchanged_where_nonfinite"] = torch.equal(now, state_before[k]) == (rank == 1)
     checks["nan/counted"] = opt.skipped_steps == 1 and opt.consecutive_skips == 1
     checks["nan/ranks_named"] = opt.last_skip["ranks"] == [1] and opt.last_skip["step"] == 3
-    checks["nan/first_param_is_fc1"] = opt.last_skip["param_index"] == (0 if rank == 1 else None)
+    checks["nan/first_param_is_fc1"] = opt.last_skip["param_index"] == 0  # the same name on every rank
     _run_steps(ddp, opt, rank, range(4, 6))
     checks["nan/trains_on"] = opt.consecutive_skips == 0 and not torch.equal(_flat(model), params_before)
     checks["nan/replicas_identical"] = _identical_across_ranks(_flat(model))
