@@ -37,14 +37,23 @@ def test_paper_table_by_hand(scale):
     fp32 = _row(rows, "fp32", 2)
     assert fp32["inter_bytes_per_node"] == pytest.approx(2 * 15 / 16 * 4 * d)  # 187.5 MB
     assert fp32["comm_s"]["10gbit"] == pytest.approx(187.5e6 * 8 / 10e9)  # 0.15 s
-    # hierarchical: each of the 8 local ranks all-gathers its d/8 chunk (1 bit each) with the
-    # other node: per node (N - 1) * d / 8 bytes = 1 bit per parameter. Bucket sizes are
+    # hierarchical, all-gather form: each of the 8 local ranks all-gathers its d/8 chunk (1 bit each)
+    # with the other node: per node (N - 1) * d / 8 bytes = 1 bit per parameter. Bucket sizes are
     # multiples of 64 elements, so the chunks need no padding and the count is exact.
-    hier = _row(rows, "hierarchical", 2)
+    hier = _row(rows, "hierarchical allgather", 2)
     assert hier["inter_bytes_per_node"] == pytest.approx(d / 8)
     assert hier["inter_bits_per_param"] == pytest.approx(1.0)
     # ... and grows with the node count: 63 bits per parameter at 64 nodes (an all-gather).
-    assert _row(rows, "hierarchical", 64)["inter_bits_per_param"] == pytest.approx(63.0, rel=1e-4)
+    assert _row(rows, "hierarchical allgather", 64)["inter_bits_per_param"] == pytest.approx(63.0, rel=1e-4)
+    # The reduce-scatter form (issue 12): 2 (N - 1) / N bits per parameter per node, 1 at N = 2, < 2 always.
+    assert _row(rows, "hierarchical reduce_scatter", 2)["inter_bits_per_param"] == pytest.approx(1.0, rel=1e-3)
+    assert _row(rows, "hierarchical reduce_scatter", 64)["inter_bits_per_param"] == pytest.approx(2 * 63 / 64, rel=1e-3)
+    # auto: the all-gather form at 2 nodes, the reduce-scatter form beyond.
+    assert _row(rows, "hierarchical (auto)", 2)["inter_bytes_per_node"] == hier["inter_bytes_per_node"]
+    assert _row(rows, "hierarchical (auto)", 64)["inter_bits_per_param"] < 2.1
+    # PowerSGD r4 on 1024 x 1024 matrices: factors of 2 * 1024 * 4 floats per 2**20 elements, ring all-reduced.
+    assert _row(rows, "powersgd r4", 2)["inter_bytes_per_node"] == pytest.approx(
+        2 * 15 / 16 * 4 * d * (2 * 1024 * 4 / 2**20))
     # allgather over 16 ranks: each rank sends 15 * d/8 bytes, 2 of the 16 ring links cross.
     assert _row(rows, "allgather", 2)["inter_bytes_per_node"] == pytest.approx(8 * 15 * d / 8 * 2 / 16)
 
@@ -53,4 +62,4 @@ def test_paper_markdown_has_every_row(scale):
     rows = scale.paper_table([25_000_000], [2], gpus_per_node=8)
     text = scale.paper_markdown(rows)
     assert text.count("\n") == len(rows) + 1  # header + separator + one line per row
-    assert "| 25.0M | 2 x 8 | hierarchical | 3.12 | 1.00 | 0.017 |" in text
+    assert "| 25.0M | 2 x 8 | hierarchical allgather | 3.12 | 1.00 | 0.017 |" in text
