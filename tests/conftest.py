@@ -6,3 +6,13 @@ import torch
 # @triton.jit function is defined, so it must be set before any kernel module is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_sessionstart(session):
+    # Compile the numba kernels once, here, before any test spawns worker processes: on a fresh clone
+    # (CI) every process of the first distributed tests would otherwise compile them at the same time
+    # (~45 s each on 2 cores); compiled once, they load from numba's on-disk cache in ~1 s.
+    import kernels
+
+    if kernels.numba_available():
+        kernels.warmup("cpu")
