@@ -2,8 +2,8 @@
 
 Three runs of the training application per seed, each ``torchrun --standalone
 --nproc_per_node=2 -m dist_supernet.train``, with the same optimizer,
-compression (default: Birder, 1 bit per element, ``two_phase``), data
-(digits), batch, LR schedule and step budget:
+compression (default: Birder, 1 bit per element), data (digits, test split
+reported), batch, LR schedule and step budget:
 
 - ``supernet``: the default main job (``model=ofa_cnn supernet=sandwich``: max +
   min + 2 random subnets per step, in-place distillation); its ``subnets.json``
