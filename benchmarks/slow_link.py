@@ -480,6 +480,7 @@ def main(argv=None):
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn", "tiny"])
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: per link, see DEFAULT_STEPS)")
+    parser.add_argument("--bucket-cap-mb", type=float, default=25.0, help="DDP bucket size for every method (25: DDP's default)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1,
                         help="launches per link and model; the table shows the median of their medians")
@@ -515,7 +516,8 @@ def main(argv=None):
             for model in args.models:
                 steps = args.steps or DEFAULT_STEPS.get(link, 4)
                 worker_args = ["--model", model, "--methods", args.methods,
-                               "--steps", str(steps), "--warmup", str(args.warmup)]
+                               "--steps", str(steps), "--warmup", str(args.warmup),
+                               "--bucket-cap-mb", str(args.bucket_cap_mb)]
                 if args.profile:
                     worker_args.append("--profile")
                 started = time.monotonic()
