@@ -51,6 +51,10 @@ class _StatesByParam:
         key = id(param)
         self._entries[key] = (weakref.ref(param, lambda _, key=key: self._entries.pop(key, None)), state)
 
+    def forget(self, state):
+        for key in [k for k, (_, s) in self._entries.items() if s is state]:
+            del self._entries[key]
+
     def get(self, param):
         entry = self._entries.get(id(param))
         if entry is None or entry[0]() is not param:
@@ -258,6 +262,14 @@ class BirderState:
         if current is not None and not current.complete:
             raise RuntimeError("Birder: step() while the exchange of the last backward is still running")
         return current
+
+    def close(self) -> None:
+        """End of training: drop the process groups (and this state's registry entries) while the
+        interpreter is whole, after ``destroy_process_group()``; the state cannot exchange afterwards."""
+        comp = self.compressor
+        comp.collective, comp.groups = None, None
+        self._round = None
+        _STATE_OF.forget(self)
 
     def end_step(self) -> None:
         """Called by the optimizer after applying (or skipping) a step."""

@@ -21,6 +21,7 @@ How compression and optimizer combine:
 """
 
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -468,6 +469,17 @@ class Trainer:
             lock.release()
         if dist.is_initialized():
             dist.destroy_process_group()
+        # destroy_process_group only unregisters the groups: the hook state and DDP still hold theirs. Drop
+        # them now, while the interpreter is whole; a gloo group first destroyed during interpreter
+        # finalization can abort the process ("terminate called without an active exception", seen once in
+        # two runs of the default job on rank 1 after its last collective).
+        hook_state = getattr(getattr(self, "optimizer", None), "hook_state", None)
+        if hook_state is not None:
+            hook_state.close()
+        for name in ("optimizer", "ddp_model", "scheduler", "nonfinite"):
+            if hasattr(self, name):
+                setattr(self, name, None)
+        gc.collect()
 
     def _lock_run_dir(self) -> list[RunDirLock]:
         """Rank 0 locks the run directory (and a checkpoint_dir outside it) for the job's life; every rank
