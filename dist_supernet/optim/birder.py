@@ -315,18 +315,23 @@ class Birder(torch.optim.Optimizer):
         # NaN marker, flag none; one MAX all-reduce gives every rank the same list.
         flags = torch.zeros(len(state.params), dtype=torch.uint8)
         if state.topology.rank in ranks:
-            for i, p in enumerate(state.params):
-                if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-                    flags[i] = 1
+            flags[self._nonfinite_positions(state.params)] = 1
         flags = flags.to(state.compressor.device)
         state.collective.all_reduce_max("all-reduce non-finite parameters", flags)
-        bad = torch.nonzero(flags.cpu()).flatten().tolist()
-        self.skipped_steps += 1
-        self.consecutive_skips += 1
-        self.last_skip = {"step": state.step, "ranks": ranks, "param_index": bad[0] if bad else None,
-                          "num_params": len(bad)}
+        self._record_skip(ranks, torch.nonzero(flags.cpu()).flatten().tolist())
         state.end_step()
         return True
+
+    def _nonfinite_positions(self, params) -> list[int]:
+        """Compressor positions of ``params`` whose ``.grad`` holds NaN/Inf (the rare skip path only)."""
+        position = self.hook_state.compressor.position
+        return [position[p] for p in params if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+
+    def _record_skip(self, ranks, bad) -> None:
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        self.last_skip = {"step": self.hook_state.step, "ranks": ranks, "param_index": bad[0] if bad else None,
+                          "num_params": len(bad)}
 
     def _local_step(self):
         """Local mode: compress each gradient to one bit with the same draws on every rank, apply."""
@@ -347,11 +352,7 @@ class Birder(torch.optim.Optimizer):
         packed = comp.exchange(grad_D, chunk, mask_T=state.canonical_mask, used_P=used_P, flag=flag)
         if state.skip_nonfinite and bool(flag[0]):
             # The gradient is the same on every rank (averaged already): this rank decides for all.
-            bad = [i for i, p in enumerate(params) if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
-            self.skipped_steps += 1
-            self.consecutive_skips += 1
-            self.last_skip = {"step": state.step, "ranks": None,
-                              "param_index": comp.position[params[bad[0]]] if bad else None, "num_params": len(bad)}
+            self._record_skip(None, self._nonfinite_positions(params))
             return
         self.consecutive_skips = 0
         self._apply(chunk, packed, used_P, self._lr_wd_table())
