@@ -36,7 +36,10 @@ register_resolvers()
 def fail(error: Exception, message: str | None = None, status: int = 2) -> None:
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise error
-    print(f"error: {message or error}", file=sys.stderr, flush=True)
+    # One write, newline included: print() writes the text and the newline separately, and two ranks'
+    # lines on torchrun's shared stderr then interleave ("...stoppingerror: ...").
+    sys.stderr.write(f"error: {message or error}\n")
+    sys.stderr.flush()
     sys.exit(status)
 
 
