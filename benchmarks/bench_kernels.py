@@ -22,23 +22,18 @@ Writes ``benchmarks/results/kernels_<hardware>_<date>.md`` (``--out`` to overrid
 """
 
 import argparse
-import datetime
 import os
-import platform
 import re
-import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+import common
 import kernels
 from kernels import reference as ref
 from kernels.registry import OPS, implementation
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 GPU_SIZES = ["1M", "16M", "64M", "256M"]
 CPU_SIZES = ["1M", "10.5M"]  # 10.5M: the MLP of benchmarks/slow_link.py (issue 9)
 NOT_TIMED = {"unpack_bits": "reference only (tests and debugging; never on the hot path)"}
@@ -52,20 +47,7 @@ def parse_size(text: str) -> int:
 
 
 def hardware_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        model = re.search(r"^Model name:\s*(.+)$", lscpu, re.MULTILINE)
-        if model:
-            return model.group(1).strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return platform.processor() or platform.machine()
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else common.cpu_name()
 
 
 def make_timer(device: torch.device, repeats: int):
@@ -90,7 +72,8 @@ def make_timer(device: torch.device, repeats: int):
             start = time.perf_counter()
             fn()
             samples.append(time.perf_counter() - start)
-        return statistics.median(samples), min(samples)
+        median, best, _ = common.median_range(samples)
+        return median, best
 
     return time_cpu
 
@@ -187,9 +170,9 @@ def main(argv=None) -> None:
         kernels.warmup("cpu")  # load (or compile) every numba kernel outside the timings
     sizes = [parse_size(s) for s in (args.sizes or (GPU_SIZES if device.type == "cuda" else CPU_SIZES))]
     timer = make_timer(device, args.repeats)
-    load_before = os.getloadavg()
+    load_before = common.load_average()
     hardware = hardware_name(device)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = common.utc_now()
 
     copy_rows, kernel_rows = [], []
     for numel in sizes:
@@ -219,7 +202,7 @@ def main(argv=None) -> None:
                           f"{ratio_best:6.1%} of the best copy", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    load_after = os.getloadavg()
+    load_after = common.load_average()
 
     speedups = {}
     for name, numel, backend, seconds, *_ in kernel_rows:  # medians
@@ -227,7 +210,7 @@ def main(argv=None) -> None:
     lines = [
         f"# Kernel bandwidth: {hardware}, {now:%Y-%m-%d %H:%M} UTC",
         "",
-        f"Command: `python {' '.join(['benchmarks/bench_kernels.py', *(argv if argv is not None else sys.argv[1:])])}`  ",
+        f"Command: `{common.command_line('bench_kernels.py', argv)}`  ",
         f"torch {torch.__version__}, device {device.type}, backends {' vs '.join(backends)}"
         + (f", {args.threads} thread(s) for both (torch.set_num_threads)" if device.type == "cpu" else "")
         + f"; chunk of {args.segments} parameters (uneven sizes, canonical order reversed), N = {args.rows} packed "
@@ -270,7 +253,7 @@ def main(argv=None) -> None:
                      f"{bytes_per_element:.3f} | {gbs:.2f} | {near_copy_s / numel * 1e9:.2f} | {ratio:.1%} | "
                      f"{best / numel * 1e9:.2f} | {near_copy_best / numel * 1e9:.2f} | {ratio_best:.1%} | {speedup} |")
     lines += ["", "Not timed: " + "; ".join(f"`{k}`: {v}" for k, v in NOT_TIMED.items()) + "."]
-    out = args.out or RESULTS_DIR / f"kernels_{slug(hardware)}_{now:%Y-%m-%d}.md"
+    out = args.out or common.results_path("kernels", hardware=hardware, date=f"{now:%Y-%m-%d}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")

@@ -40,7 +40,6 @@ import datetime
 import hashlib
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -50,6 +49,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import common  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
@@ -240,6 +240,11 @@ def _fits(world: int, num_params: float) -> float:
     return min(num_params, 0.5 * _mem_available() / per_param)
 
 
+def _loads() -> list[str]:
+    """The load averages as the table prints them: two decimals each."""
+    return [f"{load:.2f}" for load in common.load_average()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", type=float, default=100e6)
@@ -250,9 +255,8 @@ def main() -> None:
     args = parser.parse_args()
     root = Path(args.dir or tempfile.mkdtemp(prefix="ckpt_cost_"))
     root.mkdir(parents=True, exist_ok=True)
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    loads = [open("/proc/loadavg").read().split()[:3]]
+    cpu = common.cpu_name()
+    loads = [_loads()]
     rows, notes = [], []
     for world in args.worlds:
         num_params = int(_fits(world, args.params))
@@ -265,14 +269,14 @@ def main() -> None:
             row.update(method=method, world=world)
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "files"}), flush=True)
-        loads.append(open("/proc/loadavg").read().split()[:3])
+        loads.append(_loads())
     shutil.rmtree(root, ignore_errors=True)
 
     mib = 2**20
     lines = ["# Checkpoint cost: old (gather to rank 0 + torch.save) vs torch.distributed.checkpoint",
              "",
-             f"{datetime.date.today()}, {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, gloo on loopback, "
-             f"`python benchmarks/checkpoint_cost.py {' '.join(sys.argv[1:])}`.",
+             f"{common.today()}, {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, gloo on loopback, "
+             f"`{common.command_line('checkpoint_cost.py')}`.",
              f"The machine is shared with other engineers' jobs: load average (1, 5, 15 min) before and after each "
              f"world size: {', '.join('/'.join(x) for x in loads)}. Timings are noisy; memory and bytes are not.",
              "", *[f"- {n}" for n in notes], "",
@@ -295,7 +299,7 @@ def main() -> None:
               "(4 + 8n) B/param more to load (the whole file); `dcp` needs neither. `dcp-async` stages a CPU copy "
               "of this rank's state (x + m + b) while the loop goes on."]
     text = "\n".join(lines) + "\n"
-    out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"checkpoint_cost_{datetime.date.today()}.md"
+    out = Path(args.out) if args.out else common.results_path("checkpoint_cost")
     out.write_text(text)
     print(text)
     print(f"wrote {out}")

@@ -39,13 +39,8 @@ stage-2 run) and ``.png`` (loss curves); the sweeps stay in
 
 import argparse
 import csv
-import datetime
 import math
-import os
-import platform
-import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -54,9 +49,9 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
+import common  # noqa: E402
 from dist_supernet.sweep.report import JobResult, collect, median_step_time, running_mean  # noqa: E402
 
-RESULTS_DIR = HERE / "results"
 # lr grids, x3 apart, chosen so that the best lr is inside the grid. Measured on 2026-11-22 (mnist5k, MLP,
 # 1000 steps, seed 0): 3e-4..3e-3 put AdamW and Birder at the top (3e-3); then 1e-3..1e-2 put Birder in the
 # middle (3e-3) and AdamW at the top again (1e-2, 94.8% vs 94.6% at 3e-3); SGD's default 0.05 was the middle.
@@ -74,26 +69,11 @@ SEEDS = (1, 2, 3)
 SWEEP_TIMEOUT_S = 1800
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.MULTILINE)
-        if model:
-            return model.group(1).strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def run_sweep(sweep_dir: Path, overrides: list[str]) -> list[JobResult]:
     """One ``python -m dist_supernet.sweep`` (a Hydra multirun of torchrun jobs); its jobs, read back."""
     cmd = [sys.executable, "-m", "dist_supernet.sweep", *overrides, f"hydra.sweep.dir={sweep_dir}"]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     start = time.perf_counter()
-    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=SWEEP_TIMEOUT_S)
-    (sweep_dir.parent / f"{sweep_dir.name}.log").write_text(out.stdout + out.stderr)
-    if out.returncode != 0:
-        raise RuntimeError(f"sweep {sweep_dir} exited {out.returncode}:\n{(out.stdout + out.stderr)[-3000:]}")
+    common.run_logged(cmd, sweep_dir.parent / f"{sweep_dir.name}.log", timeout_s=SWEEP_TIMEOUT_S)
     jobs = collect(sweep_dir)
     failed = [f"#{j.record.num} {j.record.status}: {j.record.reason}" for j in jobs if j.record.status != "ok"]
     print(f"  {sweep_dir.name}: {len(jobs) - len(failed)}/{len(jobs)} ok in {time.perf_counter() - start:.0f} s"
@@ -195,17 +175,17 @@ def main(argv=None) -> None:
     parser.add_argument("--out", help="output stem (default: benchmarks/results/convergence_<date>)")
     args = parser.parse_args(argv)
 
-    date = datetime.date.today().isoformat()
+    date = common.today()
     steps = 20 if args.quick else args.steps
     grids = {m: LR_GRIDS[m][1:2] if args.quick else LR_GRIDS[m] for m in args.methods}
     seeds = SEEDS[:1] if args.quick else SEEDS
     root = REPO / "multirun" / f"convergence_{date}{'_quick' if args.quick else ''}_{time.strftime('%H-%M-%S')}"
     # a smoke run's results stay beside its sweeps, out of benchmarks/results/
-    out_stem = Path(args.out) if args.out else (root if args.quick else RESULTS_DIR) / f"convergence_{date}"
+    out_stem = Path(args.out) if args.out else (root if args.quick else common.RESULTS_DIR) / f"convergence_{date}"
     # eval once at the end; no checkpoints: nothing resumes here and they cost time
-    common = [f"model={args.model}", f"data={args.data}", f"trainer.max_steps={steps}", "trainer.eval_every=0",
+    every_run = [f"model={args.model}", f"data={args.data}", f"trainer.max_steps={steps}", "trainer.eval_every=0",
               "trainer.checkpoint_every=0"]
-    load_start, start = os.getloadavg()[0], time.perf_counter()
+    load_start, start = common.load_average()[0], time.perf_counter()
     print(f"convergence: {', '.join(args.methods)} on {args.data}/{args.model}, {steps} steps -> {root}", flush=True)
 
     # Methods that share an lr grid (stage 1) or a chosen lr (stage 2) share one sweep: fewer sweep start-ups.
@@ -214,14 +194,14 @@ def main(argv=None) -> None:
     for methods, grid in group_by(args.methods, grids).items():
         lrs = ",".join(f"{lr:g}" for lr in grid)
         lr_jobs.update(split_by_method(run_sweep(root / f"lr_{'+'.join(methods)}", [
-            *common, f"experiment={','.join(methods)}", f"optim.lr={lrs}", "trainer.seed=0"])))
+            *every_run, f"experiment={','.join(methods)}", f"optim.lr={lrs}", "trainer.seed=0"])))
     best = {method: best_lr(lr_jobs[method]) for method in args.methods}
 
     print(f"stage 2: best lr, seeds {','.join(map(str, seeds))}", flush=True)
     seed_jobs = {}
     for methods, lr in group_by(args.methods, {m: best[m][0] for m in args.methods}).items():
         seed_jobs.update(split_by_method(run_sweep(root / f"seeds_{'+'.join(methods)}", [
-            *common, f"experiment={','.join(methods)}", f"optim.lr={lr:g}",
+            *every_run, f"experiment={','.join(methods)}", f"optim.lr={lr:g}",
             f"trainer.seed={','.join(map(str, seeds))}"])))
     seed_jobs = {m: seed_jobs[m] for m in args.methods}
     total_s = time.perf_counter() - start
@@ -259,9 +239,10 @@ def main(argv=None) -> None:
             "in_sync": all(r["params_in_sync"] for r in ok),
         }
     ref = stats.get(REFERENCE)
+    machine = common.machine_description()
     md = [f"# Convergence parity — {date}", "",
-          f"Machine: {cpu_name()}, {os.cpu_count()} cores shared with other users (1-min load average "
-          f"{load_start:.1f} at start, {os.getloadavg()[0]:.1f} at the end); torch {_torch_version()}, CPU, gloo. "
+          f"Machine: {machine['cpu']}, {machine['cores']} cores shared with other users (1-min load average "
+          f"{load_start:.1f} at start, {common.load_average()[0]:.1f} at the end); torch {machine['torch']}, CPU, gloo. "
           f"Whole script: {total_s / 60:.1f} min.", "",
           f"Setup: `{args.data}` ({_data_note(args.data)}), `model={args.model}`, 2 processes "
           f"(`torchrun --standalone --nproc_per_node=2`), batch 32 per rank (64 per step), {steps} steps, "
@@ -316,12 +297,6 @@ def main(argv=None) -> None:
     out_stem.with_suffix(".md").write_text("\n".join(md))
     print("\n".join(md[md.index("## Result"):md.index("## Learning-rate sweep (seed 0)")]))
     print(f"wrote {out_stem.with_suffix('.md')}, .csv, .png in {total_s / 60:.1f} min")
-
-
-def _torch_version() -> str:
-    import torch
-
-    return torch.__version__
 
 
 def _data_note(name: str) -> str:

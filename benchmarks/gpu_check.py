@@ -32,7 +32,9 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
 
+import common  # noqa: E402
 import kernels  # noqa: E402
 from kernels import reference as ref  # noqa: E402
 
@@ -238,8 +240,7 @@ def _replica_worker(rank, world_size, device_type, port, out):
 
     from dist_supernet import Birder
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    common.init_loopback_gloo(rank, world_size, port)
     device = torch.device("cuda", 0) if device_type == "cuda" else torch.device("cpu")
     results = {}
     for name, kwargs in [("allgather", {}), ("two_phase", {}), ("two_phase+requantize", {"requantize": True}),
@@ -269,13 +270,7 @@ def _replica_worker(rank, world_size, device_type, port, out):
 
 
 def check_replicas(device) -> dict:
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    manager = ctx.Manager()
-    out = manager.dict()
-    mp.spawn(_replica_worker, args=(2, device.type, 29711, out), nprocs=2)
-    result = dict(out)
+    result = common.spawn_gloo(_replica_worker, 2, device.type, 29711)
     result["note"] = ("2 processes share one GPU over gloo with CUDA tensors; NCCL refuses two ranks on one GPU, "
                       "so multi-rank NCCL is not checked by this script")
     return result

@@ -34,8 +34,6 @@ Writes ``benchmarks/results/hierarchical_<date>.md`` and ``.json``.
 """
 
 import argparse
-import datetime
-import json
 import os
 import statistics
 import sys
@@ -46,10 +44,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+import common  # noqa: E402
 from dist_supernet.comm import COLLECTIVES, CommGroups, Topology, WireBytes  # noqa: E402
 from dist_supernet.comm.stats import all_reduce_bytes  # noqa: E402
 
-RESULTS_DIR = HERE / "results"
 GPUS_PER_NODE = 8
 NODE_COUNTS = (1, 2, 8, 64, 128)  # up to 1024 GPUs
 MODEL_PARAMS = (25_000_000, 110_000_000)
@@ -233,7 +231,7 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="output stem (default benchmarks/results/hierarchical_<date>)")
     args = parser.parse_args(argv)
 
-    date = datetime.date.today().isoformat()
+    date = common.today()
     rows = paper_table()
     paper = paper_markdown(rows)
     print(paper, flush=True)
@@ -246,14 +244,10 @@ def main(argv=None):
         check = paper_table([measured["report"]["num_params"]], [2], gpus_per_node=2, rates_bit_s=[1e9])
         measured["formula_2x2"] = check
 
-    import slow_link
-
-    machine = slow_link.machine_description()
-    out_stem = Path(args.out) if args.out else RESULTS_DIR / f"hierarchical_{date}"
-    out_stem.parent.mkdir(parents=True, exist_ok=True)
-    command = " ".join(["python benchmarks/hierarchical_scale.py", *(argv if argv is not None else sys.argv[1:])])
-    out_stem.with_suffix(".json").write_text(json.dumps(
-        {"date": date, "machine": machine, "command": command, "paper": rows, "measured": measured}, indent=1))
+    machine = common.machine_description()
+    out_stem = Path(args.out) if args.out else common.results_path("hierarchical", "", date=date)
+    command = common.command_line("hierarchical_scale.py", argv)
+    payload = {"date": date, "machine": machine, "command": command, "paper": rows, "measured": measured}
     lines = [
         f"# Hierarchical 1-bit all-reduce at scale: inter-node bytes, {date}",
         "",
@@ -292,7 +286,7 @@ def main(argv=None):
         paper,
         "",
     ]
-    out_stem.with_suffix(".md").write_text("\n".join(lines))
+    common.write_results(out_stem, "\n".join(lines), payload)
     print(f"wrote {out_stem}.md and .json")
 
 

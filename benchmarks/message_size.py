@@ -16,24 +16,20 @@ Usage::
 Writes ``benchmarks/results/message_size_<date>.md``.
 """
 
-import datetime
-import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-HERE = Path(__file__).resolve().parent
+import common
+
 SIZES = [1 << k for k in range(10, 23)]  # 1 KiB .. 4 MiB per peer
 
 
 def _worker(rank, world_size, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    common.init_loopback_gloo(rank, world_size, port)
     results = {}
     for size in SIZES:
         send = torch.zeros(size * world_size, dtype=torch.uint8)
@@ -53,22 +49,19 @@ def _worker(rank, world_size, port, out):
 
 
 def main():
-    manager = mp.Manager()
-    out = manager.dict()
-    mp.spawn(_worker, args=(2, 29655, out), nprocs=2)
-    times = dict(out)
+    times = common.spawn_gloo(_worker, 2, 29655)
     best = SIZES[-1] / times[SIZES[-1]]
     knee = next(size for size in SIZES if size / times[size] >= 0.5 * best)
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "cpu")
-    date = datetime.date.today().isoformat()
+    cpu = common.cpu_name()
+    date = common.today()
     lines = [f"# Per-peer message size vs throughput, gloo all_to_all_single, 2 processes on loopback, {date}", "",
-             f"`python benchmarks/message_size.py` on {cpu}, load average {os.getloadavg()[0]:.2f} (shared machine).", "",
+             f"`python benchmarks/message_size.py` on {cpu}, load average {common.load_average()[0]:.2f} (shared machine).", "",
              "| bytes per peer | us per call | MB/s per peer | vs 4 MiB |", "| ---: | ---: | ---: | ---: |"]
     for size in SIZES:
         rate = size / times[size]
         lines.append(f"| {size:,} | {times[size] * 1e6:.1f} | {rate / 1e6:.1f} | {rate / best:.2f} |")
     lines += ["", f"Knee (smallest size at >= half the 4 MiB throughput): **{knee:,} bytes per peer**.", ""]
-    path = HERE / "results" / f"message_size_{date}.md"
+    path = common.results_path("message_size", date=date)
     path.write_text("\n".join(lines))
     print("\n".join(lines))
 

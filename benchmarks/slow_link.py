@@ -36,10 +36,8 @@ Writes ``benchmarks/results/slow_link_<machine>_<date>.md`` and ``.json``
 
 import argparse
 import atexit
-import datetime
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -50,11 +48,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+import common
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-RESULTS_DIR = HERE / "results"
 WORKER = HERE / "step_worker.py"
 
 ADDR_A, ADDR_B = "10.77.0.1", "10.77.0.2"  # only inside the namespaces this script creates
@@ -68,36 +64,6 @@ LINKS = ["100mbit", "1gbit", "loopback"]
 # 15.7M CNN ~6.3 s; a whole default run takes ~10 minutes on 2 shared cores.
 DEFAULT_STEPS = {"100mbit": 3, "1gbit": 5, "loopback": 8}
 RUN_TIMEOUT_S = 900
-
-
-# -- the machine ------------------------------------------------------------------------------
-
-def cpu_name() -> str:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        model = re.search(r"^Model name:\s*(.+)$", lscpu, re.MULTILINE)
-        if model:
-            return model.group(1).strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_description() -> dict:
-    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {
-        "cpu": cpu_name(),
-        "cores": os.cpu_count(),
-        "mem_gib": round(mem_gib, 1),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "load_avg_1min_at_start": round(os.getloadavg()[0], 2),
-    }
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
 
 
 def rate_bits(rate: str) -> float:
@@ -218,15 +184,7 @@ def probe_goodput(nodes: TwoNodes, rate: str) -> float:
 
 
 def worker_env(iface: str) -> dict:
-    env = dict(os.environ)
-    env.update({
-        "GLOO_SOCKET_IFNAME": iface,
-        "BENCH_IFACE": iface,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
-        "PYTHONUNBUFFERED": "1",
-    })
-    return env
+    return common.repo_env(GLOO_SOCKET_IFNAME=iface, BENCH_IFACE=iface, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 def _wait_all(procs: list[subprocess.Popen], logs: list, timeout_s: float) -> None:
@@ -256,13 +214,12 @@ def launch(worker_args: list[str], *, nodes: TwoNodes | None, nproc_per_node: in
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         args = [str(WORKER), *worker_args, "--out", str(out)]
-        run = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc_per_node}"]
         if nodes is None:
-            commands = [(None, "lo", run + ["--standalone"] + args)]
+            commands = [(None, "lo", common.torchrun_command(nproc_per_node, *args))]
         else:
             commands = []
             for i, (ns, iface, addr) in enumerate(zip(nodes.ns, nodes.iface, nodes.addr)):
-                commands.append((ns, iface, run + [
+                commands.append((ns, iface, common.torchrun_command(nproc_per_node, standalone=False) + [
                     "--nnodes=2", "--rdzv_backend=c10d", f"--rdzv_endpoint={ADDR_A}:{RDZV_PORT}",
                     f"--rdzv_id=bench{os.getpid()}", f"--rdzv_conf=is_host={int(i == 0)}",
                     f"--local_addr={addr}",
@@ -284,8 +241,8 @@ def launch_loopback(worker_args: list[str], private_ns: str | None) -> dict:
         return launch(worker_args, nodes=None, nproc_per_node=2)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        cmd = ["ip", "netns", "exec", private_ns, sys.executable, "-m", "torch.distributed.run",
-               "--nproc_per_node=2", "--standalone", str(WORKER), *worker_args, "--out", str(out)]
+        cmd = ["ip", "netns", "exec", private_ns,
+               *common.torchrun_command(2, str(WORKER), *worker_args, "--out", str(out))]
         log = tempfile.TemporaryFile("w+")
         proc = subprocess.Popen(cmd, env=worker_env("lo"), stdout=log, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
@@ -338,7 +295,7 @@ def merge_repeats(reports: list[dict]) -> dict:
     for i, result in enumerate(report["results"]):
         medians = [r["results"][i]["median_s"] for r in reports]
         result["repeat_medians_s"] = medians
-        result["median_s"] = statistics.median(medians)
+        result["median_s"], _, _ = common.median_range(medians)
     report["repeat_reports"] = reports[1:]
     return report
 
@@ -434,10 +391,8 @@ def profile_markdown(report: dict) -> str:
 
 
 def write_results(runs: list[dict], machine: dict, command: str, out_stem: Path, failures=()) -> None:
-    date = datetime.date.today().isoformat()
-    out_stem.parent.mkdir(parents=True, exist_ok=True)
+    date = common.today()
     payload = {"date": date, "machine": machine, "command": command, "runs": runs, "failures": list(failures)}
-    out_stem.with_suffix(".json").write_text(json.dumps(payload, indent=1))
     lines = [
         f"# Slow-link step time: {machine['cpu']}, {date}",
         "",
@@ -469,7 +424,7 @@ def write_results(runs: list[dict], machine: dict, command: str, out_stem: Path,
     for failure in failures:
         last = failure["error"].strip().splitlines()[-1] if failure["error"].strip() else ""
         lines += [f"### {failure['link']}, model `{failure['model']}`: FAILED", "", f"`{last[:300]}` (full text in the .json)", ""]
-    out_stem.with_suffix(".md").write_text("\n".join(lines))
+    common.write_results(out_stem, "\n".join(lines), payload)
 
 
 # -- main -------------------------------------------------------------------------------------
@@ -499,11 +454,10 @@ def main(argv=None):
     if shaped and reason:
         sys.exit(f"slow_link.py: {reason}")
 
-    machine = machine_description()
-    command = "python benchmarks/slow_link.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    machine = common.machine_description()
+    command = common.command_line("slow_link.py", argv)
     kind = "slow_link_profile" if args.profile else "slow_link"  # a profiled run never overwrites timings
-    out_stem = Path(args.out) if args.out else RESULTS_DIR / (
-        f"{kind}_{slug(machine['cpu'])}_{datetime.date.today().isoformat()}")
+    out_stem = Path(args.out) if args.out else common.results_path(kind, "", hardware=machine["cpu"])
     nodes = TwoNodes(f"dsb{os.getpid() % 100000}") if reason is None else None
     runs, failures = [], []
     try:
@@ -521,7 +475,7 @@ def main(argv=None):
                 if args.profile:
                     worker_args.append("--profile")
                 started = time.monotonic()
-                load_before = os.getloadavg()[0]
+                load_before = common.load_average()[0]
                 reports = []
                 try:
                     for _ in range(args.repeats):
@@ -535,7 +489,7 @@ def main(argv=None):
                     write_results(runs, machine, command, out_stem, failures)
                     continue
                 report = merge_repeats(reports)
-                report["load_avg_before"], report["load_avg_after"] = load_before, os.getloadavg()[0]
+                report["load_avg_before"], report["load_avg_after"] = load_before, common.load_average()[0]
                 summary = summarize(report)
                 run = {"link": link, "burst": tbf_burst(link) if link != "loopback" else None,
                        "goodput_bit_s": goodput, "report": report, "summary": summary,

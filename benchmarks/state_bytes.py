@@ -19,13 +19,13 @@ Writes ``benchmarks/results/state_bytes_<date>.md`` (appends one section per run
 """
 
 import argparse
-import datetime
 import gc
 import os
-import platform
 import resource
 import sys
 from pathlib import Path
+
+import common
 
 HERE = Path(__file__).resolve().parent
 
@@ -70,14 +70,13 @@ def _rss_bytes():
 
 def _worker(rank, world_size, optimizer_name, tree, port, out):
     sys.path.insert(0, tree)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    common.init_loopback_gloo(rank, world_size, port)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(1024, 2048), torch.nn.ReLU(), torch.nn.Linear(2048, 2048),
                                 torch.nn.ReLU(), torch.nn.Linear(2048, 2048), torch.nn.ReLU(),
@@ -113,12 +112,7 @@ def _worker(rank, world_size, optimizer_name, tree, port, out):
 
 
 def measure(optimizer_name, tree, port):
-    import torch.multiprocessing as mp
-
-    manager = mp.Manager()
-    out = manager.dict()
-    mp.spawn(_worker, args=(2, optimizer_name, tree, port, out), nprocs=2)
-    return dict(out)
+    return common.spawn_gloo(_worker, 2, optimizer_name, tree, port)
 
 
 def main(argv=None):
@@ -133,13 +127,9 @@ def main(argv=None):
         result = measure(name, args.tree, 29610 + i)
         rows.append((name, result[0]))
         print(name, result[0], flush=True)
-    cpu = platform.processor() or "cpu"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    date = datetime.date.today().isoformat()
-    path = Path(args.output or HERE / "results" / f"state_bytes_{date}.md")
+    cpu = common.cpu_name()
+    date = common.today()
+    path = Path(args.output or common.results_path("state_bytes", date=date))
     new = not path.exists()
     with open(path, "a") as f:
         if new:
@@ -147,7 +137,7 @@ def main(argv=None):
                     "`python benchmarks/state_bytes.py` (10.5M-parameter MLP, DDP on 2 gloo processes, rank 0 shown; "
                     "persistent = every tensor storage the optimizer reaches after 5 steps, parameters and "
                     "gradients excluded; peak = max RSS during 4 steps minus RSS before them).\n\n")
-        f.write(f"## {args.label} — {date}, {cpu}, load average {os.getloadavg()[0]:.2f}\n\n")
+        f.write(f"## {args.label} — {date}, {cpu}, load average {common.load_average()[0]:.2f}\n\n")
         f.write("| optimizer | parameters | persistent bytes | bytes/param | storages | step peak over before (MiB) |\n")
         f.write("| --- | ---: | ---: | ---: | ---: | ---: |\n")
         for name, r in rows:

@@ -50,7 +50,6 @@ import contextlib
 import functools
 import json
 import os
-import statistics
 import sys
 import threading
 import time
@@ -64,6 +63,7 @@ from torch.nn.parallel import DistributedDataParallel
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import common  # noqa: E402
 import kernels  # noqa: E402
 from dist_supernet.comm import Topology, register_baseline_hook  # noqa: E402
 from dist_supernet.comm.collectives import COLLECTIVES as ONE_BIT_COLLECTIVES  # noqa: E402
@@ -263,7 +263,7 @@ def run_methods(methods: list[str], args, batch, timing_group) -> list[dict]:
         step_times = [max(r["times"][i] for r in per_rank) for i in range(args.steps)]
         results.append({
             "method": run.method,
-            "median_s": statistics.median(step_times),
+            "median_s": common.median_range(step_times)[0],
             "step_times_s": step_times,
             "ranks": per_rank,
         })

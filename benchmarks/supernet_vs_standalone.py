@@ -35,49 +35,25 @@ the runs stay in ``outputs/supernet_vs_standalone_<date>/``.
 """
 
 import argparse
-import datetime
 import hashlib
 import json
 import os
-import platform
-import re
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-RESULTS_DIR = HERE / "results"
+import common
+from common import REPO
 RUN_TIMEOUT_S = 1800
 # The supernet run's search only has to produce its report; max and min are scored regardless.
 TOKEN_SEARCH = ["supernet.search.population_size=4", "supernet.search.num_generations=0"]
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.MULTILINE)
-        if model:
-            return model.group(1).strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def torchrun(run_dir: Path, overrides: list[str]) -> float:
     """One training-application job on 2 local processes; returns its wall time in seconds."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "dist_supernet.train", *overrides, f"hydra.run.dir={run_dir}"]
-    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    start = time.perf_counter()
-    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
-    (run_dir.parent / f"{run_dir.name}.log").write_text(out.stdout + out.stderr)
-    if out.returncode != 0:
-        raise RuntimeError(f"{run_dir.name} exited {out.returncode}:\n{(out.stdout + out.stderr)[-3000:]}")
-    return time.perf_counter() - start
+    cmd = common.torchrun_command(2, "-m", "dist_supernet.train", *overrides, f"hydra.run.dir={run_dir}")
+    return common.run_logged(cmd, run_dir.parent / f"{run_dir.name}.log", timeout_s=RUN_TIMEOUT_S,
+                             env=common.repo_env(GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1"))
 
 
 def _key(overrides: list[str]) -> str:
@@ -93,10 +69,10 @@ def run_seed(root: Path, seed: int, steps: int, overrides: list[str], supernet_o
     overrides, steps and seed is trained once and reused from ``root/../standalone`` (supernet runs
     likewise from ``root/../supernet``): delete a run directory to retrain it.
     """
-    common = [f"trainer.max_steps={steps}", f"trainer.seed={seed}", "trainer.eval_every=0",
+    every_run = [f"trainer.max_steps={steps}", f"trainer.seed={seed}", "trainer.eval_every=0",
               "trainer.checkpoint_every=0", "trainer.log_every=50", *overrides]
     rows = []
-    sup_cmd = [*common, *TOKEN_SEARCH, *supernet_overrides]
+    sup_cmd = [*every_run, *TOKEN_SEARCH, *supernet_overrides]
     run_dir = root.parent / "supernet" / f"{_key(sup_cmd)}_seed{seed}"
     job_s = 0.0
     if not (run_dir / "subnets.json").is_file():
@@ -115,7 +91,7 @@ def run_seed(root: Path, seed: int, steps: int, overrides: list[str], supernet_o
     print(f"  seed {seed} supernet: max {report['max']['accuracy']:.4f}, min {report['min']['accuracy']:.4f} "
           f"({split}; {summary['wall_time_s']:.0f} s training{', reused' if not job_s else ''})", flush=True)
     for name in ("max", "min"):
-        alone_cmd = [*common, "model=subnet", f"model.arch={name}"]
+        alone_cmd = [*every_run, "model=subnet", f"model.arch={name}"]
         run_dir = root.parent / "standalone" / f"{name}_{_key(alone_cmd)}_seed{seed}"
         job_s = 0.0
         if not (run_dir / "summary.json").is_file():
@@ -171,11 +147,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="10 steps, one seed: a smoke test")
     args = parser.parse_args()
     steps, seeds = (10, [0]) if args.quick else (args.steps, args.seeds)
-    date = datetime.date.today().isoformat()
-    suffix = f"_{args.tag}" if args.tag else ""
+    date = common.today()
     root = REPO / "outputs" / f"supernet_vs_standalone_{date}" / (args.tag or "default")
     root.mkdir(parents=True, exist_ok=True)
-    load_before = os.getloadavg()[0]
+    load_before = common.load_average()[0]
+    cpu = common.cpu_name()
     start = time.perf_counter()
     rows = []
     for seed in seeds:
@@ -194,7 +170,7 @@ def main() -> None:
         f"# Supernet vs standalone: max and min subnets, {steps} steps ({date}{', ' + args.tag if args.tag else ''})",
         "",
         f"Command: `{command}` ({total_s / 60:.1f} min; runs already trained with the same overrides, "
-        f"steps and seed are reused). Machine: {cpu_name()}, {os.cpu_count()} cores shared with other users "
+        f"steps and seed are reused). Machine: {cpu}, {os.cpu_count()} cores shared with other users "
         f"(1-min load average {load_before:.1f} at the start), torch CPU, 2 gloo processes.",
         "",
         "Every run: the default `conf/` (digits: train / val / test split, batch 32 per rank, default optimizer "
@@ -214,16 +190,12 @@ def main() -> None:
         "covers all of its parameters every step.",
         "",
     ])
-    RESULTS_DIR.mkdir(exist_ok=True)
-    out = RESULTS_DIR / f"supernet_vs_standalone_{date}{suffix}.md"
-    out.write_text(text)
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "steps": steps, "seeds": seeds,
-                                                    "overrides": args.overrides,
-                                                    "supernet_overrides": args.supernet_overrides,
-                                                    "load_average_start": load_before, "cpu": cpu_name(),
-                                                    "rows": rows}, indent=2) + "\n")
+    out = common.results_path("supernet_vs_standalone", "", date=date, tag=args.tag)
+    common.write_results(out, text, {"command": command, "steps": steps, "seeds": seeds, "overrides": args.overrides,
+                                     "supernet_overrides": args.supernet_overrides, "load_average_start": load_before,
+                                     "cpu": cpu, "rows": rows}, indent=2)
     print(text)
-    print(f"wrote {out}")
+    print(f"wrote {out}.md")
 
 
 if __name__ == "__main__":

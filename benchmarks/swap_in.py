@@ -12,7 +12,6 @@ Example::
 """
 
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -20,6 +19,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLIENT = os.path.join(ROOT, "examples", "ddp_client.py")
@@ -55,10 +56,10 @@ def launch(name, args, workdir):
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo")
     out = os.path.join(workdir, f"{name}.json")
     ckpt = os.path.join(workdir, f"{name.rsplit('_', 1)[0]}_ckpt.pt")
-    cmd = ["torchrun", "--standalone", "--nproc_per_node=2", CLIENT, *args, "--out", out]
+    cmd = common.torchrun_command(2, CLIENT, *args, "--out", out)
     if "--save-at" in args or "--resume" in args:
         cmd += ["--ckpt", ckpt]
-    load_before = open("/proc/loadavg").read().split()[0]
+    load_before = f"{common.load_average()[0]:.2f}"
     start = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     wall = time.time() - start
@@ -81,8 +82,7 @@ def fmt(values, digits=4):
 
 
 def report(results, path, seeds, started):
-    cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(
-        ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name")), "?")
+    cpu = common.cpu_name()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip() or open(os.path.join(ROOT, "SNAP_COMMIT")).read().strip()
     lines = [f"# Birder swapped into a nanoGPT-style DDP script (issue 10) — {started:%Y-%m-%d}", "",
@@ -135,8 +135,8 @@ def main():
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     seeds = [0] if args.quick else [0, 1, 2]
-    started = datetime.datetime.now(datetime.timezone.utc)
-    path = args.out or os.path.join(ROOT, "benchmarks", "results", f"swap_in_{started:%Y-%m-%d}.md")
+    started = common.utc_now()
+    path = args.out or str(common.results_path("swap_in", date=f"{started:%Y-%m-%d}"))
     results = []
     with tempfile.TemporaryDirectory() as workdir:
         for block, name, run_args in runs(seeds, lr_sweep=not args.quick):

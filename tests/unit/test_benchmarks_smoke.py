@@ -63,3 +63,31 @@ def test_paper_markdown_has_every_row(scale):
     text = scale.paper_markdown(rows)
     assert text.count("\n") == len(rows) + 1  # header + separator + one line per row
     assert "| 25.0M | 2 x 8 | hierarchical allgather | 3.12 | 1.00 | 0.017 |" in text
+
+
+@pytest.fixture(scope="module")
+def common(scale):  # hierarchical_scale put benchmarks/ on sys.path
+    import common
+
+    return common
+
+
+def test_results_files_named_and_written_in_one_place(common, tmp_path):
+    assert common.results_path("kernels", hardware="AMD EPYC", date="2026-12-01").name == "kernels_amd-epyc_2026-12-01.md"
+    assert common.results_path("supernet_vs_standalone", "", date="2026-12-01", tag="kd0.5").name == (
+        "supernet_vs_standalone_2026-12-01_kd0.5")
+    common.write_results(tmp_path / "x_kd0.5", "| a |\n", {"machine": common.machine_description()})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x_kd0.5.json", "x_kd0.5.md"]
+    machine = (tmp_path / "x_kd0.5.json").read_text()
+    for key in ("cpu", "cores", "mem_gib", "kernel", "python", "torch", "load_avg_1min_at_start"):
+        assert f'"{key}"' in machine
+
+
+def test_no_benchmark_describes_the_machine_itself():
+    # The machine description lives in benchmarks/common.py only (issue 15).
+    for script in SCRIPT.parent.glob("*.py"):
+        if script.name == "common.py":
+            continue
+        text = script.read_text()
+        for needle in ("/proc/cpuinfo", "/proc/loadavg", "getloadavg", "lscpu", "platform."):
+            assert needle not in text, f"{script.name} reads {needle}: use benchmarks/common.py"
