@@ -1,5 +1,10 @@
 """Launch helpers shared by the Triton kernels of this package (no kernel here).
 
+Once for every kernel: its autotune decorator (:func:`byte_blocked`), its launch
+(:func:`launch_bytes`: grid, autotune key, compile options), a program's tile of bytes
+and elements (:func:`byte_tile`) and the argument checks; each kernel file keeps its
+kernel, with a comment per kernel argument, and its launcher ``x()``.
+
 Block sizes: every kernel here is memory-bandwidth bound and works on whole bytes of the
 packed output (8 elements per byte), so one tuning knob, BLOCK_BYTES, plus num_warps, covers
 them all. The default below (1024 bytes = 8192 elements per program, 8 warps) was NOT
@@ -18,6 +23,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 DEFAULT_BLOCK_BYTES = 1024  # unmeasured on GPU, see the module docstring
 DEFAULT_NUM_WARPS = 8  # unmeasured on GPU, see the module docstring
@@ -32,6 +38,61 @@ def byte_block_configs() -> list:
         for block_bytes in (128, 256, 512, 1024)
         for num_warps in (4, 8)
     ]
+
+
+@triton.jit
+def byte_tile(numel, BLOCK_BYTES: tl.constexpr):
+    """This program's BLOCK_BYTES bytes and their [BLOCK_BYTES, 8] elements (row = byte, column = bit, LSB first).
+
+    Returns (byte, bit, offsets, in_range, byte_in_range): element 8 * byte + bit is in range below
+    numel, a byte when it holds at least one element. Offsets are int32 (numel <= MAX_NUMEL).
+    """
+    byte = tl.program_id(0) * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
+    bit = tl.arange(0, 8)
+    offsets = byte[:, None] * 8 + bit[None, :]
+    return byte, bit, offsets, offsets < numel, byte * 8 < numel
+
+
+def byte_blocked(restore_value=None):
+    """``@triton.autotune`` of every byte-blocked kernel here: BLOCK_BYTES x num_warps per size class.
+
+    The kernel takes ``size_class`` (the autotune key, its last runtime argument) and the
+    constexpr ``BLOCK_BYTES``; under the interpreter only the default config runs.
+    restore_value names the pointers the kernel updates in place: tuning runs it several times
+    and restores them in between.
+
+    Example::
+        >>> @byte_blocked(restore_value=["x_ptr"])
+        ... @triton.jit
+        ... def _x_kernel(x_ptr, numel, size_class, BLOCK_BYTES: tl.constexpr): ...
+    """
+    return triton.autotune(
+        configs=byte_block_configs(),
+        key=["size_class"],
+        prune_configs_by={"early_config_prune": keep_default_when_interpreting},
+        restore_value=restore_value,
+    )
+
+
+def launch_bytes(kernel, numel: int, *args, num_batch: int | None = None, **constexprs) -> None:
+    """``kernel[grid](*args, size_class(numel), **constexprs)`` over the ceil(numel / 8) bytes of numel elements.
+
+    Grid: one program per BLOCK_BYTES bytes (8 elements each) on axis 0, num_batch on axis 1
+    when given. Compiled with :data:`LAUNCH_OPTIONS` (no fma contraction).
+
+    Example::
+        >>> launch_bytes(_pack_counts_kernel, numel, counts, planes, numel, num_bytes, num_planes)
+    """
+    num_bytes = (int(numel) + 7) // 8
+    batch = () if num_batch is None else (int(num_batch),)
+    grid = lambda meta: (triton.cdiv(num_bytes, meta["BLOCK_BYTES"]), *batch)  # noqa: E731
+    kernel[grid](*args, size_class(numel), **constexprs, **LAUNCH_OPTIONS)
+
+
+def as_counts(counts: torch.Tensor) -> torch.Tensor:
+    """A flat contiguous int32/int64 view of integer counts (other integer dtypes cast to int32)."""
+    flat = counts.reshape(-1).contiguous()
+    return flat if flat.dtype in (torch.int32, torch.int64) else flat.to(torch.int32)
 
 
 def interpreting() -> bool:

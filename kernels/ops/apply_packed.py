@@ -22,14 +22,10 @@ from kernels.ops import _launch
 from kernels.ops._segments import canonical_index
 
 
-@triton.autotune(
-    configs=_launch.byte_block_configs(),
-    key=["size_class"],
-    prune_configs_by={"early_config_prune": _launch.keep_default_when_interpreting},
-    # x lives behind the pointer table, which autotune's restore_value cannot restore: tuning
-    # would apply the update several times. So tuning only ever runs on dummy parameters:
-    # _tune_on_dummies before the first real launch of each size class (or autotune_warmup).
-)
+# x lives behind the pointer table, which autotune's restore_value cannot restore: tuning
+# would apply the update several times. So tuning only ever runs on dummy parameters:
+# _tune_on_dummies before the first real launch of each size class (or autotune_warmup).
+@_launch.byte_blocked()
 @triton.jit(do_not_specialize=["num_rows", "state_offset"])
 def _apply_packed_kernel(
     address_ptr,  # [P] int64 data pointers of the fp32 contiguous parameters (0: empty segment)
@@ -155,9 +151,9 @@ def apply_packed_(xs, seg_starts, seg_canon, payload, *, planes, num_rows, lr_P,
     else:
         num_planes, plane_stride = payload.shape[0], payload.stride(0)
         row_bytes, row_stride = payload.shape[1], 0
-    num_bytes = (numel + 7) // 8
-    grid = lambda meta: (triton.cdiv(num_bytes, meta["BLOCK_BYTES"]),)  # noqa: E731
-    _apply_packed_kernel[grid](
+    _launch.launch_bytes(
+        _apply_packed_kernel,
+        numel,
         address_P,
         seg_starts.contiguous(),
         seg_canon.contiguous(),
@@ -175,11 +171,9 @@ def apply_packed_(xs, seg_starts, seg_canon, payload, *, planes, num_rows, lr_P,
         row_bytes,
         row_stride,
         int(state_offset),
-        _launch.size_class(numel),
         PLANES=bool(planes),
         HAS_MASK=mask_u8 is not None,
         HAS_USED=used_u8 is not None,
-        **_launch.LAUNCH_OPTIONS,
     )
     for x, target in staged:
         x.copy_(target.view(x.shape))

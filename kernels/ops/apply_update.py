@@ -19,12 +19,7 @@ from kernels import reference
 from kernels.ops import _launch
 
 
-@triton.autotune(
-    configs=_launch.byte_block_configs(),
-    key=["size_class"],
-    prune_configs_by={"early_config_prune": _launch.keep_default_when_interpreting},
-    restore_value=["x_ptr"],  # tuning runs the kernel several times: undo its in-place update
-)
+@_launch.byte_blocked(restore_value=["x_ptr"])  # tuning runs the kernel several times: undo its in-place update
 @triton.jit
 def _apply_update_kernel(
     x_ptr,  # [D] fp32 parameters, contiguous, updated in place
@@ -71,18 +66,17 @@ def apply_update_(x, update, *, lr, weight_decay, mask=None):
     target = x.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True) if staged else x
     mask_u8 = _launch.mask_bytes(mask, numel)
     update_flat = update.reshape(-1).contiguous()
-    grid = lambda meta: (triton.cdiv(numel, meta["BLOCK_BYTES"] * 8),)  # noqa: E731
-    _apply_update_kernel[grid](
+    _launch.launch_bytes(
+        _apply_update_kernel,
+        numel,
         target,
         update_flat,
         update_flat if mask_u8 is None else mask_u8,
         numel,
         reference.as_float32(lr),
         reference.as_float32(weight_decay),
-        _launch.size_class(numel),
         HAS_WEIGHT_DECAY=weight_decay != 0.0,
         HAS_MASK=mask_u8 is not None,
-        **_launch.LAUNCH_OPTIONS,
     )
     if staged:
         x.copy_(target.view(x.shape))

@@ -20,12 +20,7 @@ from kernels.ops._segments import canonical_index
 from kernels.ops.uniform_hash import uniform_from_index
 
 
-@triton.autotune(
-    configs=_launch.byte_block_configs(),
-    key=["size_class"],
-    prune_configs_by={"early_config_prune": _launch.keep_default_when_interpreting},
-    restore_value=["m_ptr", "b_ptr", "flag_ptr"],  # tuning runs the kernel several times: undo its updates
-)
+@_launch.byte_blocked(restore_value=["m_ptr", "b_ptr", "flag_ptr"])  # tuning reruns it: undo its updates
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "state_offset"])
 def _compress_kernel(
     g_ptr,  # [D] gradient, fp32 / bf16 / fp16, read
@@ -126,8 +121,9 @@ def compress(g_D, m_T, b_T, seg_starts, seg_canon, *, beta, seed, mask_T=None, u
     used_u8 = _launch.mask_bytes(used_P)
     seed_lo, seed_hi = _launch.seed_halves(seed)
     g_flat = g_D.reshape(-1).contiguous()
-    grid = lambda meta: (triton.cdiv(num_bytes, meta["BLOCK_BYTES"]),)  # noqa: E731
-    _compress_kernel[grid](
+    _launch.launch_bytes(
+        _compress_kernel,
+        numel,
         g_flat,
         m_T,
         b_T,
@@ -146,11 +142,9 @@ def compress(g_D, m_T, b_T, seg_starts, seg_canon, *, beta, seed, mask_T=None, u
         reference.as_float32(1.0 - float(beta)),
         seed_lo,
         seed_hi,
-        _launch.size_class(numel),
         HAS_MASK=mask_u8 is not None,
         HAS_USED=used_u8 is not None,
         HAS_FLAG=flag is not None,
         AMSGRAD=bool(amsgrad),
-        **_launch.LAUNCH_OPTIONS,
     )
     return out

@@ -17,11 +17,7 @@ import triton.language as tl
 from kernels.ops import _launch
 
 
-@triton.autotune(
-    configs=_launch.byte_block_configs(),
-    key=["size_class"],
-    prune_configs_by={"early_config_prune": _launch.keep_default_when_interpreting},
-)
+@_launch.byte_blocked()
 @triton.jit(do_not_specialize=["num_planes"])
 def _pack_counts_kernel(
     counts_ptr,  # [D] integer counts (int32 or int64), read
@@ -32,11 +28,7 @@ def _pack_counts_kernel(
     size_class,  # autotune key only: ceil(log2(D))
     BLOCK_BYTES: tl.constexpr,  # bytes of each plane per program (8 elements each)
 ):
-    byte = tl.program_id(0) * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
-    bit = tl.arange(0, 8)
-    offsets = byte[:, None] * 8 + bit[None, :]
-    in_range = offsets < numel
-    byte_in_range = byte < num_bytes
+    byte, bit, offsets, in_range, byte_in_range = _launch.byte_tile(numel, BLOCK_BYTES)
 
     counts = tl.load(counts_ptr + offsets, mask=in_range, other=0)
     plane_ptr = planes_ptr
@@ -62,11 +54,5 @@ def pack_counts(counts_D: torch.Tensor, num_planes: int) -> torch.Tensor:
     planes = torch.empty((num_planes, num_bytes), dtype=torch.uint8, device=counts_D.device)
     if numel == 0 or num_planes == 0:
         return planes
-    counts = counts_D.reshape(-1).contiguous()
-    if counts.dtype not in (torch.int32, torch.int64):
-        counts = counts.to(torch.int32)
-    grid = lambda meta: (triton.cdiv(num_bytes, meta["BLOCK_BYTES"]),)  # noqa: E731
-    _pack_counts_kernel[grid](
-        counts, planes, numel, num_bytes, num_planes, _launch.size_class(numel), **_launch.LAUNCH_OPTIONS
-    )
+    _launch.launch_bytes(_pack_counts_kernel, numel, _launch.as_counts(counts_D), planes, numel, num_bytes, num_planes)
     return planes

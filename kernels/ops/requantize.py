@@ -18,11 +18,7 @@ from kernels.ops._segments import canonical_index
 from kernels.ops.uniform_hash import uniform_from_index
 
 
-@triton.autotune(
-    configs=_launch.byte_block_configs(),
-    key=["size_class"],
-    prune_configs_by={"early_config_prune": _launch.keep_default_when_interpreting},
-)
+@_launch.byte_blocked()
 @triton.jit(do_not_specialize=["num_rows", "seed_lo", "seed_hi", "first"])
 def _requantize_kernel(
     counts_ptr,  # [C] integer counts in [0, N], read
@@ -75,14 +71,10 @@ def requantize(counts_C, num_rows, seg_starts, seg_canon, first, *, seed):
     out = torch.empty(num_bytes, dtype=torch.uint8, device=counts_C.device)
     if numel == 0:
         return out
-    counts = counts_C.reshape(-1).contiguous()
-    if counts.dtype not in (torch.int32, torch.int64):
-        counts = counts.to(torch.int32)
     seed_lo, seed_hi = _launch.seed_halves(seed)
-    grid = lambda meta: (triton.cdiv(num_bytes, meta["BLOCK_BYTES"]),)  # noqa: E731
-    _requantize_kernel[grid](
-        counts, seg_starts.contiguous(), seg_canon.contiguous(), out, numel, num_bytes, int(first), num_segments,
-        _launch.search_steps(num_segments), int(num_rows), seed_lo, seed_hi, _launch.size_class(numel),
-        **_launch.LAUNCH_OPTIONS,
+    _launch.launch_bytes(
+        _requantize_kernel, numel,
+        _launch.as_counts(counts_C), seg_starts.contiguous(), seg_canon.contiguous(), out, numel, num_bytes,
+        int(first), num_segments, _launch.search_steps(num_segments), int(num_rows), seed_lo, seed_hi,
     )
     return out

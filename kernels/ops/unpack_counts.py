@@ -15,11 +15,7 @@ from kernels import reference
 from kernels.ops import _launch
 
 
-@triton.autotune(
-    configs=_launch.byte_block_configs(),
-    key=["size_class"],
-    prune_configs_by={"early_config_prune": _launch.keep_default_when_interpreting},
-)
+@_launch.byte_blocked()
 @triton.jit(do_not_specialize=["num_rows"])
 def _unpack_counts_kernel(
     packed_ptr,  # [N, B] uint8 packed rows, row r starts at packed_ptr + r * row_stride
@@ -30,19 +26,26 @@ def _unpack_counts_kernel(
     size_class,  # autotune key only: ceil(log2(D))
     BLOCK_BYTES: tl.constexpr,  # bytes of each row per program (8 elements each)
 ):
-    byte = tl.program_id(0) * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
-    bit = tl.arange(0, 8)
-    offsets = byte[:, None] * 8 + bit[None, :]
-    in_range = offsets < numel
-    byte_in_range = byte * 8 < numel  # every byte holding at least one element
+    byte, bit, offsets, in_range, byte_in_range = _launch.byte_tile(numel, BLOCK_BYTES)
 
+    count = count_rows(packed_ptr, byte, bit, byte_in_range, num_rows, row_stride, BLOCK_BYTES)
+    tl.store(out_ptr + offsets, count, mask=in_range)
+
+
+@triton.jit
+def count_rows(packed_ptr, byte, bit, byte_in_range, num_rows, row_stride, BLOCK_BYTES: tl.constexpr):
+    """[BLOCK_BYTES, 8] int32: how many of the N rows have bit ``bit`` of byte ``byte`` set.
+
+    A loop over the rows, each a coalesced read of BLOCK_BYTES bytes, popcounted in registers
+    (shared with :mod:`kernels.ops.unpack_mean`).
+    """
     count = tl.zeros((BLOCK_BYTES, 8), dtype=tl.int32)
     row_ptr = packed_ptr
     for _ in range(num_rows):
         row = tl.load(row_ptr + byte, mask=byte_in_range, other=0).to(tl.int32)
         count += (row[:, None] >> bit[None, :]) & 1
         row_ptr += row_stride
-    tl.store(out_ptr + offsets, count, mask=in_range)
+    return count
 
 
 def check_rows(packed_NB: torch.Tensor, numel: int) -> torch.Tensor:
@@ -69,9 +72,5 @@ def unpack_counts(packed_NB: torch.Tensor, numel: int, *, out: torch.Tensor | No
         out = torch.empty(numel, dtype=torch.int32, device=packed_NB.device)
     if numel == 0 or packed_NB.shape[0] == 0:
         return out.zero_()
-    grid = lambda meta: (triton.cdiv((numel + 7) // 8, meta["BLOCK_BYTES"]),)  # noqa: E731
-    _unpack_counts_kernel[grid](
-        packed_NB, out, numel, packed_NB.shape[0], packed_NB.stride(0), _launch.size_class(numel),
-        **_launch.LAUNCH_OPTIONS,
-    )
+    _launch.launch_bytes(_unpack_counts_kernel, numel, packed_NB, out, numel, packed_NB.shape[0], packed_NB.stride(0))
     return out

@@ -14,14 +14,10 @@ import triton.language as tl
 
 from kernels import reference
 from kernels.ops import _launch
-from kernels.ops.unpack_counts import check_rows
+from kernels.ops.unpack_counts import check_rows, count_rows
 
 
-@triton.autotune(
-    configs=_launch.byte_block_configs(),
-    key=["size_class"],
-    prune_configs_by={"early_config_prune": _launch.keep_default_when_interpreting},
-)
+@_launch.byte_blocked()
 @triton.jit(do_not_specialize=["num_rows"])
 def _unpack_mean_kernel(
     packed_ptr,  # [N, B] uint8 packed rows, row r starts at packed_ptr + r * row_stride
@@ -34,19 +30,9 @@ def _unpack_mean_kernel(
     HAS_MASK: tl.constexpr,  # 0 where the mask is False
     BLOCK_BYTES: tl.constexpr,  # bytes of each row per program (8 elements each)
 ):
-    byte = tl.program_id(0) * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
-    bit = tl.arange(0, 8)
-    offsets = byte[:, None] * 8 + bit[None, :]
-    in_range = offsets < numel
-    byte_in_range = byte * 8 < numel  # every byte holding at least one element
+    byte, bit, offsets, in_range, byte_in_range = _launch.byte_tile(numel, BLOCK_BYTES)
 
-    count = tl.zeros((BLOCK_BYTES, 8), dtype=tl.int32)
-    row_ptr = packed_ptr
-    for _ in range(num_rows):
-        row = tl.load(row_ptr + byte, mask=byte_in_range, other=0).to(tl.int32)
-        count += (row[:, None] >> bit[None, :]) & 1
-        row_ptr += row_stride
-
+    count = count_rows(packed_ptr, byte, bit, byte_in_range, num_rows, row_stride, BLOCK_BYTES)
     # div_rn: IEEE division as the reference's '/', not Triton's approximate GPU default.
     mean = tl.div_rn((count * 2 - num_rows).to(tl.float32), num_rows.to(tl.float32))
     if HAS_MASK:
@@ -73,16 +59,9 @@ def unpack_mean(packed_NB: torch.Tensor, numel: int, *, mask: torch.Tensor | Non
     if packed_NB.shape[0] == 0:
         raise ValueError("packed_NB has no rows: the mean of 0 rows is undefined")
     mask_u8 = _launch.mask_bytes(mask, numel)
-    grid = lambda meta: (triton.cdiv((numel + 7) // 8, meta["BLOCK_BYTES"]),)  # noqa: E731
-    _unpack_mean_kernel[grid](
-        packed_NB,
-        out if mask_u8 is None else mask_u8,
-        out,
-        numel,
-        packed_NB.shape[0],
-        packed_NB.stride(0),
-        _launch.size_class(numel),
+    _launch.launch_bytes(
+        _unpack_mean_kernel, numel,
+        packed_NB, out if mask_u8 is None else mask_u8, out, numel, packed_NB.shape[0], packed_NB.stride(0),
         HAS_MASK=mask_u8 is not None,
-        **_launch.LAUNCH_OPTIONS,
     )
     return out

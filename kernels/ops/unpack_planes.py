@@ -17,11 +17,7 @@ from kernels import reference
 from kernels.ops import _launch
 
 
-@triton.autotune(
-    configs=_launch.byte_block_configs(),
-    key=["size_class"],
-    prune_configs_by={"early_config_prune": _launch.keep_default_when_interpreting},
-)
+@_launch.byte_blocked()
 @triton.jit(do_not_specialize=["num_planes"])
 def _unpack_planes_kernel(
     planes_ptr,  # [M, K, B] uint8 bit planes, contiguous
@@ -33,11 +29,7 @@ def _unpack_planes_kernel(
     BLOCK_BYTES: tl.constexpr,  # bytes of each plane per program (8 elements each)
 ):
     batch = tl.program_id(1).to(tl.int64)
-    byte = tl.program_id(0) * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
-    bit = tl.arange(0, 8)
-    offsets = byte[:, None] * 8 + bit[None, :]
-    in_range = offsets < numel
-    byte_in_range = byte * 8 < numel
+    byte, bit, offsets, in_range, byte_in_range = _launch.byte_tile(numel, BLOCK_BYTES)
 
     count = tl.zeros((BLOCK_BYTES, 8), dtype=tl.int32)
     plane_ptr = planes_ptr + batch * num_planes * num_bytes
@@ -67,9 +59,6 @@ def unpack_planes(planes_KB: torch.Tensor, numel: int, *, out: torch.Tensor | No
     num_batch = out.numel() // numel if numel else 0
     if num_batch == 0 or num_planes == 0:
         return out.zero_()
-    planes = planes_KB.contiguous()
-    grid = lambda meta: (triton.cdiv(numel, meta["BLOCK_BYTES"] * 8), num_batch)  # noqa: E731
-    _unpack_planes_kernel[grid](
-        planes, out, numel, num_bytes, num_planes, _launch.size_class(numel), **_launch.LAUNCH_OPTIONS
-    )
+    _launch.launch_bytes(_unpack_planes_kernel, numel, planes_KB.contiguous(), out, numel, num_bytes, num_planes,
+                         num_batch=num_batch)
     return out
