@@ -4,13 +4,13 @@ Model code knows nothing of DDP or compression: a builder takes the ``model``
 config group and the data's shape and returns a plain ``nn.Module`` mapping
 ``(B, C, H, W)`` images to ``(B, num_classes)`` logits.
 
-Adding a family (the supernet does this)::
+Adding a family (the supernet's ``register_family`` does this for each of its families)::
 
     from dist_supernet.models import register_model
 
-    @register_model("ofa_cnn")
-    def build_ofa_cnn(cfg, in_channels, image_size, num_classes):
-        return OFACNN(...)
+    @register_model("resnet")
+    def build_resnet(cfg, in_channels, image_size, num_classes):
+        return ResNet(...)
 
 and add the module that holds it to ``MODEL_PLUGINS`` so that ``build_model``
 imports it the first time an unknown name is asked for (keeps
@@ -27,6 +27,8 @@ from collections.abc import Callable, Mapping
 
 import torch  # noqa: F401  (used by the docstring example)
 from torch import nn
+
+from dist_supernet.errors import ConfigError
 
 Builder = Callable[..., nn.Module]
 MODELS: dict[str, Builder] = {}
@@ -71,14 +73,14 @@ def is_supernet(name: str) -> bool:
 def build_model(cfg: Mapping, in_channels: int, image_size: int, num_classes: int) -> nn.Module:
     """Build the model named by ``cfg["name"]``; the rest of ``cfg`` is the family's own.
 
-    Raises ValueError naming ``model.name`` when the name is unknown; builders
-    raise ValueError naming their own keys (``model.hidden=...``).
+    Raises ``ConfigError`` (a ValueError: ``model.name=resnet: expected one of ...``)
+    when the name is unknown; builders raise it naming their own keys (``model.hidden=...``).
     """
     name = cfg["name"]
     if name not in MODELS:
         available_models()
     if name not in MODELS:
-        raise ValueError(f"model.name={name}: expected one of {', '.join(available_models())}")
+        raise ConfigError("model.name", name, f"expected one of {', '.join(available_models())}")
     return MODELS[name](cfg, in_channels=in_channels, image_size=image_size, num_classes=num_classes)
 
 

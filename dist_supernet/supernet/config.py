@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from dist_supernet.errors import ConfigError
 from dist_supernet.supernet.progressive import check_phases
 from dist_supernet.supernet.sampler import build_sampler
 from dist_supernet.supernet.search import check_search_settings
@@ -33,7 +34,7 @@ def to_plain(value):
 
 
 def check_supernet_config(cfg: Mapping, space: Supernet) -> dict:
-    """Plain-dict copy of the supernet config with phases resolved; ``ValueError`` naming the first bad key.
+    """Plain-dict copy of the supernet config with phases resolved; ``ConfigError`` naming the first bad key.
 
     Example::
         >>> from dist_supernet.supernet import OFACNN
@@ -44,31 +45,31 @@ def check_supernet_config(cfg: Mapping, space: Supernet) -> dict:
     cfg = to_plain(cfg)
     unknown = sorted(set(cfg) - set(SUPERNET_KEYS))
     if unknown:
-        raise ValueError(f"supernet.{unknown[0]}: unknown key; expected {list(SUPERNET_KEYS)}")
+        raise ConfigError(f"supernet.{unknown[0]}", cfg[unknown[0]], f"unknown key; expected {', '.join(SUPERNET_KEYS)}")
     build_sampler(cfg.get("sampler") or {}, space, seed=0)
 
     distill = dict(cfg.get("distillation") or {})
     extra = sorted(set(distill) - {"weight", "temperature"})
     if extra:
-        raise ValueError(f"supernet.distillation.{extra[0]}: unknown key; expected weight, temperature")
+        raise ConfigError(f"supernet.distillation.{extra[0]}", distill[extra[0]], "unknown key; expected weight, temperature")
     weight, temperature = distill.get("weight", 1.0), distill.get("temperature", 1.0)
     if not isinstance(weight, (int, float)) or not 0.0 <= weight <= 1.0:
-        raise ValueError(f"supernet.distillation.weight={weight!r}: expected a number in [0, 1]")
+        raise ConfigError("supernet.distillation.weight", weight, "expected a number in [0, 1]")
     if not isinstance(temperature, (int, float)) or temperature <= 0:
-        raise ValueError(f"supernet.distillation.temperature={temperature!r}: expected a positive number")
+        raise ConfigError("supernet.distillation.temperature", temperature, "expected a positive number")
 
     cfg["progressive_shrinking"] = check_phases(cfg.get("progressive_shrinking"), space.elastic_dims)
 
     recal = dict(cfg.get("bn_recalibration") or {})
     extra = sorted(set(recal) - {"num_batches"})
     if extra:
-        raise ValueError(f"supernet.bn_recalibration.{extra[0]}: unknown key; expected num_batches")
+        raise ConfigError(f"supernet.bn_recalibration.{extra[0]}", recal[extra[0]], "unknown key; expected num_batches")
     num_batches = recal.get("num_batches", 20)
     if not isinstance(num_batches, int) or num_batches < 1:
-        raise ValueError(f"supernet.bn_recalibration.num_batches={num_batches!r}: expected a positive integer")
+        raise ConfigError("supernet.bn_recalibration.num_batches", num_batches, "expected a positive integer")
 
     try:
         check_search_settings(cfg.get("search") or {})
-    except ValueError as e:
-        raise ValueError(f"supernet.{e}") from None
+    except ConfigError as e:
+        raise e.under("supernet") from None
     return cfg

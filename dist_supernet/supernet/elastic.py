@@ -26,12 +26,13 @@ Shapes: N batch, C channels, H/W height/width, T tokens, D embedding dim.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dist_supernet.errors import ConfigError
 from dist_supernet.supernet.subnets import multi_head_attention
 
 # An index into a parameter: one slice per dimension, e.g. (slice(0, 16), slice(0, 8), slice(1, 4), slice(1, 4)).
@@ -56,12 +57,12 @@ def make_divisible(value: float, divisor: int) -> int:
 
 
 def check_choices(key: str, choices: Sequence, *, positive: bool = True) -> list:
-    """Sorted unique copy of a choice list; ``ValueError`` naming ``key`` if it is empty or not positive."""
+    """Sorted unique copy of a choice list; ``ConfigError`` naming ``key`` if it is empty or not positive."""
     values = sorted(set(choices))
     if not values:
-        raise ValueError(f"{key}={list(choices)!r}: need at least one choice")
+        raise ConfigError(key, list(choices), "need at least one choice")
     if positive and any(v <= 0 for v in values):
-        raise ValueError(f"{key}={list(choices)!r}: choices must be positive")
+        raise ConfigError(key, list(choices), "choices must be positive")
     return values
 
 
@@ -70,7 +71,7 @@ def check_kernel_sizes(key: str, kernel_sizes: Sequence[int]) -> list[int]:
     sizes = check_choices(key, kernel_sizes)
     even = [k for k in sizes if int(k) != k or k % 2 == 0]
     if even:
-        raise ValueError(f"{key}={list(kernel_sizes)!r}: kernel sizes must be odd (centre crop), got {even}")
+        raise ConfigError(key, list(kernel_sizes), f"kernel sizes must be odd (centre crop), got {even}")
     return [int(k) for k in sizes]
 
 
@@ -81,6 +82,29 @@ def mlp_hidden_dim(embed_dim: int, mlp_ratio: float) -> int:
 
 def prefixed(prefix: str, entries: dict) -> dict:
     return {f"{prefix}.{name}": value for name, value in entries.items()}
+
+
+# A layer of a composite elastic module: (attribute name, the module, the channels or features it reads).
+Layer = tuple[str, "ElasticModule", int]
+
+
+def chained(layers: Iterable[tuple[str, "ElasticModule"]], in_features: int) -> Iterator[Layer]:
+    """Layers run one after another: each reads what the previous one outputs (``out_features``).
+
+    Lazy, so each layer's ``out_features`` is asked after its ``used_slices`` / ``export_state`` ran.
+    """
+    for name, module in layers:
+        yield name, module, in_features
+        in_features = module.out_features(in_features)
+
+
+def per_layer(layers: Iterable[Layer], method: str) -> dict:
+    """``used_slices`` or ``export_state`` of every layer, its names prefixed with the layer's: the one loop
+    behind every composite elastic module's and every supernet's masks and export."""
+    result = {}
+    for name, module, in_features in layers:
+        result.update(prefixed(name, getattr(module, method)(in_features)))
+    return result
 
 
 class ElasticModule:
@@ -102,6 +126,23 @@ class ElasticModule:
 
     def out_features(self, in_features: int) -> int:
         raise NotImplementedError
+
+
+class ElasticComposite(ElasticModule):
+    """An elastic module made of elastic layers: its slices and export are theirs (:func:`per_layer`).
+
+    Subclasses say which layers read what in ``layers(in_features)``, after
+    making any width that follows the input (``_follow_input``) current.
+    """
+
+    def layers(self, in_features: int) -> Iterable[Layer]:
+        raise NotImplementedError
+
+    def used_slices(self, in_features: int) -> dict[str, Index]:
+        return per_layer(self.layers(in_features), "used_slices")
+
+    def export_state(self, in_features: int) -> dict[str, torch.Tensor]:
+        return per_layer(self.layers(in_features), "export_state")
 
 
 class _ElasticKernelConv(nn.Module, ElasticModule):
@@ -430,17 +471,7 @@ class ElasticLayerNorm(nn.LayerNorm, ElasticModule):
         return in_features
 
 
-def _chain(module: nn.Module, names: Sequence[str], in_features: int, method: str) -> dict:
-    """Apply ``used_slices``/``export_state`` to children run one after another, prefixing names."""
-    result = {}
-    for name in names:
-        child = getattr(module, name)
-        result.update(prefixed(name, getattr(child, method)(in_features)))
-        in_features = child.out_features(in_features)
-    return result
-
-
-class ElasticConvBNAct(nn.Module, ElasticModule):
+class ElasticConvBNAct(nn.Module, ElasticComposite):
     """Elastic conv (dense or depthwise) + elastic BN + optional ReLU; mirrors ``subnets.ConvBNAct``.
 
     Example::
@@ -484,17 +515,14 @@ class ElasticConvBNAct(nn.Module, ElasticModule):
     def forward(self, x_NCHW: torch.Tensor) -> torch.Tensor:
         return self.act(self.bn(self.conv(x_NCHW)))
 
-    def used_slices(self, in_features: int) -> dict[str, Index]:
-        return _chain(self, ("conv", "bn"), in_features, "used_slices")
-
-    def export_state(self, in_features: int) -> dict[str, torch.Tensor]:
-        return _chain(self, ("conv", "bn"), in_features, "export_state")
+    def layers(self, in_features: int) -> Iterable[Layer]:
+        return chained([("conv", self.conv), ("bn", self.bn)], in_features)
 
     def out_features(self, in_features: int) -> int:
         return self.conv.out_features(in_features)
 
 
-class ElasticInvertedResidual(nn.Module, ElasticModule):
+class ElasticInvertedResidual(nn.Module, ElasticComposite):
     """Inverted residual with elastic expand ratio, depthwise kernel and output width.
 
     The hidden width is ``make_divisible(in_channels * expand_ratio, channel_divisor)``
@@ -558,13 +586,10 @@ class ElasticInvertedResidual(nn.Module, ElasticModule):
             return x_NCHW + out
         return out
 
-    def used_slices(self, in_features: int) -> dict[str, Index]:
+    def layers(self, in_features: int) -> Iterable[Layer]:
         self._follow_input(in_features)
-        return _chain(self, ("expand", "depthwise", "project"), in_features, "used_slices")
-
-    def export_state(self, in_features: int) -> dict[str, torch.Tensor]:
-        self._follow_input(in_features)
-        return _chain(self, ("expand", "depthwise", "project"), in_features, "export_state")
+        return chained([("expand", self.expand), ("depthwise", self.depthwise), ("project", self.project)],
+                       in_features)
 
     def out_features(self, in_features: int) -> int:
         return self.project.out_features(in_features)
@@ -613,7 +638,7 @@ class ElasticPatchEmbed(nn.Module, ElasticModule):
         return self.proj.active_out_channels
 
 
-class ElasticAttention(nn.Module, ElasticModule):
+class ElasticAttention(nn.Module, ElasticComposite):
     """Self-attention with elastic heads (fixed head_dim, so q/k/v width = heads * head_dim) and input dim.
 
     Example::
@@ -652,25 +677,17 @@ class ElasticAttention(nn.Module, ElasticModule):
         out_NTE = multi_head_attention(self.q(x_NTD), self.k(x_NTD), self.v(x_NTD), self.active_num_heads)
         return self.proj(out_NTE)
 
-    def _per_layer(self, in_features: int, method: str) -> dict:
+    def layers(self, in_features: int) -> Iterable[Layer]:
         self._follow_input(in_features)
-        inner = self.active_num_heads * self.head_dim
-        result = {}
-        for name, layer_in in (("q", in_features), ("k", in_features), ("v", in_features), ("proj", inner)):
-            result.update(prefixed(name, getattr(getattr(self, name), method)(layer_in)))
-        return result
-
-    def used_slices(self, in_features: int) -> dict[str, Index]:
-        return self._per_layer(in_features, "used_slices")
-
-    def export_state(self, in_features: int) -> dict[str, torch.Tensor]:
-        return self._per_layer(in_features, "export_state")
+        inner = self.active_num_heads * self.head_dim  # q, k, v read the input; proj reads the heads
+        return [("q", self.q, in_features), ("k", self.k, in_features), ("v", self.v, in_features),
+                ("proj", self.proj, inner)]
 
     def out_features(self, in_features: int) -> int:
         return in_features
 
 
-class ElasticMLP(nn.Module, ElasticModule):
+class ElasticMLP(nn.Module, ElasticComposite):
     """Two-layer GELU MLP whose hidden width is ``round(mlp_ratio * D)``, D from the input.
 
     Example::
@@ -706,19 +723,15 @@ class ElasticMLP(nn.Module, ElasticModule):
         self._follow_input(x_NTD.shape[-1])
         return self.fc2(self.act(self.fc1(x_NTD)))
 
-    def used_slices(self, in_features: int) -> dict[str, Index]:
+    def layers(self, in_features: int) -> Iterable[Layer]:
         self._follow_input(in_features)
-        return _chain(self, ("fc1", "fc2"), in_features, "used_slices")
-
-    def export_state(self, in_features: int) -> dict[str, torch.Tensor]:
-        self._follow_input(in_features)
-        return _chain(self, ("fc1", "fc2"), in_features, "export_state")
+        return chained([("fc1", self.fc1), ("fc2", self.fc2)], in_features)
 
     def out_features(self, in_features: int) -> int:
         return in_features
 
 
-class ElasticTransformerBlock(nn.Module, ElasticModule):
+class ElasticTransformerBlock(nn.Module, ElasticComposite):
     """Pre-norm transformer block with elastic heads and MLP ratio; embedding dim follows the input.
 
     Example::
@@ -743,17 +756,9 @@ class ElasticTransformerBlock(nn.Module, ElasticModule):
         x_NTD = x_NTD + self.attn(self.norm1(x_NTD))
         return x_NTD + self.mlp(self.norm2(x_NTD))
 
-    def _per_layer(self, in_features: int, method: str) -> dict:
-        result = {}
-        for name in ("norm1", "attn", "norm2", "mlp"):
-            result.update(prefixed(name, getattr(getattr(self, name), method)(in_features)))
-        return result
-
-    def used_slices(self, in_features: int) -> dict[str, Index]:
-        return self._per_layer(in_features, "used_slices")
-
-    def export_state(self, in_features: int) -> dict[str, torch.Tensor]:
-        return self._per_layer(in_features, "export_state")
+    def layers(self, in_features: int) -> Iterable[Layer]:
+        # Residual stream: every layer reads (and the block outputs) the input's embedding dim.
+        return [(name, getattr(self, name), in_features) for name in ("norm1", "attn", "norm2", "mlp")]
 
     def out_features(self, in_features: int) -> int:
         return in_features

@@ -22,20 +22,19 @@ additions are not counted. ``params`` is exact for the exported subnet.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
 
+from dist_supernet.errors import ConfigError
 from dist_supernet.supernet.elastic import (
     ElasticLayerNorm,
     ElasticLinear,
     ElasticPatchEmbed,
     ElasticTransformerBlock,
-    Index,
     check_choices,
     mlp_hidden_dim,
-    prefixed,
 )
 from dist_supernet.supernet.space import Gene, Supernet
 
@@ -75,10 +74,10 @@ class ElasticViT(Supernet):
         for key, value in (("in_channels", in_channels), ("image_size", image_size),
                            ("num_classes", num_classes), ("head_dim", head_dim)):
             if int(value) != value or value < 1:
-                raise ValueError(f"{key}={value!r}: expected a positive integer")
+                raise ConfigError(key, value, "expected a positive integer")
         patch_size = default_patch_size(image_size) if patch_size is None else patch_size
         if patch_size < 1 or image_size % patch_size:
-            raise ValueError(f"patch_size={patch_size!r}: must divide image_size={image_size}")
+            raise ConfigError("patch_size", patch_size, f"must divide image_size={image_size}")
         self.in_channels, self.image_size, self.num_classes = in_channels, image_size, num_classes
         self.patch_size, self.head_dim = patch_size, head_dim
         self.num_patches = (image_size // patch_size) ** 2
@@ -88,7 +87,7 @@ class ElasticViT(Supernet):
         self.depths = check_choices("depths", depths)
         for key, values in (("embed_dims", self.embed_dims), ("num_heads", self.num_heads), ("depths", self.depths)):
             if any(int(v) != v for v in values):
-                raise ValueError(f"{key}={values!r}: expected positive integers")
+                raise ConfigError(key, values, "expected positive integers")
         self.max_depth = int(self.depths[-1])
         max_dim = int(self.embed_dims[-1])
 
@@ -158,7 +157,7 @@ class ElasticViT(Supernet):
         return embeds * sum(per_block**d for d in depths)
 
     def subnet_config(self, arch: dict) -> dict:
-        """Resolved sizes of ``arch``: everything ``subnets.build_subnet`` needs, JSON-able."""
+        """Resolved sizes of ``arch``: everything ``families.build_subnet`` needs, JSON-able."""
         arch = self.validate_arch(arch)
         dim = arch["embed_dim"]
         return {
@@ -213,21 +212,12 @@ class ElasticViT(Supernet):
             self.blocks[j].set_active(num_heads=arch["num_heads"][j], mlp_ratio=arch["mlp_ratio"][j])
         self.active_depth = arch["depth"]
 
-    def _walk(self, method: str) -> dict:
-        layers = [("patch_embed", self.patch_embed)]
-        layers += [(f"blocks.{j}", self.blocks[j]) for j in range(self.active_depth)]
-        layers += [("norm", self.norm), ("head", self.head)]
-        result, in_features = {}, self.in_channels
-        for name, module in layers:
-            result.update(prefixed(name, getattr(module, method)(in_features)))
-            in_features = module.out_features(in_features)
-        return result
-
-    def _used_slices(self) -> dict[str, Index]:
-        return self._walk("used_slices")
-
-    def _export_state(self) -> dict[str, torch.Tensor]:
-        return self._walk("export_state")
+    def _active_layers(self) -> Iterator[tuple[str, nn.Module]]:
+        yield "patch_embed", self.patch_embed
+        for j in range(self.active_depth):
+            yield f"blocks.{j}", self.blocks[j]
+        yield "norm", self.norm
+        yield "head", self.head
 
     def forward(self, x_NCHW: torch.Tensor) -> torch.Tensor:
         x_NTD = self.patch_embed(x_NCHW)

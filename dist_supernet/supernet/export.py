@@ -1,6 +1,6 @@
 """Export a subnet of a supernet to a plain ``nn.Module``, and save / load it with its config in one file.
 
-The exported module is built by :func:`subnets.build_subnet` from the subnet
+The exported module is built by :func:`families.build_subnet` from the subnet
 config alone (ordinary ``nn.Conv2d`` / ``nn.Linear`` / ``nn.BatchNorm2d`` /
 ``nn.LayerNorm``), then loaded with the supernet's sliced weights, BN running
 stats included, with ``strict=True``. Run BN recalibration for the arch first
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from dist_supernet.supernet.space import Supernet
-from dist_supernet.supernet.subnets import build_subnet
+from dist_supernet.supernet.families import build_subnet
 
 SUBNET_FILE_FORMAT = "dist_supernet.subnet/1"
 

@@ -31,20 +31,19 @@ running stats are buffers, not parameters).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
 
+from dist_supernet.errors import ConfigError
 from dist_supernet.supernet.elastic import (
     ElasticConvBNAct,
     ElasticInvertedResidual,
     ElasticLinear,
-    Index,
     check_choices,
     check_kernel_sizes,
     make_divisible,
-    prefixed,
 )
 from dist_supernet.supernet.space import Gene, Supernet
 
@@ -92,25 +91,24 @@ class OFACNN(Supernet):
                            ("stem_width", stem_width), ("head_width", head_width),
                            ("channel_divisor", channel_divisor)):
             if int(value) != value or value < 1:
-                raise ValueError(f"{key}={value!r}: expected a positive integer")
+                raise ConfigError(key, value, "expected a positive integer")
         self.in_channels, self.image_size, self.num_classes = in_channels, image_size, num_classes
         if not stage_widths or any(int(w) != w or w < 1 for w in stage_widths):
-            raise ValueError(f"stage_widths={list(stage_widths)!r}: expected a non-empty list of positive integers")
+            raise ConfigError("stage_widths", list(stage_widths), "expected a non-empty list of positive integers")
         self.stage_widths = [int(w) for w in stage_widths]
         if stage_strides is None:
             # Large enough inputs get three halvings (28 -> 14 -> 7 -> 4); 8x8 keeps full resolution in stage 1.
             num = len(self.stage_widths)
             stage_strides = [2] * num if image_size >= 16 else [1] + [2] * (num - 1)
         if len(stage_strides) != len(self.stage_widths) or any(s not in (1, 2) for s in stage_strides):
-            raise ValueError(
-                f"stage_strides={list(stage_strides)!r}: expected {len(self.stage_widths)} values, each 1 or 2"
-            )
+            raise ConfigError("stage_strides", list(stage_strides),
+                              f"expected {len(self.stage_widths)} values, each 1 or 2")
         self.stage_strides = list(stage_strides)
         self.kernel_sizes = check_kernel_sizes("kernel_sizes", kernel_sizes)
         self.expand_ratios = check_choices("expand_ratios", expand_ratios)
         self.depths = check_choices("depths", depths)
         if any(int(d) != d for d in self.depths):
-            raise ValueError(f"depths={list(depths)!r}: expected positive integers")
+            raise ConfigError("depths", list(depths), "expected positive integers")
         self.depths = [int(d) for d in self.depths]
         self.width_mults = check_choices("width_mults", width_mults)
         self.stem_width, self.head_width = stem_width, head_width
@@ -232,7 +230,7 @@ class OFACNN(Supernet):
         return widths ** (self.num_stages + 2) * per_stage**self.num_stages
 
     def subnet_config(self, arch: dict) -> dict:
-        """Resolved channel counts of ``arch``: everything ``subnets.build_subnet`` needs, JSON-able."""
+        """Resolved channel counts of ``arch``: everything ``families.build_subnet`` needs, JSON-able."""
         arch = self.validate_arch(arch)
         mults = arch["width_mult"]
         stem_out = self._channels(self.stem_width, mults[0])
@@ -311,27 +309,13 @@ class OFACNN(Supernet):
         self.head.set_active(out_channels=self._channels(self.head_width, mults[-1]))
         self.active_depths = list(arch["depth"])
 
-    def _active_layers(self):
-        """(name, module) in forward order for the active arch."""
+    def _active_layers(self) -> Iterator[tuple[str, nn.Module]]:
         yield "stem", self.stem
         for i, blocks in enumerate(self.stages):
             for j in range(self.active_depths[i]):
                 yield f"stages.{i}.{j}", blocks[j]
         yield "head", self.head
         yield "classifier", self.classifier
-
-    def _walk(self, method: str) -> dict:
-        result, in_features = {}, self.in_channels
-        for name, module in self._active_layers():
-            result.update(prefixed(name, getattr(module, method)(in_features)))
-            in_features = module.out_features(in_features)
-        return result
-
-    def _used_slices(self) -> dict[str, Index]:
-        return self._walk("used_slices")
-
-    def _export_state(self) -> dict[str, torch.Tensor]:
-        return self._walk("export_state")
 
     def forward(self, x_NCHW: torch.Tensor) -> torch.Tensor:
         x = self.stem(x_NCHW)

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
+from dist_supernet.errors import ConfigError
+
 
 def check_phases(phases: Sequence[Mapping] | None, elastic_dims: Iterable[str]) -> list[dict]:
     """Validated copy of the phases list; ``ValueError`` naming the phase key for mistakes.
@@ -36,23 +38,23 @@ def check_phases(phases: Sequence[Mapping] | None, elastic_dims: Iterable[str]) 
         key = f"supernet.progressive_shrinking[{i}]"
         unknown = sorted(set(phase) - {"until_step", "elastic"})
         if unknown:
-            raise ValueError(f"{key}.{unknown[0]}: unknown key; expected until_step and elastic")
+            raise ConfigError(f"{key}.{unknown[0]}", phase[unknown[0]], "unknown key; expected until_step and elastic")
         until = phase.get("until_step")
         last = i == len(phases) - 1
         if until is None and not last:
-            raise ValueError(f"{key}.until_step=None: only the last phase may be open-ended")
+            raise ConfigError(f"{key}.until_step", None, "only the last phase may be open-ended")
         if until is not None:
             if last:
-                raise ValueError(f"{key}.until_step={until!r}: the last phase must have until_step: null")
+                raise ConfigError(f"{key}.until_step", until, "the last phase must have until_step: null")
             if int(until) != until or until <= previous_end:
-                raise ValueError(f"{key}.until_step={until!r}: expected an integer above {previous_end}")
+                raise ConfigError(f"{key}.until_step", until, f"expected an integer above {previous_end}")
             previous_end = int(until)
         elastic = phase.get("elastic", "all")
         dims = all_dims if elastic == "all" else frozenset([elastic] if isinstance(elastic, str) else elastic)
         unknown_dims = sorted(dims - all_dims)
         if unknown_dims:
-            raise ValueError(f"{key}.elastic={sorted(dims)!r}: unknown {unknown_dims}; expected a subset of "
-                             f"{sorted(all_dims)} or 'all'")
+            raise ConfigError(f"{key}.elastic", sorted(dims), f"unknown {', '.join(unknown_dims)}; expected a subset "
+                              f"of {', '.join(sorted(all_dims))} or all")
         checked.append({"until_step": None if until is None else int(until), "elastic": dims})
     return checked
 

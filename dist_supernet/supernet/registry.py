@@ -4,7 +4,8 @@ Imported on demand by ``dist_supernet.models`` (it is listed in
 ``MODEL_PLUGINS``), so ``import dist_supernet.models`` stays light and this
 package depends on ``models``, never the other way round.
 
-- ``ofa_cnn``, ``elastic_vit``: the weight-sharing supernets, registered with
+- every family of ``families.FAMILIES`` (``ofa_cnn``, ``elastic_vit``): the
+  weight-sharing supernets, registered by ``register_family`` with
   ``supernet=True`` so that the entry point trains them with ``SupernetTrainer``;
 - ``subnet``: ONE fixed architecture of a supernet as a plain module, trained
   alone (the standalone baseline of ``benchmarks/supernet_vs_standalone.py``).
@@ -25,20 +26,11 @@ from collections.abc import Mapping
 import torch  # noqa: F401  (used by the doctest above)
 from torch import nn
 
+from dist_supernet.errors import ConfigError
 from dist_supernet.models import register_model
-from dist_supernet.supernet import build_supernet, export_subnet
+from dist_supernet.supernet import FAMILIES, build_supernet, export_subnet
 from dist_supernet.supernet.config import to_plain
 from dist_supernet.supernet.space import Supernet
-
-
-@register_model("ofa_cnn", supernet=True)
-def build_ofa_cnn(cfg: Mapping, in_channels: int, image_size: int, num_classes: int) -> Supernet:
-    return build_supernet(cfg, in_channels, image_size, num_classes)
-
-
-@register_model("elastic_vit", supernet=True)
-def build_elastic_vit(cfg: Mapping, in_channels: int, image_size: int, num_classes: int) -> Supernet:
-    return build_supernet(cfg, in_channels, image_size, num_classes)
 
 
 def resolve_arch(space: Supernet, arch, key: str = "model.arch") -> dict:
@@ -51,8 +43,8 @@ def resolve_arch(space: Supernet, arch, key: str = "model.arch") -> dict:
         try:
             return space.validate_arch(to_plain(arch))
         except ValueError as e:
-            raise ValueError(f"{key}: {e}") from None
-    raise ValueError(f"{key}={arch!r}: expected max, min or an arch dict")
+            raise ConfigError(key, to_plain(arch), str(e)) from None
+    raise ConfigError(key, arch, "expected max, min or an arch dict")
 
 
 @register_model("subnet")
@@ -61,12 +53,13 @@ def build_standalone_subnet(cfg: Mapping, in_channels: int, image_size: int, num
     cfg = to_plain(cfg)
     unknown = sorted(set(cfg) - {"name", "arch", "space"})
     if unknown:
-        raise ValueError(f"model.{unknown[0]}={cfg[unknown[0]]!r}: unknown key for subnet; expected arch, space")
+        raise ConfigError(f"model.{unknown[0]}", cfg[unknown[0]], "unknown key for subnet; expected arch, space")
     space_cfg = cfg.get("space") or {}
-    if not isinstance(space_cfg, Mapping) or space_cfg.get("name") not in ("ofa_cnn", "elastic_vit"):
-        raise ValueError(f"model.space={space_cfg!r}: expected a supernet model config, e.g. {{name: ofa_cnn}}")
-    space = build_supernet(space_cfg, in_channels, image_size, num_classes)
+    if not isinstance(space_cfg, Mapping) or space_cfg.get("name") not in FAMILIES:
+        raise ConfigError("model.space", space_cfg,
+                          f"expected a supernet model config with name one of {', '.join(FAMILIES)}")
+    space = build_supernet(space_cfg, in_channels, image_size, num_classes, key="model.space")
     return export_subnet(space, resolve_arch(space, cfg.get("arch", "max")))
 
 
-__all__ = ["build_elastic_vit", "build_ofa_cnn", "build_standalone_subnet", "resolve_arch"]
+__all__ = ["build_standalone_subnet", "resolve_arch"]

@@ -26,6 +26,7 @@ import hashlib
 import random
 from collections.abc import Iterable, Mapping
 
+from dist_supernet.errors import ConfigError
 from dist_supernet.supernet.space import Supernet
 
 SAMPLERS = ("uniform", "sandwich", "complexity_aware")
@@ -49,7 +50,7 @@ class ArchSampler:
 
     def __init__(self, space: Supernet, seed: int = 0, num_archs: int = 1):
         if int(num_archs) != num_archs or num_archs < 0:
-            raise ValueError(f"num_archs={num_archs!r}: expected a non-negative integer")
+            raise ConfigError("num_archs", num_archs, "expected a non-negative integer")
         self.space = space
         self.seed = int(seed)
         self.num_archs = int(num_archs)
@@ -113,7 +114,7 @@ class ComplexityAwareSampler(ArchSampler):
         super().__init__(space, seed, num_archs)
         for key, value in (("num_bins", num_bins), ("steps_per_move", steps_per_move), ("max_tries", max_tries)):
             if int(value) != value or value < 1:
-                raise ValueError(f"{key}={value!r}: expected a positive integer")
+                raise ConfigError(key, value, "expected a positive integer")
         self.num_bins, self.steps_per_move, self.max_tries = int(num_bins), int(steps_per_move), int(max_tries)
         self._bounds: dict[frozenset, tuple[int, int]] = {}
         self._walk = (0, self._start_level())  # (move index, level) cache
@@ -254,17 +255,21 @@ def build_sampler(cfg: Mapping, space: Supernet, seed: int) -> ArchSampler:
     allowed = {"name", "num_archs", "random", "num_bins", "steps_per_move", "max_tries"}
     unknown = sorted(set(cfg) - allowed)
     if unknown:
-        raise ValueError(f"supernet.sampler.{unknown[0]}={cfg[unknown[0]]!r}: unknown key; expected {sorted(allowed)}")
+        raise ConfigError(f"supernet.sampler.{unknown[0]}", cfg[unknown[0]],
+                          f"unknown key; expected {', '.join(sorted(allowed))}")
     name = cfg.get("name", "sandwich")
     if name not in SAMPLERS:
-        raise ValueError(f"supernet.sampler.name={name!r}: expected one of {', '.join(SAMPLERS)}")
+        raise ConfigError("supernet.sampler.name", name, f"expected one of {', '.join(SAMPLERS)}")
     num_archs = cfg.get("num_archs", 2 if name == "sandwich" else 1)
     inner = cfg.get("random", "uniform") if name == "sandwich" else name
     if inner not in ("uniform", "complexity_aware"):
-        raise ValueError(f"supernet.sampler.random={inner!r}: expected uniform or complexity_aware")
-    if inner == "uniform":
-        sampler: ArchSampler = UniformSampler(space, seed, num_archs)
-    else:
-        ca_keys = ("num_bins", "steps_per_move", "max_tries")
-        sampler = ComplexityAwareSampler(space, seed, num_archs, **{k: cfg[k] for k in ca_keys if k in cfg})
+        raise ConfigError("supernet.sampler.random", inner, "expected uniform or complexity_aware")
+    try:
+        if inner == "uniform":
+            sampler: ArchSampler = UniformSampler(space, seed, num_archs)
+        else:
+            ca_keys = ("num_bins", "steps_per_move", "max_tries")
+            sampler = ComplexityAwareSampler(space, seed, num_archs, **{k: cfg[k] for k in ca_keys if k in cfg})
+    except ConfigError as e:  # the samplers name their own arguments (num_archs): here they are config keys
+        raise e.under("supernet.sampler") from None
     return SandwichSampler(sampler) if name == "sandwich" else sampler

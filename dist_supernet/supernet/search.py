@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch.distributed as dist
 
+from dist_supernet.errors import ConfigError
 from dist_supernet.supernet.space import Supernet, arch_key
 
 
@@ -102,7 +103,7 @@ def _check(key: str, value, low: float, high: float | None = None, integer: bool
     if bad:
         kind = "an integer" if integer else "a number"
         bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"search.{key}={value!r}: expected {kind} {bound}")
+        raise ConfigError(f"search.{key}", value, f"expected {kind} {bound}")
 
 
 def _feasible_draw(draw: Callable[[], dict], constraint: _Constraint, max_tries: int) -> dict | None:
@@ -123,8 +124,8 @@ def _population_split(population_size, num_generations, mutate_prob, mutation_ra
     num_parents = max(1, int(round(parent_ratio * population_size)))
     num_mutations = int(round(mutation_ratio * population_size))
     if num_parents + num_mutations > population_size:
-        raise ValueError(f"search.parent_ratio={parent_ratio} + mutation_ratio={mutation_ratio}: more than the "
-                         f"population ({num_parents} + {num_mutations} > {population_size})")
+        raise ConfigError("search.parent_ratio", parent_ratio, f"with mutation_ratio={mutation_ratio}, more than "
+                          f"the population ({num_parents} + {num_mutations} > {population_size})")
     return num_parents, num_mutations
 
 
@@ -144,7 +145,8 @@ def check_search_settings(settings: Mapping) -> dict:
     settings = dict(settings)
     unknown = sorted(set(settings) - set(SEARCH_SETTINGS))
     if unknown:
-        raise ValueError(f"search.{unknown[0]}={settings[unknown[0]]!r}: unknown key; expected {list(SEARCH_SETTINGS)}")
+        raise ConfigError(f"search.{unknown[0]}", settings[unknown[0]],
+                          f"unknown key; expected {', '.join(SEARCH_SETTINGS)}")
     defaults = {"population_size": 32, "num_generations": 10, "mutate_prob": 0.1, "mutation_ratio": 0.5,
                 "parent_ratio": 0.25, "max_tries": 1000}
     _population_split(**{k: settings.get(k, v) for k, v in defaults.items()})
@@ -154,8 +156,7 @@ def check_search_settings(settings: Mapping) -> dict:
     fractions = settings.get("flops_fractions")
     if fractions is not None and (not isinstance(fractions, (list, tuple)) or not fractions
                                   or any(not isinstance(f, (int, float)) or not 0 <= f <= 1 for f in fractions)):
-        raise ValueError(f"search.flops_fractions={fractions!r}: expected null or a non-empty list of numbers "
-                         "in [0, 1]")
+        raise ConfigError("search.flops_fractions", fractions, "expected null or a non-empty list of numbers in [0, 1]")
     return settings
 
 

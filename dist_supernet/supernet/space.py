@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from dist_supernet.supernet.elastic import Index
+from dist_supernet.supernet.elastic import Index, chained, per_layer
 
 
 @dataclass(frozen=True)
@@ -85,13 +85,17 @@ class Supernet(nn.Module):
         """Push a validated arch into the elastic layers."""
         raise NotImplementedError
 
-    def _used_slices(self) -> dict[str, Index]:
-        """``{param_name: Index}`` for the active arch (names as in ``named_parameters``)."""
+    def _active_layers(self) -> Iterator[tuple[str, nn.Module]]:
+        """(name, elastic module) in forward order for the active arch; the first reads ``in_channels``."""
         raise NotImplementedError
 
+    def _used_slices(self) -> dict[str, Index]:
+        """``{param_name: Index}`` for the active arch (names as in ``named_parameters``)."""
+        return per_layer(chained(self._active_layers(), self.in_channels), "used_slices")
+
     def _export_state(self) -> dict[str, torch.Tensor]:
-        """State dict of the plain module (``subnets.build_subnet(subnet_config(arch))``) for the active arch."""
-        raise NotImplementedError
+        """State dict of the plain module (``families.build_subnet(subnet_config(arch))``) for the active arch."""
+        return per_layer(chained(self._active_layers(), self.in_channels), "export_state")
 
     # ---- search space ---------------------------------------------------------------------------
     def resolve_elastic(self, elastic: Iterable[str] | None) -> frozenset[str]:

@@ -8,7 +8,7 @@ model. Attribute names mirror the elastic supernets in ``ofa_cnn.py`` and
 ``strict=True``.
 
 A *subnet config* is a JSON-able dict that fully describes one of these
-modules (``family`` plus resolved channel counts); :func:`build_subnet`
+modules (``family`` plus resolved channel counts); ``families.build_subnet``
 rebuilds the module from it alone, which is what ``load_subnet`` relies on.
 
 Shapes: N batch, C channels, H/W height/width, T tokens, D embedding dim,
@@ -21,9 +21,6 @@ import math
 
 import torch
 from torch import nn
-
-SUBNET_FAMILIES = ("ofa_cnn", "elastic_vit")
-
 
 class ConvBNAct(nn.Module):
     """Conv (no bias: BN follows) + BatchNorm + optional ReLU; padding keeps H/W at stride 1.
@@ -202,21 +199,3 @@ class VisionTransformer(nn.Module):
         for block in self.blocks:
             x_NTD = block(x_NTD)
         return self.head(self.norm(x_NTD)[:, 0])
-
-
-def build_subnet(config: dict) -> nn.Module:
-    """Build a freshly initialised plain module from a subnet config (see ``Supernet.subnet_config``).
-
-    Example::
-        >>> from dist_supernet.supernet import OFACNN
-        >>> space = OFACNN(in_channels=1, image_size=8, num_classes=10)
-        >>> net = build_subnet(space.subnet_config(space.min_arch()))
-        >>> net(torch.zeros(2, 1, 8, 8)).shape
-        torch.Size([2, 10])
-    """
-    family = config.get("family")
-    if family == "ofa_cnn":
-        return ConvNet(config)
-    if family == "elastic_vit":
-        return VisionTransformer(config)
-    raise ValueError(f"subnet config family={family!r}: expected one of {', '.join(SUBNET_FAMILIES)}")

@@ -13,8 +13,9 @@ sweep goes on with the next job.
 
 Statuses: ``ok`` (exit 0 and a ``summary.json``), ``failed`` (launched; non-zero
 exit, killed at the timeout, or no summary), ``invalid`` (the config was
-rejected before launch, e.g. ``compression=none compression.collective=two_phase``
-in a cartesian product; the reason is the validator's one line).
+rejected before launch by the app's validation pass, ``train/preflight.py:
+check_config``, e.g. ``compression=none compression.collective=two_phase`` in a
+cartesian product, or a bad ``supernet.*`` / ``model.*`` value; the reason is its one line).
 
 Example::
     >>> record = run_job(0, ["model=mlp", "trainer.max_steps=3"], Path("multirun/x/0"))  # doctest: +SKIP

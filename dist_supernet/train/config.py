@@ -12,6 +12,9 @@ Three stages, all before training:
 - :func:`validate` on the composed config: types, ranges, combinations;
 - :func:`validate_layout` with the world size from torchrun's environment.
 
+``train/preflight.py: check_config`` runs the last two with the data, the model
+(on the meta device) and the ``supernet`` group: the one pass every caller uses.
+
 Example::
     >>> from omegaconf import OmegaConf
     >>> cfg = OmegaConf.create({"optim": {"name": "adamw", "lr": -1.0}})
@@ -32,6 +35,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from dist_supernet.errors import ConfigError, format_value  # noqa: F401  (re-exported: the one error format)
+
 
 GROUPS = ("compression", "optim", "model", "data", "trainer")
 # Top-level keys a composed config may hold: the groups, the supernet group (read for supernet models),
@@ -46,25 +51,6 @@ MAX_SEED = 2**31  # why: fits every generator seeded from it (numpy: < 2**32) wi
 COLLECTIVES = ("auto", "allgather", "two_phase", "hierarchical")
 INTER_NODE_FORMS = ("auto", "allgather", "reduce_scatter")
 SCHEDULES = ("constant", "cosine")
-
-
-class ConfigError(ValueError):
-    """A user mistake in the config: ``key=value: reason`` on one line."""
-
-    def __init__(self, key: str, value, reason: str):
-        self.key, self.value, self.reason = key, value, reason
-        super().__init__(f"{key}={format_value(value)}: {reason}")
-
-
-def format_value(value) -> str:
-    """A config value the way it is typed on the command line."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(format_value(v) for v in value) + "]"
-    return str(value)
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,10 +1,20 @@
-"""Checks that run before any process group: the pre-flight of ``launch/*.sh`` and the trainer's own.
+"""The one validation pass before any process starts, and the launchers' pre-flight around it.
+
+:func:`check_config` is THE pass, over every config group: the schemas of
+``train/config.py`` (``validate``, ``validate_layout``), the data (loaded once,
+so a bad file or a batch larger than a rank's shard is refused), the model
+(built on the meta device: every ``model.*`` value reaches its builder, and
+no memory is spent), the ``supernet.*`` group of a supernet family
+(``supernet/config.py``'s checks against that model) and the paths the run
+writes. Every mistake is one ``ConfigError``: ``key=value: reason``. Three
+callers, no second copy: ``Trainer.__init__`` (every rank, before its process
+group), the sweep launcher (``hydra_plugins/dist_supernet_torchrun``: a
+rejected job is ``invalid`` and never launched), and the pre-flight below.
 
 ``python -m dist_supernet.train --check <overrides>`` composes the config
-the way the job will, then runs every check the trainer runs before its
-process group (config values, data files, the model, devices, paths), the
-checks of an explicit ``trainer.resume=<path>`` (which the trainer makes once
-its process group exists), and that the run directory is not held by another job.
+the way the job will, runs :func:`check_config`, then the checks of an
+explicit ``trainer.resume=<path>`` (which the trainer makes once its process
+group exists), and that the run directory is not held by another job.
 It prints nothing and exits 0 when all pass, else one line
 (``error: key=value: reason``) and exits 2. The launchers run it before
 torchrun, so a config error is one line and status 2 instead of torchrun's
@@ -17,11 +27,12 @@ Example::
     2
 """
 
+import dataclasses
 import os
 import socket
 from pathlib import Path
 
-from dist_supernet.train.config import ConfigError
+from dist_supernet.train.config import ConfigError, TrainConfig
 
 
 def explicit_run_dir(overrides: list[str]) -> str | None:
@@ -66,6 +77,65 @@ def check_can_hold_file(key: str, path: str | Path) -> None:
             pass
 
 
+@dataclasses.dataclass
+class CheckedConfig:
+    """What :func:`check_config` found valid, for the trainer to build on."""
+
+    cfg: TrainConfig  # the typed groups
+    config_dict: dict  # the whole composed config, resolved (recorded in every checkpoint's manifest)
+    data: "Dataset"  # loaded and split
+    model: "torch.nn.Module"  # built on the meta device: parameter shapes, no storage
+    supernet: dict | None  # a supernet family's checked supernet group (phases resolved), else None
+
+
+def check_config(cfg, output_dir: str | Path, *, world_size: int | None = None) -> CheckedConfig:
+    """The one validation pass over every config group; ``ConfigError`` (``key=value: reason``) on the first mistake.
+
+    ``cfg`` is the composed config (a ``hydra`` section is ignored); ``world_size``
+    defaults to ``WORLD_SIZE`` (torchrun sets it; 1 without torchrun).
+
+    Example::
+        cfg = compose("train", overrides=["supernet.distillation.weight=2"])
+        check_config(cfg, "outputs/run", world_size=2)
+        # ConfigError: supernet.distillation.weight=2: expected a number in [0, 1]
+    """
+    import torch
+    from omegaconf import DictConfig, OmegaConf
+
+    from dist_supernet.data import load_dataset
+    from dist_supernet.models import build_model, is_supernet
+    from dist_supernet.train.config import validate, validate_layout
+
+    run = validate(cfg)
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    validate_layout(run.compression, world_size)
+    data = load_dataset(run.data.name, path=run.data.path, val_fraction=run.data.val_fraction,
+                        test_fraction=run.data.test_fraction, split_seed=run.data.split_seed)
+    shard_size = len(data.y_train) // world_size
+    if run.trainer.batch_size > shard_size:
+        raise ConfigError("trainer.batch_size", run.trainer.batch_size,
+                          f"larger than each rank's shard ({shard_size} samples on {world_size} ranks)")
+    with torch.device("meta"):  # every model.* value reaches the builder; no weights are allocated
+        model = build_model(run.model, in_channels=data.in_channels, image_size=data.image_size,
+                            num_classes=data.num_classes)
+    supernet = None
+    if is_supernet(run.model["name"]):
+        from dist_supernet.supernet import check_supernet_config
+
+        supernet_cfg = cfg.get("supernet")
+        if not isinstance(supernet_cfg, DictConfig):
+            raise ConfigError("supernet", supernet_cfg, f"model={run.model['name']} is a supernet and needs the "
+                                                        "supernet config group (e.g. supernet=sandwich)")
+        supernet = check_supernet_config(OmegaConf.to_container(supernet_cfg, resolve=True), model)
+    # Every rank writes its own checkpoint shard: a path that cannot hold a file fails now, not at the end.
+    if run.trainer.checkpoint_dir is not None:
+        check_can_hold_file("trainer.checkpoint_dir", run.trainer.checkpoint_dir)
+    check_can_hold_file("hydra.run.dir", output_dir)
+    config_dict = {str(key): OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key])
+                   else cfg[key] for key in cfg if key != "hydra"}  # hydra's own section: the sweep's, not the run's
+    return CheckedConfig(cfg=run, config_dict=config_dict, data=data, model=model, supernet=supernet)
+
+
 def preflight(overrides: list[str], conf_dir: Path) -> None:
     """Every pre-process-group check of the job these overrides start; raises ConfigError (or ValueError).
 
@@ -77,21 +147,18 @@ def preflight(overrides: list[str], conf_dir: Path) -> None:
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
-    from dist_supernet.models import is_supernet
-    from dist_supernet.train.supernet_trainer import SupernetTrainer
-    from dist_supernet.train.trainer import Trainer
-
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3", job_name="train"):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
     run_dir = Path(str(cfg.hydra.run.dir))
     with open_dict(cfg):
         del cfg["hydra"]
-    trainer_cls = SupernetTrainer if is_supernet(cfg.model.get("name")) else Trainer
-    check_resume(trainer_cls(cfg, output_dir=run_dir, check_only=True))
+    check_resume(check_config(cfg, run_dir))
 
 
 def check_resume(trainer) -> None:
     """An explicit ``trainer.resume=<path>``: the checks ``Trainer._resume`` makes, here before any process.
+
+    ``trainer``: a :class:`CheckedConfig` or a ``Trainer`` (both have ``cfg``, ``model``, ``config_dict``).
 
     The trainer makes them after its process group exists (every rank hashes a share
     of the files); here, without one, this process reads all of it: the checkpoint is

@@ -33,18 +33,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from dist_supernet.optim import Birder
 from dist_supernet.supernet import (
     Supernet,
     arch_key,
     build_sampler,
-    check_supernet_config,
     elastic_at,
     student_loss,
 )
-from dist_supernet.train.config import ConfigError
 from dist_supernet.train.supernet_report import SubnetEvaluator, search_and_report
 from dist_supernet.train.trainer import Trainer
 
@@ -60,16 +58,10 @@ class SupernetTrainer(Trainer):
     """
 
     def __init__(self, cfg: DictConfig, output_dir: Path, *, check_only: bool = False):
-        supernet_cfg = cfg.get("supernet")
-        if not isinstance(supernet_cfg, DictConfig):
-            raise ConfigError("supernet", None if supernet_cfg is None else supernet_cfg,
-                              f"model={cfg.model.get('name')} is a supernet and needs the supernet config group "
-                              "(e.g. supernet=sandwich)")
-        self._supernet_cfg = OmegaConf.to_container(supernet_cfg, resolve=True)
         self._mask_cache: dict[str, torch.Tensor] = {}
         self.report: dict | None = None
         super().__init__(cfg, output_dir, check_only=check_only)
-        if check_only:  # the pre-flight: the checks above and Trainer's, no process group
+        if check_only:  # the pre-flight: Trainer's validation pass (the supernet group included), no process group
             return
         recal = self.scfg.get("bn_recalibration") or {}
         self.evaluator = SubnetEvaluator(self.model, self.data, batch_size=self.cfg.trainer.batch_size,
@@ -80,7 +72,7 @@ class SupernetTrainer(Trainer):
 
     def setup_model(self, model: torch.nn.Module) -> None:
         assert isinstance(model, Supernet), f"model {self.cfg.model['name']} is registered as a supernet"
-        self.scfg = check_supernet_config(self._supernet_cfg, model)  # ValueError naming supernet.<key>
+        self.scfg = self.checked.supernet  # checked against this family by the validation pass (check_config)
         self.arch_sampler = build_sampler(self.scfg.get("sampler") or {}, model, seed=self.cfg.trainer.seed)
         distill = self.scfg.get("distillation") or {}
         self.distill_weight = float(distill.get("weight", 1.0))

@@ -34,12 +34,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.nn.parallel import DistributedDataParallel
 
 from dist_supernet.comm.collectives import bucket_cap_mb
 from dist_supernet.comm import CommStats, Topology, register_baseline_hook
-from dist_supernet.data import ShardSampler, load_dataset
+from dist_supernet.data import ShardSampler
 from dist_supernet.models import build_model
 from dist_supernet.optim import Birder
 from dist_supernet.train import distributed
@@ -52,11 +52,11 @@ from dist_supernet.train.checkpoint import (
     TorchOptimizerState,
     rank_key,
 )
-from dist_supernet.train.config import ConfigError, TrainConfig, validate, validate_layout
+from dist_supernet.train.config import ConfigError, TrainConfig
 from dist_supernet.train.faults import NanInjector
 from dist_supernet.train.metrics import MetricsWriter, Progress
 from dist_supernet.train.nonfinite import NonFiniteGuard
-from dist_supernet.train.preflight import check_can_hold_file
+from dist_supernet.train.preflight import check_config
 from dist_supernet.train.runlock import RunDirLock, report_stale, report_unfinished_runs
 from dist_supernet.train.untrusted import check_fits_model, check_recipe
 
@@ -85,32 +85,23 @@ class Trainer:
     """
 
     def __init__(self, cfg: DictConfig, output_dir: Path, *, check_only: bool = False):
-        # 1. Checks that need no process group: every rank fails the same way, nobody waits.
-        #    ``check_only`` (the launchers' pre-flight, dist_supernet/train/preflight.py) stops after them.
+        # 1. The one validation pass (preflight.check_config: every group, the data, the model on the meta
+        #    device): every rank fails the same way before any process group, so nobody waits.
+        #    ``check_only`` (the launchers' pre-flight, dist_supernet/train/preflight.py) stops after it.
         self.check_only = check_only
-        self.cfg: TrainConfig = validate(cfg)
-        self.config_dict = OmegaConf.to_container(cfg, resolve=True)  # recorded in every checkpoint's manifest
+        self.checked = check_config(cfg, output_dir)
+        self.cfg: TrainConfig = self.checked.cfg
+        self.config_dict = self.checked.config_dict  # recorded in every checkpoint's manifest
+        self.data = self.checked.data
+        if check_only:
+            self.model = self.checked.model  # meta device: the shapes for the pre-flight's resume check
+            return
         world_size = int(os.environ.get("WORLD_SIZE", 1))
-        validate_layout(self.cfg.compression, world_size)
-        trainer_cfg, data_cfg = self.cfg.trainer, self.cfg.data
-        self.data = load_dataset(data_cfg.name, path=data_cfg.path, val_fraction=data_cfg.val_fraction,
-                                 test_fraction=data_cfg.test_fraction, split_seed=data_cfg.split_seed)
-        shard_size = len(self.data.y_train) // world_size
-        if trainer_cfg.batch_size > shard_size:
-            raise ConfigError("trainer.batch_size", trainer_cfg.batch_size,
-                              f"larger than each rank's shard ({shard_size} samples on {world_size} ranks)")
+        trainer_cfg = self.cfg.trainer
         torch.manual_seed(trainer_cfg.seed)  # same init on every rank (DDP broadcasts rank 0's anyway)
         model = build_model(self.cfg.model, in_channels=self.data.in_channels,
                             image_size=self.data.image_size, num_classes=self.data.num_classes)
         self.setup_model(model)
-
-        # Every rank writes its own checkpoint shard: a path that cannot hold a file fails now, not at the end.
-        if trainer_cfg.checkpoint_dir is not None:
-            check_can_hold_file("trainer.checkpoint_dir", trainer_cfg.checkpoint_dir)
-        check_can_hold_file("hydra.run.dir", output_dir)
-        if check_only:
-            self.model = model  # for the pre-flight's resume check (preflight.check_resume)
-            return
 
         # 2. The process group, one output directory (one job's: locked), rank-dependent randomness.
         self.device = distributed.init_distributed(trainer_cfg.device, timeout_s=trainer_cfg.timeout_s)
@@ -278,7 +269,7 @@ class Trainer:
     # -- hooks for subclasses (SupernetTrainer) ------------------------------------------
 
     def setup_model(self, model: torch.nn.Module) -> None:
-        """Before the process group exists: check model-specific config (ValueError = the user's mistake)."""
+        """Before the process group exists: model-specific state from the checked config (``self.checked``)."""
 
     def ddp_kwargs(self) -> dict:
         """Extra keyword arguments for ``DistributedDataParallel``."""

@@ -3,8 +3,9 @@
     python -m dist_supernet.train --multirun model=mlp compression=none,birder optim.lr=1e-3,3e-3
 
 For each job of the sweep: compose its config here (cheap), check it with the
-training app's validator (a rejected job becomes an ``invalid`` row, not a
-launch), then ``torchrun --standalone -m dist_supernet.train <job overrides>
+training app's one validation pass (``dist_supernet.train.preflight.check_config``:
+every group, the data, the model built on the meta device, the supernet group;
+a rejected job becomes an ``invalid`` row, not a launch), then ``torchrun --standalone -m dist_supernet.train <job overrides>
 hydra.run.dir=<job dir>`` (:func:`dist_supernet.sweep.jobs.run_job`), wait,
 record the exit status. A failed job never stops the sweep. At the end
 :func:`dist_supernet.sweep.report.write_report` writes the comparison table
@@ -51,9 +52,9 @@ class TorchrunLauncher(Launcher):
         self.config, self.hydra_context = config, hydra_context
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from dist_supernet.sweep.jobs import invalid_job, run_job, with_defaults
+        from dist_supernet.sweep.jobs import default_nproc_per_node, invalid_job, run_job, with_defaults
         from dist_supernet.sweep.report import TABLE_MD, write_report
-        from dist_supernet.train.config import validate
+        from dist_supernet.train.preflight import check_config
 
         assert self.config is not None and self.hydra_context is not None
         setup_globals()
@@ -61,6 +62,7 @@ class TorchrunLauncher(Launcher):
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).absolute()
         sweep_dir.mkdir(parents=True, exist_ok=True)
         log.info(f"Launching {len(job_overrides)} torchrun jobs one at a time into {sweep_dir}")
+        nproc = self.nproc_per_node or default_nproc_per_node()  # the world size of every (standalone) job
         returns = []
         for num, overrides in enumerate(job_overrides, start=initial_job_idx):
             overrides = with_defaults(list(overrides), self.job_defaults)
@@ -71,11 +73,11 @@ class TorchrunLauncher(Launcher):
                 with open_dict(job_cfg):
                     job_cfg.hydra.job.id = job_cfg.hydra.job.num = num
                 job_dir = sweep_dir / str(job_cfg.hydra.sweep.subdir)
-                validate(job_cfg)
+                check_config(job_cfg, job_dir, world_size=nproc)  # the app's own pass: supernet.*, model.* too
             except Exception as e:  # noqa: BLE001 -- any composition or validation error is this job's, not the sweep's
                 record = invalid_job(num, overrides, job_dir, _first_line(e))
             else:
-                record = run_job(num, overrides, job_dir, nproc_per_node=self.nproc_per_node,
+                record = run_job(num, overrides, job_dir, nproc_per_node=nproc,
                                  max_restarts=self.max_restarts, timeout_s=self.timeout_s)
             log.info(f"\t#{num} -> {record.status}" + (f" ({record.reason})" if record.reason else "")
                      + (f" in {record.job_time_s:.1f} s" if record.status != "invalid" else ""))

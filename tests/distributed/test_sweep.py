@@ -2,7 +2,8 @@
 
 Every torchrun start costs seconds on 2 cores, so the sweep runs two tiny jobs
 (3 steps of the MLP on digits) and two that the config check rejects before
-launch; a second test drives one job to a crash and one to the timeout.
+launch; a second sweep has only jobs that the check rejects for a model.* and a
+supernet.* value; a last test drives one job to a crash and one to the timeout.
 """
 
 import csv
@@ -55,6 +56,31 @@ def test_sweep_runs_every_job_reports_failures_and_writes_the_table(tmp_path):
     assert "4 jobs: 2 ok, 0 failed, 2 invalid" in md and "| compression | optim.lr |" in md
     for png in ("loss_vs_step.png", "loss_vs_time.png"):
         assert (sweep_dir / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bad_supernet_and_model_values_are_invalid_jobs_never_launched(tmp_path):
+    """The launcher's check is the app's own pass: a model.* and a supernet.* mistake are ``invalid``, not ``failed``.
+
+    ``++model.patch_size=2`` is a ViT key: ofa_cnn refuses it (model.*); elastic_vit takes it and then
+    refuses progressive_ofa's ofa_cnn-only phases (supernet.*). Neither job starts torchrun.
+    """
+    sweep_dir = tmp_path / "sweep"
+    out = subprocess.run(
+        [sys.executable, "-m", "dist_supernet.sweep", "model=ofa_cnn,elastic_vit", "supernet=progressive_ofa",
+         "++model.patch_size=2", f"hydra.sweep.dir={sweep_dir}"],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "0 ok, 0 failed, 2 invalid" in out.stdout + out.stderr
+    with open(sweep_dir / "sweep_summary.csv") as f:
+        rows = {r["model"]: r for r in csv.DictReader(f)}
+    assert {model: row["status"] for model, row in rows.items()} == {"ofa_cnn": "invalid", "elastic_vit": "invalid"}
+    assert rows["ofa_cnn"]["reason"].startswith("model.patch_size=2: unknown key for ofa_cnn; expected ")
+    assert rows["elastic_vit"]["reason"].startswith(
+        "supernet.progressive_shrinking[0].elastic=[kernel]: unknown kernel; expected a subset of ")
+    for row in rows.values():
+        record = JobRecord.load(sweep_dir / row["job"])
+        assert record.command == [] and record.returncode is None  # rejected before launch
+        assert not (sweep_dir / row["job"] / "torchrun.log").exists()
 
 
 def test_run_job_records_a_crash_and_kills_a_job_at_its_timeout(tmp_path, monkeypatch):

@@ -5,8 +5,8 @@ import importlib
 
 import pytest
 
-MODULES = ["__init__", "bn_recalibration", "config", "distillation", "elastic", "elastic_vit", "export", "ofa_cnn",
-           "plot", "progressive", "sampler", "search", "space", "subnets"]
+MODULES = ["__init__", "bn_recalibration", "config", "distillation", "elastic", "elastic_vit", "export", "families",
+           "ofa_cnn", "plot", "progressive", "sampler", "search", "space", "subnets"]
 
 
 @pytest.mark.parametrize("name", MODULES)

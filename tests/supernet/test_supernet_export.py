@@ -8,7 +8,7 @@ import torch
 
 from dist_supernet.supernet import build_supernet
 from dist_supernet.supernet.export import SUBNET_FILE_FORMAT, export_subnet, load_subnet, save_subnet
-from dist_supernet.supernet.subnets import build_subnet
+from dist_supernet.supernet import build_subnet
 
 
 @pytest.mark.parametrize("name", ["ofa_cnn", "elastic_vit"])
