@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import kernels
-from dist_supernet.optim.compressor import flat_like_memory, flat_view
+from dist_supernet.optim.compressor import flat_like_memory
 from dist_supernet.optim.hook import BirderState, birder_hook
 
 log = logging.getLogger(__name__)
@@ -297,7 +297,7 @@ class Birder(torch.optim.Optimizer):
         rows = table[self._group_index(chunk)]  # [P, 2] on the device: a gather, no host work per parameter
         lr_P, wd_P = rows[:, 0].contiguous(), rows[:, 1].contiguous()
         kernels.apply_packed_(
-            [flat_view(p) for p in chunk.params], chunk.seg_starts, chunk.seg_canon, packed.payload, planes=packed.planes,
+            chunk.param_views(), chunk.seg_starts, chunk.seg_canon, packed.payload, planes=packed.planes,
             num_rows=packed.num_rows, lr_P=lr_P, wd_P=wd_P, mask_T=self.hook_state.canonical_mask, used_P=used_P,
         )
 

@@ -24,7 +24,7 @@ import torch
 
 import kernels
 from dist_supernet.comm import CommGroups, CommStats, Topology, WireBytes, build_collective, mix_seed
-from dist_supernet.comm.collectives import Packed, resolve_collective
+from dist_supernet.comm.collectives import Packed, chunk_elems, resolve_collective
 
 STAGE_COMPRESS = 0
 # Rank stand-in for the seed when every rank must draw the same bits (Birder
@@ -78,12 +78,25 @@ class Chunk:
     params: tuple
     positions: torch.Tensor  # int64 [P]: each parameter's position in the compressor's list
     seg_starts: torch.Tensor  # int64 [P+1]: chunk-local start of each parameter
-    seg_canon: torch.Tensor  # int64 [P]: canonical index of each parameter's first element
+    seg_canon: torch.Tensor  # int64 [P]: canonical index of each parameter's first element in the chunk
     numel: int
+    # A piece of a larger chunk (see BirderCompressor.split): where it starts in that chunk, which of
+    # that chunk's parameters it holds, and (first element, count) it holds of each (None: whole parameters).
+    start: int = 0
+    parent_params: slice | None = None
+    param_ranges: tuple | None = None
+    pieces: dict = dataclasses.field(default_factory=dict, repr=False)  # piece_numel -> tuple of Chunks
 
     @property
     def index_map(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.seg_starts, self.seg_canon
+
+    def param_views(self) -> list:
+        """The chunk's part of each parameter as a flat view in chunk order (what the decode writes)."""
+        views = [flat_view(p) for p in self.params]
+        if self.param_ranges is None:
+            return views
+        return [v[first : first + n] for v, (first, n) in zip(views, self.param_ranges)]
 
 
 class BirderCompressor:
@@ -189,6 +202,48 @@ class BirderCompressor:
         self._chunks[key] = chunk
         return chunk
 
+    def split(self, chunk: Chunk, piece_numel: int) -> tuple:
+        """``chunk`` as consecutive pieces of at most about ``piece_numel`` elements (cached per chunk).
+
+        Pieces start at multiples of 8 elements, so their packed bits are byte-aligned slices of the
+        chunk's: compressing and reducing piece by piece gives the chunk's bits, counts and update
+        exactly (the draws are keyed by canonical index). Why pieces: the hook compresses piece k + 1
+        while piece k is on the wire. A chunk holding a parameter with gaps in memory (no flat view)
+        stays whole.
+        """
+        if chunk.numel <= piece_numel or chunk.param_ranges is not None:
+            return (chunk,)
+        cached = chunk.pieces.get(piece_numel)
+        if cached is not None:
+            return cached
+        if any(not p.is_contiguous() and memory_perm(p) is None for p in chunk.params):
+            chunk.pieces[piece_numel] = (chunk,)
+            return chunk.pieces[piece_numel]
+        size = chunk_elems(chunk.numel, -(-chunk.numel // piece_numel))
+        starts, canon = chunk.seg_starts.tolist(), chunk.seg_canon.tolist()
+        device = chunk.seg_starts.device
+        pieces = []
+        for lo in range(0, chunk.numel, size):
+            hi = min(lo + size, chunk.numel)
+            # The parameters with elements in [lo, hi); an empty one goes with the piece its start is in.
+            members = [s for s in range(len(chunk.params))
+                       if (starts[s] < hi and starts[s + 1] > lo)
+                       or (starts[s] == starts[s + 1] and lo <= starts[s] and (starts[s] < hi or hi == chunk.numel))]
+            s0, s1 = members[0], members[-1] + 1
+            assert members == list(range(s0, s1)), "a piece's parameters are consecutive"
+            first = [max(lo - starts[s], 0) for s in range(s0, s1)]
+            seg_starts = [max(starts[s], lo) - lo for s in range(s0, s1)] + [hi - lo]
+            pieces.append(Chunk(
+                params=chunk.params[s0:s1], positions=chunk.positions[s0:s1],
+                seg_starts=torch.tensor(seg_starts, dtype=torch.int64, device=device),
+                seg_canon=torch.tensor([canon[s] + f for s, f in zip(range(s0, s1), first)],
+                                       dtype=torch.int64, device=device),
+                numel=hi - lo, start=lo, parent_params=slice(s0, s1),
+                param_ranges=tuple((f, seg_starts[k + 1] - seg_starts[k]) for k, f in enumerate(first)),
+            ))
+        chunk.pieces[piece_numel] = tuple(pieces)
+        return chunk.pieces[piece_numel]
+
     def views(self, param) -> dict:
         """``{"m", "b"}`` of ``param``: views of the flat state, shaped (and strided) like the parameter."""
         start, n = self.offset[param], param.numel()
@@ -215,6 +270,11 @@ class BirderCompressor:
                  extra_wire: WireBytes | None = None, count_exchange: bool = True) -> Packed:
         """Compress, then reduce 1 bit per element over the ranks: the packed sum, the same on every rank."""
         bits_B = self.compress(grad_D, chunk, mask_T=mask_T, used_P=used_P, flag=flag)
+        return self.reduce(bits_B, chunk, extra_wire=extra_wire, count_exchange=count_exchange)
+
+    def reduce(self, bits_B: torch.Tensor, chunk: Chunk, *, extra_wire: WireBytes | None = None,
+               count_exchange: bool = True) -> Packed:
+        """The second half of :meth:`exchange`: the 1-bit collective over ``chunk``'s compressed bits."""
         if self.collective is None:
             return Packed(bits_B.view(1, -1), planes=False, num_rows=1)
         # The collective's own draws are keyed by the step, not by this rank: which rank

@@ -17,16 +17,24 @@ bucket is set to NaN on every rank that had none, so every rank's ``.grad``
 is non-finite, as DDP's averaged gradient would be: GradScaler skips the step
 and backs off its scale identically on every rank.
 
-Why a worker thread: the 1-bit collectives have two or three stages with local
-work between them. The hook hands each bucket to one communication thread per
-rank and returns at once, so backward keeps computing while buckets are
-compressed and exchanged (DDP's overlap), and the stages of all buckets are
-issued from one thread in the order DDP calls the hook, which is the same on
-every rank. The thread uses its own process groups (see ``CommGroups``) and,
-on GPU, its own CUDA stream: it waits on an event recorded when the bucket was
-ready and completes the future on its stream, so DDP's consumer waits on
-exactly that work while backward keeps running. Flags (non-finite, used) stay
-on the device; the optimizer reads them once per step.
+Why two worker threads: the 1-bit collectives have one to three stages with
+local work between them, and on CPU the compress kernel costs about as much
+per bucket as its bits take on a 1 Gbit/s link. The hook hands each bucket to
+a per-rank pipeline and returns at once, so backward keeps computing while
+buckets are compressed and exchanged (DDP's overlap). On CPU the thread
+``birder-compress`` cuts a bucket into pieces of about ``piece_numel``
+elements and compresses them one after another, and the thread
+``birder-comm`` runs each piece's collective as soon as it is compressed: the
+next piece is compressed while this one is on the wire (both threads release
+the GIL: numba kernels and gloo waits). Every collective is issued from
+``birder-comm`` in the order DDP calls the hook, which is the same on every
+rank. Pieces are byte-aligned, so the bits, counts and update are those of the
+whole bucket, exactly. On GPU the kernels are asynchronous already: one thread
+runs each whole bucket on its own CUDA stream, waiting on an event recorded
+when the bucket was ready and completing the future on that stream, so DDP's
+consumer waits on exactly that work while backward keeps running. The
+threads use their own process groups (see ``CommGroups``). Flags (non-finite,
+used) stay on the device; the optimizer reads them once per step.
 """
 
 import queue
@@ -37,6 +45,7 @@ import torch
 import torch.distributed as dist
 
 from dist_supernet.comm import Topology
+from dist_supernet.comm.collectives import MIN_PEER_BYTES
 from dist_supernet.optim.compressor import STAGE_COMPRESS, BirderCompressor  # noqa: F401 (re-exported)
 from dist_supernet.optim.compressor import flat_like_memory, memory_perm
 
@@ -66,37 +75,86 @@ class _StatesByParam:
 _STATE_OF = _StatesByParam()
 
 
-class _CommWorker:
-    """One daemon thread running submitted jobs in order; results go to torch futures."""
+# Elements per piece of a CPU bucket: 2**21 elements are 256 KiB of bits, the smallest message that
+# keeps a gloo all-gather bandwidth bound between 2 processes (comm.collectives.MIN_PEER_BYTES, measured by
+# benchmarks/message_size.py); smaller pieces start the wire sooner but pay gloo's per-call latency.
+PIECE_NUMEL = 8 * MIN_PEER_BYTES
+
+
+class _Pipeline:
+    """Two daemon threads, ``birder-compress`` and ``birder-comm``, each running its jobs in order.
+
+    A job is a callable that handles its own errors (they go to the bucket's future).
+    """
 
     def __init__(self):
-        self._jobs = queue.SimpleQueue()
-        self._thread = None
+        self._queues = {"birder-compress": queue.SimpleQueue(), "birder-comm": queue.SimpleQueue()}
+        self._threads = {}
         self._lock = threading.Lock()
         self._streams = {}
 
     def stream(self, device):
-        """The worker's own CUDA stream on ``device`` (created once)."""
+        """The pipeline's own CUDA stream on ``device`` (created once)."""
         if device not in self._streams:
             self._streams[device] = torch.cuda.Stream(device=device)
         return self._streams[device]
 
-    def submit(self, job, future):
+    def _put(self, name, job):
         with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="birder-comm", daemon=True)
-                self._thread.start()
-        self._jobs.put((job, future))
+            thread = self._threads.get(name)
+            if thread is None or not thread.is_alive():
+                thread = threading.Thread(target=self._run, args=(self._queues[name],), name=name, daemon=True)
+                self._threads[name] = thread
+                thread.start()
+        self._queues[name].put(job)
 
-    def _run(self):
-        while True:
-            job, future = self._jobs.get()
+    def compress(self, job) -> None:
+        self._put("birder-compress", job)
+
+    def comm(self, job) -> None:
+        self._put("birder-comm", job)
+
+    def call_comm(self, fn):
+        """``fn()`` on the comm thread, after everything queued there; its result (or its error) here."""
+        done, box = threading.Event(), {}
+
+        def job():
             try:
-                result = job()
-            except BaseException as error:  # handed to DDP, which raises it in backward
-                future.set_exception(error)
-            else:
-                future.set_result(result)
+                box["result"] = fn()
+            except BaseException as error:
+                box["error"] = error
+            finally:
+                done.set()
+
+        self.comm(job)
+        done.wait()
+        if "error" in box:
+            raise box["error"]
+        return box["result"]
+
+    @staticmethod
+    def _run(jobs):
+        while True:
+            jobs.get()()
+
+
+class _Bucket:
+    """One bucket's way through the pipeline: its future, set once (result or the first error)."""
+
+    def __init__(self, future):
+        self.future = future
+        self.failed = False
+        self.done = threading.Event()
+
+    def finish(self, result) -> None:
+        self.future.set_result(result)
+        self.done.set()
+
+    def fail(self, error) -> None:
+        if not self.failed:
+            self.failed = True
+            self.future.set_exception(error)  # handed to DDP, which raises it in backward
+        self.done.set()
 
 
 class _Round:
@@ -112,8 +170,10 @@ class _Round:
 class BirderState:
     """State of the Birder comm hook (PowerSGDState-style).
 
-    Hyperparameters: ``skip_nonfinite``, ``track_unused``, and those of the
-    compressor (``beta``, ``amsgrad``, ``seed``, the 1-bit ``collective``).
+    Hyperparameters: ``skip_nonfinite``, ``track_unused``, ``piece_numel`` (CPU
+    buckets are compressed and sent in pieces of about this many elements; the
+    result does not depend on it), and those of the compressor (``beta``,
+    ``amsgrad``, ``seed``, the 1-bit ``collective``).
     Per-element state: the compressor's ``m``, ``b`` (fp32, canonical order,
     8 bytes per parameter); nothing per element besides.
     Per-step state: the grad mask, per-parameter "used" flags, the round of
@@ -140,9 +200,13 @@ class BirderState:
         track_unused: bool = False,
         skip_nonfinite: bool = True,
         timeout_s: float | None = None,
+        piece_numel: int = PIECE_NUMEL,
     ):
+        if not isinstance(piece_numel, int) or piece_numel < 8:
+            raise ValueError(f"piece_numel={piece_numel!r}: must be an int >= 8")
         self.compressor = BirderCompressor(params, beta=beta, amsgrad=amsgrad, seed=seed)
         self.skip_nonfinite = bool(skip_nonfinite)
+        self.piece_numel = piece_numel
         self.track_unused = False
         self.used_local = None
         self.attached = False
@@ -156,7 +220,7 @@ class BirderState:
         # Parameters whose chunk order is their memory order, not the logical one (e.g. channels_last).
         self._strided = [p for p in self.params if not p.is_contiguous() and memory_perm(p) is not None]
         self._round = None
-        self._worker = _CommWorker()
+        self._pipeline = _Pipeline()
         for p in self.params:
             _STATE_OF[p] = self
 
@@ -285,7 +349,11 @@ class BirderState:
         return self._round
 
     def exchange_bucket(self, grad_D: torch.Tensor, chunk, round_: _Round, *, is_last: bool) -> torch.Tensor:
-        """Compress and reduce one bucket; on the last one, agree on the step's flags. Returns ``grad_D``."""
+        """Compress and reduce one whole bucket; on the last one, agree on the step's flags. Returns ``grad_D``.
+
+        The GPU path (one thread, the pipeline's CUDA stream); CPU buckets go through
+        :meth:`_compress_pieces` and :meth:`_reduce_piece` instead, with the same result.
+        """
         comp = self.compressor
         used_P, wire = None, None
         if self.used_local is not None:
@@ -295,20 +363,67 @@ class BirderState:
                                flag=round_.nonfinite_local, extra_wire=wire, count_exchange=is_last)
         round_.entries.append((chunk, packed, used_P))
         if is_last:
-            if self.used_local is not None:
-                self.used_local.zero_()  # backward is over: the next marks belong to the next step
-            if self.skip_nonfinite:
-                ranks = torch.zeros(comp.topology.world_size, dtype=torch.uint8, device=grad_D.device)
-                ranks[comp.topology.rank] = round_.nonfinite_local[0]
-                comp.stats.add(comp.collective.all_reduce_max("all-reduce non-finite flags", ranks), exchanges=0)
-                round_.nonfinite_ranks = ranks
-                if grad_D.numel():
-                    # Every rank's .grad non-finite when any rank's is (see the module docstring).
-                    poison = (ranks.max() > 0) & (round_.nonfinite_local[0] == 0)
-                    head = grad_D[:1]
-                    head.copy_(torch.where(poison, torch.full_like(head, float("nan")), head))
-            round_.complete = True
+            self._finish_round(grad_D, round_)
         return grad_D
+
+    def _compress_pieces(self, grad_D, chunk, round_: _Round, bucket: _Bucket, *, is_last: bool) -> None:
+        """On ``birder-compress``: compress the bucket piece by piece, queueing each piece's collective."""
+        try:
+            comp = self.compressor
+            used_P, wire = None, None
+            if self.used_local is not None:
+                used_P = self.used_local[chunk.positions]  # a copy: the flags of this bucket
+                # A collective: issued from the comm thread, in order (this waits for the queued pieces).
+                wire = self._pipeline.call_comm(
+                    lambda: comp.collective.all_reduce_max("all-reduce used-parameter flags", used_P))
+            pieces = comp.split(chunk, self.piece_numel)
+            for k, piece in enumerate(pieces):
+                used_piece = used_P if used_P is None or piece.parent_params is None else used_P[piece.parent_params]
+                bits_B = comp.compress(grad_D[piece.start : piece.start + piece.numel], piece,
+                                       mask_T=self.canonical_mask, used_P=used_piece, flag=round_.nonfinite_local)
+                last_piece = k == len(pieces) - 1
+
+                def reduce(bits_B=bits_B, piece=piece, used_piece=used_piece, extra=wire if k == 0 else None,
+                           last_piece=last_piece):
+                    self._reduce_piece(bits_B, piece, used_piece, round_, bucket, grad_D, extra_wire=extra,
+                                       last_piece=last_piece, is_last=is_last)
+
+                self._pipeline.comm(reduce)
+        except BaseException as error:  # the future fails in order, after the pieces already queued
+            self._pipeline.comm(lambda: bucket.fail(error))
+
+    def _reduce_piece(self, bits_B, piece, used_piece, round_: _Round, bucket: _Bucket, grad_D, *,
+                      extra_wire, last_piece: bool, is_last: bool) -> None:
+        """On ``birder-comm``: one piece's collective; the bucket's future after its last piece."""
+        if bucket.failed:
+            return
+        try:
+            packed = self.compressor.reduce(bits_B, piece, extra_wire=extra_wire,
+                                            count_exchange=is_last and last_piece)
+            round_.entries.append((piece, packed, used_piece))
+            if last_piece:
+                if is_last:
+                    self._finish_round(grad_D, round_)
+                bucket.finish(grad_D)
+        except BaseException as error:
+            bucket.fail(error)
+
+    def _finish_round(self, grad_D: torch.Tensor, round_: _Round) -> None:
+        """After the last bucket: agree on the non-finite flags; the round is ready for the optimizer."""
+        comp = self.compressor
+        if self.used_local is not None:
+            self.used_local.zero_()  # backward is over: the next marks belong to the next step
+        if self.skip_nonfinite:
+            ranks = torch.zeros(comp.topology.world_size, dtype=torch.uint8, device=grad_D.device)
+            ranks[comp.topology.rank] = round_.nonfinite_local[0]
+            comp.stats.add(comp.collective.all_reduce_max("all-reduce non-finite flags", ranks), exchanges=0)
+            round_.nonfinite_ranks = ranks
+            if grad_D.numel():
+                # Every rank's .grad non-finite when any rank's is (see the module docstring).
+                poison = (ranks.max() > 0) & (round_.nonfinite_local[0] == 0)
+                head = grad_D[:1]
+                head.copy_(torch.where(poison, torch.full_like(head, float("nan")), head))
+        round_.complete = True
 
 
 def birder_hook(state: BirderState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -325,39 +440,29 @@ def birder_hook(state: BirderState, bucket: dist.GradBucket) -> torch.futures.Fu
         raise RuntimeError(f"bucket {bucket.index()} holds {grad_D.numel()} elements, its parameters {chunk.numel}")
     is_last = bucket.is_last()
     round_ = state._begin_round(grad_D.device)
+    pipeline = state._pipeline
+    task = _Bucket(torch.futures.Future(devices=[grad_D.device]) if grad_D.is_cuda else torch.futures.Future())
     if grad_D.is_cuda:
-        future = torch.futures.Future(devices=[grad_D.device])
         ready = torch.cuda.Event()
         ready.record()  # on backward's stream: the bucket's gradient is complete after this
-        stream = state._worker.stream(grad_D.device)
+        stream = pipeline.stream(grad_D.device)
 
         def job():
-            with torch.cuda.device(grad_D.device), torch.cuda.stream(stream):
-                stream.wait_event(ready)
-                grad_D.record_stream(stream)
-                return state.exchange_bucket(grad_D, chunk, round_, is_last=is_last)
+            try:
+                with torch.cuda.device(grad_D.device), torch.cuda.stream(stream):
+                    stream.wait_event(ready)
+                    grad_D.record_stream(stream)
+                    task.finish(state.exchange_bucket(grad_D, chunk, round_, is_last=is_last))
+            except BaseException as error:
+                task.fail(error)
 
+        pipeline.comm(job)
     else:
-        future = torch.futures.Future()
-
-        def job():
-            return state.exchange_bucket(grad_D, chunk, round_, is_last=is_last)
-
-    if not is_last:
-        state._worker.submit(job, future)
-        return future
-    # The last bucket: return only once the worker has issued every collective of this step, so that
-    # DDP's own collectives after backward (its unused-parameter all-reduce, from this thread) never run
-    # concurrently with the worker's on another communicator (unsafe on NCCL; a hang with
-    # CUDA_DEVICE_MAX_CONNECTIONS=1). Nothing is lost: backward has no work left to overlap.
-    issued = threading.Event()
-
-    def last_job():
-        try:
-            return job()
-        finally:
-            issued.set()
-
-    state._worker.submit(last_job, future)
-    issued.wait()
-    return future
+        pipeline.compress(lambda: state._compress_pieces(grad_D, chunk, round_, task, is_last=is_last))
+    if is_last:
+        # The last bucket: return only once every collective of this step is done, so that DDP's own
+        # collectives after backward (its unused-parameter all-reduce, from this thread) never run
+        # concurrently with the pipeline's on another communicator (unsafe on NCCL; a hang with
+        # CUDA_DEVICE_MAX_CONNECTIONS=1). Nothing is lost: backward has no work left to overlap.
+        task.done.wait()
+    return task.future

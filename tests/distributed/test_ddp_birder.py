@@ -122,9 +122,29 @@ def _train_worker(rank, world_size):
         opt.zero_grad()
     checks["no_sync/one_exchange_per_step"] = opt.comm_stats.num_exchanges == 4
     checks["no_sync/replicas_identical"] = _identical_across_ranks(_flat(model))
+    # Buckets compressed and sent in pieces (split inside parameters, 8-element aligned) give the whole
+    # bucket's result bit for bit: parameters and this rank's m, b equal, replicas identical.
+    for collective, requantize, num_nodes in [("allgather", False, None), ("two_phase", True, None),
+                                              ("hierarchical", False, 2)]:
+        finals = {}
+        for piece_numel in (None, 64):
+            model, ddp, opt = _make(collective, requantize, num_nodes, find_unused_parameters=True)
+            if piece_numel is not None:
+                opt.hook_state.piece_numel = piece_numel
+            for step in range(6):
+                x, y = _batch(step, rank)
+                opt.zero_grad()
+                F.cross_entropy(ddp(x, rank == 0 and step % 2 == 0), y).backward()
+                opt.step()
+            finals[piece_numel] = (_flat(model), opt.rank_state()["m"], opt.rank_state()["b"])
+        tag = f"pieces/{collective}{'+requantize' if requantize else ''}"
+        checks[f"{tag}/same_as_whole_buckets"] = all(torch.equal(a, b) for a, b in zip(finals[None], finals[64]))
+        checks[f"{tag}/replicas_identical"] = _identical_across_ranks(finals[64][0])
     # A NaN on rank 1 only: every rank skips that step with x unchanged; NaN/Inf elements never enter
     # m, b (rank 1's gradient is all NaN: its m, b stay), finite ones do (rank 0's m, b take the step).
+    # Buckets go in pieces of 64 elements here: the non-finite flag is raised by any piece.
     model, ddp, opt = _make("two_phase", find_unused_parameters=True)
+    opt.hook_state.piece_numel = 64
     _run_steps(ddp, opt, rank, range(3))
     params_before = _flat(model).clone()
     state_before = {k: opt.rank_state()[k].clone() for k in "mb"}

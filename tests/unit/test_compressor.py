@@ -72,3 +72,56 @@ def test_bucket_cap_keeps_each_peers_message_above_the_measured_knee():
         assert cap_bytes // 4 // (8 * world) >= MIN_PEER_BYTES  # D / (8 n) bytes to each peer
         assert bucket_cap_mb(world) >= 25
     assert bucket_cap_mb(100_000) == 1024  # capped: past 128 ranks the floor is not kept (documented)
+
+
+def test_pieces_are_byte_aligned_and_give_the_whole_chunks_bits_state_and_update():
+    torch.manual_seed(0)
+    shapes = [(37,), (0,), (5, 13), (2, 3, 4, 5), (1,), (129,)]
+    params = [torch.nn.Parameter(torch.randn(*s)) for s in shapes]
+    params[3].data = params[3].data.to(memory_format=torch.channels_last)  # chunk order = memory order
+    initial = [p.detach().clone() for p in params]
+    total = sum(p.numel() for p in params)
+    g = torch.randn(total)
+    g[50] = float("nan")
+    mask = torch.rand(total) < 0.8
+    used = torch.tensor([1, 0, 1, 1, 1, 0], dtype=torch.uint8)  # DDP's order below: params reversed
+    results = {}
+    for piece_numel in (10**6, 64, 8, 24):
+        for p, x in zip(params, initial):
+            p.data.copy_(x)
+        comp = BirderCompressor(params, beta=0.9, seed=5)
+        comp.step = 3
+        chunk = comp.chunk(params[::-1])
+        pieces = comp.split(chunk, piece_numel)
+        assert len(pieces) == 1 or comp.split(chunk, piece_numel) is pieces  # cached with the chunk
+        # The pieces tile the chunk in order, each starts at a multiple of 8 (byte-aligned bits).
+        assert [p.start for p in pieces] == [sum(q.numel for q in pieces[:k]) for k in range(len(pieces))]
+        assert sum(p.numel for p in pieces) == chunk.numel
+        assert all(p.start % 8 == 0 and p.numel <= max(piece_numel, 8) for p in pieces[1:])
+        flag = torch.zeros(1, dtype=torch.uint8)
+        bits = []
+        for piece in pieces:
+            used_piece = used if piece.parent_params is None else used[piece.parent_params]
+            bits.append(comp.compress(g[piece.start : piece.start + piece.numel], piece, mask_T=mask,
+                                      used_P=used_piece, flag=flag))
+        rows = torch.cat(bits).view(1, -1)
+        for piece in pieces:  # the update, piece by piece, into views of the parameters
+            lo, hi = piece.start, piece.start + piece.numel
+            used_piece = used if piece.parent_params is None else used[piece.parent_params]
+            num = len(piece.params)
+            kernels.apply_packed_(piece.param_views(), piece.seg_starts, piece.seg_canon,
+                                  rows[:, lo // 8 : -(-hi // 8)], planes=False, num_rows=1,
+                                  lr_P=torch.full((num,), 0.5), wd_P=torch.full((num,), 0.1), mask_T=mask,
+                                  used_P=used_piece)
+        xs = [p.detach().clone() for p in params]
+        results[piece_numel] = (rows, comp.m.clone(), comp.b.clone(), int(flag[0]), xs, len(pieces))
+    whole = results[10**6]
+    assert whole[5] == 1 and [results[n][5] for n in (64, 8, 24)] == [6, 44, 15]  # ceil(352 / n)
+    # The update moved a used parameter and left the unused ones (used_P = 0) alone.
+    assert not torch.equal(whole[4][5], initial[5]) and torch.equal(whole[4][0], initial[0])
+    for piece_numel in (64, 8, 24):
+        rows, m, b, flag, xs, _ = results[piece_numel]
+        assert torch.equal(rows, whole[0]) and torch.equal(m, whole[1]) and torch.equal(b, whole[2])
+        assert flag == whole[3] == 1
+        assert all(torch.equal(x, y) for x, y in zip(xs, whole[4])), piece_numel
+    assert params[3].is_contiguous(memory_format=torch.channels_last)
