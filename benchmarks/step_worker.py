@@ -152,7 +152,9 @@ class StageTimer:
                 return stage(collective, name, where, fn)
 
         OneBitCollective.stage = timed_stage
-        BirderState.exchange_bucket = self.wrap("hook exchange (whole, comm thread)", BirderState.exchange_bucket)
+        BirderState._compress_pieces = self.wrap("hook compress (per bucket, compress thread)",
+                                                 BirderState._compress_pieces)
+        BirderState._reduce_piece = self.wrap("hook reduce (per piece, comm thread)", BirderState._reduce_piece)
 
     def reset(self) -> None:
         with self._lock:
