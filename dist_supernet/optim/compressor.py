@@ -71,6 +71,20 @@ def flat_view(param: torch.Tensor) -> torch.Tensor:
     return param  # gaps or overlaps: the kernels take it in logical order
 
 
+def piece_bounds(numel: int, piece_numel: int) -> list:
+    """``[(lo, hi), ...]``: ``[0, numel)`` in ceil(numel / piece_numel) near-equal pieces, each starting
+    at a multiple of 8 elements.
+
+    Example::
+        >>> piece_bounds(100, 32)
+        [(0, 32), (32, 64), (64, 96), (96, 100)]
+        >>> piece_bounds(100, 40)
+        [(0, 40), (40, 80), (80, 100)]
+    """
+    size = chunk_elems(numel, -(-numel // piece_numel))
+    return [(lo, min(lo + size, numel)) for lo in range(0, numel, size)]
+
+
 @dataclasses.dataclass
 class Chunk:
     """A flat run of parameters (a DDP bucket, or all parameters in local mode) and its index map."""
@@ -213,18 +227,17 @@ class BirderCompressor:
         """
         if chunk.numel <= piece_numel or chunk.param_ranges is not None:
             return (chunk,)
-        cached = chunk.pieces.get(piece_numel)
+        key = piece_numel
+        cached = chunk.pieces.get(key)
         if cached is not None:
             return cached
         if any(not p.is_contiguous() and memory_perm(p) is None for p in chunk.params):
-            chunk.pieces[piece_numel] = (chunk,)
-            return chunk.pieces[piece_numel]
-        size = chunk_elems(chunk.numel, -(-chunk.numel // piece_numel))
+            chunk.pieces[key] = (chunk,)
+            return chunk.pieces[key]
         starts, canon = chunk.seg_starts.tolist(), chunk.seg_canon.tolist()
         device = chunk.seg_starts.device
         pieces = []
-        for lo in range(0, chunk.numel, size):
-            hi = min(lo + size, chunk.numel)
+        for lo, hi in piece_bounds(chunk.numel, piece_numel):
             # The parameters with elements in [lo, hi); an empty one goes with the piece its start is in.
             members = [s for s in range(len(chunk.params))
                        if (starts[s] < hi and starts[s + 1] > lo)
@@ -241,8 +254,8 @@ class BirderCompressor:
                 numel=hi - lo, start=lo, parent_params=slice(s0, s1),
                 param_ranges=tuple((f, seg_starts[k + 1] - seg_starts[k]) for k, f in enumerate(first)),
             ))
-        chunk.pieces[piece_numel] = tuple(pieces)
-        return chunk.pieces[piece_numel]
+        chunk.pieces[key] = tuple(pieces)
+        return chunk.pieces[key]
 
     def views(self, param) -> dict:
         """``{"m", "b"}`` of ``param``: views of the flat state, shaped (and strided) like the parameter."""

@@ -37,15 +37,16 @@ threads use their own process groups (see ``CommGroups``). Flags (non-finite,
 used) stay on the device; the optimizer reads them once per step.
 """
 
+import math
 import queue
 import threading
+import time
 import weakref
 
 import torch
 import torch.distributed as dist
 
 from dist_supernet.comm import Topology
-from dist_supernet.comm.collectives import MIN_PEER_BYTES
 from dist_supernet.optim.compressor import STAGE_COMPRESS, BirderCompressor  # noqa: F401 (re-exported)
 from dist_supernet.optim.compressor import flat_like_memory, memory_perm
 
@@ -75,10 +76,30 @@ class _StatesByParam:
 _STATE_OF = _StatesByParam()
 
 
-# Elements per piece of a CPU bucket: 2**21 elements are 256 KiB of bits, the smallest message that
-# keeps a gloo all-gather bandwidth bound between 2 processes (comm.collectives.MIN_PEER_BYTES, measured by
-# benchmarks/message_size.py); smaller pieces start the wire sooner but pay gloo's per-call latency.
-PIECE_NUMEL = 8 * MIN_PEER_BYTES
+# Pieces of a CPU bucket (see the module docstring), sized by the link: each rank measures the
+# fastest rate (elements per second) any piece of the step went through its collective, proposes
+# pieces of PIECE_SECONDS at that rate (a power of two in [2**MIN_PIECE_LOG2, 2**MAX_PIECE_LOG2]),
+# and the ranks take the largest proposal in the step's flag all-reduce, so every rank cuts the next
+# step's buckets alike. PIECE_SECONDS: benchmarks/slow_link.py (10.5M-parameter MLP, 2 nodes x 1
+# process, 2026-12-01) measured 2**18-element pieces (32 KiB, 2.7 ms at 96 Mbit/s) fastest at
+# 100 Mbit/s: 222 ms/step, against 2**17 272 ms, 2**19 238 ms, 2**21 262 ms and whole buckets
+# 272 ms (both directions share the shaped queue, and shorter messages keep it short); on
+# loopback, 2**21 and whole buckets took 106-110 ms/step and 2**19 128 ms (gloo's ~0.5 ms per call).
+PIECE_SECONDS = 0.003
+FIRST_PIECE_LOG2 = 21  # before the first measurement: 256 KiB of bits (comm.collectives.MIN_PEER_BYTES)
+MIN_PIECE_LOG2, MAX_PIECE_LOG2 = 16, 24
+
+
+def propose_piece_log2(elements_per_second: float) -> int:
+    """log2 of the piece (elements) that takes PIECE_SECONDS at this rate, within the bounds.
+
+    Example::
+        >>> propose_piece_log2(87e6), propose_piece_log2(1e12), propose_piece_log2(0.0)
+        (18, 24, 16)
+    """
+    if elements_per_second <= 0:
+        return MIN_PIECE_LOG2
+    return min(MAX_PIECE_LOG2, max(MIN_PIECE_LOG2, round(math.log2(elements_per_second * PIECE_SECONDS))))
 
 
 class _Pipeline:
@@ -164,6 +185,7 @@ class _Round:
         self.entries = []  # (chunk, packed, used_P or None), in DDP's bucket order
         self.nonfinite_local = torch.zeros(1, dtype=torch.uint8, device=device)
         self.nonfinite_ranks = None  # uint8 [world] after the last bucket (skip_nonfinite)
+        self.best_rate = 0.0  # elements per second of this rank's fastest piece (CPU pipeline)
         self.complete = False
 
 
@@ -171,9 +193,10 @@ class BirderState:
     """State of the Birder comm hook (PowerSGDState-style).
 
     Hyperparameters: ``skip_nonfinite``, ``track_unused``, ``piece_numel`` (CPU
-    buckets are compressed and sent in pieces of about this many elements; the
-    result does not depend on it), and those of the compressor (``beta``,
-    ``amsgrad``, ``seed``, the 1-bit ``collective``).
+    buckets are compressed and sent in pieces of about this many elements; None:
+    sized by the measured link, see PIECE_SECONDS; the result does not depend on
+    it), and those of the compressor (``beta``, ``amsgrad``, ``seed``, the 1-bit
+    ``collective``).
     Per-element state: the compressor's ``m``, ``b`` (fp32, canonical order,
     8 bytes per parameter); nothing per element besides.
     Per-step state: the grad mask, per-parameter "used" flags, the round of
@@ -200,13 +223,14 @@ class BirderState:
         track_unused: bool = False,
         skip_nonfinite: bool = True,
         timeout_s: float | None = None,
-        piece_numel: int = PIECE_NUMEL,
+        piece_numel: int | None = None,
     ):
-        if not isinstance(piece_numel, int) or piece_numel < 8:
-            raise ValueError(f"piece_numel={piece_numel!r}: must be an int >= 8")
+        if piece_numel is not None and (not isinstance(piece_numel, int) or piece_numel < 8):
+            raise ValueError(f"piece_numel={piece_numel!r}: must be None (sized by the link) or an int >= 8")
         self.compressor = BirderCompressor(params, beta=beta, amsgrad=amsgrad, seed=seed)
         self.skip_nonfinite = bool(skip_nonfinite)
         self.piece_numel = piece_numel
+        self.piece_log2 = FIRST_PIECE_LOG2  # the agreed piece size while piece_numel is None
         self.track_unused = False
         self.used_local = None
         self.attached = False
@@ -376,7 +400,7 @@ class BirderState:
                 # A collective: issued from the comm thread, in order (this waits for the queued pieces).
                 wire = self._pipeline.call_comm(
                     lambda: comp.collective.all_reduce_max("all-reduce used-parameter flags", used_P))
-            pieces = comp.split(chunk, self.piece_numel)
+            pieces = comp.split(chunk, self.piece_numel or 1 << self.piece_log2)
             for k, piece in enumerate(pieces):
                 used_piece = used_P if used_P is None or piece.parent_params is None else used_P[piece.parent_params]
                 bits_B = comp.compress(grad_D[piece.start : piece.start + piece.numel], piece,
@@ -398,8 +422,12 @@ class BirderState:
         if bucket.failed:
             return
         try:
+            started = time.perf_counter()
             packed = self.compressor.reduce(bits_B, piece, extra_wire=extra_wire,
                                             count_exchange=is_last and last_piece)
+            seconds = time.perf_counter() - started
+            if seconds > 0:
+                round_.best_rate = max(round_.best_rate, piece.numel / seconds)
             round_.entries.append((piece, packed, used_piece))
             if last_piece:
                 if is_last:
@@ -414,9 +442,16 @@ class BirderState:
         if self.used_local is not None:
             self.used_local.zero_()  # backward is over: the next marks belong to the next step
         if self.skip_nonfinite:
-            ranks = torch.zeros(comp.topology.world_size, dtype=torch.uint8, device=grad_D.device)
+            world = comp.topology.world_size
+            # One MAX all-reduce: each rank's non-finite flag and, on CPU, the next step's piece size.
+            flags = torch.zeros(world + int(not grad_D.is_cuda), dtype=torch.uint8, device=grad_D.device)
+            ranks = flags[:world]
             ranks[comp.topology.rank] = round_.nonfinite_local[0]
-            comp.stats.add(comp.collective.all_reduce_max("all-reduce non-finite flags", ranks), exchanges=0)
+            if not grad_D.is_cuda:
+                flags[world] = propose_piece_log2(round_.best_rate) if round_.best_rate else self.piece_log2
+            comp.stats.add(comp.collective.all_reduce_max("all-reduce non-finite flags", flags), exchanges=0)
+            if not grad_D.is_cuda:
+                self.piece_log2 = int(flags[world])
             round_.nonfinite_ranks = ranks
             if grad_D.numel():
                 # Every rank's .grad non-finite when any rank's is (see the module docstring).

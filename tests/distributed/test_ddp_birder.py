@@ -137,6 +137,9 @@ def _train_worker(rank, world_size):
                 F.cross_entropy(ddp(x, rank == 0 and step % 2 == 0), y).backward()
                 opt.step()
             finals[piece_numel] = (_flat(model), opt.rank_state()["m"], opt.rank_state()["b"])
+            if piece_numel is None:  # sized by the link: every rank agreed on the same next piece size
+                agreed = torch.tensor([opt.hook_state.piece_log2])
+                checks[f"pieces/{collective}/size_agreed"] = _identical_across_ranks(agreed) and 16 <= int(agreed) <= 24
         tag = f"pieces/{collective}{'+requantize' if requantize else ''}"
         checks[f"{tag}/same_as_whole_buckets"] = all(torch.equal(a, b) for a, b in zip(finals[None], finals[64]))
         checks[f"{tag}/replicas_identical"] = _identical_across_ranks(finals[64][0])
