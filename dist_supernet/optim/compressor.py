@@ -292,7 +292,8 @@ class BirderCompressor:
             return Packed(bits_B.view(1, -1), planes=False, num_rows=1)
         # The collective's own draws are keyed by the step, not by this rank: which rank
         # owns an element's chunk depends on DDP's bucket layout, which a resume changes.
-        packed = self.collective.reduce_packed(bits_B, chunk.numel, chunk.index_map, seed=mix_seed(self.seed, self.step))
+        packed = self.collective.reduce_packed(bits_B, chunk.numel, chunk.index_map,
+                                               seed=mix_seed(self.seed, self.step))
         wire = self.collective.wire_bytes(chunk.numel)
         if extra_wire is not None:
             wire = wire + extra_wire

@@ -22,8 +22,8 @@ local work between them, and on CPU the compress kernel costs about as much
 per bucket as its bits take on a 1 Gbit/s link. The hook hands each bucket to
 a per-rank pipeline and returns at once, so backward keeps computing while
 buckets are compressed and exchanged (DDP's overlap). On CPU the thread
-``birder-compress`` cuts a bucket into pieces of about ``piece_numel``
-elements and compresses them one after another, and the thread
+``birder-compress`` cuts a bucket into pieces (sized by the measured link:
+see ``PIECE_SECONDS``) and compresses them one after another, and the thread
 ``birder-comm`` runs each piece's collective as soon as it is compressed: the
 next piece is compressed while this one is on the wire (both threads release
 the GIL: numba kernels and gloo waits). Every collective is issued from
