@@ -284,6 +284,7 @@ def summarize(report: dict) -> dict:
             "wire_tx_bytes_per_iface": wire_tx,
             "wire_over_accounted": wire_tx / accounted_on_iface if wire_tx and accounted_on_iface else None,
             "wire_bytes_per_packet": wire_tx / packets if wire_tx and packets else None,
+            "piece_log2": sorted({k for r in ranks for k in r.get("piece_log2", [])}),
         })
     return {"t_compute_s": t_compute, "t_fp32_s": t_fp32, "ideal_speedup": ideal, "rows": rows}
 
@@ -340,6 +341,11 @@ def markdown_table(link: str, report: dict, summary: dict) -> str:
             f"{_mb(row['wire_tx_bytes_per_iface'])} | {'n/a' if ratio is None else f'{ratio:.3f}'} | "
             f"{'n/a' if per_packet is None else f'{per_packet:.0f}'} |"
         )
+    pieces = [f"{row['method']} {'/'.join(f'2^{k}' for k in row['piece_log2'])}"
+              for row in summary["rows"] if row.get("piece_log2")]
+    if pieces:
+        lines += ["", "Birder's CPU piece size, agreed by the ranks after each timed step (elements; "
+                  f"`optim.hook.PIECE_SECONDS`): {', '.join(pieces)}."]
     return "\n".join(lines)
 
 

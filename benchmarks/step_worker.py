@@ -218,6 +218,7 @@ class MethodRun:
         self.bytes = collections.Counter()
         self.iface = collections.Counter() if args.iface and args.is_node_leader else None
         self.profile = None
+        self.piece_log2 = []  # Birder: the agreed CPU piece size after each timed step (log2 elements)
 
     def step(self, batch):
         train_step(self.ddp_model, self.opt, batch, sync=self.sync)
@@ -246,6 +247,8 @@ def run_methods(methods: list[str], args, batch, timing_group) -> list[dict]:
             if iface_before is not None:
                 run.iface.update({k: v - iface_before[k] for k, v in read_iface_bytes(args.iface).items()})
             run.bytes.update({k: v - stats_before[k] for k, v in run.stats.snapshot().items()})
+            if isinstance(run.opt, Birder):
+                run.piece_log2.append(run.opt.hook_state.piece_log2)
     if TIMER is not None:
         for run in runs:  # separate profiled steps, after the timed ones
             run.profile = profile_steps(run, args, batch, timing_group)
@@ -259,6 +262,7 @@ def run_methods(methods: list[str], args, batch, timing_group) -> list[dict]:
             "bytes": {k: run.bytes[k] / args.steps for k in ("bytes_intra", "bytes_inter", "bytes_total")},
             "iface": None if run.iface is None else {k: v / args.steps for k, v in run.iface.items()},
             "profile": run.profile,
+            "piece_log2": run.piece_log2,
         }
         per_rank = [None] * dist.get_world_size()
         dist.all_gather_object(per_rank, mine, group=timing_group)
