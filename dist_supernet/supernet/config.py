@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dist_supernet.errors import ConfigError
 from dist_supernet.supernet.progressive import check_phases
 from dist_supernet.supernet.sampler import build_sampler
-from dist_supernet.supernet.search import check_search_settings
+from dist_supernet.supernet.search import check_limits, check_search_settings
 from dist_supernet.supernet.space import Supernet
 
 SUPERNET_KEYS = ("sampler", "distillation", "progressive_shrinking", "bn_recalibration", "search")
@@ -68,8 +68,12 @@ def check_supernet_config(cfg: Mapping, space: Supernet) -> dict:
     if not isinstance(num_batches, int) or num_batches < 1:
         raise ConfigError("supernet.bn_recalibration.num_batches", num_batches, "expected a positive integer")
 
+    search = cfg.get("search") or {}
     try:
-        check_search_settings(cfg.get("search") or {})
+        check_search_settings(search)
+        # The search after training runs over the last phase's dimensions: even its smallest subnet must fit.
+        check_limits(space, search.get("flops_limit"), search.get("params_limit"),
+                     elastic=cfg["progressive_shrinking"][-1]["elastic"])
     except ConfigError as e:
         raise e.under("supernet") from None
     return cfg

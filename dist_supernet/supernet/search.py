@@ -160,6 +160,27 @@ def check_search_settings(settings: Mapping) -> dict:
     return settings
 
 
+def check_limits(space: Supernet, flops_limit: float | None, params_limit: float | None, *,
+                 elastic: Iterable[str] | None = None, image_size: int | None = None) -> dict:
+    """The smallest subnet of ``space`` (``elastic`` dimensions free); ``ConfigError`` if even it exceeds a limit.
+
+    Example::
+        >>> from dist_supernet.supernet import OFACNN
+        >>> space = OFACNN(in_channels=1, image_size=8, num_classes=10)
+        >>> check_limits(space, None, 10)
+        Traceback (most recent call last):
+        ...
+        dist_supernet.errors.ConfigError: search.params_limit=10: even the smallest subnet has params=6230
+    """
+    smallest = space.min_arch(elastic)
+    flops, params = _Constraint(space, flops_limit, params_limit, image_size).measure(smallest)
+    if flops_limit is not None and flops > flops_limit:
+        raise ConfigError("search.flops_limit", flops_limit, f"even the smallest subnet has flops={flops}")
+    if params_limit is not None and params > params_limit:
+        raise ConfigError("search.params_limit", params_limit, f"even the smallest subnet has params={params}")
+    return smallest
+
+
 def evolutionary_search(
     space: Supernet,
     evaluate: Callable[[dict], float],
@@ -196,11 +217,7 @@ def evolutionary_search(
         population_size, num_generations, mutate_prob, mutation_ratio, parent_ratio, max_tries
     )
     constraint = _Constraint(space, flops_limit, params_limit, image_size)
-    smallest = space.min_arch(elastic)
-    if not constraint(smallest):
-        flops, params = constraint.measure(smallest)
-        raise ValueError(f"search limits flops_limit={flops_limit!r}, params_limit={params_limit!r}: even the "
-                         f"smallest subnet has flops={flops}, params={params}")
+    smallest = check_limits(space, flops_limit, params_limit, elastic=elastic, image_size=image_size)
     rng = random.Random(seed)
     scores = _Scores(evaluate, constraint, split_evaluation, group)
 

@@ -47,6 +47,7 @@ def test_configs_compose_and_validate(supernet, model):
     ({"search": {"population": 3}}, "supernet.search.population"),
     ({"search": {"parent_ratio": 1.5}}, "supernet.search.parent_ratio"),
     ({"searhc": {}}, "supernet.searhc"),
+    ({"search": {"params_limit": 10}}, r"^supernet.search.params_limit=10: even the smallest subnet has params=6230$"),
 ])
 def test_bad_values_fail_with_the_key(change, match):
     net = build_supernet({"name": "ofa_cnn"}, 1, 8, 10)

@@ -61,6 +61,7 @@ BAD_SUPERNET_AND_MODEL_VALUES = [
     (["supernet.distillation.weight=2"], "supernet.distillation.weight=2: expected a number in [0, 1]"),
     (["supernet.sampler.num_archs=-1"], "supernet.sampler.num_archs=-1: expected a non-negative integer"),
     (["supernet.search.population_size=1"], "supernet.search.population_size=1: expected an integer >= 2"),
+    (["supernet.search.flops_limit=1000"], "supernet.search.flops_limit=1000: even the smallest subnet has flops="),
     (["+supernet.search.populaton=8"], "supernet.search.populaton=8: unknown key; expected population_size, "),
     (["model.depths=[0,2]"], "model.depths=[0,2]: choices must be positive"),
     (["model.kernel_sizes=[4]"], "model.kernel_sizes=[4]: kernel sizes must be odd (centre crop), got [4]"),
