@@ -11,7 +11,10 @@ Every elastic module
 - answers, for a given input size, the three questions that masks, export and
   the tests ask (:class:`ElasticModule`): which slice of each parameter the
   forward reads, what the equivalent plain layer's weights are, and how wide
-  its output is.
+  its output is. A layer made of elastic layers (:class:`ElasticComposite`)
+  only lists them with what each reads; :func:`per_layer` is the one loop that
+  collects their answers, for the blocks here and for the whole supernet
+  (``Supernet._used_slices`` / ``_export_state`` in ``space.py``).
 
 Slicing rules (the ones OFA / BigNAS / AutoFormer use): widths keep the
 *leading* channels, a smaller kernel is the *centre crop* of the max kernel.
