@@ -17,8 +17,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -26,129 +24,33 @@ import pytest
 import torch
 
 from dist_supernet.train.checkpoint import read_checkpoint
+from tests.distributed.jobs import REPO, Job, kill_all, read_run, single, torchrun, wait_for_step
 from tests.fault_report import record
 
-REPO = Path(__file__).resolve().parents[2]
-TIMEOUT_S = 180
 # 40 steps, a checkpoint every 10, a metrics row every step.
 RUN = ["model=mlp", "trainer.max_steps=40", "trainer.checkpoint_every=10", "trainer.keep_checkpoints=4",
        "trainer.log_every=1", "trainer.eval_every=20"]
 HUNG_TIMEOUT_S = 3.0
 
-
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "DIST_SUPERNET_RUN"))}
-    env.update(GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return env
-
-
-_JOBS: list["Job"] = []
+_JOBS: list[Job] = []
 
 
 @pytest.fixture(autouse=True)
 def _no_leftover_processes():
     """A failed or timed-out test must not leave workers running (torchrun starts each in its own session)."""
     yield
-    while _JOBS:
-        _JOBS.pop().kill()
+    kill_all(_JOBS)
 
 
-def _descendants(pid: int) -> list[int]:
-    found = []
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            for child in open(f"/proc/{pid}/task/{task}/children").read().split():
-                found += [int(child), *_descendants(int(child))]
-    except OSError:  # already gone
-        pass
-    return found
-
-
-class Job:
-    """torchrun (or, with ``nproc=1``, one plain process) in the background; output lines with arrival times."""
-
-    def __init__(self, overrides, *, cwd, nproc=2, max_restarts=0):
-        if nproc == 1:
-            cmd = [sys.executable, "-m", "dist_supernet.train", *overrides]
-        else:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                   f"--max-restarts={max_restarts}", "-m", "dist_supernet.train", *overrides]
-        self.proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True)
-        _JOBS.append(self)
-        self.lines: list[tuple[float, str]] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def kill(self) -> None:
-        """SIGKILL the job and every process under it (workers first found, then killed together)."""
-        for pid in [*_descendants(self.proc.pid), self.proc.pid]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.proc.wait(timeout=10)
-
-    def _read(self):
-        for line in self.proc.stdout:
-            self.lines.append((time.monotonic(), line.rstrip("\n")))
-
-    @property
-    def text(self) -> str:
-        return "\n".join(line for _, line in self.lines)
-
-    def worker_pids(self) -> dict[int, int]:
-        """{rank: pid} of torchrun's worker processes (its children, RANK from their environment)."""
-        pids = {}
-        for task in os.listdir(f"/proc/{self.proc.pid}/task"):
-            for pid in open(f"/proc/{self.proc.pid}/task/{task}/children").read().split():
-                environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
-                rank = next((int(e[5:]) for e in environ if e.startswith(b"RANK=")), None)
-                if rank is not None:
-                    pids[rank] = int(pid)
-        return pids
-
-    def wait_for_line(self, pattern: str, *, after: float = 0.0, timeout_s: float = 60) -> tuple[float, str]:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            for when, line in list(self.lines):
-                if when >= after and re.search(pattern, line):
-                    return when, line
-            time.sleep(0.01)
-        raise AssertionError(f"no line matching {pattern!r} in {timeout_s}s:\n{self.text[-3000:]}")
-
-    def wait(self, timeout_s: float = TIMEOUT_S) -> int:
-        try:
-            rc = self.proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(f"job still running after {timeout_s}s:\n{self.text[-3000:]}") from None
-        self._reader.join(timeout=10)
-        return rc
-
-
-def wait_for_step(run_dir: Path, step: int, job: Job, timeout_s: float = 120) -> int:
-    """Poll metrics.jsonl until it shows ``step`` or later; returns the step it shows."""
-    path, deadline = run_dir / "metrics.jsonl", time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert job.proc.poll() is None, f"job ended early:\n{job.text[-3000:]}"
-        if path.is_file():
-            lines = path.read_text().splitlines()
-            if lines and lines[-1].endswith("}") and json.loads(lines[-1])["step"] >= step:
-                return json.loads(lines[-1])["step"]
-        time.sleep(0.002)
-    raise AssertionError(f"step {step} not reached in {timeout_s}s")
-
-
-def read_run(run_dir: Path) -> tuple[dict, list[dict]]:
-    summary = json.loads((run_dir / "summary.json").read_text())
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return summary, rows
+def start(overrides, *, cwd, nproc=2, max_restarts=0) -> Job:
+    """torchrun (or, with ``nproc=1``, one plain process) in the background."""
+    cmd = single(*overrides) if nproc == 1 else torchrun(*overrides, nproc=nproc, max_restarts=max_restarts)
+    return Job(cmd, cwd=cwd, jobs=_JOBS)
 
 
 def run_once(overrides, *, cwd, nproc=2, check=True) -> subprocess.CompletedProcess:
     """torchrun (nproc >= 2) or one plain process (nproc == 1), to the end; stdout holds stderr too."""
-    job = Job(overrides, cwd=cwd, nproc=nproc)
+    job = start(overrides, cwd=cwd, nproc=nproc)
     out = subprocess.CompletedProcess(job.proc.args, job.wait(), stdout=job.text, stderr="")
     if check:
         assert out.returncode == 0, out.stdout[-6000:]
@@ -186,7 +88,7 @@ def kill_resume_compare(reference: Path, overrides: list[str], tmp_path: Path, *
                         max_steps: int, fault: str) -> dict:
     """SIGKILL rank 1 once metrics.jsonl shows ``kill_after``; torchrun --max-restarts=1 resumes; compare."""
     run_dir = tmp_path / "run"
-    job = Job([*overrides, f"hydra.run.dir={run_dir}"], cwd=tmp_path, max_restarts=1)
+    job = start([*overrides, f"hydra.run.dir={run_dir}"], cwd=tmp_path, max_restarts=1)
     seen = wait_for_step(run_dir, kill_after, job)
     killed_at = time.monotonic()
     os.kill(job.worker_pids()[1], signal.SIGKILL)
@@ -249,7 +151,7 @@ def test_sigkilled_worker_of_the_supernet_job_resumes_its_sampler_bit_identicall
 def test_stopped_worker_fails_the_job_within_the_timeout_naming_stage_and_rank(name, overrides, tmp_path):
     """SIGSTOP rank 1 mid-run: rank 0 reports within the timeout; torchrun exits non-zero instead of hanging."""
     run_dir = tmp_path / "run"
-    job = Job(["model=mlp", "trainer.max_steps=100000", "trainer.log_every=5", "trainer.eval_every=0",
+    job = start(["model=mlp", "trainer.max_steps=100000", "trainer.log_every=5", "trainer.eval_every=0",
                "trainer.checkpoint_every=0", f"trainer.timeout_s={HUNG_TIMEOUT_S}", *overrides,
                f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     wait_for_step(run_dir, 20, job)
@@ -294,7 +196,7 @@ def test_nan_on_one_rank_skips_on_every_rank_and_stops_after_the_limit_birder(tm
     """Birder (1-bit hook): NaN on rank 1 at steps 3, 6, 7, 8; x unchanged, the NaN never enters m, b; stop at 8."""
     run_dir = tmp_path / "run"
     started = time.monotonic()
-    job = Job([*NAN, "trainer.inject_nan_at_steps=[3,6,7,8]", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    job = start([*NAN, "trainer.inject_nan_at_steps=[3,6,7,8]", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     rc = job.wait()
     name = _last_param_name("mlp")
     errors = [line for line in job.text.splitlines() if line.startswith("error:")]
@@ -329,7 +231,7 @@ def test_nan_on_one_rank_skips_on_every_rank_and_stops_after_the_limit_birder(tm
 def test_nan_on_one_rank_skips_the_step_for_adamw_too_and_replicas_stay_identical(tmp_path):
     """AdamW on DDP's fp32 all-reduce: the averaged gradient is NaN on every rank, so each skips locally."""
     run_dir = tmp_path / "run"
-    job = Job([*NAN, "compression=none", "optim=adamw", "trainer.inject_nan_at_steps=[3,6,7]",
+    job = start([*NAN, "compression=none", "optim=adamw", "trainer.inject_nan_at_steps=[3,6,7]",
                f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     assert job.wait() == 0, job.text[-3000:]
     summary, rows = read_run(run_dir)

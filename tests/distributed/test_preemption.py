@@ -16,22 +16,12 @@ import re
 import signal
 import time
 
-import pytest
-
 from tests.distributed.jobs import PLAIN, Job, checkpoint_steps, launcher, rows, torchrun, wait_for_step
 from tests.fault_report import record
 
 STEPS = 120
 RUN = [*PLAIN, f"trainer.max_steps={STEPS}", "trainer.log_every=1", "trainer.checkpoint_every=1000",
        "trainer.batch_size=16"]
-
-
-@pytest.fixture
-def jobs():
-    started = []
-    yield started
-    for job in started:
-        job.kill_tree()
 
 
 def _stopped_step(job: Job, after: float) -> tuple[float, int]:

@@ -16,22 +16,12 @@ import signal
 import socket
 import time
 
-import pytest
-
 from tests.distributed.jobs import PLAIN, Job, alive, launcher, rows, single, torchrun, wait_for_step
 from tests.fault_report import record
 
 # A constant LR: the relaunch may stop at another max_steps without changing the steps before it.
 RUN = [*PLAIN, "optim.schedule=constant", "trainer.log_every=10", "trainer.checkpoint_every=50",
        "trainer.batch_size=16"]
-
-
-@pytest.fixture
-def jobs():
-    started = []
-    yield started
-    for job in started:
-        job.kill_tree()
 
 
 def test_a_second_job_is_refused_orphans_stop_and_the_relaunch_is_the_only_writer(tmp_path, jobs):

@@ -6,17 +6,13 @@ default main job under torchrun with a tiny budget.
 """
 
 import json
-import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
 from tests.distributed.harness import run_workers
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.distributed.jobs import REPO, run, torchrun
 
 
 def _free_port() -> str:
@@ -108,12 +104,10 @@ def test_supernet_main_job_end_to_end(tmp_path):
     from dist_supernet.supernet import load_subnet
 
     run_dir = tmp_path / "run"
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "dist_supernet.train", "trainer.max_steps=6", "trainer.log_every=3", "trainer.eval_every=0",
-           "trainer.checkpoint_every=0", "supernet.search.population_size=4", "supernet.search.num_generations=1",
-           "supernet.bn_recalibration.num_batches=2", f"hydra.run.dir={run_dir}"]
-    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    out = run(torchrun("trainer.max_steps=6", "trainer.log_every=3", "trainer.eval_every=0",
+                       "trainer.checkpoint_every=0", "supernet.search.population_size=4",
+                       "supernet.search.num_generations=1", "supernet.bn_recalibration.num_batches=2",
+                       f"hydra.run.dir={run_dir}"), cwd=tmp_path, timeout_s=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "searched_3" in out.stdout + out.stderr  # rank 0 logs the subnet table
 

@@ -7,31 +7,23 @@ supernet.* value; a last test drives one job to a crash and one to the timeout.
 """
 
 import csv
-import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from dist_supernet.sweep.jobs import JobRecord, run_job
+from tests.distributed.jobs import REPO, env, run
 
-REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 240
-
-
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "DIST_SUPERNET_"))}
-    env.update(GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return env
 
 
 def test_sweep_runs_every_job_reports_failures_and_writes_the_table(tmp_path):
     """compression=none,birder x optim.lr=0.01,-1: two jobs train, the lr=-1 jobs are marked invalid, table + plots."""
     sweep_dir = tmp_path / "sweep"
-    out = subprocess.run(
+    out = run(
         [sys.executable, "-m", "dist_supernet.sweep", "model=mlp", "trainer.max_steps=3", "trainer.eval_every=0",
          "trainer.checkpoint_every=0", "compression=none,birder", "optim.lr=0.01,-1", f"hydra.sweep.dir={sweep_dir}"],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+        cwd=REPO, timeout_s=TIMEOUT_S)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]  # failed jobs do not fail the sweep
     assert "2 ok, 0 failed, 2 invalid" in out.stdout + out.stderr
 
@@ -85,7 +77,7 @@ def test_bad_supernet_and_model_values_are_invalid_jobs_never_launched(tmp_path)
 
 def test_run_job_records_a_crash_and_kills_a_job_at_its_timeout(tmp_path, monkeypatch):
     """A job that fails after launch gets its one-line reason from the log; a hung one is killed, workers too."""
-    for key, value in _env().items():
+    for key, value in env().items():
         monkeypatch.setenv(key, value)
     monkeypatch.chdir(REPO)
     crashed = run_job(0, ["model=mlp", "trainer.batch_size=5000"], tmp_path / "0", nproc_per_node=1, timeout_s=120)

@@ -6,11 +6,8 @@ MLP, <= 14 steps).
 """
 
 import json
-import os
 import re
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,37 +15,14 @@ import torch
 
 from dist_supernet.train.checkpoint import read_checkpoint
 from dist_supernet.train.untrusted import load_dcp_metadata
+from tests.distributed.jobs import REPO, launcher, read_run, run, single, torchrun
 
-REPO = Path(__file__).resolve().parents[2]
-TIMEOUT_S = 180
 SUMMARY_KEYS = {"final_loss", "eval_accuracy", "steps", "world_size", "compression", "collective",
                 "bytes_sent_total", "params_in_sync", "params_sha256", "resumed_from_step"}
 ROW_KEYS = {"step", "loss", "wall_time_s", "bytes_sent", "bytes_intra", "bytes_inter", "lr", "epoch"}
 # Small and fast: checkpoints every 4 steps, a metrics row every step.
 # model=mlp: these tests are about the app's plumbing; the supernet main job has its own tests.
 TINY = ["model=mlp", "trainer.max_steps=12", "trainer.checkpoint_every=4", "trainer.log_every=1", "trainer.eval_every=6"]
-
-
-def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "DIST_SUPERNET_"))}
-    env.update(GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **extra)
-    return env
-
-
-def torchrun(overrides, *, cwd, max_restarts=0, check=True):
-    """``torchrun --standalone --nproc_per_node=2 -m dist_supernet.train <overrides>``."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           f"--max-restarts={max_restarts}", "-m", "dist_supernet.train", *overrides]
-    out = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
-    if check:
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out
-
-
-def read_run(run_dir: Path) -> tuple[dict, list[dict]]:
-    summary = json.loads((run_dir / "summary.json").read_text())
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return summary, rows
 
 
 def check_common(run_dir: Path, *, steps: int, compression: str, collective: str) -> tuple[dict, list[dict]]:
@@ -75,10 +49,7 @@ def check_common(run_dir: Path, *, steps: int, compression: str, collective: str
 def birder_run(tmp_path_factory):
     """The default (Birder, collective=auto: allgather on 2 ranks) through launch/single_node.sh; the reference for resume."""
     run_dir = tmp_path_factory.mktemp("birder") / "run"
-    out = subprocess.run(["bash", str(REPO / "launch" / "single_node.sh"), *TINY, f"hydra.run.dir={run_dir}"],
-                         cwd=run_dir.parent, env=_env(NPROC="2"), capture_output=True, text=True,
-                         timeout=TIMEOUT_S)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run(launcher(*TINY, f"hydra.run.dir={run_dir}"), cwd=run_dir.parent, check=True)
     return run_dir
 
 
@@ -112,7 +83,7 @@ def test_restart_resumes_bit_identically_and_skips_a_corrupt_checkpoint(birder_r
     ranks and both attempts. Then the newest checkpoint is truncated and a
     longer run on a different world size resumes from the one before, saying so.
     """
-    out = torchrun([*TINY, "trainer.crash_at_step=10"], cwd=tmp_path, max_restarts=1)
+    out = run(torchrun(*TINY, "trainer.crash_at_step=10", max_restarts=1), cwd=tmp_path, check=True)
     (run_dir,) = (tmp_path / "outputs").iterdir()
     summary, rows = check_common(run_dir, steps=12, compression="birder", collective="allgather")
     assert "crashing on purpose" in out.stdout + out.stderr
@@ -126,10 +97,8 @@ def test_restart_resumes_bit_identically_and_skips_a_corrupt_checkpoint(birder_r
     # checkpoint is used, each problem reported in one line, training goes on.
     with open(run_dir / "checkpoints" / "step_00000012" / "__1_0.distcp", "r+b") as f:
         f.truncate(1000)
-    out = subprocess.run([sys.executable, "-m", "dist_supernet.train", "model=mlp", "trainer.max_steps=14",
-                          "trainer.log_every=1",
-                          f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=_env(), capture_output=True, text=True,
-                         timeout=TIMEOUT_S)
+    out = run(single("model=mlp", "trainer.max_steps=14", "trainer.log_every=1", f"hydra.run.dir={run_dir}"),
+              cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = (out.stdout + out.stderr).splitlines()  # Hydra logs to stdout, warnings.warn via logging
     unusable = [line for line in lines if "unusable" in line]
@@ -149,7 +118,8 @@ def test_restart_resumes_bit_identically_and_skips_a_corrupt_checkpoint(birder_r
 ])
 def test_baseline_compressions(name, overrides, tmp_path):
     run_dir = tmp_path / "run"
-    torchrun([*overrides, "trainer.max_steps=6", "trainer.log_every=2", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    run(torchrun(*overrides, "trainer.max_steps=6", "trainer.log_every=2", f"hydra.run.dir={run_dir}"), cwd=tmp_path,
+        check=True)
     summary, _ = check_common(run_dir, steps=6, compression=name, collective="allreduce")
     assert summary["bytes_inter_total"] == 0  # one node
     if name == "fp16":
@@ -163,13 +133,10 @@ def test_hierarchical_on_two_pretend_nodes_via_multi_node_script(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = _env(NNODES="1", NPROC_PER_NODE="2", RDZV_ENDPOINT=f"127.0.0.1:{port}", RUN_ID="hier",
-               OUTPUT_ROOT=str(tmp_path), MAX_RESTARTS="0")
-    out = subprocess.run(
-        ["bash", str(REPO / "launch" / "multi_node.sh"), "model=mlp", "compression.collective=hierarchical",
-         "compression.num_nodes=2", "trainer.max_steps=6", "trainer.log_every=3"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run(["bash", str(REPO / "launch" / "multi_node.sh"), "model=mlp", "compression.collective=hierarchical",
+         "compression.num_nodes=2", "trainer.max_steps=6", "trainer.log_every=3"], cwd=tmp_path, check=True,
+        NNODES="1", NPROC_PER_NODE="2", RDZV_ENDPOINT=f"127.0.0.1:{port}", RUN_ID="hier", OUTPUT_ROOT=str(tmp_path),
+        MAX_RESTARTS="0")
     summary, _ = check_common(tmp_path / "hier", steps=6, compression="birder", collective="hierarchical")
     assert summary["num_nodes"] == 2
     assert summary["bytes_inter_total"] > 0 and summary["bytes_intra_total"] == 0  # one rank per pretend node
@@ -181,7 +148,7 @@ def test_hierarchical_on_two_pretend_nodes_via_multi_node_script(tmp_path):
      "error: compression.num_nodes=3: must divide the world size 2"),
 ])
 def test_bad_input_fails_at_start_with_one_line(overrides, line, tmp_path):
-    out = torchrun([*overrides, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, check=False)
+    out = run(torchrun(*overrides, f"hydra.run.dir={tmp_path / 'run'}"), cwd=tmp_path)
     text = out.stdout + out.stderr
     assert out.returncode != 0
     errors = [x for x in text.splitlines() if x.startswith("error:")]

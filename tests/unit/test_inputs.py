@@ -24,6 +24,7 @@ from dist_supernet.train.config import ConfigError, register_resolvers, validate
 from dist_supernet.train.preflight import check_can_hold_file, check_resume
 from dist_supernet.train.trainer import Trainer
 from dist_supernet.train.untrusted import check_directory
+from tests.distributed.jobs import launcher, run
 from tests.fault_report import record
 
 REPO = Path(__file__).resolve().parents[2]
@@ -148,11 +149,8 @@ def test_bad_data_files_are_one_line_naming_data_path(bad_npz, name, message):
 
 
 def _launcher(*overrides, cwd: Path) -> tuple[subprocess.CompletedProcess, float]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "RANK", "WORLD_SIZE"))}
-    env.update(NPROC="2", MAX_RESTARTS="3", GLOO_SOCKET_IFNAME="lo", PYTHONPATH=str(REPO))
     started = time.monotonic()
-    out = subprocess.run(["bash", str(REPO / "launch" / "single_node.sh"), *overrides], cwd=cwd, env=env,
-                         capture_output=True, text=True, timeout=120)
+    out = run(launcher(*overrides), cwd=cwd, timeout_s=120, MAX_RESTARTS="3")
     return out, time.monotonic() - started
 
 
