@@ -57,10 +57,10 @@ def test_bad_supernet_and_model_values_are_invalid_jobs_never_launched(tmp_path)
     refuses progressive_ofa's ofa_cnn-only phases (supernet.*). Neither job starts torchrun.
     """
     sweep_dir = tmp_path / "sweep"
-    out = subprocess.run(
+    out = run(
         [sys.executable, "-m", "dist_supernet.sweep", "model=ofa_cnn,elastic_vit", "supernet=progressive_ofa",
          "++model.patch_size=2", f"hydra.sweep.dir={sweep_dir}"],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+        cwd=REPO, timeout_s=TIMEOUT_S)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "0 ok, 0 failed, 2 invalid" in out.stdout + out.stderr
     with open(sweep_dir / "sweep_summary.csv") as f:
