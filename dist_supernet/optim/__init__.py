@@ -3,5 +3,6 @@
 from dist_supernet.optim.birder import Birder, BirderDDP
 from dist_supernet.optim.compressor import BirderCompressor, Chunk
 from dist_supernet.optim.hook import BirderState, birder_hook
+from dist_supernet.optim.skips import SkipCounter
 
-__all__ = ["Birder", "BirderCompressor", "BirderDDP", "BirderState", "Chunk", "birder_hook"]
+__all__ = ["Birder", "BirderCompressor", "BirderDDP", "BirderState", "Chunk", "SkipCounter", "birder_hook"]

@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 import kernels
 from dist_supernet.optim.compressor import flat_like_memory
 from dist_supernet.optim.hook import BirderState, birder_hook
+from dist_supernet.optim.skips import SkipCounter
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +149,10 @@ class Birder(torch.optim.Optimizer):
         timeout_s: timeout of the hook's collectives (None: the process group's).
         skip_nonfinite: if any rank's gradient has NaN/Inf, every rank skips the
             step (x unchanged; the non-finite elements never entered m and b, the
-            finite elements of that step did). ``skipped_steps``,
-            ``consecutive_skips`` and ``last_skip`` say so. One tiny all-reduce per step.
+            finite elements of that step did). ``skips`` (a :class:`SkipCounter`:
+            ``skipped_steps``, ``consecutive_skips``, ``last_skip``) says so; ``last_skip["param"]``
+            is this rank's first offending parameter (None if its own gradient was finite).
+            One tiny all-reduce per step.
 
     Example::
         opt = Birder(model.parameters(), lr=3e-4, weight_decay=0.01)   # was: AdamW(...)
@@ -192,9 +195,19 @@ class Birder(torch.optim.Optimizer):
         self._warned_unattached = False
         self._chunk_groups = {}
         # Steps skipped because some rank's gradient had NaN/Inf (see skip_nonfinite).
-        self.skipped_steps = 0
-        self.consecutive_skips = 0
-        self.last_skip = None
+        self.skips = SkipCounter()
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.skips.skipped_steps
+
+    @property
+    def consecutive_skips(self) -> int:
+        return self.skips.consecutive_skips
+
+    @property
+    def last_skip(self) -> dict | None:
+        return self.skips.last_skip
 
     @property
     def hook_state(self) -> BirderState:
@@ -307,7 +320,7 @@ class Birder(torch.optim.Optimizer):
             return False
         ranks = torch.nonzero(nonfinite_ranks.cpu()).flatten().tolist()
         if not ranks:
-            self.consecutive_skips = 0
+            self.skips.stepped()
             return False
         state = self.hook_state
         # Rare path (a skip, decided alike on every rank): name the parameters. Ranks that saw NaN/Inf
@@ -328,10 +341,9 @@ class Birder(torch.optim.Optimizer):
         return [position[p] for p in params if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
 
     def _record_skip(self, ranks, bad) -> None:
-        self.skipped_steps += 1
-        self.consecutive_skips += 1
-        self.last_skip = {"step": self.hook_state.step, "ranks": ranks, "param_index": bad[0] if bad else None,
-                          "num_params": len(bad)}
+        param = self.hook_state.params[bad[0]] if bad else None
+        self.skips.skipped({"step": self.hook_state.step, "ranks": ranks, "param_index": bad[0] if bad else None,
+                            "param": param, "num_params": len(bad)})
 
     def _local_step(self):
         """Local mode: compress each gradient to one bit with the same draws on every rank, apply."""
@@ -354,7 +366,7 @@ class Birder(torch.optim.Optimizer):
             # The gradient is the same on every rank (averaged already): this rank decides for all.
             self._record_skip(None, self._nonfinite_positions(params))
             return
-        self.consecutive_skips = 0
+        self.skips.stepped()
         self._apply(chunk, packed, used_P, self._lr_wd_table())
 
     def _warn_if_unattached(self):

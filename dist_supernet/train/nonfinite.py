@@ -7,6 +7,11 @@ unchanged), ``skipped_steps`` in ``metrics.jsonl`` counts it, and after
 :class:`NonFiniteGradientError` naming the step and the first offending
 parameter (in ``named_parameters()`` order).
 
+The counters live in one :class:`~dist_supernet.optim.skips.SkipCounter`:
+Birder's own (``Birder.skips``) when the optimizer is Birder, which decides
+and records the skip itself, else the guard's. The guard reads it, names the
+parameter and checkpoints it.
+
 Why every rank decides the same:
 
 - ``Birder`` built on the DDP module (``compression=birder``): each rank only
@@ -28,7 +33,7 @@ import logging
 
 import torch
 
-from dist_supernet.optim import Birder
+from dist_supernet.optim import Birder, SkipCounter
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +62,18 @@ class NonFiniteGuard:
         self.verbose = verbose
         self.named = list(module.named_parameters())
         self.name_of = {id(p): name for name, p in self.named}
-        # stats (saved in checkpoints so the counter in metrics.jsonl survives a restart)
-        self.skipped_steps = 0
-        self.consecutive_skips = 0
+        # stats (saved in checkpoints so the counter in metrics.jsonl survives a restart): Birder counts its
+        # own skips; for any other optimizer the guard decides, and counts.
+        self.skips = optimizer.skips if isinstance(optimizer, Birder) else SkipCounter()
         self.last_skip = None  # {"step", "param", "num_params"} of the latest skipped step
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.skips.skipped_steps
+
+    @property
+    def consecutive_skips(self) -> int:
+        return self.skips.consecutive_skips
 
     def step(self, step: int) -> bool:
         """``optimizer.step()`` unless the gradient is non-finite on some rank; True if it stepped.
@@ -69,17 +82,16 @@ class NonFiniteGuard:
         Raises :class:`NonFiniteGradientError` on every rank at the limit.
         """
         if isinstance(self.optimizer, Birder):
-            before = self.optimizer.skipped_steps
-            self.optimizer.step()  # collective: decides for every rank
-            skipped = self.optimizer.skipped_steps != before
+            before = self.skips.skipped_steps
+            self.optimizer.step()  # collective: decides for every rank, and counts a skip
+            skipped = self.skips.skipped_steps != before
             if skipped and not self.optimizer.hooked:  # local mode: .grad is the reduced gradient, still there
                 bad = self._nonfinite_names()
                 name, num_bad = bad[0], len(bad)
             elif skipped:  # the hook saw each rank's own gradient; the flags say which ranks
-                info = self.optimizer.last_skip
-                if info["param_index"] is not None:  # this rank's own gradient was non-finite
-                    param = self.optimizer.hook_state.params[info["param_index"]]
-                    name = self.name_of.get(id(param), f"#{info['param_index']}")
+                info = self.skips.last_skip
+                if info["param"] is not None:  # this rank's own gradient was non-finite
+                    name = self.name_of.get(id(info["param"]), f"#{info['param_index']}")
                     num_bad = info["num_params"]
                 else:
                     name, num_bad = f"(on rank(s) {info['ranks']})", "some"
@@ -91,11 +103,11 @@ class NonFiniteGuard:
             else:
                 self.optimizer.step()
         if not skipped:
-            self.consecutive_skips = 0
+            self.skips.stepped()
             return True
-        self.skipped_steps += 1
-        self.consecutive_skips += 1
         self.last_skip = {"step": step, "param": name, "num_params": num_bad}
+        if not isinstance(self.optimizer, Birder):  # Birder has counted it
+            self.skips.skipped(self.last_skip)
         where = f"first offending parameter {name} ({num_bad} of {len(self.named)} parameters non-finite)"
         if self.consecutive_skips >= self.max_consecutive_skips:
             raise NonFiniteGradientError(
@@ -118,8 +130,7 @@ class NonFiniteGuard:
         return [name for (name, _), ok in zip(grads, finite.tolist()) if not ok]
 
     def state_dict(self) -> dict:
-        return {"skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips}
+        return self.skips.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.skipped_steps = int(state.get("skipped_steps", 0))
-        self.consecutive_skips = int(state.get("consecutive_skips", 0))
+        self.skips.load_state_dict(state)

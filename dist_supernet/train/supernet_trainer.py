@@ -4,18 +4,19 @@ Picked by the entry point when the model family is registered with
 ``supernet=True`` (``model=ofa_cnn``, ``model=elastic_vit``); the ``supernet``
 config group says how (``conf/supernet/*.yaml``).
 
-One optimizer step, on every rank (top to bottom in :meth:`train_step`):
+One optimizer step, on every rank, is :meth:`Trainer.train_step` running the
+plan that :meth:`plan_step` makes:
 
 1. the sampler draws the step's archs from the global step alone, so every rank
    draws the same (sandwich: max, min, ``num_archs`` random; progressive
-   shrinking restricts which dimensions vary at this step);
+   shrinking restricts which dimensions vary at this step): one pass each;
 2. with Birder, the union of the archs' parameter masks goes to
    ``optimizer.set_grad_mask``: elements no subnet of the step reads are not
    moved and their m, b are not decayed (derived from the archs, hence the
    same on every rank);
 3. per micro-batch, per arch: ``set_active``, forward, loss, backward. The max
    subnet (first in a sandwich) learns the labels; the others learn its
-   detached soft labels (in-place distillation, ``student_loss``). Every
+   detached soft labels (in-place distillation, :meth:`loss`). Every
    backward but the very last of the step runs under ``no_sync()``, so the
    gradients of all subnets and micro-batches accumulate locally and the
    compression hook exchanges them ONCE;
@@ -28,14 +29,13 @@ step, ``_finish`` searches and reports subnets (``supernet_report``).
 
 from __future__ import annotations
 
-import contextlib
+import functools
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from dist_supernet.optim import Birder
 from dist_supernet.supernet import (
     Supernet,
     arch_key,
@@ -44,7 +44,7 @@ from dist_supernet.supernet import (
     student_loss,
 )
 from dist_supernet.train.supernet_report import SubnetEvaluator, search_and_report
-from dist_supernet.train.trainer import Trainer
+from dist_supernet.train.trainer import StepPlan, SubnetPass, Trainer
 
 _MASK_CACHE_SIZE = 64  # flat masks of recent archs; max and min recur every sandwich step
 
@@ -58,9 +58,7 @@ class SupernetTrainer(Trainer):
     """
 
     def __init__(self, cfg: DictConfig, output_dir: Path, *, check_only: bool = False):
-        self._mask_cache: dict[str, torch.Tensor] = {}
-        self.report: dict | None = None
-        super().__init__(cfg, output_dir, check_only=check_only)
+        super().__init__(cfg, output_dir, check_only=check_only)  # calls setup_model
         if check_only:  # the pre-flight: Trainer's validation pass (the supernet group included), no process group
             return
         recal = self.scfg.get("bn_recalibration") or {}
@@ -78,6 +76,8 @@ class SupernetTrainer(Trainer):
         self.distill_weight = float(distill.get("weight", 1.0))
         self.distill_temperature = float(distill.get("temperature", 1.0))
         self.max_key = arch_key(model.max_arch())
+        self._mask_cache: dict[str, torch.Tensor] = {}
+        self.report: dict | None = None  # the subnet report, after the last step
 
     def ddp_kwargs(self) -> dict:
         # DDP checks that every parameter got a gradient in the step's LAST backward (the only one
@@ -115,36 +115,19 @@ class SupernetTrainer(Trainer):
     def elastic_dims(self, step: int) -> frozenset[str]:
         return elastic_at(self.scfg["progressive_shrinking"], step, self.model.elastic_dims)
 
-    def train_step(self) -> torch.Tensor:
-        """One optimizer step: every sampled subnet on every micro-batch, one exchange; returns the logged loss."""
+    def plan_step(self) -> StepPlan:
+        """One pass per sampled arch; the max subnet, when sampled first (a sandwich), teaches the rest."""
         archs = self.arch_sampler.sample(self.step, self.elastic_dims(self.step))
-        if isinstance(self.optimizer, Birder):
-            self.optimizer.set_grad_mask(self._step_mask(archs))
         has_teacher = arch_key(archs[0]) == self.max_key
-        num_micro = self.cfg.trainer.grad_accum
-        logged_loss = torch.zeros((), device=self.device)
-        for micro in range(num_micro):
-            index = next(self.sampler)
-            x, y = self.data.x_train[index].to(self.device), self.data.y_train[index].to(self.device)
-            teacher_logits = None
-            for i, arch in enumerate(archs):
-                self.model.set_active(arch)
-                last = micro == num_micro - 1 and i == len(archs) - 1
-                with contextlib.nullcontext() if last else self.ddp_model.no_sync():
-                    logits = self.ddp_model(x)
-                    if teacher_logits is None:  # the teacher itself, or no teacher in this step
-                        loss = F.cross_entropy(logits, y)
-                    else:
-                        loss = student_loss(logits, y, teacher_logits, self.distill_weight, self.distill_temperature)
-                    (loss / num_micro).backward()
-                if i == 0:
-                    logged_loss += loss.detach() / num_micro
-                    if has_teacher:
-                        teacher_logits = logits.detach()
-        self.nonfinite.step(self.step + 1)  # optimizer.step(), or skipped on every rank if any saw NaN/Inf
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return logged_loss
+        passes = [SubnetPass(activate=functools.partial(self.model.set_active, arch), teaches=has_teacher and i == 0)
+                  for i, arch in enumerate(archs)]
+        return StepPlan(passes, grad_mask=functools.partial(self._step_mask, archs))
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None) -> torch.Tensor:
+        """The labels for the teacher itself (or every subnet of a step without one), its soft labels for the rest."""
+        if teacher_logits is None:
+            return F.cross_entropy(logits, y)
+        return student_loss(logits, y, teacher_logits, self.distill_weight, self.distill_temperature)
 
     def _step_mask(self, archs: list[dict]) -> torch.Tensor:
         """Union of the archs' element masks, flat in parameter order (Birder's canonical order)."""

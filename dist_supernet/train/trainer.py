@@ -1,9 +1,12 @@
 """The training loop: setup in ``Trainer.__init__``, the loop in ``Trainer.fit``, top to bottom.
 
-Per step, on every rank: ``grad_accum`` micro-batches from this rank's shard
-(all but the last under ``ddp.no_sync()``, so the gradient is reduced once),
-the compression hook reduces it during the last backward, the optimizer
-steps. Every ``log_every`` steps the loss (mean over ranks) and the bytes all
+Per step, on every rank (``Trainer.train_step``, the only step): the step's
+:class:`StepPlan` (``plan_step``: a plain model is one pass, a supernet's
+sampler makes one pass per sampled subnet), then ``grad_accum`` micro-batches
+from this rank's shard, each through every pass of the plan. Every backward but
+the step's last runs under ``ddp.no_sync()``, so the gradient is reduced once:
+the compression hook reduces it during the last backward, the optimizer steps
+(or every rank skips a non-finite step), the LR schedule steps. Every ``log_every`` steps the loss (mean over ranks) and the bytes all
 ranks have sent so far go to ``metrics.jsonl``; every ``eval_every`` the val
 accuracy; every ``checkpoint_every`` an atomic checkpoint. At the end:
 ``summary.json`` and ``loss.png``.
@@ -29,6 +32,8 @@ import os
 import platform
 import time
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -74,6 +79,35 @@ def setup_logging() -> None:
         for handler in logging.getLogger().handlers:
             if type(handler) is logging.StreamHandler:
                 handler.setLevel(logging.WARNING)
+
+
+@dataclass(frozen=True)
+class SubnetPass:
+    """One forward/backward per micro-batch: switch to the subnet, run it, learn.
+
+    ``activate``: makes the model this subnet (e.g. ``supernet.set_active(arch)``); None: the model as it is.
+    ``teaches``: its detached logits are the targets of the passes after it (in-place distillation).
+    """
+
+    activate: Callable[[], None] | None = None
+    teaches: bool = False
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What one optimizer step runs: every micro-batch goes through ``passes`` in order.
+
+    ``grad_mask``: called once per step, and only when the optimizer takes one (Birder's
+    ``set_grad_mask``): bool [T] in ``parameters()`` order, the elements some pass reads;
+    the same on every rank. None: every element may move.
+
+    Example::
+        StepPlan([SubnetPass()])                        # a plain model: one pass per micro-batch
+        StepPlan([SubnetPass(max_net, teaches=True), SubnetPass(min_net)], grad_mask=lambda: mask)
+    """
+
+    passes: list[SubnetPass]
+    grad_mask: Callable[[], torch.Tensor] | None = None
 
 
 class Trainer:
@@ -269,7 +303,19 @@ class Trainer:
     # -- hooks for subclasses (SupernetTrainer) ------------------------------------------
 
     def setup_model(self, model: torch.nn.Module) -> None:
-        """Before the process group exists: model-specific state from the checked config (``self.checked``)."""
+        """Before the process group exists: model-specific state from the checked config (``self.checked``).
+
+        Called by ``Trainer.__init__`` once the config is checked; a subclass builds its model-specific
+        state here and needs none before ``super().__init__``.
+        """
+
+    def plan_step(self) -> StepPlan:
+        """What the coming step (``self.step + 1``) runs: here, the model itself, once per micro-batch."""
+        return StepPlan([SubnetPass()])
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None) -> torch.Tensor:
+        """A pass's loss: cross-entropy on the labels (``teacher_logits``: None, no pass of a plain step teaches)."""
+        return F.cross_entropy(logits, y)
 
     def ddp_kwargs(self) -> dict:
         """Extra keyword arguments for ``DistributedDataParallel``."""
@@ -331,22 +377,36 @@ class Trainer:
         return self._finish(last_row, time.perf_counter() - start_time)
 
     def train_step(self) -> torch.Tensor:
-        """One optimizer step over ``grad_accum`` micro-batches; returns this rank's mean loss."""
-        num_micro = self.cfg.trainer.grad_accum
-        total_loss = torch.zeros((), device=self.device)
+        """One optimizer step: the plan's passes on each of ``grad_accum`` micro-batches, one exchange.
+
+        Returns this rank's logged loss: the first pass's (a sandwich's max subnet), mean over micro-batches.
+        """
+        plan = self.plan_step()
+        if plan.grad_mask is not None and isinstance(self.optimizer, Birder):
+            self.optimizer.set_grad_mask(plan.grad_mask())  # untouched elements keep x, m and b
+        num_micro, num_passes = self.cfg.trainer.grad_accum, len(plan.passes)
+        logged_loss = torch.zeros((), device=self.device)
         for micro in range(num_micro):
             index = next(self.sampler)
             x, y = self.data.x_train[index].to(self.device), self.data.y_train[index].to(self.device)
-            # Reduce once per step: the earlier micro-batches only accumulate locally.
-            sync = contextlib.nullcontext() if micro == num_micro - 1 else self.ddp_model.no_sync()
-            with sync:
-                loss = F.cross_entropy(self.ddp_model(x), y) / num_micro
-                loss.backward()
-            total_loss += loss.detach()
+            teacher_logits = None
+            for i, subnet in enumerate(plan.passes):
+                if subnet.activate is not None:
+                    subnet.activate()
+                # Reduce once per step: every earlier backward (subnet, micro-batch) only accumulates locally.
+                last = micro == num_micro - 1 and i == num_passes - 1
+                with contextlib.nullcontext() if last else self.ddp_model.no_sync():
+                    logits = self.ddp_model(x)
+                    loss = self.loss(logits, y, teacher_logits)
+                    (loss / num_micro).backward()
+                if i == 0:
+                    logged_loss += loss.detach() / num_micro
+                if subnet.teaches:
+                    teacher_logits = logits.detach()
         self.nonfinite.step(self.step + 1)  # optimizer.step(), or skipped on every rank if any saw NaN/Inf
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total_loss
+        return logged_loss
 
     @torch.no_grad()
     def evaluate(self, split: str = "val") -> tuple[float, float]:

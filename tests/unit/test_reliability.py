@@ -167,6 +167,24 @@ def test_guard_skips_counts_and_stops_naming_step_and_parameter(make):
     assert guard.state_dict() == {"skipped_steps": 3, "consecutive_skips": 2}
 
 
+def test_birder_owns_the_skip_counters_the_guard_reads_and_checkpoints():
+    """One counter per run: the guard neither double-counts Birder's skips nor keeps its own; it names the
+    parameter from Birder's public skip record."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    opt = Birder([{"params": list(model.parameters())[::-1]}], lr=0.1)
+    guard = NonFiniteGuard(opt, model, max_consecutive_skips=3, verbose=False)
+    assert guard.skips is opt.skips
+    _nan_grads(model, {"2.weight", "0.bias"})
+    assert guard.step(1) is False
+    assert (opt.skipped_steps, opt.consecutive_skips, guard.skipped_steps, guard.consecutive_skips) == (1, 1, 1, 1)
+    assert opt.last_skip["param"] is model[2].weight  # the first in the optimizer's own (reversed) order
+    guard.load_state_dict({"skipped_steps": 4, "consecutive_skips": 2})  # a resume restores the one counter
+    assert (opt.skipped_steps, opt.consecutive_skips) == (4, 2)
+    _nan_grads(model, set())
+    assert guard.step(2) is True and (opt.skipped_steps, opt.consecutive_skips) == (4, 0)
+    assert guard.state_dict() == {"skipped_steps": 4, "consecutive_skips": 0}
+
+
 def test_runtime_faults_become_one_line():
     hook_error = RuntimeError("Unable to cast hierarchical collective failed in stage 'all-gather node bits' "
                               "(inter-node) on rank 0 of 2: [gloo.cc:78] Timed out waiting 3000ms\nfor recv to Tensor")

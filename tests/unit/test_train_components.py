@@ -137,3 +137,65 @@ def test_metrics_truncate_after_resume_and_plot(tmp_path):
     writer.plot_loss(tmp_path / "loss.png")
     assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
     MetricsWriter(tmp_path / "nowhere", enabled=False).write({"step": 1})  # other ranks: no-op
+
+
+# -- the one training step --------------------------------------------------------------
+
+
+def test_one_step_runs_any_plan_with_one_reduction_one_optimizer_step(tmp_path):
+    """Trainer.train_step on a plan of three passes x two micro-batches: each pass activated per micro-batch,
+    the teacher's logits reach the later passes, 5 of the 6 backwards under no_sync, one optimizer and one
+    scheduler step, gradients cleared; the logged loss is the first pass's mean."""
+    import contextlib
+    from pathlib import Path
+
+    import torch.nn.functional as F
+    from hydra import compose, initialize_config_dir
+
+    from dist_supernet.train.config import register_resolvers
+    from dist_supernet.train.trainer import StepPlan, SubnetPass, Trainer
+
+    class ThreePassTrainer(Trainer):
+        def setup_model(self, model):  # state from the stored config, nothing set before super().__init__
+            self.events, self.first_losses = [], []
+
+        def plan_step(self):
+            return StepPlan([SubnetPass(lambda i=i: self.events.append(("activate", i)), teaches=i == 0)
+                             for i in range(3)])
+
+        def loss(self, logits, y, teacher_logits):
+            self.events.append(("teacher", teacher_logits is not None))
+            loss = F.cross_entropy(logits, y) + (0.0 if teacher_logits is None else 0.5 * teacher_logits.mean())
+            if teacher_logits is None:
+                self.first_losses.append(loss.detach())
+            return loss
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["model=mlp", "compression=none", "optim=sgd", "trainer.grad_accum=2",
+                                          "trainer.batch_size=8", "trainer.resume=never"])
+    trainer = ThreePassTrainer(cfg, output_dir=tmp_path / "run")
+    try:
+        no_sync = trainer.ddp_model.no_sync
+        entered = []
+
+        @contextlib.contextmanager
+        def counting_no_sync():
+            entered.append(1)
+            with no_sync():
+                yield
+
+        trainer.ddp_model.no_sync = counting_no_sync
+        steps = []
+        guard_step = trainer.nonfinite.step  # optimizer.step() unless non-finite
+        trainer.nonfinite.step = lambda n: (steps.append(n), guard_step(n))[1]
+        before = [p.detach().clone() for p in trainer.model.parameters()]
+        logged = trainer.train_step()
+        assert trainer.events == [("activate", 0), ("teacher", False), ("activate", 1), ("teacher", True),
+                                  ("activate", 2), ("teacher", True)] * 2
+        assert len(entered) == 5 and steps == [1] and trainer.scheduler.last_epoch == 1
+        assert all(p.grad is None for p in trainer.model.parameters())
+        assert any(not torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()))
+        assert torch.equal(logged, trainer.first_losses[0] / 2 + trainer.first_losses[1] / 2)
+    finally:
+        trainer.close()
