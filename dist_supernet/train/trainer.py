@@ -6,10 +6,11 @@ sampler makes one pass per sampled subnet), then ``grad_accum`` micro-batches
 from this rank's shard, each through every pass of the plan. Every backward but
 the step's last runs under ``ddp.no_sync()``, so the gradient is reduced once:
 the compression hook reduces it during the last backward, the optimizer steps
-(or every rank skips a non-finite step), the LR schedule steps. Every ``log_every`` steps the loss (mean over ranks) and the bytes all
-ranks have sent so far go to ``metrics.jsonl``; every ``eval_every`` the val
-accuracy; every ``checkpoint_every`` an atomic checkpoint. At the end:
-``summary.json`` and ``loss.png``.
+(or every rank skips a non-finite step), the LR schedule steps. Every
+``log_every`` steps the loss (mean over ranks) and the bytes all ranks have
+sent so far go to ``metrics.jsonl``; every ``eval_every`` the val accuracy;
+every ``checkpoint_every`` an atomic checkpoint. At the end: ``summary.json``
+and ``loss.png``.
 
 How compression and optimizer combine:
 
@@ -103,7 +104,8 @@ class StepPlan:
 
     Example::
         StepPlan([SubnetPass()])                        # a plain model: one pass per micro-batch
-        StepPlan([SubnetPass(max_net, teaches=True), SubnetPass(min_net)], grad_mask=lambda: mask)
+        StepPlan([SubnetPass(partial(net.set_active, max_arch), teaches=True),
+                  SubnetPass(partial(net.set_active, min_arch))], grad_mask=lambda: union_mask)
     """
 
     passes: list[SubnetPass]
