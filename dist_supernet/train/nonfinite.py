@@ -16,8 +16,8 @@ Why every rank decides the same:
 
 - ``Birder`` built on the DDP module (``compression=birder``): each rank only
   sees its own gradient; the optimizer OR-reduces per-parameter "non-finite"
-  flags across ranks (one small all-reduce) and skips on every rank, with m, b
-  restored (see ``Birder(skip_nonfinite=...)``).
+  flags across ranks (one small all-reduce) and skips on every rank; the
+  non-finite elements never entered m, b (see ``Birder(skip_nonfinite=...)``).
 - any other optimizer, or Birder on an already reduced gradient: DDP's
   all-reduce (fp32, fp16, bf16, PowerSGD) has already averaged the gradient,
   and NaN/Inf survive averaging, so every rank holds the same non-finite
