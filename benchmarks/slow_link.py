@@ -29,6 +29,10 @@ Usage (root; see benchmarks/README.md)::
     python benchmarks/slow_link.py --links loopback --models mlp
     python benchmarks/slow_link.py --quick              # smoke: tiny model, 1 timed step
     python benchmarks/slow_link.py --links loopback --models mlp --profile   # where Birder's time goes
+    python benchmarks/slow_link.py --plugins my_package.my_collective --help  # its methods listed too
+
+The methods are step_worker's (the registered baselines and 1-bit collectives;
+``--plugins`` modules are imported first and passed on to every worker).
 
 Writes ``benchmarks/results/slow_link_<machine>_<date>.md`` and ``.json``
 (``slow_link_profile_...`` with ``--profile``).
@@ -52,13 +56,13 @@ import common
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "step_worker.py"
+sys.path.insert(0, str(HERE))
+import step_worker  # noqa: E402  (its method list: the registries)
 
 ADDR_A, ADDR_B = "10.77.0.1", "10.77.0.2"  # only inside the namespaces this script creates
 PREFIX_LEN = 24
 RDZV_PORT = 29531
 PROBE_PORT = 29541
-METHODS = ["compute", "fp32", "fp16", "powersgd", "allgather", "two_phase", "hierarchical"]
-COMPARED = METHODS[1:]
 LINKS = ["100mbit", "1gbit", "loopback"]
 # Timed steps per link: fp32 of the 10.5M MLP takes ~4.2 s a step at 100 Mbit/s, of the
 # 15.7M CNN ~6.3 s; a whole default run takes ~10 minutes on 2 shared cores.
@@ -264,9 +268,7 @@ def summarize(report: dict) -> dict:
     iface = report.get("iface")
     # Over the veth only inter-node bytes pass (same-node ranks talk over lo); over lo, all of them.
     accounted_key = "bytes_total" if iface in (None, "lo") else "bytes_inter"
-    for method in COMPARED:
-        if method not in by_method:
-            continue
+    for method in [r["method"] for r in report["results"] if r["method"] != "compute"]:
         result = by_method[method]
         ranks = result["ranks"]
         accounted_per_rank = statistics.mean(r["bytes"]["bytes_total"] for r in ranks)
@@ -389,7 +391,7 @@ def profile_markdown(report: dict) -> str:
             cells.append("" if entry is None else f"{entry['ms']:.1f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for result in results:
-        if result["method"] in ("allgather", "two_phase", "hierarchical", "fp32"):
+        if result["method"] == "fp32" or result["method"] in step_worker.COLLECTIVES:
             ops = result["ranks"][0]["profile"]["ops"]
             lines += ["", f"torch.profiler, `{result['method']}`, rank 0, top operators by self CPU ms per step:", "",
                       "| op | self ms/step | calls/step |", "| --- | ---: | ---: |"]
@@ -437,10 +439,15 @@ def write_results(runs: list[dict], machine: dict, command: str, out_stem: Path,
 # -- main -------------------------------------------------------------------------------------
 
 def main(argv=None):
+    plugins = step_worker.load_plugin_arg(argv)
+    methods = step_worker.method_names(forms=False)  # the default: every method but forced forms
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--plugins", default=plugins,
+                        help="comma-separated modules to import first (here and in every worker): the "
+                             "collectives and baselines they register become methods")
     parser.add_argument("--links", nargs="+", default=LINKS, help="tc rates (100mbit, 1gbit, ...) and/or loopback")
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn", "tiny"])
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(methods), help=f"comma-separated, from {', '.join(methods)}")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: per link, see DEFAULT_STEPS)")
     parser.add_argument("--bucket-cap-mb", type=float, default=25.0, help="DDP bucket size for every method (25: DDP's default)")
     parser.add_argument("--warmup", type=int, default=2)
@@ -476,7 +483,7 @@ def main(argv=None):
                 print(f"[{link}] TCP goodput {goodput / 1e6:.0f} Mbit/s", flush=True)
             for model in args.models:
                 steps = args.steps or DEFAULT_STEPS.get(link, 4)
-                worker_args = ["--model", model, "--methods", args.methods,
+                worker_args = ["--model", model, "--methods", args.methods, "--plugins", args.plugins,
                                "--steps", str(steps), "--warmup", str(args.warmup),
                                "--bucket-cap-mb", str(args.bucket_cap_mb)]
                 if args.profile:

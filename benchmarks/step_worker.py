@@ -13,6 +13,10 @@ group on its own copy of the same model:
   project's wrapper finishes each bucket before the next: no overlap);
 - ``allgather`` / ``two_phase`` / ``hierarchical``: Birder with that 1-bit collective.
 
+The methods are read from the registries (``dist_supernet.comm.BASELINES``,
+the baselines that run on gloo, and ``COLLECTIVES``); ``--plugins`` imports
+modules that register more first, and they are then methods too.
+
 The baselines step with ``torch.optim.SGD`` (momentum 0.9, foreach), which costs
 about what Birder's own update costs (one pass over x), so step times compare
 the communication, not the optimizers.
@@ -42,6 +46,7 @@ changed); plus torch.profiler's top operators by self CPU time.
 Example::
     torchrun --standalone --nproc_per_node=2 benchmarks/step_worker.py --model mlp \
         --methods compute,fp32,allgather --steps 5 --out /tmp/result.json
+    python benchmarks/step_worker.py --plugins my_package.my_collective --help   # lists its methods
 """
 
 import argparse
@@ -65,19 +70,41 @@ sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
 import kernels  # noqa: E402
-from dist_supernet.comm import Topology, register_baseline_hook  # noqa: E402
-from dist_supernet.comm.collectives import COLLECTIVES as ONE_BIT_COLLECTIVES  # noqa: E402
+from dist_supernet.comm import BASELINES, COLLECTIVES, Topology, register_baseline_hook  # noqa: E402
 from dist_supernet.comm.collectives import OneBitCollective  # noqa: E402
+from dist_supernet.plugins import load_plugins  # noqa: E402
 from dist_supernet.optim.hook import BirderState  # noqa: E402
 from dist_supernet.models.cnn import CNN  # noqa: E402
 from dist_supernet.models.mlp import MLP  # noqa: E402
 from dist_supernet.optim import Birder  # noqa: E402
 
-BASELINES = {"fp32": "none", "fp16": "fp16", "powersgd": "powersgd"}
-COLLECTIVES = tuple(ONE_BIT_COLLECTIVES)  # the 1-bit collectives dist_supernet.comm registers
+# The benchmarks' name for a baseline where it differs: DDP's own all-reduce (``none``) is "fp32".
+BASELINE_ALIASES = {"none": "fp32"}
 # Birder with a forced inter-node form of hierarchical (auto picks allgather at 2 nodes).
 FORMS = {"hierarchical_rs": ("hierarchical", "reduce_scatter")}
-METHODS = ("compute",) + tuple(BASELINES) + COLLECTIVES + tuple(FORMS)
+
+
+def baseline_methods() -> dict[str, str]:
+    """method -> baseline name, for every registered baseline that runs on gloo (this worker's backend)."""
+    return {BASELINE_ALIASES.get(name, name): name for name, baseline in BASELINES.items()
+            if "gloo" in baseline.backends}
+
+
+def method_names(*, forms: bool = True) -> tuple[str, ...]:
+    """Every method, in run order: compute, the baselines, the registered 1-bit collectives (, the forced forms)."""
+    return ("compute", *baseline_methods(), *COLLECTIVES, *(FORMS if forms else ()))
+
+
+def load_plugin_arg(argv=None) -> str:
+    """Import ``--plugins`` (comma-separated modules) before the method list is built; returns its value."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--plugins", default="")
+    known, _ = pre.parse_known_args(argv)
+    try:
+        load_plugins(known.plugins)
+    except ValueError as error:
+        pre.error(f"--{error}")
+    return known.plugins
 IMAGE_SHAPE = (3, 32, 32)
 NUM_CLASSES = 10
 
@@ -180,9 +207,9 @@ def build(method: str, model_name: str, args):
         collective, inter_node = FORMS.get(method, (method, "auto"))
         opt = Birder(ddp_model, lr=1e-3, collective=collective, inter_node=inter_node, num_nodes=args.num_nodes)
         return ddp_model, opt, opt.comm_stats
-    name = BASELINES.get(method, "none")  # "compute" never communicates; a hook is harmless
-    stats = register_baseline_hook(ddp_model, name, powersgd_rank=args.powersgd_rank,
-                                   topology=Topology.from_env(args.num_nodes))
+    name = baseline_methods().get(method, "none")  # "compute" never communicates; a hook is harmless
+    options = {"rank": args.powersgd_rank} if name == "powersgd" else {}
+    stats = register_baseline_hook(ddp_model, name, topology=Topology.from_env(args.num_nodes), **options)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, foreach=True)
     return ddp_model, opt, stats
 
@@ -294,10 +321,15 @@ def profile_steps(run: MethodRun, args, batch, timing_group) -> dict:
 
 
 def main(argv=None):
+    plugins = load_plugin_arg(argv)
+    all_methods = method_names()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--plugins", default=plugins,
+                        help="comma-separated modules to import first: the collectives and baselines they "
+                             "register become methods (see dist_supernet/plugins.py)")
     parser.add_argument("--model", choices=sorted(MODELS), default="mlp")
-    parser.add_argument("--methods", default=",".join(METHODS),
-                        help=f"comma-separated, from {', '.join(METHODS)}")
+    parser.add_argument("--methods", default=",".join(all_methods),
+                        help=f"comma-separated, from {', '.join(all_methods)}")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (>= 2 for PowerSGD)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per method")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads per process")
@@ -313,8 +345,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     for method in methods:
-        if method not in METHODS:
-            raise ValueError(f"--methods: {method!r} is not one of {', '.join(METHODS)}")
+        if method not in all_methods:
+            raise ValueError(f"--methods: {method!r} is not one of {', '.join(all_methods)}")
     if "powersgd" in methods and args.warmup < 2:
         raise ValueError(f"--warmup={args.warmup}: PowerSGD compresses from its third step, use >= 2")
 

@@ -8,7 +8,20 @@
   finishes before the next starts (see ``_counting_powersgd_hook``).
 
 Each is wrapped to add the bytes it put on the wire to a :class:`CommStats`.
+
+The registry: :data:`BASELINES` maps each ``compression=<name>`` to a
+:class:`Baseline` subclass, which carries its config schema (``config``, a
+dataclass: keys, types, defaults and ranges, see :mod:`dist_supernet.schema`),
+the process-group backends it runs on, and how to register its hook from a
+validated config (:meth:`Baseline.register_hook`). The config validation, the
+trainer, the sweep's pre-check and the benchmarks read it. A new baseline is
+one class decorated with :func:`register_baseline` (plus its
+``conf/compression/<name>.yaml``); a run sees it once its module is imported,
+e.g. by the config's top-level ``plugins=[...]`` key (:mod:`dist_supernet.plugins`).
 """
+
+import dataclasses
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -16,10 +29,9 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
 
 from dist_supernet.comm.collectives import CollectiveError
+from dist_supernet.schema import bounded, range_problem
 from dist_supernet.comm.stats import CommStats, all_reduce_bytes
 from dist_supernet.comm.topology import Topology
-
-BASELINES = ("none", "fp16", "bf16", "powersgd")
 
 
 def _named_failure(name: str, topology: Topology):
@@ -72,46 +84,181 @@ def _counting_powersgd_hook(stats: CommStats, topology: Topology, *, in_order: b
     return hook
 
 
-def register_baseline_hook(
-    ddp_model,
-    name: str,
-    *,
-    powersgd_rank: int = 4,
-    topology: Topology | None = None,
-) -> CommStats:
-    """Register baseline ``name`` on a DDP module; return the stats it adds to.
+# -- the registry ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class BaselineConfig:
+    """The ``compression`` keys every baseline has (``conf/compression/<name>.yaml``)."""
+
+    name: str = "none"
+    collective: str = "allreduce"  # the baselines reduce with DDP's all-reduce; the 1-bit ones need birder
+    num_nodes: int | None = bounded(None, min=1)  # node layout for the byte split; null: from torchrun
+
+
+class Baseline:
+    """One baseline compression: its name, config schema, backends, and how to register its hook.
+
+    Subclasses set ``name`` and ``config`` (a :class:`BaselineConfig` subclass for extra keys)
+    and implement :meth:`register_hook`; :func:`register_baseline` adds them to :data:`BASELINES`.
+    """
+
+    name: ClassVar[str] = "base"
+    config: ClassVar[type] = BaselineConfig
+    backends: ClassVar[tuple[str, ...]] = ("gloo", "nccl")  # process-group backends it runs on
+    backend_hint: ClassVar[str] = ""  # what to use instead where the backend is missing
+
+    @classmethod
+    def register_hook(cls, ddp_model, cfg, *, stats: CommStats, topology: Topology) -> None:
+        """Register this baseline's comm hook on ``ddp_model`` for the validated ``cfg``, counting into ``stats``."""
+        raise NotImplementedError
+
+
+BASELINES: dict[str, type[Baseline]] = {}
+
+
+def register_baseline(cls: type[Baseline]) -> type[Baseline]:
+    """Class decorator: make ``cls`` the baseline ``compression=<cls.name>`` builds.
 
     Example::
-        stats = register_baseline_hook(ddp_model, "powersgd", powersgd_rank=4)
-        ...train...
-        print(stats.snapshot()["bytes_total"])
+        @dataclasses.dataclass
+        class MyConfig(BaselineConfig):
+            name: str = "mine"
+            chunks: int = bounded(2, min=1)   # why: ...
+
+        @register_baseline
+        class Mine(Baseline):
+            name, config = "mine", MyConfig
+
+            @classmethod
+            def register_hook(cls, ddp_model, cfg, *, stats, topology):
+                ddp_model.register_comm_hook(None, my_counting_hook(stats, topology, cfg.chunks))
     """
-    if name not in BASELINES:
-        raise ValueError(f"compression={name!r}: expected one of {', '.join(BASELINES + ('birder',))}")
-    if name == "powersgd" and (not isinstance(powersgd_rank, int) or powersgd_rank < 1):
-        raise ValueError(f"compression.rank={powersgd_rank!r}: must be an integer >= 1")
-    topology = topology or Topology.from_env()
-    stats = CommStats()
-    if name == "powersgd":
+    if not (isinstance(cls, type) and issubclass(cls, Baseline)):
+        raise TypeError(f"register_baseline({cls!r}): expected a subclass of Baseline")
+    name = cls.name
+    if not isinstance(name, str) or not name.isidentifier() or name in ("birder", Baseline.name):
+        raise ValueError(f"compression={name!r}: a baseline name must be an identifier other than 'birder' and 'base'")
+    if not (dataclasses.is_dataclass(cls.config) and issubclass(cls.config, BaselineConfig)):
+        raise TypeError(f"baseline {name!r}: config must be a dataclass subclass of BaselineConfig")
+    known = BASELINES.get(name)
+    if known is not None and f"{known.__module__}.{known.__qualname__}" != f"{cls.__module__}.{cls.__qualname__}":
+        raise ValueError(f"compression={name!r}: already registered by {known.__module__}.{known.__qualname__}")
+    BASELINES[name] = cls
+    return cls
+
+
+class _TorchAllReduce(Baseline):
+    """A torch default hook that all-reduces the bucket at ``bytes_per_element``, counted."""
+
+    inner: ClassVar = staticmethod(default_hooks.allreduce_hook)
+    bytes_per_element: ClassVar[int] = 4
+
+    @classmethod
+    def register_hook(cls, ddp_model, cfg, *, stats, topology):
+        label = "allreduce" if cls.name == "none" else cls.name  # how an error names it: "allreduce collective failed"
+        ddp_model.register_comm_hook(None, _counting_hook(stats, topology, cls.bytes_per_element, cls.inner, label))
+
+
+@register_baseline
+class NoCompression(_TorchAllReduce):
+    """DDP's own fp32 all-reduce."""
+
+    name = "none"
+
+
+@register_baseline
+class FP16(_TorchAllReduce):
+    """torch's ``fp16_compress_hook``: 2 bytes per element."""
+
+    name = "fp16"
+    inner = staticmethod(default_hooks.fp16_compress_hook)
+    bytes_per_element = 2
+
+
+@register_baseline
+class BF16(_TorchAllReduce):
+    """torch's ``bf16_compress_hook``: 2 bytes per element, fp32's range; NCCL only."""
+
+    name = "bf16"
+    inner = staticmethod(default_hooks.bf16_compress_hook)
+    bytes_per_element = 2
+    backends = ("nccl",)
+    backend_hint = "; use fp16 on gloo"
+
+
+@dataclasses.dataclass
+class PowerSGDConfig(BaselineConfig):
+    name: str = "powersgd"
+    rank: int = bounded(4, min=1)  # PowerSGD's matrix approximation rank
+
+
+@register_baseline
+class PowerSGD(Baseline):
+    """torch's PowerSGD hook, rank ``rank``, compressing from the second iteration on."""
+
+    name = "powersgd"
+    config = PowerSGDConfig
+
+    @classmethod
+    def register_hook(cls, ddp_model, cfg, *, stats, topology):
         state = powersgd.PowerSGDState(
             process_group=None,
-            matrix_approximation_rank=powersgd_rank,
+            matrix_approximation_rank=cfg.rank,
             start_powerSGD_iter=2,  # the smallest torch allows with error feedback
             min_compression_rate=2,
         )
         in_order = dist.get_backend() == "gloo"
         ddp_model.register_comm_hook(state, _counting_powersgd_hook(stats, topology, in_order=in_order))
-        return stats
-    if name == "bf16" and dist.get_backend() != "nccl":
-        raise ValueError("compression='bf16' needs the NCCL backend (torch's bf16 hook); use fp16 on gloo")
-    inner, width = {
-        "none": (default_hooks.allreduce_hook, 4),
-        "fp16": (default_hooks.fp16_compress_hook, 2),
-        "bf16": (default_hooks.bf16_compress_hook, 2),
-    }[name]
-    label = "allreduce" if name == "none" else name  # how an error names it: "allreduce collective failed ..."
-    ddp_model.register_comm_hook(None, _counting_hook(stats, topology, width, inner, label))
+
+
+def baseline_config(name: str, **options):
+    """The validated config of baseline ``name`` from keyword options (the schema's defaults elsewhere).
+
+    Raises ValueError ``compression.<key>=<value>: reason`` for an unknown name, key or an out-of-range value.
+
+    Example::
+        >>> baseline_config("powersgd", rank=2).rank
+        2
+    """
+    if name not in BASELINES:
+        raise ValueError(f"compression={name}: expected one of {', '.join(('birder', *BASELINES))}")
+    schema = BASELINES[name].config
+    keys = [f.name for f in dataclasses.fields(schema)]
+    for key in options:
+        if key not in keys or key == "name":
+            raise ValueError(f"compression.{key}={options[key]!r}: unknown key for compression={name} "
+                             f"(expected one of {', '.join(k for k in keys if k != 'name')})")
+    cfg = schema(name=name, **options)
+    problem = range_problem(cfg)
+    if problem is not None:
+        key, value, reason = problem
+        raise ValueError(f"compression.{key}={value!r}: {reason}")
+    return cfg
+
+
+def register_baseline_hook(ddp_model, baseline, *, topology: Topology | None = None, **options) -> CommStats:
+    """Register a baseline on a DDP module; return the stats it adds to.
+
+    ``baseline``: a name with the schema's keys as keyword options, or a validated config
+    (``TrainConfig.compression``, as the trainer passes it).
+
+    Example::
+        stats = register_baseline_hook(ddp_model, "powersgd", rank=4)
+        ...train...
+        print(stats.snapshot()["bytes_total"])
+    """
+    cfg = baseline_config(baseline, **options) if isinstance(baseline, str) else baseline
+    cls = BASELINES[cfg.name]
+    backend = dist.get_backend()
+    if backend not in cls.backends:
+        raise ValueError(f"compression={cfg.name}: needs the {' or '.join(b.upper() for b in cls.backends)} "
+                         f"backend, this process group is {backend}{cls.backend_hint}")
+    topology = topology or Topology.from_env()
+    stats = CommStats()
+    cls.register_hook(ddp_model, cfg, stats=stats, topology=topology)
     return stats
 
 
-__all__ = ["BASELINES", "register_baseline_hook"]
+__all__ = ["BASELINES", "Baseline", "BaselineConfig", "PowerSGDConfig", "baseline_config", "register_baseline",
+           "register_baseline_hook"]

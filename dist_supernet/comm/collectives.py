@@ -35,6 +35,17 @@ see ``kernels``), so the bits do not depend on DDP's bucket layout.
   over nodes, one round. ``auto`` picks ``allgather`` at N <= 2 (the same
   bytes, one round fewer, no second re-quantisation) and ``reduce_scatter``
   beyond. Last, an intra-node all-gather of the owners' results.
+
+The registry: :data:`COLLECTIVES` maps each ``compression.collective`` name to
+its class, which carries what the rest of the project needs: ``name`` (the
+config value), ``needs_node_groups`` (whether the compressor creates the
+intra- and inter-node process groups), its wire model (``_wire_bytes``, the
+bytes it sends, counted on every exchange) and ``_reduce``. The config's
+choices (:func:`collective_choices`), the compressor, the benchmarks and the
+tests read it. A new collective is one file with a subclass of
+:class:`OneBitCollective` decorated with :func:`register_collective`; a run
+sees it once the module is imported, e.g. by the config's top-level
+``plugins=[my_package.my_collective]`` key (see :mod:`dist_supernet.plugins`).
 """
 
 import dataclasses
@@ -183,6 +194,39 @@ class OneBitCollective:
         raise NotImplementedError
 
 
+COLLECTIVES: dict[str, type[OneBitCollective]] = {}
+AUTO = "auto"  # a policy over the built-in collectives (resolve_collective), not a class
+
+
+def register_collective(cls: type[OneBitCollective]) -> type[OneBitCollective]:
+    """Class decorator: make ``cls`` the collective ``compression.collective=<cls.name>`` builds.
+
+    Example::
+        @register_collective
+        class MyCollective(OneBitCollective):
+            name = "mine"
+            needs_node_groups = False
+            def _reduce(self, bits_B, numel, index_map, seed): ...
+            def _wire_bytes(self, numel): ...
+    """
+    if not (isinstance(cls, type) and issubclass(cls, OneBitCollective)):
+        raise TypeError(f"register_collective({cls!r}): expected a subclass of OneBitCollective")
+    name = cls.name
+    if not isinstance(name, str) or not name.isidentifier() or name in (AUTO, OneBitCollective.name):
+        raise ValueError(f"collective name={name!r}: must be an identifier other than {AUTO!r} and 'base'")
+    known = COLLECTIVES.get(name)
+    if known is not None and f"{known.__module__}.{known.__qualname__}" != f"{cls.__module__}.{cls.__qualname__}":
+        raise ValueError(f"collective name={name!r}: already registered by {known.__module__}.{known.__qualname__}")
+    COLLECTIVES[name] = cls
+    return cls
+
+
+def collective_choices() -> tuple[str, ...]:
+    """The values ``compression.collective`` accepts: ``auto`` and every registered collective."""
+    return (AUTO, *COLLECTIVES)
+
+
+@register_collective
 class AllGather(OneBitCollective):
     """Every rank all-gathers every rank's bits; exact; receives (n - 1) * D bits."""
 
@@ -198,6 +242,7 @@ class AllGather(OneBitCollective):
         return all_gather_bytes(kernels.num_bytes(numel), members, self.topology)
 
 
+@register_collective
 class TwoPhase(OneBitCollective):
     """Reduce-scatter of 1-bit chunks by all-to-all, exact count per owner, all-gather of results."""
 
@@ -229,6 +274,7 @@ class TwoPhase(OneBitCollective):
         )
 
 
+@register_collective
 class Hierarchical(OneBitCollective):
     """Exact inside a node, 1 bit between nodes (reduce-scatter or all-gather form), all-gather inside the node."""
 
@@ -315,10 +361,8 @@ class Hierarchical(OneBitCollective):
         return wire
 
 
-COLLECTIVES = {cls.name: cls for cls in (AllGather, TwoPhase, Hierarchical)}
 # ``auto``: ``hierarchical`` across nodes; on one node ``allgather`` up to 4 ranks, ``two_phase`` beyond
 # (see resolve_collective).
-COLLECTIVE_CHOICES = ("auto", *COLLECTIVES)
 ALLGATHER_MAX_RANKS = 4
 
 
@@ -334,12 +378,12 @@ def resolve_collective(name: str, topology: Topology) -> str:
         >>> resolve_collective("auto", Topology(world_size=2, rank=0, local_world_size=2))
         'allgather'
     """
-    if name == "auto":
+    if name == AUTO:
         if topology.num_nodes > 1:
-            return "hierarchical"
-        return "allgather" if topology.world_size <= ALLGATHER_MAX_RANKS else "two_phase"
+            return Hierarchical.name
+        return AllGather.name if topology.world_size <= ALLGATHER_MAX_RANKS else TwoPhase.name
     if name not in COLLECTIVES:
-        raise ValueError(f"collective={name!r}: expected one of {', '.join(COLLECTIVE_CHOICES)}")
+        raise ValueError(f"collective={name!r}: expected one of {', '.join(collective_choices())}")
     return name
 
 

@@ -24,7 +24,7 @@ import torch
 
 import kernels
 from dist_supernet.comm import CommGroups, CommStats, Topology, WireBytes, build_collective, mix_seed
-from dist_supernet.comm.collectives import Packed, chunk_elems, resolve_collective
+from dist_supernet.comm.collectives import COLLECTIVES, Packed, chunk_elems, resolve_collective
 
 STAGE_COMPRESS = 0
 # Rank stand-in for the seed when every rank must draw the same bits (Birder
@@ -175,7 +175,7 @@ class BirderCompressor:
             raise RuntimeError("Birder: the compressor is already connected to a collective")
         topology = Topology.from_env(num_nodes)
         name = resolve_collective(collective, topology)
-        groups = CommGroups.create(topology, hierarchical=name == "hierarchical", timeout_s=timeout_s)
+        groups = CommGroups.create(topology, hierarchical=COLLECTIVES[name].needs_node_groups, timeout_s=timeout_s)
         self.topology, self.groups = topology, groups
         self.collective = build_collective(name, topology, groups, requantize=requantize, inter_node=inter_node)
         self.collective_name = name

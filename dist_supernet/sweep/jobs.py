@@ -93,10 +93,25 @@ def _override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
-def torchrun_command(overrides: list[str], job_dir: Path, *, nproc_per_node: int, max_restarts: int) -> list[str]:
+# The sweep's own Hydra overrides that its jobs need to compose the same config: a config dir added to
+# the search path (a plugin's conf/compression/<name>.yaml, say) holds group choices the jobs use.
+JOB_HYDRA_KEYS = ("hydra.searchpath",)
+
+
+def job_hydra_overrides(sweep_hydra_overrides) -> list[str]:
+    """The sweep's ``hydra.*`` overrides every job gets too (:data:`JOB_HYDRA_KEYS`).
+
+    >>> job_hydra_overrides(["hydra.sweep.dir=x", "hydra.searchpath=[file:///my/conf]"])
+    ['hydra.searchpath=[file:///my/conf]']
+    """
+    return [str(o) for o in sweep_hydra_overrides if _override_key(str(o)) in JOB_HYDRA_KEYS]
+
+
+def torchrun_command(overrides: list[str], job_dir: Path, *, nproc_per_node: int, max_restarts: int,
+                     hydra_overrides: list[str] = ()) -> list[str]:
     """The job's command line; ``hydra.run.dir`` puts every file the job writes in ``job_dir``."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}",
-            f"--max-restarts={max_restarts}", "-m", "dist_supernet.train", *overrides,
+            f"--max-restarts={max_restarts}", "-m", "dist_supernet.train", *overrides, *hydra_overrides,
             f"hydra.run.dir={job_dir}"]
 
 
@@ -108,7 +123,7 @@ def invalid_job(num: int, overrides: list[str], job_dir: Path, reason: str) -> J
 
 
 def run_job(num: int, overrides: list[str], job_dir: Path, *, nproc_per_node: int | None = None,
-            max_restarts: int = 0, timeout_s: float = 3600.0) -> JobRecord:
+            max_restarts: int = 0, timeout_s: float = 3600.0, hydra_overrides: list[str] = ()) -> JobRecord:
     """Run one torchrun job to completion (or ``timeout_s``) and record how it ended.
 
     The job runs in its own session so that a timeout (or Ctrl-C) stops torchrun
@@ -117,7 +132,8 @@ def run_job(num: int, overrides: list[str], job_dir: Path, *, nproc_per_node: in
     job_dir = Path(job_dir).absolute()
     job_dir.mkdir(parents=True, exist_ok=True)
     nproc = nproc_per_node or default_nproc_per_node()
-    cmd = torchrun_command(list(overrides), job_dir, nproc_per_node=nproc, max_restarts=max_restarts)
+    cmd = torchrun_command(list(overrides), job_dir, nproc_per_node=nproc, max_restarts=max_restarts,
+                           hydra_overrides=list(hydra_overrides))
     record = JobRecord(num=num, overrides=list(overrides), status="failed", command=cmd)
     start = time.perf_counter()
     with open(job_dir / LOG_FILE, "w") as log_file:

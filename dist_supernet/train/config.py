@@ -10,6 +10,8 @@ Three stages, all before training:
 - :func:`check_group_choices` on the command line, before Hydra composes, so
   that ``compression=typo`` is one line instead of Hydra's listing;
 - :func:`validate` on the composed config: types, ranges, combinations;
+  it first imports the config's ``plugins`` (:mod:`dist_supernet.plugins`), so
+  that the collectives and baselines they register are valid choices;
 - :func:`validate_layout` with the world size from torchrun's environment.
 
 ``train/preflight.py: check_config`` runs the last two with the data, the model
@@ -36,20 +38,18 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from dist_supernet.errors import ConfigError, format_value  # noqa: F401  (re-exported: the one error format)
+from dist_supernet.schema import bounded, range_problem
 
 
 GROUPS = ("compression", "optim", "model", "data", "trainer")
 # Top-level keys a composed config may hold: the groups, the supernet group (read for supernet models),
-# and hydra's own section when composed with return_hydra_config (the pre-flight).
-TOP_LEVEL_KEYS = (*GROUPS, "supernet", "hydra")
+# the plugin modules, and hydra's own section when composed with return_hydra_config (the pre-flight).
+TOP_LEVEL_KEYS = (*GROUPS, "supernet", "plugins", "hydra")
 MAX_LR = 10.0  # why: Birder moves every coordinate by lr per step; SGD/AdamW beyond 10 diverge at once
 MAX_TIMEOUT_S = 7 * 24 * 3600  # why: a week is longer than any legitimate wait; timedelta overflows near 1e14 s
 MAX_SEED = 2**31  # why: fits every generator seeded from it (numpy: < 2**32) with room for + rank
-# The 1-bit collectives' names and hierarchical's inter-node forms. Spelled here so that the config check
-# (and the launchers' pre-flight) does not import torch; tests/unit/test_config.py holds them equal to the
-# registry in dist_supernet.comm.collectives.
-COLLECTIVES = ("auto", "allgather", "two_phase", "hierarchical")
-INTER_NODE_FORMS = ("auto", "allgather", "reduce_scatter")
+# The collective and baseline choices are the registries' (dist_supernet.comm), read inside validate():
+# importing this module stays free of torch (the entry point's first checks run before torch loads).
 SCHEDULES = ("constant", "cosine")
 
 
@@ -64,21 +64,8 @@ class BirderCompression:
     requantize: bool = False
     inter_node: str = "auto"
     bucket_cap_mb: int | None = None
-    num_nodes: int | None = None
+    num_nodes: int | None = bounded(None, min=1)
     timeout_s: float | None = None
-
-
-@dataclasses.dataclass
-class BaselineCompression:
-    name: str = "none"
-    collective: str = "allreduce"
-    num_nodes: int | None = None
-
-
-@dataclasses.dataclass
-class PowerSGDCompression(BaselineCompression):
-    name: str = "powersgd"
-    rank: int = 4
 
 
 @dataclasses.dataclass
@@ -145,13 +132,13 @@ class TrainerConfig:
     inject_nan_at_steps: list[int] = dataclasses.field(default_factory=list)
 
 
-COMPRESSION_SCHEMAS = {
-    "birder": BirderCompression,
-    "none": BaselineCompression,
-    "fp16": BaselineCompression,
-    "bf16": BaselineCompression,
-    "powersgd": PowerSGDCompression,
-}
+def compression_schemas() -> dict[str, type]:
+    """``compression.name`` -> its schema: ``birder``, then every registered baseline's own (comm.BASELINES)."""
+    from dist_supernet.comm.baselines import BASELINES
+
+    return {"birder": BirderCompression, **{name: baseline.config for name, baseline in BASELINES.items()}}
+
+
 OPTIM_SCHEMAS = {"birder": BirderOptim, "adamw": AdamWOptim, "sgd": SGDOptim}
 
 
@@ -159,7 +146,7 @@ OPTIM_SCHEMAS = {"birder": BirderOptim, "adamw": AdamWOptim, "sgd": SGDOptim}
 class TrainConfig:
     """The validated config: plain dataclasses, plus the model's own mapping."""
 
-    compression: BirderCompression | BaselineCompression
+    compression: object  # BirderCompression, or the registered baseline's config (comm.BaselineConfig)
     optim: BirderOptim | AdamWOptim | SGDOptim
     model: dict
     data: DataConfig
@@ -230,10 +217,16 @@ def validate_group(cfg: DictConfig, group: str, schemas: dict[str, type]):
 
 def _check_ranges(group: str, obj) -> None:
     k = lambda field: f"{group}.{field}"  # noqa: E731
+    problem = range_problem(obj) if dataclasses.is_dataclass(obj) else None  # ranges the schema declares
+    if problem is not None:
+        raise ConfigError(k(problem[0]), problem[1], problem[2])
     if group == "compression":
+        from dist_supernet.comm.collectives import INTER_NODE_FORMS, collective_choices
+
+        collectives = collective_choices()
         if obj.name == "birder":
-            _check(obj.collective in COLLECTIVES, k("collective"), obj.collective,
-                   f"expected one of {', '.join(COLLECTIVES)}")
+            _check(obj.collective in collectives, k("collective"), obj.collective,
+                   f"expected one of {', '.join(collectives)}")
             _check(obj.inter_node in INTER_NODE_FORMS, k("inter_node"), obj.inter_node,
                    f"expected one of {', '.join(INTER_NODE_FORMS)}")
             _check(obj.bucket_cap_mb is None or 1 <= obj.bucket_cap_mb <= 4096, k("bucket_cap_mb"),
@@ -241,15 +234,11 @@ def _check_ranges(group: str, obj) -> None:
         else:
             _check(obj.collective == "allreduce", k("collective"), obj.collective,
                    f"compression={obj.name} uses DDP's allreduce; the 1-bit collectives "
-                   f"({', '.join(COLLECTIVES)}) need compression=birder")
-        _check(obj.num_nodes is None or obj.num_nodes >= 1, k("num_nodes"), obj.num_nodes,
-               "must be >= 1 or null")
+                   f"({', '.join(collectives)}) need compression=birder")
         if obj.name == "birder":
             _check(obj.timeout_s is None or obj.timeout_s > 0, k("timeout_s"), obj.timeout_s, "must be > 0 or null")
             _check(obj.timeout_s is None or obj.timeout_s <= MAX_TIMEOUT_S, k("timeout_s"), obj.timeout_s,
                    f"must be <= {MAX_TIMEOUT_S} (7 days)")
-        if obj.name == "powersgd":
-            _check(obj.rank >= 1, k("rank"), obj.rank, "must be >= 1")
     elif group == "optim":
         _check(obj.lr > 0, k("lr"), obj.lr, "must be > 0")
         _check(obj.lr <= MAX_LR, k("lr"), obj.lr, f"must be <= {MAX_LR} (a larger step diverges at once)")
@@ -303,12 +292,13 @@ def validate(cfg: DictConfig) -> TrainConfig:
     for key in cfg:
         _check(key in TOP_LEVEL_KEYS, str(key), cfg.get(key),
                f"unknown top-level key (expected one of {', '.join(TOP_LEVEL_KEYS[:-1])})")
+    load_config_plugins(cfg)
     for group in GROUPS:
         _check(group in cfg and isinstance(cfg[group], DictConfig), group, cfg.get(group), "missing config group")
     from dist_supernet.data import DATASETS
     from dist_supernet.models import available_models
 
-    compression = validate_group(cfg, "compression", COMPRESSION_SCHEMAS)
+    compression = validate_group(cfg, "compression", compression_schemas())
     optim = validate_group(cfg, "optim", OPTIM_SCHEMAS)
     _check(compression.name != "birder" or optim.name == "birder", "optim.name", optim.name,
            "compression=birder sends 1-bit Birder updates and needs optim=birder")
@@ -325,6 +315,22 @@ def validate(cfg: DictConfig) -> TrainConfig:
             _check(key in SUPERNET_KEYS, f"supernet.{key}", cfg.supernet.get(key),
                    f"unknown key (expected one of {', '.join(SUPERNET_KEYS)})")
     return TrainConfig(compression=compression, optim=optim, model=model, data=data, trainer=trainer)
+
+
+def load_config_plugins(cfg: DictConfig) -> list[str]:
+    """Import the modules the top-level ``plugins`` key lists (see :mod:`dist_supernet.plugins`); ConfigError if not."""
+    from dist_supernet.plugins import load_plugins
+
+    modules = cfg.get("plugins")
+    if modules is None:
+        return []
+    modules = OmegaConf.to_container(modules, resolve=True) if isinstance(modules, ListConfig) else modules
+    _check(isinstance(modules, list) and all(isinstance(m, str) for m in modules), "plugins", modules,
+           "expected a list of module names, e.g. plugins=[my_package.my_collective]")
+    try:
+        return load_plugins(modules)
+    except ValueError as error:
+        raise ConfigError("plugins", modules, str(error).split(": ", 1)[1]) from None
 
 
 def check_device(device: str) -> None:

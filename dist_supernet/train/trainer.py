@@ -196,8 +196,7 @@ class Trainer:
                     collective.name, comp.collective, collective.topology.num_nodes,
                     collective.topology.local_world_size, form)
             return optimizer, optimizer.comm_stats
-        stats = register_baseline_hook(self.ddp_model, comp.name, powersgd_rank=getattr(comp, "rank", 4),
-                                       topology=self.topology)
+        stats = register_baseline_hook(self.ddp_model, comp, topology=self.topology)  # comp: the baseline's schema
         params = self.model.parameters()
         if opt.name == "birder":
             # collective=None: DDP (or the baseline hook) has averaged the gradient already, on purpose.

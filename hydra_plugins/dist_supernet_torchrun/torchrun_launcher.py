@@ -7,14 +7,16 @@ training app's one validation pass (``dist_supernet.train.preflight.check_config
 every group, the data, the model built on the meta device, the supernet group;
 a rejected job becomes an ``invalid`` row, not a launch), then ``torchrun --standalone -m dist_supernet.train <job overrides>
 hydra.run.dir=<job dir>`` (:func:`dist_supernet.sweep.jobs.run_job`), wait,
-record the exit status. A failed job never stops the sweep. At the end
+record the exit status. A failed job never stops the sweep. The sweep's
+``hydra.searchpath`` is passed on to every job (a plugin's config dir, say);
+its other ``hydra.*`` overrides configure the sweep only. At the end
 :func:`dist_supernet.sweep.report.write_report` writes the comparison table
 and the loss plots into the sweep dir.
 
 Every job returns COMPLETED to Hydra with its :class:`JobRecord` as the return
 value (a FAILED return would make Hydra's sweeper raise after the batch); the
 record's ``status`` says how the job really ended. Hydra overrides of the sweep
-(``hydra.*``) configure the sweep, not the jobs.
+(``hydra.*``) configure the sweep, not the jobs, but for ``hydra.searchpath``.
 
 This module is imported by Hydra's plugin scan in every process that starts
 Hydra (every torchrun worker too), so it imports the project lazily.
@@ -52,7 +54,8 @@ class TorchrunLauncher(Launcher):
         self.config, self.hydra_context = config, hydra_context
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from dist_supernet.sweep.jobs import default_nproc_per_node, invalid_job, run_job, with_defaults
+        from dist_supernet.sweep.jobs import (default_nproc_per_node, invalid_job, job_hydra_overrides, run_job,
+                                              with_defaults)
         from dist_supernet.sweep.report import TABLE_MD, write_report
         from dist_supernet.train.preflight import check_config
 
@@ -63,6 +66,7 @@ class TorchrunLauncher(Launcher):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         log.info(f"Launching {len(job_overrides)} torchrun jobs one at a time into {sweep_dir}")
         nproc = self.nproc_per_node or default_nproc_per_node()  # the world size of every (standalone) job
+        hydra_overrides = job_hydra_overrides(self.config.hydra.overrides.hydra)  # e.g. a plugin's config dir
         returns = []
         for num, overrides in enumerate(job_overrides, start=initial_job_idx):
             overrides = with_defaults(list(overrides), self.job_defaults)
@@ -78,7 +82,8 @@ class TorchrunLauncher(Launcher):
                 record = invalid_job(num, overrides, job_dir, _first_line(e))
             else:
                 record = run_job(num, overrides, job_dir, nproc_per_node=nproc,
-                                 max_restarts=self.max_restarts, timeout_s=self.timeout_s)
+                                 max_restarts=self.max_restarts, timeout_s=self.timeout_s,
+                                 hydra_overrides=hydra_overrides)
             log.info(f"\t#{num} -> {record.status}" + (f" ({record.reason})" if record.reason else "")
                      + (f" in {record.job_time_s:.1f} s" if record.status != "invalid" else ""))
             returns.append(JobReturn(overrides=overrides, cfg=job_cfg, working_dir=str(job_dir),

@@ -250,7 +250,7 @@ def _powersgd_worker(rank, world_size):
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(6)])
     ddp = DDP(model, bucket_cap_mb=0.02)  # ~5k floats per bucket: several buckets
-    stats = register_baseline_hook(ddp, "powersgd", powersgd_rank=2)
+    stats = register_baseline_hook(ddp, "powersgd", rank=2)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     for step in range(6):
         x = torch.randn(16, 64, generator=torch.Generator().manual_seed(step * 10 + rank))

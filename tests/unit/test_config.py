@@ -17,6 +17,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from dist_supernet.models import available_models
+from dist_supernet.train import config as config_module
 from dist_supernet.train.config import (
     GROUPS,
     ConfigError,
@@ -190,10 +191,13 @@ def test_cli_prints_one_line_and_exits_2():
     assert OmegaConf.has_resolver("run_stamp")
 
 
-def test_collective_names_match_the_registry():
-    # config.py spells them out (no torch import in the pre-flight); they must be the registry's.
-    from dist_supernet.comm import collectives
-    from dist_supernet.train import config
+def test_config_choices_are_the_registries_and_importing_the_config_needs_no_torch():
+    from dist_supernet.comm import BASELINES, collective_choices
 
-    assert config.COLLECTIVES == collectives.COLLECTIVE_CHOICES
-    assert config.INTER_NODE_FORMS == collectives.INTER_NODE_FORMS
+    assert collective_choices()[:4] == ("auto", "allgather", "two_phase", "hierarchical")
+    assert list(config_module.compression_schemas())[:5] == ["birder", "none", "fp16", "bf16", "powersgd"]
+    assert all(config_module.compression_schemas()[name] is BASELINES[name].config for name in BASELINES)
+    # The entry point's first checks run before torch is imported (a typo fails in about a second).
+    out = subprocess.run([sys.executable, "-c", "import sys, dist_supernet.train.config; print('torch' in sys.modules)"],
+                         capture_output=True, text=True, timeout=60, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert out.stdout.strip() == "False", out
