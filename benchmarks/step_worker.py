@@ -102,7 +102,7 @@ def load_plugin_arg(argv=None) -> str:
     known, _ = pre.parse_known_args(argv)
     try:
         load_plugins(known.plugins)
-    except ValueError as error:
+    except ValueError as error:  # ConfigError: plugins=[...]: cannot import ...
         pre.error(f"--{error}")
     return known.plugins
 IMAGE_SHAPE = (3, 32, 32)

@@ -17,11 +17,13 @@ The module must be importable in every process (installed, or on ``PYTHONPATH``)
 
 import importlib
 
+from dist_supernet.errors import ConfigError
+
 
 def load_plugins(modules) -> list[str]:
     """Import each module named in ``modules`` (a list, or a comma-separated string); returns the names.
 
-    Raises ValueError ``plugins=[...]: cannot import <name> (<why>)``.
+    Raises :class:`~dist_supernet.errors.ConfigError` ``plugins=[...]: cannot import <name> (<why>)``.
 
     Example::
         >>> load_plugins("json,os.path")
@@ -31,12 +33,11 @@ def load_plugins(modules) -> list[str]:
         return []
     names = [m.strip() for m in modules.split(",")] if isinstance(modules, str) else list(modules)
     names = [name for name in names if name]
-    shown = "[" + ",".join(map(str, names)) + "]"
     for name in names:
         if not isinstance(name, str):
-            raise ValueError(f"plugins={shown}: expected module names (strings), got {name!r}")
+            raise ConfigError("plugins", names, "expected a list of module names, e.g. plugins=[my_package.my_collective]")
         try:
             importlib.import_module(name)
         except ImportError as error:
-            raise ValueError(f"plugins={shown}: cannot import {name} ({error})") from error
+            raise ConfigError("plugins", names, f"cannot import {name} ({error})") from error
     return names

@@ -32,6 +32,7 @@ from dist_supernet.comm.collectives import CollectiveError
 from dist_supernet.schema import bounded, range_problem
 from dist_supernet.comm.stats import CommStats, all_reduce_bytes
 from dist_supernet.comm.topology import Topology
+from dist_supernet.errors import ConfigError
 
 
 def _named_failure(name: str, topology: Topology):
@@ -215,25 +216,24 @@ class PowerSGD(Baseline):
 def baseline_config(name: str, **options):
     """The validated config of baseline ``name`` from keyword options (the schema's defaults elsewhere).
 
-    Raises ValueError ``compression.<key>=<value>: reason`` for an unknown name, key or an out-of-range value.
+    Raises ConfigError ``compression.<key>=<value>: reason`` for an unknown name, key or an out-of-range value.
 
     Example::
         >>> baseline_config("powersgd", rank=2).rank
         2
     """
     if name not in BASELINES:
-        raise ValueError(f"compression={name}: expected one of {', '.join(('birder', *BASELINES))}")
+        raise ConfigError("compression", name, f"expected one of {', '.join(('birder', *BASELINES))}")
     schema = BASELINES[name].config
-    keys = [f.name for f in dataclasses.fields(schema)]
-    for key in options:
-        if key not in keys or key == "name":
-            raise ValueError(f"compression.{key}={options[key]!r}: unknown key for compression={name} "
-                             f"(expected one of {', '.join(k for k in keys if k != 'name')})")
+    keys = [f.name for f in dataclasses.fields(schema) if f.name != "name"]
+    for key, value in options.items():
+        if key not in keys:
+            raise ConfigError(f"compression.{key}", value,
+                              f"unknown key for compression={name} (expected one of {', '.join(keys)})")
     cfg = schema(name=name, **options)
     problem = range_problem(cfg)
     if problem is not None:
-        key, value, reason = problem
-        raise ValueError(f"compression.{key}={value!r}: {reason}")
+        raise ConfigError(f"compression.{problem[0]}", problem[1], problem[2])
     return cfg
 
 

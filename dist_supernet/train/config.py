@@ -325,12 +325,9 @@ def load_config_plugins(cfg: DictConfig) -> list[str]:
     if modules is None:
         return []
     modules = OmegaConf.to_container(modules, resolve=True) if isinstance(modules, ListConfig) else modules
-    _check(isinstance(modules, list) and all(isinstance(m, str) for m in modules), "plugins", modules,
+    _check(isinstance(modules, list), "plugins", modules,
            "expected a list of module names, e.g. plugins=[my_package.my_collective]")
-    try:
-        return load_plugins(modules)
-    except ValueError as error:
-        raise ConfigError("plugins", modules, str(error).split(": ", 1)[1]) from None
+    return load_plugins(modules)
 
 
 def check_device(device: str) -> None:

@@ -43,6 +43,8 @@ def _compose(*overrides):
 
 
 def _load_script(name):
+    if str(REPO / "benchmarks") not in sys.path:  # the scripts import their shared benchmarks/common.py
+        sys.path.insert(0, str(REPO / "benchmarks"))
     spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
