@@ -67,7 +67,7 @@ PAPER_METHODS = (
     ("hierarchical reduce_scatter", ("collective", "hierarchical", False, "reduce_scatter")),
     ("hierarchical (auto)", ("collective", "hierarchical", False, "auto")),
 )
-MEASURED_METHODS = ("fp32", "allgather", "two_phase", "hierarchical", "hierarchical_rs")
+MEASURED_METHODS = ("fp32", *COLLECTIVES, "hierarchical_rs")  # every registered 1-bit collective, and the forced form
 # PowerSGD's formula needs matrix shapes; the paper table assumes every parameter sits in square
 # 1024 x 1024 matrices (a 25M/110M model of such layers): rank r sends P (1024 x r) and Q (1024 x r)
 # in fp32 per matrix, each by a ring all-reduce, instead of the 2**20 elements.
