@@ -14,6 +14,7 @@ command to resume from it).
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 
 import hydra
@@ -72,7 +73,47 @@ def run(cfg: DictConfig) -> None:
             raise
         fail(e, message, status=1)
     finally:
+        _close_within(trainer, CLOSE_TIMEOUT_S)
+
+
+# Shutting down the process groups hung on rank 1 in two test runs on this project's 2-core machine
+# (2026-12-01), after the run was complete and written: a deadlock in gloo's teardown (its stack dump);
+# torch reports similar ones (pytorch/pytorch#75097). A hung teardown must not keep a finished job alive.
+CLOSE_TIMEOUT_S = 120.0
+
+
+def _close_within(trainer, timeout_s: float) -> None:
+    """``trainer.close()``; if it has not returned after ``timeout_s`` (a hung teardown of the process
+    groups: everything the run writes is written by then), say so and end the process with its status."""
+    error = sys.exc_info()[1]
+    status = 0 if error is None else (error.code if isinstance(error, SystemExit) else 1)
+    timer = threading.Timer(timeout_s, _exit_now, args=(status, f"warning: shutting down the process groups "
+                                                                  f"took over {timeout_s:.0f} s; exiting"))
+    timer.daemon = True
+    timer.start()
+    try:
         trainer.close()
+    finally:
+        timer.cancel()
+
+
+def _exit_now(status, message: str | None = None) -> None:
+    """Flush every log and stream, then end the process without interpreter finalization.
+
+    The run is over and its files are closed; what finalization would still do is destroy torch's
+    gloo groups and threads, which can deadlock or abort there (see CLOSE_TIMEOUT_S and Trainer.close).
+    """
+    if isinstance(status, str):  # sys.exit("text"): Python prints the text and exits with 1
+        message, status = status, 1
+    if message:
+        sys.stderr.write(message + "\n")
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(0 if status is None else int(status))
 
 
 def main() -> None:
@@ -96,7 +137,11 @@ def main() -> None:
         fail(e, " ".join(str(e).split()))
     if check_only:
         return
-    run()
+    try:
+        run()
+    except SystemExit as done:  # fail(), SIGTERM's 143, Hydra's own exits
+        _exit_now(done.code)
+    _exit_now(0)
 
 
 if __name__ == "__main__":
