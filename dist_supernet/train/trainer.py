@@ -66,6 +66,9 @@ from dist_supernet.train.preflight import check_config
 from dist_supernet.train.runlock import RunDirLock, report_stale, report_unfinished_runs
 from dist_supernet.train.untrusted import check_fits_model, check_recipe
 
+# Trainer.close: how long the gloo worker threads get (GIL released) to finish destroying their last works.
+_GLOO_SETTLE_S = 0.05
+
 log = logging.getLogger(__name__)
 
 
@@ -519,6 +522,12 @@ class Trainer:
             self.preemption.restore()
         for lock in getattr(self, "run_locks", []):
             lock.release()
+        # A gloo worker thread destroys each finished work itself, which takes the GIL (the work holds
+        # tensors); a gloo group's destructor joins those threads while its caller holds the GIL. Dropping
+        # a group right after the last collective therefore deadlocked (py-spy on rank 1 of test_faults'
+        # AdamW job: MainThread in ~ProcessGroupGloo -> thread::join, the worker in ~AsyncWork waiting for
+        # the GIL; 2 of 3 runs on 2026-12-01). Sleeping releases the GIL: the workers finish and go idle.
+        time.sleep(_GLOO_SETTLE_S)
         if dist.is_initialized():
             dist.destroy_process_group()
         # destroy_process_group only unregisters the groups: the hook state and DDP still hold theirs. Drop
