@@ -179,9 +179,9 @@ class StageTimer:
                 return stage(collective, name, where, fn)
 
         OneBitCollective.stage = timed_stage
-        BirderState._compress_pieces = self.wrap("hook compress (per bucket, compress thread)",
-                                                 BirderState._compress_pieces)
-        BirderState._reduce_piece = self.wrap("hook reduce (per piece, comm thread)", BirderState._reduce_piece)
+        BirderState.compress_pieces = self.wrap("hook compress (per bucket, compress thread)",
+                                                 BirderState.compress_pieces)
+        BirderState.reduce_piece = self.wrap("hook reduce (per piece, comm thread)", BirderState.reduce_piece)
 
     def reset(self) -> None:
         with self._lock:

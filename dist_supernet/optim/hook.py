@@ -376,7 +376,7 @@ class BirderState:
         """Compress and reduce one whole bucket; on the last one, agree on the step's flags. Returns ``grad_D``.
 
         The GPU path (one thread, the pipeline's CUDA stream); CPU buckets go through
-        :meth:`_compress_pieces` and :meth:`_reduce_piece` instead, with the same result.
+        :meth:`compress_pieces` and :meth:`reduce_piece` instead, with the same result.
         """
         comp = self.compressor
         used_P, wire = None, None
@@ -390,7 +390,7 @@ class BirderState:
             self._finish_round(grad_D, round_)
         return grad_D
 
-    def _compress_pieces(self, grad_D, chunk, round_: _Round, bucket: _Bucket, *, is_last: bool) -> None:
+    def compress_pieces(self, grad_D, chunk, round_: _Round, bucket: _Bucket, *, is_last: bool) -> None:
         """On ``birder-compress``: compress the bucket piece by piece, queueing each piece's collective."""
         try:
             comp = self.compressor
@@ -409,14 +409,14 @@ class BirderState:
 
                 def reduce(bits_B=bits_B, piece=piece, used_piece=used_piece, extra=wire if k == 0 else None,
                            last_piece=last_piece):
-                    self._reduce_piece(bits_B, piece, used_piece, round_, bucket, grad_D, extra_wire=extra,
+                    self.reduce_piece(bits_B, piece, used_piece, round_, bucket, grad_D, extra_wire=extra,
                                        last_piece=last_piece, is_last=is_last)
 
                 self._pipeline.comm(reduce)
         except BaseException as error:  # the future fails in order, after the pieces already queued
             self._pipeline.comm(lambda: bucket.fail(error))
 
-    def _reduce_piece(self, bits_B, piece, used_piece, round_: _Round, bucket: _Bucket, grad_D, *,
+    def reduce_piece(self, bits_B, piece, used_piece, round_: _Round, bucket: _Bucket, grad_D, *,
                       extra_wire, last_piece: bool, is_last: bool) -> None:
         """On ``birder-comm``: one piece's collective; the bucket's future after its last piece."""
         if bucket.failed:
@@ -493,7 +493,7 @@ def birder_hook(state: BirderState, bucket: dist.GradBucket) -> torch.futures.Fu
 
         pipeline.comm(job)
     else:
-        pipeline.compress(lambda: state._compress_pieces(grad_D, chunk, round_, task, is_last=is_last))
+        pipeline.compress(lambda: state.compress_pieces(grad_D, chunk, round_, task, is_last=is_last))
     if is_last:
         # The last bucket: return only once every collective of this step is done, so that DDP's own
         # collectives after backward (its unused-parameter all-reduce, from this thread) never run
