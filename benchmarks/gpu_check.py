@@ -233,6 +233,21 @@ def check_hook(device, small, out_dir) -> dict:
     }
 
 
+def _replica_variants() -> list:
+    """(name, Birder kwargs): every registered 1-bit collective (2 simulated nodes where it builds node
+    groups), then the option forms with their own code paths."""
+    from dist_supernet.comm.collectives import COLLECTIVES
+
+    variants = [(name, {"collective": name, **({"num_nodes": 2} if cls.needs_node_groups else {})})
+                for name, cls in COLLECTIVES.items()]
+    if "two_phase" in COLLECTIVES:
+        variants.append(("two_phase+requantize", {"collective": "two_phase", "requantize": True}))
+    if "hierarchical" in COLLECTIVES:
+        variants.append(("hierarchical_rs", {"collective": "hierarchical", "num_nodes": 2,
+                                             "inter_node": "reduce_scatter"}))
+    return variants
+
+
 def _replica_worker(rank, world_size, device_type, port, out):
     import torch.distributed as dist
     import torch.nn.functional as F
@@ -243,14 +258,12 @@ def _replica_worker(rank, world_size, device_type, port, out):
     common.init_loopback_gloo(rank, world_size, port)
     device = torch.device("cuda", 0) if device_type == "cuda" else torch.device("cpu")
     results = {}
-    for name, kwargs in [("allgather", {}), ("two_phase", {}), ("two_phase+requantize", {"requantize": True}),
-                         ("hierarchical", {"num_nodes": 2}),
-                         ("hierarchical_rs", {"num_nodes": 2, "inter_node": "reduce_scatter"})]:
+    for name, kwargs in _replica_variants():
         try:
             torch.manual_seed(0)
             model = _mlp(128, 2).to(device)
             ddp = DistributedDataParallel(model, bucket_cap_mb=0.05)
-            opt = Birder(ddp, lr=1e-2, collective=name.split("+")[0].replace("_rs", ""), **kwargs)
+            opt = Birder(ddp, lr=1e-2, **kwargs)
             gen = torch.Generator().manual_seed(rank)
             for _ in range(5):
                 x = torch.randn(32, 128, generator=gen).to(device)
