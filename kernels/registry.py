@@ -50,7 +50,7 @@ OPS: dict[str, Op] = {
             (0, "packed_NB")),
         _op("unpack_mean", "kernels.cpu.unpack_mean:unpack_mean", "kernels.ops.unpack_mean:unpack_mean",
             (0, "packed_NB")),
-        _op("counts_to_mean", "kernels.cpu.unpack_mean:counts_to_mean", None, (0, "counts")),
+        _op("counts_to_mean", "kernels.cpu.counts_to_mean:counts_to_mean", None, (0, "counts")),
         _op("pack_counts", "kernels.cpu.pack_counts:pack_counts", "kernels.ops.pack_counts:pack_counts",
             (0, "counts_D")),
         _op("unpack_planes", "kernels.cpu.unpack_planes:unpack_planes", "kernels.ops.unpack_planes:unpack_planes",

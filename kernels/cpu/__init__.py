@@ -16,8 +16,8 @@ def warmup() -> None:
     import torch
 
     from kernels import reference
-    from kernels.cpu import (apply_packed, apply_update, compress, pack_bits, pack_counts, requantize, uniform,
-                             unpack_counts, unpack_mean, unpack_planes)
+    from kernels.cpu import (apply_packed, apply_update, compress, counts_to_mean, pack_bits, pack_counts, requantize,
+                             uniform, unpack_counts, unpack_mean, unpack_planes)
 
     starts, canon = reference.index_map([5, 4])
     flag = torch.zeros(1, dtype=torch.uint8)
@@ -27,7 +27,7 @@ def warmup() -> None:
         counts = torch.zeros(9, dtype=dtype)
         requantize.requantize(counts, 2, starts, canon, 0, seed=0)
         pack_counts.pack_counts(counts, 2)
-        unpack_mean.counts_to_mean(counts, 2)
+        counts_to_mean.counts_to_mean(counts, 2)
         uniform.uniform(counts, 0)
     unpack_counts.unpack_counts(rows, 9)
     unpack_mean.unpack_mean(rows, 9)

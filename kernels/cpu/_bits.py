@@ -1,4 +1,4 @@
-"""Bit decoding shared by the numba kernels that read packed rows or planes (no kernel here).
+"""Bit decoding (and counts -> mean) shared by the numba kernels that read packed rows or planes (no kernel here).
 
 Counting set bits of N rows (or summing K weighted planes) one bit at a time does not
 vectorise. Instead each payload byte is spread to eight 0/1 byte lanes of a uint64 with one
@@ -66,3 +66,14 @@ def decode_counts(payload, weighted, first, numel, lanes, counts):
         for i in range(numel):
             out[i] += numba.int32(lane[i]) << flush_shift
         k = end
+
+
+@helper
+def to_mean(counts, num_rows, mask, has_mask, out):
+    """out[i] = float32(2 counts[i] - num_rows) / num_rows (one rounding), 0 where mask[i] == 0."""
+    rows = np.float32(num_rows)
+    for i in range(out.shape[0]):
+        mean = np.float32(2 * counts[i] - num_rows) / rows
+        if has_mask:
+            mean = mean if mask[i] != 0 else np.float32(0.0)
+        out[i] = mean

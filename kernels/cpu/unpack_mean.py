@@ -1,8 +1,8 @@
-"""N packed rows (or exact counts) -> the float32 mean of +-1 on CPU (numba).
+"""N packed rows -> the float32 mean of +-1 on CPU (numba).
 
-Contract: :func:`kernels.reference.unpack_mean` and :func:`kernels.reference.counts_to_mean`:
-mean = float32(2 count - N) / N (one rounding), 0 where the mask is False. unpack_mean reads
-N / 8 bytes and writes 4 per element, the counts never touching memory.
+Contract: :func:`kernels.reference.unpack_mean`: mean = float32(2 count - N) / N (one rounding),
+0 where the mask is False. Reads N / 8 bytes and writes 4 per element, the counts never touching
+memory (exact counts in memory: kernels/cpu/counts_to_mean.py).
 
 Legend: N rows, B' bytes per row, D elements.
 """
@@ -12,18 +12,8 @@ import torch
 
 from kernels import reference
 from kernels.cpu import _bits, _common
-from kernels.cpu._common import BLOCK, helper, kernel
+from kernels.cpu._common import BLOCK, kernel
 from kernels.cpu.unpack_counts import check_rows
-
-
-@helper
-def _to_mean(counts, num_rows, mask, has_mask, out):
-    rows = np.float32(num_rows)
-    for i in range(out.shape[0]):
-        mean = np.float32(2 * counts[i] - num_rows) / rows
-        if has_mask:
-            mean = mean if mask[i] != 0 else np.float32(0.0)
-        out[i] = mean
 
 
 @kernel
@@ -35,14 +25,8 @@ def _unpack_mean_kernel(payload, num_rows, mask, out, lo, hi):
     while block < hi:
         end = min(block + BLOCK, hi)
         _bits.decode_counts(payload, False, block, end - block, lanes, counts)
-        _to_mean(counts, num_rows, mask[block:end] if has_mask else mask, has_mask, out[block:end])
+        _bits.to_mean(counts, num_rows, mask[block:end] if has_mask else mask, has_mask, out[block:end])
         block = end
-
-
-@kernel
-def _counts_to_mean_kernel(counts, num_rows, mask, out, lo, hi):
-    has_mask = mask.shape[0] > 0
-    _to_mean(counts[lo:hi], num_rows, mask[lo:hi] if has_mask else mask, has_mask, out[lo:hi])
 
 
 def unpack_mean(packed_NB, numel, *, mask=None, out=None):
@@ -64,21 +48,3 @@ def unpack_mean(packed_NB, numel, *, mask=None, out=None):
                       _common.optional_u8(mask, "mask"), _common.numpy_view(out))
     return out
 
-
-def counts_to_mean(counts, num_rows, *, mask=None, out=None):
-    """numba twin of :func:`kernels.reference.counts_to_mean` for int32/int64 counts.
-
-    Example::
-        >>> counts_to_mean(torch.tensor([0, 1, 2]), 2).tolist()
-        [-1.0, 0.0, 1.0]
-    """
-    flat = counts.reshape(-1)
-    if flat.dtype not in (torch.int32, torch.int64):
-        flat = flat.to(torch.int32)
-    out = reference.check_out(out, counts.shape, torch.float32, "cpu")
-    if out is None:
-        out = torch.empty(counts.shape, dtype=torch.float32)
-    if flat.numel():
-        _common.run_split(_counts_to_mean_kernel, flat.numel(), _common.numpy_view(flat.contiguous()), int(num_rows),
-                          _common.optional_u8(mask, "mask"), _common.numpy_view(out.view(-1)))
-    return out
