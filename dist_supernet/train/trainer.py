@@ -67,7 +67,7 @@ from dist_supernet.train.runlock import RunDirLock, report_stale, report_unfinis
 from dist_supernet.train.untrusted import check_fits_model, check_recipe
 
 # Trainer.close: how long the gloo worker threads get (GIL released) to finish destroying their last works.
-_GLOO_SETTLE_S = 0.05
+_GLOO_SETTLE_S = 0.1
 
 log = logging.getLogger(__name__)
 
@@ -527,9 +527,12 @@ class Trainer:
         # a group right after the last collective therefore deadlocked (py-spy on rank 1 of test_faults'
         # AdamW job: MainThread in ~ProcessGroupGloo -> thread::join, the worker in ~AsyncWork waiting for
         # the GIL; 2 of 3 runs on 2026-12-01). Sleeping releases the GIL: the workers finish and go idle.
+        # Before destroy_process_group (it may destroy a group nothing else holds) and after it (before the
+        # groups DDP and the hook state hold are dropped below).
         time.sleep(_GLOO_SETTLE_S)
         if dist.is_initialized():
             dist.destroy_process_group()
+            time.sleep(_GLOO_SETTLE_S)
         # destroy_process_group only unregisters the groups: the hook state and DDP still hold theirs. Drop
         # them now, while the interpreter is whole; a gloo group first destroyed during interpreter
         # finalization can abort the process ("terminate called without an active exception", seen once in
