@@ -37,6 +37,7 @@ threads use their own process groups (see ``CommGroups``). Flags (non-finite,
 used) stay on the device; the optimizer reads them once per step.
 """
 
+import logging
 import math
 import queue
 import threading
@@ -71,6 +72,8 @@ class _StatesByParam:
             return None
         return entry[1]
 
+
+log = logging.getLogger(__name__)
 
 # Compressor states by parameter: Birder(params) and BirderDDP(model)/attach() find each other in any order.
 _STATE_OF = _StatesByParam()
@@ -156,7 +159,11 @@ class _Pipeline:
     @staticmethod
     def _run(jobs):
         while True:
-            jobs.get()()
+            job = jobs.get()
+            try:
+                job()
+            except Exception:  # a bug in a job (each handles its own errors): logged, the thread goes on
+                log.exception("Birder: a pipeline job raised")
 
 
 class _Bucket:
@@ -414,7 +421,7 @@ class BirderState:
 
                 self._pipeline.comm(reduce)
         except BaseException as error:  # the future fails in order, after the pieces already queued
-            self._pipeline.comm(lambda: bucket.fail(error))
+            self._pipeline.comm(lambda error=error: bucket.fail(error))  # bound: `error` ends with the block
 
     def reduce_piece(self, bits_B, piece, used_piece, round_: _Round, bucket: _Bucket, grad_D, *,
                       extra_wire, last_piece: bool, is_last: bool) -> None:

@@ -125,3 +125,32 @@ def test_pieces_are_byte_aligned_and_give_the_whole_chunks_bits_state_and_update
         assert flag == whole[3] == 1
         assert all(torch.equal(x, y) for x, y in zip(xs, whole[4])), piece_numel
     assert params[3].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_compress_error_reaches_the_buckets_future_in_order():
+    # The hook's pipeline: an error on the compress thread fails that bucket's future (DDP raises it in
+    # backward) after the pieces already queued; the bucket is marked done so the last hook returns.
+    import pytest
+
+    from dist_supernet.optim.hook import BirderState, _Bucket, _Round
+
+    params = [torch.nn.Parameter(torch.randn(40))]
+    state = BirderState(params, collective=None, piece_numel=16)
+    chunk = state.compressor.chunk(params)
+    calls = []
+
+    def compress(grad_D, piece, **kwargs):
+        calls.append(piece.start)
+        if piece.start == 16:
+            raise ValueError("compress failed on piece 2")
+        return torch.zeros(2, dtype=torch.uint8)
+
+    state.compressor.compress = compress
+    bucket = _Bucket(torch.futures.Future())
+    round_ = _Round(torch.device("cpu"))
+    state.compress_pieces(torch.zeros(40), chunk, round_, bucket, is_last=False)
+    assert bucket.done.wait(10)
+    assert calls == [0, 16] and bucket.failed
+    with pytest.raises(ValueError, match="compress failed on piece 2"):
+        bucket.future.wait()
+    assert len(round_.entries) == 1  # the piece before the error was reduced, in order

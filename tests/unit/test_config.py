@@ -17,6 +17,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from dist_supernet.models import available_models
+from tests.distributed import jobs
 from dist_supernet.train import config as config_module
 from dist_supernet.train.config import (
     GROUPS,
@@ -183,9 +184,7 @@ def test_cli_prints_one_line_and_exits_2():
     for args, line in ((["optim.lr=-1.0"], "error: optim.lr=-1.0: must be > 0"),
                        (["compression=foo"],
                         "error: compression=foo: expected one of bf16, birder, fp16, none, powersgd")):
-        out = subprocess.run([sys.executable, "-m", "dist_supernet.train", *args, "hydra.run.dir=/tmp/never-used"],
-                             capture_output=True, text=True, timeout=120, cwd=REPO,
-                             env=dict(os.environ, PYTHONPATH=str(REPO)))
+        out = jobs.run(jobs.single(*args, "hydra.run.dir=/tmp/never-used"), cwd=REPO, timeout_s=120)
         assert out.returncode == 2, out
         assert out.stderr.strip().splitlines() == [line], out.stderr
     assert OmegaConf.has_resolver("run_stamp")
