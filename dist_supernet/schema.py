@@ -36,6 +36,40 @@ def _nullable(annotation) -> bool:
     return origin in (typing.Union, types.UnionType) and type(None) in typing.get_args(annotation)
 
 
+_TYPE_NAMES = {bool: "a bool", int: "an int", float: "a number", str: "a string"}
+
+
+def type_problem(obj) -> tuple[str, object, str] | None:
+    """The first field of ``obj`` whose value is not of its annotated scalar type: ``(key, value, reason)``.
+
+    bool, int (not bool), float (int or float) and str are checked; null where the field is ``X | None``;
+    other annotations (lists, dicts) are left to their consumers.
+
+    Example::
+        >>> @dataclasses.dataclass
+        ... class Knobs:
+        ...     rank: int = 4
+        >>> type_problem(Knobs(rank="4"))
+        ('rank', '4', 'must be an int')
+    """
+    hints = typing.get_type_hints(type(obj))
+    for field in dataclasses.fields(obj):
+        value, hint = getattr(obj, field.name), hints[field.name]
+        if value is None and _nullable(hint):
+            continue
+        wanted = [t for t in (typing.get_args(hint) if _nullable(hint) else (hint,)) if t is not type(None)]
+        if len(wanted) != 1 or wanted[0] not in _TYPE_NAMES:
+            continue
+        kind = wanted[0]
+        ok = (isinstance(value, bool) if kind is bool else
+              isinstance(value, int) and not isinstance(value, bool) if kind is int else
+              isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
+              isinstance(value, str))
+        if not ok:
+            return field.name, value, f"must be {_TYPE_NAMES[kind]}{' or null' if _nullable(hint) else ''}"
+    return None
+
+
 def range_problem(obj) -> tuple[str, object, str] | None:
     """The first field of the dataclass ``obj`` outside its declared range: ``(key, value, reason)``, else None."""
     hints = typing.get_type_hints(type(obj))

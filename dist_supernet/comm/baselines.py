@@ -29,7 +29,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
 
 from dist_supernet.comm.collectives import CollectiveError
-from dist_supernet.schema import bounded, range_problem
+from dist_supernet.schema import bounded, range_problem, type_problem
 from dist_supernet.comm.stats import CommStats, all_reduce_bytes
 from dist_supernet.comm.topology import Topology
 from dist_supernet.errors import ConfigError
@@ -216,7 +216,8 @@ class PowerSGD(Baseline):
 def baseline_config(name: str, **options):
     """The validated config of baseline ``name`` from keyword options (the schema's defaults elsewhere).
 
-    Raises ConfigError ``compression.<key>=<value>: reason`` for an unknown name, key or an out-of-range value.
+    Raises ConfigError ``compression.<key>=<value>: reason`` for an unknown name or key, a value of the wrong
+    type or out of its range.
 
     Example::
         >>> baseline_config("powersgd", rank=2).rank
@@ -231,7 +232,7 @@ def baseline_config(name: str, **options):
             raise ConfigError(f"compression.{key}", value,
                               f"unknown key for compression={name} (expected one of {', '.join(keys)})")
     cfg = schema(name=name, **options)
-    problem = range_problem(cfg)
+    problem = type_problem(cfg) or range_problem(cfg)
     if problem is not None:
         raise ConfigError(f"compression.{problem[0]}", problem[1], problem[2])
     return cfg

@@ -145,3 +145,9 @@ def test_baseline_config_from_keywords_is_checked_like_the_config():
         baseline_config("none", rank=2)
     with pytest.raises(ValueError, match=r"^compression=nope: expected one of birder, none, fp16, bf16, powersgd"):
         baseline_config("nope")
+    # Types, as the config pass checks them: an int key refuses a string, a bool and a float.
+    for bad in ("4", True, 2.5):
+        with pytest.raises(ValueError, match=r"^compression\.rank=.*: must be an int$"):
+            baseline_config("powersgd", rank=bad)
+    with pytest.raises(ValueError, match=r"^compression\.num_nodes=.*: must be an int or null$"):
+        baseline_config("fp16", num_nodes="2")
