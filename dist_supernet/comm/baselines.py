@@ -29,6 +29,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
 
 from dist_supernet.comm.collectives import CollectiveError
+from dist_supernet.comm.registry import add_entry
 from dist_supernet.schema import bounded, range_problem, type_problem
 from dist_supernet.comm.stats import CommStats, all_reduce_bytes
 from dist_supernet.comm.topology import Topology
@@ -135,18 +136,14 @@ def register_baseline(cls: type[Baseline]) -> type[Baseline]:
             def register_hook(cls, ddp_model, cfg, *, stats, topology):
                 ddp_model.register_comm_hook(None, my_counting_hook(stats, topology, cfg.chunks))
     """
-    if not (isinstance(cls, type) and issubclass(cls, Baseline)):
-        raise TypeError(f"register_baseline({cls!r}): expected a subclass of Baseline")
-    name = cls.name
-    if not isinstance(name, str) or not name.isidentifier() or name in ("birder", Baseline.name):
-        raise ValueError(f"compression={name!r}: a baseline name must be an identifier other than 'birder' and 'base'")
-    if not (dataclasses.is_dataclass(cls.config) and issubclass(cls.config, BaselineConfig)):
-        raise TypeError(f"baseline {name!r}: config must be a dataclass subclass of BaselineConfig")
-    known = BASELINES.get(name)
-    if known is not None and f"{known.__module__}.{known.__qualname__}" != f"{cls.__module__}.{cls.__qualname__}":
-        raise ValueError(f"compression={name!r}: already registered by {known.__module__}.{known.__qualname__}")
-    BASELINES[name] = cls
+    add_entry(BASELINES, cls, base=Baseline, key="compression", what="baseline", reserved=("birder",),
+              check=_check_config_class)
     return cls
+
+
+def _check_config_class(cls) -> None:
+    if not (dataclasses.is_dataclass(cls.config) and issubclass(cls.config, BaselineConfig)):
+        raise TypeError(f"baseline {cls.name!r}: config must be a dataclass subclass of BaselineConfig")
 
 
 class _TorchAllReduce(Baseline):

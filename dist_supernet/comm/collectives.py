@@ -54,6 +54,7 @@ import torch
 import torch.distributed as dist
 
 import kernels
+from dist_supernet.comm.registry import add_entry
 from dist_supernet.comm.seeding import mix_seed
 from dist_supernet.comm.stats import WireBytes, all_gather_bytes, all_reduce_bytes, all_to_all_bytes
 from dist_supernet.comm.topology import CommGroups, Topology
@@ -209,15 +210,7 @@ def register_collective(cls: type[OneBitCollective]) -> type[OneBitCollective]:
             def _reduce(self, bits_B, numel, index_map, seed): ...
             def _wire_bytes(self, numel): ...
     """
-    if not (isinstance(cls, type) and issubclass(cls, OneBitCollective)):
-        raise TypeError(f"register_collective({cls!r}): expected a subclass of OneBitCollective")
-    name = cls.name
-    if not isinstance(name, str) or not name.isidentifier() or name in (AUTO, OneBitCollective.name):
-        raise ValueError(f"collective name={name!r}: must be an identifier other than {AUTO!r} and 'base'")
-    known = COLLECTIVES.get(name)
-    if known is not None and f"{known.__module__}.{known.__qualname__}" != f"{cls.__module__}.{cls.__qualname__}":
-        raise ValueError(f"collective name={name!r}: already registered by {known.__module__}.{known.__qualname__}")
-    COLLECTIVES[name] = cls
+    add_entry(COLLECTIVES, cls, base=OneBitCollective, key="collective name", what="collective", reserved=(AUTO,))
     return cls
 
 

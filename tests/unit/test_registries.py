@@ -151,3 +151,14 @@ def test_baseline_config_from_keywords_is_checked_like_the_config():
             baseline_config("powersgd", rank=bad)
     with pytest.raises(ValueError, match=r"^compression\.num_nodes=.*: must be an int or null$"):
         baseline_config("fp16", num_nodes="2")
+
+
+def test_registry_and_schema_examples_run():
+    import doctest
+
+    import dist_supernet.comm.registry
+    import dist_supernet.schema
+
+    for module in (dist_supernet.comm.registry, dist_supernet.schema):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, module.__name__
