@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 import kernels
 from dist_supernet.optim.compressor import flat_like_memory
 from dist_supernet.optim.hook import BirderState, birder_hook
-from dist_supernet.optim.skips import SkipCounter
+from dist_supernet.optim.skips import ReportsSkips, SkipCounter
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def BirderDDP(module, *, beta=0.9, amsgrad=False, collective="auto", requantize=
     return ddp_model
 
 
-class Birder(torch.optim.Optimizer):
+class Birder(ReportsSkips, torch.optim.Optimizer):
     """The Birder optimizer (a real ``torch.optim.Optimizer``: param_groups, LR schedulers, state_dict).
 
     Args:
@@ -196,14 +196,6 @@ class Birder(torch.optim.Optimizer):
         self._chunk_groups = {}
         # Steps skipped because some rank's gradient had NaN/Inf (see skip_nonfinite).
         self.skips = SkipCounter()
-
-    @property
-    def skipped_steps(self) -> int:
-        return self.skips.skipped_steps
-
-    @property
-    def consecutive_skips(self) -> int:
-        return self.skips.consecutive_skips
 
     @property
     def last_skip(self) -> dict | None:

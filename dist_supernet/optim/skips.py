@@ -37,3 +37,18 @@ class SkipCounter:
     def load_state_dict(self, state: dict) -> None:
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.consecutive_skips = int(state.get("consecutive_skips", 0))
+
+
+class ReportsSkips:
+    """Read-only ``skipped_steps`` and ``consecutive_skips`` of the ``skips`` counter a class holds (Birder
+    and the training app's NonFiniteGuard show the same two numbers of the one counter)."""
+
+    skips: SkipCounter
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.skips.skipped_steps
+
+    @property
+    def consecutive_skips(self) -> int:
+        return self.skips.consecutive_skips

@@ -34,6 +34,7 @@ import logging
 import torch
 
 from dist_supernet.optim import Birder, SkipCounter
+from dist_supernet.optim.skips import ReportsSkips
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ class NonFiniteGradientError(RuntimeError):
     """Too many consecutive steps with a non-finite gradient; names the step and the parameter."""
 
 
-class NonFiniteGuard:
+class NonFiniteGuard(ReportsSkips):
     """Wraps ``optimizer.step()`` with the non-finite rule above.
 
     Args:
@@ -66,14 +67,6 @@ class NonFiniteGuard:
         # own skips; for any other optimizer the guard decides, and counts.
         self.skips = optimizer.skips if isinstance(optimizer, Birder) else SkipCounter()
         self.last_skip = None  # {"step", "param", "num_params"} of the latest skipped step
-
-    @property
-    def skipped_steps(self) -> int:
-        return self.skips.skipped_steps
-
-    @property
-    def consecutive_skips(self) -> int:
-        return self.skips.consecutive_skips
 
     def step(self, step: int) -> bool:
         """``optimizer.step()`` unless the gradient is non-finite on some rank; True if it stepped.
