@@ -27,6 +27,7 @@ from dist_supernet.train.config import (
     validate,
     validate_layout,
 )
+from tests.configs import compose_train
 
 REPO = Path(__file__).resolve().parents[2]
 CONF_DIR = REPO / "conf"
@@ -41,10 +42,7 @@ def npz_path(tmp_path_factory):
     return str(path)
 
 
-def _compose(*overrides, hydra_config=False):
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=list(overrides), return_hydra_config=hydra_config)
+_compose = compose_train
 
 
 def test_every_config_composes_and_validates(npz_path):

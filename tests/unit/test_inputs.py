@@ -16,25 +16,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from dist_supernet.data import load_dataset
 from dist_supernet.models import build_model
-from dist_supernet.train.config import ConfigError, register_resolvers, validate
+from dist_supernet.train.config import ConfigError, validate
 from dist_supernet.train.preflight import check_can_hold_file, check_resume
 from dist_supernet.train.trainer import Trainer
 from dist_supernet.train.untrusted import check_directory
 from tests.distributed.jobs import launcher, run
 from tests.fault_report import record
+from tests.configs import compose_train
 
 REPO = Path(__file__).resolve().parents[2]
 PLAIN = ["model=mlp", "compression=none", "optim=adamw"]
 
 
-def _compose(*overrides):
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
+_compose = compose_train
 
 
 @pytest.mark.parametrize("overrides, message", [

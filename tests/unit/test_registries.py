@@ -12,12 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from dist_supernet.comm import BASELINES, COLLECTIVES, Baseline, OneBitCollective, register_baseline
 from dist_supernet.comm import register_collective
 from dist_supernet.plugins import load_plugins
-from dist_supernet.train.config import ConfigError, register_resolvers, validate
+from dist_supernet.train.config import ConfigError, validate
+from tests.configs import compose_train
 
 REPO = Path(__file__).resolve().parents[2]
 PLUGIN = "tests.toy_plugin"
@@ -37,9 +37,7 @@ def unloaded():
 
 
 def _compose(*overrides):
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose("train", overrides=["model=mlp", *overrides])
+    return compose_train("model=mlp", *overrides)
 
 
 def _load_script(name):

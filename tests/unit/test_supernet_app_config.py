@@ -4,20 +4,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from dist_supernet.models import build_model, is_supernet
-from dist_supernet.train.config import ConfigError, check_group_choices, register_resolvers
+from dist_supernet.train.config import ConfigError, check_group_choices
 from dist_supernet.train.preflight import check_config
+from tests.configs import compose_train
 
 REPO = Path(__file__).resolve().parents[2]
 CONF_DIR = REPO / "conf"
 
 
-def _compose(*overrides):
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
+_compose = compose_train
 
 
 def test_unknown_supernet_choice_is_one_line_before_hydra():
