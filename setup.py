@@ -7,12 +7,15 @@ setup(
     version="0.1.0",
     description="Birder 1-bit compressed DDP training and weight-sharing supernets over slow links",
     python_requires=">=3.10",
-    packages=find_packages(include=["dist_supernet", "dist_supernet.*", "kernels", "kernels.*"])
+    packages=find_packages(include=["dist_supernet", "dist_supernet.*"])
+    # The repository's kernels/ folder installs as dist_supernet.kernels: a top-level ``kernels``
+    # would clash with Hugging Face's ``kernels`` package (pip lets either overwrite the other).
+    + ["dist_supernet.kernels" + sub[len("kernels"):] for sub in find_packages(include=["kernels", "kernels.*"])]
     + ["dist_supernet.conf"]
     # Hydra finds plugins in the hydra_plugins namespace package: hydra/launcher=torchrun (sweeps).
     + find_namespace_packages(include=["hydra_plugins.*"]),
     # The Hydra configs live at the repository root (conf/) and install as dist_supernet/conf.
-    package_dir={"dist_supernet.conf": "conf"},
+    package_dir={"dist_supernet.conf": "conf", "dist_supernet.kernels": "kernels"},
     package_data={"dist_supernet.conf": ["*.yaml", "*/*.yaml", "*/*/*.yaml"]},
     # torch is left open: bring your own build (CUDA or CPU). requirements.txt pins
     # the CPU build we test with.

@@ -1,6 +1,6 @@
 """How close to memory bandwidth are Birder's kernels, per backend, next to a plain copy?
 
-For each chunk size and every op of :data:`kernels.registry.OPS` (the one op table): the
+For each chunk size and every op of :data:`dist_supernet.kernels.registry.OPS` (the one op table): the
 time of each backend, the bytes the op must move (its minimum traffic: every input read
 once, every output written once), ns per element, GB/s, and the ratio to the copy
 bandwidth measured in the same run at the same size (``dst.copy_(src)`` on fp32, 8 bytes
@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 
 import common
-import kernels
-from kernels import reference as ref
-from kernels.registry import OPS, implementation
+from dist_supernet import kernels
+from dist_supernet.kernels import reference as ref
+from dist_supernet.kernels.registry import OPS, implementation
 
 GPU_SIZES = ["1M", "16M", "64M", "256M"]
 CPU_SIZES = ["1M", "10.5M"]  # 10.5M: the MLP of benchmarks/slow_link.py (issue 9)

@@ -35,8 +35,8 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import common  # noqa: E402
-import kernels  # noqa: E402
-from kernels import reference as ref  # noqa: E402
+from dist_supernet import kernels  # noqa: E402
+from dist_supernet.kernels import reference as ref  # noqa: E402
 
 
 def _sync(device):

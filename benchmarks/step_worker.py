@@ -69,7 +69,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
-import kernels  # noqa: E402
+from dist_supernet import kernels  # noqa: E402
 from dist_supernet.comm import BASELINES, COLLECTIVES, Topology, register_baseline_hook  # noqa: E402
 from dist_supernet.comm.collectives import OneBitCollective  # noqa: E402
 from dist_supernet.plugins import load_plugins  # noqa: E402

@@ -1,9 +1,9 @@
 """Birder's compression kernels: numba on CPU tensors, Triton on CUDA tensors, pure torch as the contract.
 
-Every public op here has the signature of its reference in :mod:`kernels.reference` (the
+Every public op here has the signature of its reference in :mod:`dist_supernet.kernels.reference` (the
 contract: bit layout, random stream, state update, rounding) and dispatches on the device of
 its main tensor argument. The ops and their launchers are listed once, in
-:mod:`kernels.registry`. Backends (``set_backend`` or the ``DIST_SUPERNET_KERNELS``
+:mod:`dist_supernet.kernels.registry`. Backends (``set_backend`` or the ``DIST_SUPERNET_KERNELS``
 environment variable, read at import):
 
 - ``"auto"`` (default): Triton for CUDA tensors, numba for CPU tensors, each when it
@@ -29,9 +29,9 @@ import os
 import threading
 import warnings
 
-from kernels import reference
-from kernels.reference import count_bits, index_map, num_bytes
-from kernels.registry import BACKENDS, OPS, implementation
+from dist_supernet.kernels import reference
+from dist_supernet.kernels.reference import count_bits, index_map, num_bytes
+from dist_supernet.kernels.registry import BACKENDS, OPS, implementation
 
 ENV_VAR = "DIST_SUPERNET_KERNELS"
 _backend = os.environ.get(ENV_VAR, "auto")
@@ -130,7 +130,7 @@ def _make_public(op):
         return _resolved(op.name, backend_for(_device_tensor(op, args, kwargs)))(*args, **kwargs)
 
     public.__module__ = __name__
-    public.__doc__ = f"Dispatched :func:`kernels.reference.{op.name}` (see kernels.registry).\n\n" + (
+    public.__doc__ = f"Dispatched :func:`dist_supernet.kernels.reference.{op.name}` (see kernels.registry).\n\n" + (
         op.reference.__doc__ or "")
     return public
 
@@ -145,7 +145,7 @@ def warmup(device, bucket_numels=()) -> None:
 
     CPU: each numba kernel runs once on a tiny input (loading its cached machine code, or
     compiling it the first time on this machine). CUDA: Triton's autotuner runs on dummy
-    tensors of each bucket size in ``bucket_numels`` (see kernels.ops._launch.autotune_warmup),
+    tensors of each bucket size in ``bucket_numels`` (see dist_supernet.kernels.ops._launch.autotune_warmup),
     so tuning does not happen inside the first backward on the comm thread.
 
     Example::
@@ -156,13 +156,13 @@ def warmup(device, bucket_numels=()) -> None:
     device = torch.device(device)
     backend = backend_for(torch.empty(0, device=device))
     if backend == "triton" and device.type == "cuda":
-        from kernels.ops import _launch
+        from dist_supernet.kernels.ops import _launch
 
         _launch.autotune_warmup(bucket_numels, device)
     elif backend == "numba":
-        import kernels.cpu
+        from dist_supernet.kernels import cpu
 
-        kernels.cpu.warmup()
+        cpu.warmup()
 
 
 __all__ = [

@@ -6,18 +6,18 @@ plus one line here. Launchers are named ``"module:function"`` and imported only 
 for: importing this table needs neither numba nor triton.
 
 Example::
-    >>> from kernels.registry import OPS, implementation
+    >>> from dist_supernet.kernels.registry import OPS, implementation
     >>> OPS["compress"].numba
-    'kernels.cpu.compress:compress'
+    'dist_supernet.kernels.cpu.compress:compress'
     >>> implementation("pack_bits", "torch").__module__
-    'kernels.reference'
+    'dist_supernet.kernels.reference'
 """
 
 import dataclasses
 import importlib
 from typing import Callable
 
-from kernels import reference
+from dist_supernet.kernels import reference
 
 BACKENDS = ("auto", "torch", "numba", "triton")
 COMPILED = ("numba", "triton")
@@ -41,23 +41,23 @@ def _op(name, numba, triton, device_arg=(0, None)):
 OPS: dict[str, Op] = {
     op.name: op
     for op in (
-        _op("uniform", "kernels.cpu.uniform:uniform", "kernels.ops.uniform_hash:uniform_hash", (0, "index")),
-        _op("pack_bits", "kernels.cpu.pack_bits:pack_bits", None, (0, "bits_D")),
+        _op("uniform", "dist_supernet.kernels.cpu.uniform:uniform", "dist_supernet.kernels.ops.uniform_hash:uniform_hash", (0, "index")),
+        _op("pack_bits", "dist_supernet.kernels.cpu.pack_bits:pack_bits", None, (0, "bits_D")),
         _op("unpack_bits", None, None, (0, "packed_NB")),
-        _op("compress", "kernels.cpu.compress:compress", "kernels.ops.compress:compress", (0, "g_D")),
-        _op("requantize", "kernels.cpu.requantize:requantize", "kernels.ops.requantize:requantize", (0, "counts_C")),
-        _op("unpack_counts", "kernels.cpu.unpack_counts:unpack_counts", "kernels.ops.unpack_counts:unpack_counts",
+        _op("compress", "dist_supernet.kernels.cpu.compress:compress", "dist_supernet.kernels.ops.compress:compress", (0, "g_D")),
+        _op("requantize", "dist_supernet.kernels.cpu.requantize:requantize", "dist_supernet.kernels.ops.requantize:requantize", (0, "counts_C")),
+        _op("unpack_counts", "dist_supernet.kernels.cpu.unpack_counts:unpack_counts", "dist_supernet.kernels.ops.unpack_counts:unpack_counts",
             (0, "packed_NB")),
-        _op("unpack_mean", "kernels.cpu.unpack_mean:unpack_mean", "kernels.ops.unpack_mean:unpack_mean",
+        _op("unpack_mean", "dist_supernet.kernels.cpu.unpack_mean:unpack_mean", "dist_supernet.kernels.ops.unpack_mean:unpack_mean",
             (0, "packed_NB")),
-        _op("counts_to_mean", "kernels.cpu.counts_to_mean:counts_to_mean", None, (0, "counts")),
-        _op("pack_counts", "kernels.cpu.pack_counts:pack_counts", "kernels.ops.pack_counts:pack_counts",
+        _op("counts_to_mean", "dist_supernet.kernels.cpu.counts_to_mean:counts_to_mean", None, (0, "counts")),
+        _op("pack_counts", "dist_supernet.kernels.cpu.pack_counts:pack_counts", "dist_supernet.kernels.ops.pack_counts:pack_counts",
             (0, "counts_D")),
-        _op("unpack_planes", "kernels.cpu.unpack_planes:unpack_planes", "kernels.ops.unpack_planes:unpack_planes",
+        _op("unpack_planes", "dist_supernet.kernels.cpu.unpack_planes:unpack_planes", "dist_supernet.kernels.ops.unpack_planes:unpack_planes",
             (0, "planes_KB")),
-        _op("apply_update_", "kernels.cpu.apply_update:apply_update_", "kernels.ops.apply_update:apply_update_",
+        _op("apply_update_", "dist_supernet.kernels.cpu.apply_update:apply_update_", "dist_supernet.kernels.ops.apply_update:apply_update_",
             (0, "x")),
-        _op("apply_packed_", "kernels.cpu.apply_packed:apply_packed_", "kernels.ops.apply_packed:apply_packed_",
+        _op("apply_packed_", "dist_supernet.kernels.cpu.apply_packed:apply_packed_", "dist_supernet.kernels.ops.apply_packed:apply_packed_",
             (3, "payload")),
     )
 }

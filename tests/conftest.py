@@ -12,7 +12,7 @@ def pytest_sessionstart(session):
     # Compile the numba kernels once, here, before any test spawns worker processes: on a fresh clone
     # (CI) every process of the first distributed tests would otherwise compile them at the same time
     # (~45 s each on 2 cores); compiled once, they load from numba's on-disk cache in ~1 s.
-    import kernels
+    from dist_supernet import kernels
 
     if kernels.numba_available():
         kernels.warmup("cpu")

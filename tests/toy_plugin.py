@@ -15,7 +15,7 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
-import kernels
+from dist_supernet import kernels
 from dist_supernet.comm import Baseline, BaselineConfig, OneBitCollective, register_baseline, register_collective
 from dist_supernet.comm.collectives import Packed
 from dist_supernet.comm.stats import all_reduce_bytes

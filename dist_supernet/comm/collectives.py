@@ -53,7 +53,7 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
-import kernels
+from dist_supernet import kernels
 from dist_supernet.comm.registry import add_entry
 from dist_supernet.comm.seeding import mix_seed
 from dist_supernet.comm.stats import WireBytes, all_gather_bytes, all_reduce_bytes, all_to_all_bytes

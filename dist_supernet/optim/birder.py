@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-import kernels
+from dist_supernet import kernels
 from dist_supernet.optim.compressor import flat_like_memory
 from dist_supernet.optim.hook import BirderState, birder_hook
 from dist_supernet.optim.skips import ReportsSkips, SkipCounter

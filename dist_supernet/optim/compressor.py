@@ -22,7 +22,7 @@ import dataclasses
 
 import torch
 
-import kernels
+from dist_supernet import kernels
 from dist_supernet.comm import CommGroups, CommStats, Topology, WireBytes, build_collective, mix_seed
 from dist_supernet.comm.collectives import COLLECTIVES, Packed, chunk_elems, resolve_collective
 

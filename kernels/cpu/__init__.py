@@ -1,9 +1,9 @@
 """Compiled CPU backend (numba): one kernel per file, ``_x_kernel`` + launcher ``x()``.
 
-Each launcher has its reference's signature (:mod:`kernels.reference`) and gives the same
+Each launcher has its reference's signature (:mod:`dist_supernet.kernels.reference`) and gives the same
 bits and values. Reached through the dispatch in :mod:`kernels`; importing a module here
 needs numba. The jit options, the on-disk cache and the thread policy are in
-:mod:`kernels.cpu._common`.
+:mod:`dist_supernet.kernels.cpu._common`.
 """
 
 
@@ -15,8 +15,8 @@ def warmup() -> None:
     """
     import torch
 
-    from kernels import reference
-    from kernels.cpu import (apply_packed, apply_update, compress, counts_to_mean, pack_bits, pack_counts, requantize,
+    from dist_supernet.kernels import reference
+    from dist_supernet.kernels.cpu import (apply_packed, apply_update, compress, counts_to_mean, pack_bits, pack_counts, requantize,
                              uniform, unpack_counts, unpack_mean, unpack_planes)
 
     starts, canon = reference.index_map([5, 4])

@@ -13,7 +13,7 @@ plane weighing 1. Legend: R chunk rows, K planes (or N rows), Cb bytes per plane
 import numba
 import numpy as np
 
-from kernels.cpu._common import helper
+from dist_supernet.kernels.cpu._common import helper
 
 _REPLICATE = np.uint64(0x0101010101010101)
 _SELECT = np.uint64(0x8040201008040201)  # lane k keeps bit k of the replicated byte

@@ -1,7 +1,7 @@
 """Shared pieces of the numba CPU kernels (no kernel here): the jit options and cache, the hash, threads.
 
 Every kernel in this package is compiled with the same options, chosen for the contract in
-:mod:`kernels.reference`:
+:mod:`dist_supernet.kernels.reference`:
 
 - ``fastmath=False``: LLVM may then neither contract ``a * b + c`` into an fma nor reorder
   sums, so m, b and x round exactly as the reference does (checked bit for bit by the tests);
@@ -126,7 +126,7 @@ def uniform64(index, seed_lo, seed_hi):
 def pack8(words, num_bytes, out, first_byte):
     """out[first_byte + k] = the 8 bits of the 8 0/1 bytes in words[k], k < num_bytes.
 
-    One int64 multiply per output byte (see kernels.reference.pack_bits): the loop stays
+    One int64 multiply per output byte (see dist_supernet.kernels.reference.pack_bits): the loop stays
     vectorisable, unlike setting bits one by one (measured 4x slower in issue 9).
     """
     for k in range(num_bytes):

@@ -1,6 +1,6 @@
 """Fused decode-and-apply of one chunk on CPU (numba): x -= lr * (mean + wd * x) per active element.
 
-Contract: :func:`kernels.reference.apply_packed_`. One pass over the chunk: each block of
+Contract: :func:`dist_supernet.kernels.reference.apply_packed_`. One pass over the chunk: each block of
 BLOCK elements is decoded from the payload (N rows of bits, or [R, K, Cb] exact-count planes)
 into an int32 scratch block, then applied segment run by segment run to the parameters. The
 P parameters are separate tensors: the kernel gets their data pointers (int64 [P]) and makes
@@ -15,9 +15,9 @@ Legend: D elements of the chunk, P segments, N rows (or K planes per chunk row).
 import numpy as np
 import torch
 
-from kernels import reference
-from kernels.cpu import _bits, _common
-from kernels.cpu._common import BLOCK, helper, kernel
+from dist_supernet.kernels import reference
+from dist_supernet.kernels.cpu import _bits, _common
+from dist_supernet.kernels.cpu._common import BLOCK, helper, kernel
 
 
 @helper
@@ -68,7 +68,7 @@ def _apply_packed_kernel(addresses, seg_starts, seg_canon, payload, weighted, nu
 
 def apply_packed_(xs, seg_starts, seg_canon, payload, *, planes, num_rows, lr_P, wd_P, mask_T=None, used_P=None,
                   state_offset=0):
-    """numba twin of :func:`kernels.reference.apply_packed_` (same values; xs updated in place).
+    """numba twin of :func:`dist_supernet.kernels.reference.apply_packed_` (same values; xs updated in place).
 
     Example::
         >>> xs = [torch.ones(2), torch.ones(1)]; starts, canon = reference.index_map([2, 1])

@@ -1,6 +1,6 @@
 """Decoupled-weight-decay update in place on CPU (numba): x -= lr * (update + weight_decay * x).
 
-Contract: :func:`kernels.reference.apply_update_` (fp32 arithmetic, each product rounded, no
+Contract: :func:`dist_supernet.kernels.reference.apply_update_` (fp32 arithmetic, each product rounded, no
 fma). The fast path takes contiguous fp32 x and update; anything else goes to the reference.
 12 bytes per element (+1 for the mask).
 """
@@ -8,9 +8,9 @@ fma). The fast path takes contiguous fp32 x and update; anything else goes to th
 import numpy as np
 import torch
 
-from kernels import reference
-from kernels.cpu import _common
-from kernels.cpu._common import kernel
+from dist_supernet.kernels import reference
+from dist_supernet.kernels.cpu import _common
+from dist_supernet.kernels.cpu._common import kernel
 
 
 @kernel
@@ -30,7 +30,7 @@ def _apply_update_kernel(x, update, lr, weight_decay, has_weight_decay, mask, lo
 
 
 def apply_update_(x, update, *, lr, weight_decay, mask=None):
-    """numba twin of :func:`kernels.reference.apply_update_`; returns x.
+    """numba twin of :func:`dist_supernet.kernels.reference.apply_update_`; returns x.
 
     Example::
         >>> apply_update_(torch.ones(3), torch.tensor([1.0, -1.0, 0.0]), lr=0.5, weight_decay=0.0).tolist()

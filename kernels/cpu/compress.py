@@ -1,6 +1,6 @@
 """Fused Birder compress on CPU (numba): one pass over a chunk, m and b at canonical offsets.
 
-Contract: :func:`kernels.reference.compress`. Per element it reads g (4 B), m and b (8 B),
+Contract: :func:`dist_supernet.kernels.reference.compress`. Per element it reads g (4 B), m and b (8 B),
 writes m and b (8 B) and one bit; the mask (1 B) only when given. No index is read: within a
 segment g is contiguous in the chunk and m, b, mask are contiguous at canonical offsets, so
 the loop over a segment's elements is a plain vectorisable loop. The bits go as 0/1 bytes to
@@ -13,9 +13,9 @@ import numba
 import numpy as np
 import torch
 
-from kernels import reference
-from kernels.cpu import _common
-from kernels.cpu._common import BLOCK, helper, kernel
+from dist_supernet.kernels import reference
+from dist_supernet.kernels.cpu import _common
+from dist_supernet.kernels.cpu._common import BLOCK, helper, kernel
 
 INF = np.float32(np.inf)
 ZERO = np.float32(0.0)
@@ -131,7 +131,7 @@ def _compress_kernel(g, m, b, seg_starts, seg_canon, mask, used, state_offset, b
 
 def compress(g_D, m_T, b_T, seg_starts, seg_canon, *, beta, seed, mask_T=None, used_P=None, amsgrad=False,
              flag=None, state_offset=0):
-    """numba twin of :func:`kernels.reference.compress` (same bits, same m and b).
+    """numba twin of :func:`dist_supernet.kernels.reference.compress` (same bits, same m and b).
 
     m_T, b_T: contiguous fp32 CPU tensors. bf16/fp16 g is converted to fp32 by torch first
     (exact; the fast path reads fp32 g).

@@ -1,6 +1,6 @@
 """Exact counts -> the float32 mean of +-1 on CPU (numba).
 
-Contract: :func:`kernels.reference.counts_to_mean`: mean = float32(2 count - N) / N (one rounding),
+Contract: :func:`dist_supernet.kernels.reference.counts_to_mean`: mean = float32(2 count - N) / N (one rounding),
 0 where the mask is False. Reads 4 bytes and writes 4 per element.
 
 Legend: N rows the counts are over, D elements.
@@ -8,9 +8,9 @@ Legend: N rows the counts are over, D elements.
 
 import torch
 
-from kernels import reference
-from kernels.cpu import _bits, _common
-from kernels.cpu._common import kernel
+from dist_supernet.kernels import reference
+from dist_supernet.kernels.cpu import _bits, _common
+from dist_supernet.kernels.cpu._common import kernel
 
 
 @kernel
@@ -20,7 +20,7 @@ def _counts_to_mean_kernel(counts, num_rows, mask, out, lo, hi):
 
 
 def counts_to_mean(counts, num_rows, *, mask=None, out=None):
-    """numba twin of :func:`kernels.reference.counts_to_mean` for int32/int64 counts.
+    """numba twin of :func:`dist_supernet.kernels.reference.counts_to_mean` for int32/int64 counts.
 
     Example::
         >>> counts_to_mean(torch.tensor([0, 1, 2]), 2).tolist()

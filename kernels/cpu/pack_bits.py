@@ -1,4 +1,4 @@
-"""Pack a bool (or 0/1 uint8) vector into bits on CPU (numba); contract: kernels.reference.pack_bits.
+"""Pack a bool (or 0/1 uint8) vector into bits on CPU (numba); contract: dist_supernet.kernels.reference.pack_bits.
 
 Whole groups of 8 input bytes are packed in place with one int64 multiply each; only the
 last partial group goes through a zeroed scratch word (padding bits are 0).
@@ -7,9 +7,9 @@ last partial group goes through a zeroed scratch word (padding bits are 0).
 import numpy as np
 import torch
 
-from kernels import reference
-from kernels.cpu import _common
-from kernels.cpu._common import kernel
+from dist_supernet.kernels import reference
+from dist_supernet.kernels.cpu import _common
+from dist_supernet.kernels.cpu._common import kernel
 
 
 @kernel
@@ -25,7 +25,7 @@ def _pack_bits_kernel(bits, out, lo, hi):
 
 
 def pack_bits(bits_D):
-    """numba twin of :func:`kernels.reference.pack_bits` for bool or 0/1 uint8 input.
+    """numba twin of :func:`dist_supernet.kernels.reference.pack_bits` for bool or 0/1 uint8 input.
 
     Example::
         >>> pack_bits(torch.tensor([True, False, True])).tolist()

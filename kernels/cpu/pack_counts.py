@@ -1,7 +1,7 @@
-"""Exact counts -> K bit planes on CPU (numba); contract: kernels.reference.pack_counts.
+"""Exact counts -> K bit planes on CPU (numba); contract: dist_supernet.kernels.reference.pack_counts.
 
 Each block of counts is read once from memory; for every plane its bit goes to a 0/1 scratch
-block that :func:`kernels.cpu._common.pack8` packs. 4 bytes read and K / 8 written per element.
+block that :func:`dist_supernet.kernels.cpu._common.pack8` packs. 4 bytes read and K / 8 written per element.
 
 Legend: D elements, K planes, B = ceil(D / 8) bytes per plane.
 """
@@ -10,9 +10,9 @@ import numba
 import numpy as np
 import torch
 
-from kernels import reference
-from kernels.cpu import _common
-from kernels.cpu._common import BLOCK, kernel
+from dist_supernet.kernels import reference
+from dist_supernet.kernels.cpu import _common
+from dist_supernet.kernels.cpu._common import BLOCK, kernel
 
 
 @kernel
@@ -36,7 +36,7 @@ def _pack_counts_kernel(counts, num_planes, planes, lo, hi):
 
 
 def pack_counts(counts_D, num_planes):
-    """numba twin of :func:`kernels.reference.pack_counts`: int [D] -> uint8 [K, ceil(D / 8)].
+    """numba twin of :func:`dist_supernet.kernels.reference.pack_counts`: int [D] -> uint8 [K, ceil(D / 8)].
 
     Example::
         >>> pack_counts(torch.tensor([3, 0, 2]), 2).tolist()

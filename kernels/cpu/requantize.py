@@ -1,6 +1,6 @@
 """Re-quantize exact counts to 1 bit on CPU (numba): bit i = uniform(canon(first + i)) < count / N.
 
-Contract: :func:`kernels.reference.requantize`. Reads 4 (or 8) bytes of count, writes one
+Contract: :func:`dist_supernet.kernels.reference.requantize`. Reads 4 (or 8) bytes of count, writes one
 bit per element; the canonical index comes from the chunk's index map, one segment run at
 a time (no index tensor). Positions at or past D (padding) take the last segment's indices.
 
@@ -11,9 +11,9 @@ import numba
 import numpy as np
 import torch
 
-from kernels import reference
-from kernels.cpu import _common
-from kernels.cpu._common import BLOCK, helper, kernel
+from dist_supernet.kernels import reference
+from dist_supernet.kernels.cpu import _common
+from dist_supernet.kernels.cpu._common import BLOCK, helper, kernel
 
 
 @helper
@@ -62,7 +62,7 @@ def _requantize_kernel(counts, num_rows, seg_starts, seg_canon, first, seed_lo, 
 
 
 def requantize(counts_C, num_rows, seg_starts, seg_canon, first, *, seed):
-    """numba twin of :func:`kernels.reference.requantize`: int [C] -> uint8 [ceil(C / 8)].
+    """numba twin of :func:`dist_supernet.kernels.reference.requantize`: int [C] -> uint8 [ceil(C / 8)].
 
     Example::
         >>> starts, canon = reference.index_map([3])

@@ -1,10 +1,10 @@
-"""The counter-based uniform draw on CPU (numba), for tests and the benchmark: see kernels.reference.uniform."""
+"""The counter-based uniform draw on CPU (numba), for tests and the benchmark: see dist_supernet.kernels.reference.uniform."""
 
 import numpy as np
 import torch
 
-from kernels.cpu import _common
-from kernels.cpu._common import kernel
+from dist_supernet.kernels.cpu import _common
+from dist_supernet.kernels.cpu._common import kernel
 
 
 @kernel
@@ -20,7 +20,7 @@ def _uniform_kernel(index, seed_lo, seed_hi, wide, out, lo, hi):
 
 
 def uniform(index, seed):
-    """numba twin of :func:`kernels.reference.uniform` (int32 indices as uint32 bits, int64 as 64-bit).
+    """numba twin of :func:`dist_supernet.kernels.reference.uniform` (int32 indices as uint32 bits, int64 as 64-bit).
 
     Example::
         >>> bool((uniform(torch.arange(4), 7) < 1).all())

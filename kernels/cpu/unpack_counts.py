@@ -1,7 +1,7 @@
-"""N packed rows -> exact int32 counts on CPU (numba); contract: kernels.reference.unpack_counts.
+"""N packed rows -> exact int32 counts on CPU (numba); contract: dist_supernet.kernels.reference.unpack_counts.
 
 Reads N / 8 bytes and writes 4 per element; the popcount of bit j over the rows is done
-eight lanes per uint64 add (see :mod:`kernels.cpu._bits`).
+eight lanes per uint64 add (see :mod:`dist_supernet.kernels.cpu._bits`).
 
 Legend: N rows, B' bytes per row (B' >= ceil(D / 8)), D elements.
 """
@@ -9,9 +9,9 @@ Legend: N rows, B' bytes per row (B' >= ceil(D / 8)), D elements.
 import numpy as np
 import torch
 
-from kernels import reference
-from kernels.cpu import _bits, _common
-from kernels.cpu._common import BLOCK, kernel
+from dist_supernet.kernels import reference
+from dist_supernet.kernels.cpu import _bits, _common
+from dist_supernet.kernels.cpu._common import BLOCK, kernel
 
 
 @kernel
@@ -34,7 +34,7 @@ def check_rows(packed_NB: torch.Tensor, numel: int) -> torch.Tensor:
 
 
 def unpack_counts(packed_NB, numel, *, out=None):
-    """numba twin of :func:`kernels.reference.unpack_counts`: uint8 [N, B] -> int32 [numel].
+    """numba twin of :func:`dist_supernet.kernels.reference.unpack_counts`: uint8 [N, B] -> int32 [numel].
 
     Example::
         >>> unpack_counts(torch.tensor([[5], [1]], dtype=torch.uint8), 3).tolist()

@@ -1,6 +1,6 @@
 """N packed rows -> the float32 mean of +-1 on CPU (numba).
 
-Contract: :func:`kernels.reference.unpack_mean`: mean = float32(2 count - N) / N (one rounding),
+Contract: :func:`dist_supernet.kernels.reference.unpack_mean`: mean = float32(2 count - N) / N (one rounding),
 0 where the mask is False. Reads N / 8 bytes and writes 4 per element, the counts never touching
 memory (exact counts in memory: kernels/cpu/counts_to_mean.py).
 
@@ -10,10 +10,10 @@ Legend: N rows, B' bytes per row, D elements.
 import numpy as np
 import torch
 
-from kernels import reference
-from kernels.cpu import _bits, _common
-from kernels.cpu._common import BLOCK, kernel
-from kernels.cpu.unpack_counts import check_rows
+from dist_supernet.kernels import reference
+from dist_supernet.kernels.cpu import _bits, _common
+from dist_supernet.kernels.cpu._common import BLOCK, kernel
+from dist_supernet.kernels.cpu.unpack_counts import check_rows
 
 
 @kernel
@@ -30,7 +30,7 @@ def _unpack_mean_kernel(payload, num_rows, mask, out, lo, hi):
 
 
 def unpack_mean(packed_NB, numel, *, mask=None, out=None):
-    """numba twin of :func:`kernels.reference.unpack_mean`: uint8 [N, B] -> float32 [numel].
+    """numba twin of :func:`dist_supernet.kernels.reference.unpack_mean`: uint8 [N, B] -> float32 [numel].
 
     Example::
         >>> unpack_mean(torch.tensor([[5], [1]], dtype=torch.uint8), 3).tolist()

@@ -1,7 +1,7 @@
-"""K bit planes -> exact int32 counts on CPU (numba); contract: kernels.reference.unpack_planes.
+"""K bit planes -> exact int32 counts on CPU (numba); contract: dist_supernet.kernels.reference.unpack_planes.
 
 Planes may carry leading batch dims ([..., K, B]); each batch entry is decoded on its own,
-planes 0..7 summed with their weights in uint64 byte lanes (see :mod:`kernels.cpu._bits`).
+planes 0..7 summed with their weights in uint64 byte lanes (see :mod:`dist_supernet.kernels.cpu._bits`).
 K / 8 bytes read and 4 written per element.
 
 Legend: M batch entries, K planes, B bytes per plane (B >= ceil(D / 8)), D elements.
@@ -10,9 +10,9 @@ Legend: M batch entries, K planes, B bytes per plane (B >= ceil(D / 8)), D eleme
 import numpy as np
 import torch
 
-from kernels import reference
-from kernels.cpu import _bits, _common
-from kernels.cpu._common import BLOCK, kernel
+from dist_supernet.kernels import reference
+from dist_supernet.kernels.cpu import _bits, _common
+from dist_supernet.kernels.cpu._common import BLOCK, kernel
 
 
 @kernel
@@ -30,7 +30,7 @@ def _unpack_planes_kernel(planes, out, lo, hi):
 
 
 def unpack_planes(planes_KB, numel, *, out=None):
-    """numba twin of :func:`kernels.reference.unpack_planes`: uint8 [..., K, B] -> int32 [..., numel].
+    """numba twin of :func:`dist_supernet.kernels.reference.unpack_planes`: uint8 [..., K, B] -> int32 [..., numel].
 
     Example::
         >>> unpack_planes(torch.tensor([[1], [5]], dtype=torch.uint8), 3).tolist()

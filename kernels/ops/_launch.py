@@ -16,7 +16,7 @@ keep the interpreter fast (it pays per program, not per element).
 
 Rounding: every launch passes ``enable_fp_fusion=False`` (:data:`LAUNCH_OPTIONS`), so the
 compiler does not contract ``a * b + c`` into an fma: m, b and x round as the contract in
-:mod:`kernels.reference` says (issue 11: with fusion on, m and b differed at 4097 elements).
+:mod:`dist_supernet.kernels.reference` says (issue 11: with fusion on, m and b differed at 4097 elements).
 """
 
 import os
@@ -183,7 +183,7 @@ def autotune_warmup(bucket_numels, device, *, num_rows: int = 2, chunk_numels=()
 
 def warm_calls(bucket_numels, device, *, num_rows: int = 2, chunk_numels=()) -> None:
     """The launches autotune_warmup makes: every kernel once per size, on dummy tensors (zeros)."""
-    from kernels.ops import apply_packed, compress, pack_counts, requantize, unpack_counts, unpack_mean, unpack_planes
+    from dist_supernet.kernels.ops import apply_packed, compress, pack_counts, requantize, unpack_counts, unpack_mean, unpack_planes
 
     device = torch.device(device)
     num_planes = max(1, int(num_rows).bit_length())

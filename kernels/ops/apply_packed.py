@@ -8,7 +8,7 @@ runs under TRITON_INTERPRET=1 too). ū never touches memory: N / 8 bytes of payl
 8 bytes of fp32 x per element (+1 for the mask). Parameters that are not contiguous fp32
 (bf16, fp16, channels_last) are updated through an fp32 contiguous copy written back once:
 the same values, since the update is fp32 and rounds once to x's dtype. Launched with
-enable_fp_fusion=False. Contract: :func:`kernels.reference.apply_packed_`.
+enable_fp_fusion=False. Contract: :func:`dist_supernet.kernels.reference.apply_packed_`.
 
 Legend: D elements of the chunk, P segments, N rows (or R chunk rows of K planes, Cb bytes).
 """
@@ -17,9 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import reference
-from kernels.ops import _launch
-from kernels.ops._segments import canonical_index
+from dist_supernet.kernels import reference
+from dist_supernet.kernels.ops import _launch
+from dist_supernet.kernels.ops._segments import canonical_index
 
 
 # x lives behind the pointer table, which autotune's restore_value cannot restore: tuning
@@ -108,7 +108,7 @@ def _tune_on_dummies(numel, device, payload, *, planes, num_rows, has_mask, has_
 
 def apply_packed_(xs, seg_starts, seg_canon, payload, *, planes, num_rows, lr_P, wd_P, mask_T=None, used_P=None,
                   state_offset=0):
-    """Triton twin of :func:`kernels.reference.apply_packed_` (same values; xs updated in place).
+    """Triton twin of :func:`dist_supernet.kernels.reference.apply_packed_` (same values; xs updated in place).
 
     Example::
         >>> xs = [torch.ones(2, device="cuda"), torch.ones(1, device="cuda")]

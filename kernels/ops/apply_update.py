@@ -2,10 +2,10 @@
 
 Elementwise over x in its logical order: reads x and update, writes x (12 bytes per fp32
 element, +1 for the mask). Arithmetic is fp32, each product rounded (launched with
-enable_fp_fusion=False), exactly as :func:`kernels.reference.apply_update_`. A parameter that
+enable_fp_fusion=False), exactly as :func:`dist_supernet.kernels.reference.apply_update_`. A parameter that
 is not contiguous fp32 (bf16, fp16, channels_last, a transposed view) is updated through an
 fp32 contiguous copy that torch writes back once (rounding to x's dtype as the reference
-does), so its mask and update apply to the logical elements (issue 11). See :mod:`kernels.ops.apply_packed` for the
+does), so its mask and update apply to the logical elements (issue 11). See :mod:`dist_supernet.kernels.ops.apply_packed` for the
 variant that reads packed rows instead of a float update.
 
 Legend: D elements.
@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import reference
-from kernels.ops import _launch
+from dist_supernet.kernels import reference
+from dist_supernet.kernels.ops import _launch
 
 
 @_launch.byte_blocked(restore_value=["x_ptr"])  # tuning runs the kernel several times: undo its in-place update
@@ -46,7 +46,7 @@ def _apply_update_kernel(
 
 
 def apply_update_(x, update, *, lr, weight_decay, mask=None):
-    """Triton twin of :func:`kernels.reference.apply_update_`; returns x, updated in place.
+    """Triton twin of :func:`dist_supernet.kernels.reference.apply_update_`; returns x, updated in place.
 
     update and mask are read as flat arrays in x's logical order.
 

@@ -2,8 +2,8 @@
 
 One pass over the chunk: reads g (fp32/bf16/fp16), m and b (and the mask) at canon(j), writes
 m, b and the packed bits: 20 bytes per fp32 element plus 1/8 for the bits; the index map is
-P + 1 + P int64, looked up per element (binary search, see kernels.ops._segments). Contract:
-:func:`kernels.reference.compress`, bit for bit (launched with enable_fp_fusion=False).
+P + 1 + P int64, looked up per element (binary search, see dist_supernet.kernels.ops._segments). Contract:
+:func:`dist_supernet.kernels.reference.compress`, bit for bit (launched with enable_fp_fusion=False).
 
 Legend: D elements of the chunk, B = ceil(D / 8) bytes, P segments, T canonical elements;
 each program owns BLOCK_BYTES bytes of output, i.e. a [BLOCK_BYTES, 8] tile of elements
@@ -14,10 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import reference
-from kernels.ops import _launch
-from kernels.ops._segments import canonical_index
-from kernels.ops.uniform_hash import uniform_from_index
+from dist_supernet.kernels import reference
+from dist_supernet.kernels.ops import _launch
+from dist_supernet.kernels.ops._segments import canonical_index
+from dist_supernet.kernels.ops.uniform_hash import uniform_from_index
 
 
 @_launch.byte_blocked(restore_value=["m_ptr", "b_ptr", "flag_ptr"])  # tuning reruns it: undo its updates
@@ -94,7 +94,7 @@ def _compress_kernel(
 
 def compress(g_D, m_T, b_T, seg_starts, seg_canon, *, beta, seed, mask_T=None, used_P=None, amsgrad=False,
              flag=None, state_offset=0):
-    """Triton twin of :func:`kernels.reference.compress`: same bits, same m and b.
+    """Triton twin of :func:`dist_supernet.kernels.reference.compress`: same bits, same m and b.
 
     m_T, b_T (fp32, contiguous) are updated in place; returns uint8 [ceil(D / 8)].
 

@@ -4,8 +4,8 @@ Plane j is the packed bit array of bit j of every count, so a count in
 [0, N] costs K = ceil(log2(N + 1)) bits. Each program reads a
 [BLOCK_BYTES, 8] tile of counts once and writes one byte per plane: 4 bytes
 read (int32) and K / 8 written per element. Contract:
-:func:`kernels.reference.pack_counts`; the inverse lives in
-:mod:`kernels.ops.unpack_planes`.
+:func:`dist_supernet.kernels.reference.pack_counts`; the inverse lives in
+:mod:`dist_supernet.kernels.ops.unpack_planes`.
 
 Legend: D elements, K planes, B = ceil(D / 8) bytes per plane.
 """
@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.ops import _launch
+from dist_supernet.kernels.ops import _launch
 
 
 @_launch.byte_blocked()
@@ -40,7 +40,7 @@ def _pack_counts_kernel(
 
 
 def pack_counts(counts_D: torch.Tensor, num_planes: int) -> torch.Tensor:
-    """Triton twin of :func:`kernels.reference.pack_counts`: int [D] -> uint8 [K, ceil(D / 8)].
+    """Triton twin of :func:`dist_supernet.kernels.reference.pack_counts`: int [D] -> uint8 [K, ceil(D / 8)].
 
     Example::
         >>> pack_counts(torch.tensor([3, 0, 2], device="cuda"), 2).tolist()

@@ -1,9 +1,9 @@
 """Re-quantize exact counts to 1 bit: bit 1 with probability count / N (unbiased for the mean).
 
 Used for the 1-bit phase 2 of the two-phase and hierarchical collectives. Same counter-based
-draw as :mod:`kernels.ops.compress`, keyed by canon(first + i) from the chunk's index map, so
+draw as :mod:`dist_supernet.kernels.ops.compress`, keyed by canon(first + i) from the chunk's index map, so
 the torch, numba and Triton paths agree bit for bit. Traffic: 4 bytes of count read, 1/8
-written per element. Contract: :func:`kernels.reference.requantize`.
+written per element. Contract: :func:`dist_supernet.kernels.reference.requantize`.
 
 Legend: C counts, B = ceil(C / 8) bytes, N rows that were counted, P segments.
 """
@@ -12,10 +12,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import reference
-from kernels.ops import _launch
-from kernels.ops._segments import canonical_index
-from kernels.ops.uniform_hash import uniform_from_index
+from dist_supernet.kernels import reference
+from dist_supernet.kernels.ops import _launch
+from dist_supernet.kernels.ops._segments import canonical_index
+from dist_supernet.kernels.ops.uniform_hash import uniform_from_index
 
 
 @_launch.byte_blocked()
@@ -54,7 +54,7 @@ def _requantize_kernel(
 
 
 def requantize(counts_C, num_rows, seg_starts, seg_canon, first, *, seed):
-    """Triton twin of :func:`kernels.reference.requantize`: int [C] -> uint8 [ceil(C / 8)].
+    """Triton twin of :func:`dist_supernet.kernels.reference.requantize`: int [C] -> uint8 [ceil(C / 8)].
 
     Example::
         >>> starts, canon = kernels.index_map([3], device="cuda")

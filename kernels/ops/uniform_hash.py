@@ -2,7 +2,7 @@
 
 u = (h >> 8) / 2**24 with h = lowbias32(lowbias32(lo32(i) ^ seed_lo) ^ seed_hi), then
 h = lowbias32(h ^ hi32(i)) where hi32(i) != 0, in uint32 arithmetic; see
-:func:`kernels.reference.uniform`. Everything is done on uint32 lanes: multiplications wrap
+:func:`dist_supernet.kernels.reference.uniform`. Everything is done on uint32 lanes: multiplications wrap
 modulo 2**32 and ``>>`` is a logical shift, as in the reference. 0x846CA68B does not fit in
 int32, so both multipliers are built as explicit uint32 scalars.
 """
@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.ops import _launch
+from dist_supernet.kernels.ops import _launch
 
 
 @triton.jit
@@ -57,7 +57,7 @@ def _uniform_hash_kernel(
 
 
 def uniform_hash(index: torch.Tensor, seed: int) -> torch.Tensor:
-    """Triton twin of :func:`kernels.reference.uniform` (used by tests and benchmarks only).
+    """Triton twin of :func:`dist_supernet.kernels.reference.uniform` (used by tests and benchmarks only).
 
     Example::
         >>> u = uniform_hash(torch.arange(4, device="cuda"), seed=7)

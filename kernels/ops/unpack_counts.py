@@ -2,7 +2,7 @@
 
 Each program popcounts bit i of every row in registers (a loop over the N rows, each a
 coalesced read of BLOCK_BYTES bytes) and writes the int32 count. Traffic: N / 8 bytes read
-and 4 bytes written per element. Contract: :func:`kernels.reference.unpack_counts`.
+and 4 bytes written per element. Contract: :func:`dist_supernet.kernels.reference.unpack_counts`.
 
 Legend: N rows, D elements, B bytes per row (B >= ceil(D / 8)).
 """
@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import reference
-from kernels.ops import _launch
+from dist_supernet.kernels import reference
+from dist_supernet.kernels.ops import _launch
 
 
 @_launch.byte_blocked()
@@ -37,7 +37,7 @@ def count_rows(packed_ptr, byte, bit, byte_in_range, num_rows, row_stride, BLOCK
     """[BLOCK_BYTES, 8] int32: how many of the N rows have bit ``bit`` of byte ``byte`` set.
 
     A loop over the rows, each a coalesced read of BLOCK_BYTES bytes, popcounted in registers
-    (shared with :mod:`kernels.ops.unpack_mean`).
+    (shared with :mod:`dist_supernet.kernels.ops.unpack_mean`).
     """
     count = tl.zeros((BLOCK_BYTES, 8), dtype=tl.int32)
     row_ptr = packed_ptr
@@ -59,7 +59,7 @@ def check_rows(packed_NB: torch.Tensor, numel: int) -> torch.Tensor:
 
 
 def unpack_counts(packed_NB: torch.Tensor, numel: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Triton twin of :func:`kernels.reference.unpack_counts`: uint8 [N, B] -> int32 [numel].
+    """Triton twin of :func:`dist_supernet.kernels.reference.unpack_counts`: uint8 [N, B] -> int32 [numel].
 
     Example::
         >>> rows = torch.tensor([[0b101], [0b001]], dtype=torch.uint8, device="cuda")

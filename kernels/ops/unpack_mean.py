@@ -1,9 +1,9 @@
 """Unpack-and-average: N packed rows of +-1 -> the float32 mean (2 * count - N) / N.
 
 Each program popcounts bit i of every row in registers (a loop over the N rows, each a
-coalesced read of BLOCK_BYTES bytes), as :mod:`kernels.ops.unpack_counts`, and writes the
+coalesced read of BLOCK_BYTES bytes), as :mod:`dist_supernet.kernels.ops.unpack_counts`, and writes the
 mean; the counts never touch memory. Traffic: N / 8 bytes read and 4 bytes written per
-element (+1 byte for the mask). Contract: :func:`kernels.reference.unpack_mean`.
+element (+1 byte for the mask). Contract: :func:`dist_supernet.kernels.reference.unpack_mean`.
 
 Legend: N rows, D elements, B bytes per row (B >= ceil(D / 8)).
 """
@@ -12,9 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import reference
-from kernels.ops import _launch
-from kernels.ops.unpack_counts import check_rows, count_rows
+from dist_supernet.kernels import reference
+from dist_supernet.kernels.ops import _launch
+from dist_supernet.kernels.ops.unpack_counts import check_rows, count_rows
 
 
 @_launch.byte_blocked()
@@ -43,7 +43,7 @@ def _unpack_mean_kernel(
 
 def unpack_mean(packed_NB: torch.Tensor, numel: int, *, mask: torch.Tensor | None = None,
                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """Triton twin of :func:`kernels.reference.unpack_mean`: uint8 [N, B] -> float32 [numel].
+    """Triton twin of :func:`dist_supernet.kernels.reference.unpack_mean`: uint8 [N, B] -> float32 [numel].
 
     Example::
         >>> rows = torch.tensor([[0b101], [0b001]], dtype=torch.uint8, device="cuda")

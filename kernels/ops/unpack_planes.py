@@ -1,9 +1,9 @@
-"""K bit planes -> exact int32 counts, the inverse of :mod:`kernels.ops.pack_counts`.
+"""K bit planes -> exact int32 counts, the inverse of :mod:`dist_supernet.kernels.ops.pack_counts`.
 
 Planes may carry leading batch dims ([..., K, B], e.g. one set of planes per
 rank after an all-gather); each program handles BLOCK_BYTES bytes of one
 batch entry and sums its K planes in registers: K / 8 bytes read and 4
-written per element. Contract: :func:`kernels.reference.unpack_planes`.
+written per element. Contract: :func:`dist_supernet.kernels.reference.unpack_planes`.
 
 Legend: M batch entries (product of the leading dims), K planes, B bytes per
 plane (B >= ceil(D / 8)), D elements.
@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import reference
-from kernels.ops import _launch
+from dist_supernet.kernels import reference
+from dist_supernet.kernels.ops import _launch
 
 
 @_launch.byte_blocked()
@@ -41,7 +41,7 @@ def _unpack_planes_kernel(
 
 
 def unpack_planes(planes_KB: torch.Tensor, numel: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Triton twin of :func:`kernels.reference.unpack_planes`: uint8 [..., K, B] -> int32 [..., numel].
+    """Triton twin of :func:`dist_supernet.kernels.reference.unpack_planes`: uint8 [..., K, B] -> int32 [..., numel].
 
     Example::
         >>> unpack_planes(torch.tensor([[1], [5]], dtype=torch.uint8, device="cuda"), 3).tolist()

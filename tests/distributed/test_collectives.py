@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import kernels
+from dist_supernet import kernels
 from dist_supernet.comm import CommGroups, Topology, build_collective, chunk_elems, mix_seed
 from dist_supernet.comm.collectives import whole_chunk_map
 from tests.distributed.harness import run_workers

@@ -16,9 +16,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import kernels  # noqa: E402  (after the env var; importing the package itself never imports triton)
-from kernels import reference as ref  # noqa: E402
-from kernels.registry import OPS, implementation  # noqa: E402
+from dist_supernet import kernels  # noqa: E402  (after the env var; importing the package itself never imports triton)
+from dist_supernet.kernels import reference as ref  # noqa: E402
+from dist_supernet.kernels.registry import OPS, implementation  # noqa: E402
 
 BACKEND_NAMES = ("torch", "numba", "triton")
 SKIP_REASON = {

@@ -8,7 +8,7 @@ interpreter here unless a GPU is present, where the same equalities are asserted
 import pytest
 import torch
 
-from kernels import reference as ref
+from dist_supernet.kernels import reference as ref
 
 from .conftest import chunk
 
@@ -188,7 +188,7 @@ def test_rejects_bad_state(compiled):
 
 def test_numba_rejects_an_index_map_outside_the_state():
     # numba runs without bounds checks: a map that reaches past m_T must raise, not write past it.
-    from kernels.registry import implementation
+    from dist_supernet.kernels.registry import implementation
 
     pytest.importorskip("numba")
     compress = implementation("compress", "numba")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels import reference as ref
+from dist_supernet.kernels import reference as ref
 
 ODD_SIZES = [0, 1, 31, 33, 4097]
 

@@ -9,9 +9,9 @@ import numba
 import pytest
 import torch
 
-import kernels
-from kernels import reference as ref
-from kernels.registry import OPS, implementation, launcher_path
+from dist_supernet import kernels
+from dist_supernet.kernels import reference as ref
+from dist_supernet.kernels.registry import OPS, implementation, launcher_path
 
 from .conftest import chunk
 
@@ -80,7 +80,7 @@ def test_dispatch_gives_the_reference_bits(restore_backend):
 
 def test_numba_kernels_release_the_gil_without_fastmath():
     pytest.importorskip("numba")
-    import kernels.cpu  # noqa: F401
+    import dist_supernet.kernels.cpu  # noqa: F401
 
     dispatchers = []
     for name in OPS:
@@ -99,7 +99,7 @@ def test_numba_kernels_release_the_gil_without_fastmath():
 
 def test_split_over_threads_gives_the_same_bits(monkeypatch):
     pytest.importorskip("numba")
-    from kernels.cpu import _common
+    from dist_supernet.kernels.cpu import _common
 
     monkeypatch.setattr(_common, "MIN_ELEMENTS_PER_THREAD", 1000)
     g = torch.randn(9001)
@@ -121,7 +121,7 @@ def test_no_cache_location_falls_back_to_memory(monkeypatch):
     pytest.importorskip("numba")
     from numba.core import caching
 
-    from kernels.cpu import _common
+    from dist_supernet.kernels.cpu import _common
 
     monkeypatch.setattr(getattr(caching, "CacheImpl", None) or caching._CacheImpl, "_locator_classes", [])
     monkeypatch.setattr(_common, "_warned_cache", type(_common._warned_cache)())
@@ -138,7 +138,7 @@ def test_a_new_process_loads_the_cached_kernels():
     pytest.importorskip("numba")
     kernels.warmup("cpu")  # compiles into the cache if this machine has not yet
     code = (
-        "import torch, kernels, kernels.cpu.compress as c\n"
+        "import torch\nfrom dist_supernet import kernels\nimport dist_supernet.kernels.cpu.compress as c\n"
         "s, k = kernels.index_map([9])\n"
         "c.compress(torch.ones(9), torch.zeros(9), torch.zeros(9), s, k, beta=0.9, seed=0)\n"
         "st = c._compress_kernel.stats\n"

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import reference as ref
+from dist_supernet.kernels import reference as ref
 
 from . import oracle
 from .conftest import chunk

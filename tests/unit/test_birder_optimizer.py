@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
+from dist_supernet import kernels
 from dist_supernet import Birder
 from dist_supernet.comm import Topology, mix_seed
 

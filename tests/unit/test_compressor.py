@@ -2,7 +2,7 @@
 
 import torch
 
-import kernels
+from dist_supernet import kernels
 from dist_supernet.optim import BirderCompressor
 
 
