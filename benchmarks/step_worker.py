@@ -73,7 +73,7 @@ from dist_supernet import kernels  # noqa: E402
 from dist_supernet.comm import BASELINES, COLLECTIVES, Topology, register_baseline_hook  # noqa: E402
 from dist_supernet.comm.collectives import OneBitCollective  # noqa: E402
 from dist_supernet.plugins import load_plugins  # noqa: E402
-from dist_supernet.optim.hook import BirderState  # noqa: E402
+from dist_supernet.optim.engine import ExchangeEngine  # noqa: E402
 from dist_supernet.models.cnn import CNN  # noqa: E402
 from dist_supernet.models.mlp import MLP  # noqa: E402
 from dist_supernet.optim import Birder  # noqa: E402
@@ -179,9 +179,9 @@ class StageTimer:
                 return stage(collective, name, where, fn)
 
         OneBitCollective.stage = timed_stage
-        BirderState.compress_pieces = self.wrap("hook compress (per bucket, compress thread)",
-                                                 BirderState.compress_pieces)
-        BirderState.reduce_piece = self.wrap("hook reduce (per piece, comm thread)", BirderState.reduce_piece)
+        ExchangeEngine.compress_pieces = self.wrap("hook compress (per bucket, compress thread)",
+                                                   ExchangeEngine.compress_pieces)
+        ExchangeEngine.reduce_piece = self.wrap("hook reduce (per piece, comm thread)", ExchangeEngine.reduce_piece)
 
     def reset(self) -> None:
         with self._lock:

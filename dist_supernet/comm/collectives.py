@@ -172,11 +172,7 @@ class OneBitCollective:
 
     def all_reduce_max(self, stage: str, flags: torch.Tensor) -> WireBytes:
         """In-place MAX all-reduce of a small flag tensor over the world group; returns its wire bytes."""
-        if self.topology.world_size == 1:
-            return WireBytes()
-        self.stage(stage, "world", lambda: dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.groups.world))
-        nbytes = flags.numel() * flags.element_size()
-        return all_reduce_bytes(nbytes, list(range(self.topology.world_size)), self.topology)
+        return all_reduce_max_over(stage, flags, self.groups.world, self.topology, name=self.name)
 
     def all_gather(self, stage, where, payload, num_rows, group):
         out = payload.new_empty(num_rows * payload.numel())
@@ -193,6 +189,22 @@ class OneBitCollective:
 
     def _wire_bytes(self, numel):
         raise NotImplementedError
+
+
+def all_reduce_max_over(stage: str, flags: torch.Tensor, group, topology: Topology, *, name: str) -> WireBytes:
+    """In-place MAX all-reduce of a small flag tensor over ``group`` (every rank of ``topology``); its wire bytes.
+
+    A failure is re-raised naming ``name``, the stage and this rank (as :meth:`OneBitCollective.stage`).
+    """
+    if topology.world_size == 1:
+        return WireBytes()
+    try:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+    except Exception as error:  # re-raised with the stage named; the cause is chained
+        raise CollectiveError(f"{name} collective failed in stage '{stage}' (world) on rank {topology.rank} of "
+                              f"{topology.world_size}: {error}") from error
+    nbytes = flags.numel() * flags.element_size()
+    return all_reduce_bytes(nbytes, list(range(topology.world_size)), topology)
 
 
 COLLECTIVES: dict[str, type[OneBitCollective]] = {}

@@ -28,7 +28,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from dist_supernet import kernels
-from dist_supernet.optim.compressor import flat_like_memory
+from dist_supernet.optim.compressor import flat_like_memory, local
+from dist_supernet.optim.fsdp import BirderFSDPState, fsdp_world_note, is_dtensor, is_fsdp_module
 from dist_supernet.optim.hook import BirderState, birder_hook
 from dist_supernet.optim.skips import ReportsSkips, SkipCounter
 
@@ -105,6 +106,42 @@ def _warm_kernels(ddp_model, params) -> None:
     kernels.warmup(trainable[0].device, numels)
 
 
+def _attach_fsdp(model, state, kwargs: dict, mesh=None, track_unused=False) -> BirderFSDPState:
+    """Register the 1-bit all-reduce hook on every FSDP module of ``model`` (see optim/fsdp.py).
+
+    The state's canonical order is the model's ``parameters()`` order (set_grad_mask tensors use it).
+    """
+    module_params = list(model.parameters())
+    if state is not None and state.attached:
+        raise ValueError("Birder: this optimizer's state is already attached to a model")
+    if not all(is_dtensor(p) for p in module_params):
+        raise ValueError("Birder.attach: some parameters of this FSDP model are not sharded DTensors; apply "
+                         "fully_shard to the root module too")
+    hyper = {k: kwargs[k] for k in ("beta", "amsgrad", "seed", "skip_nonfinite")}
+    if (not isinstance(state, BirderFSDPState) or [id(p) for p in state.params] != [id(p) for p in module_params]
+            or state.track_unused != bool(track_unused)):
+        fresh = BirderFSDPState(module_params, track_unused=track_unused, **hyper)
+        if state is not None:  # an optimizer over another parameter order: carry its m, b and step over
+            for p in state.params:
+                if p in fresh.compressor.offset:
+                    for name, view in fresh.compressor.views(p).items():
+                        view.copy_(state.compressor.views(p)[name])
+            fresh.step = state.step
+            fresh.compressor.stats.load_state_dict(state.stats.state_dict())
+            state.superseded_by = fresh
+        state = fresh
+    collective = kwargs.get("collective") or "auto"
+    state.connect_mesh(mesh, collective, num_nodes=kwargs.get("num_nodes"), requantize=kwargs["requantize"],
+                       inter_node=kwargs["inter_node"], timeout_s=kwargs["timeout_s"])
+    state.attach_modules(model)
+    log.info("Birder on FSDP2: %s; collective %s", fsdp_world_note(state.num_nodes), state.collective.name)
+    params = [p for p in module_params if p.requires_grad]
+    if params:
+        kernels.warmup(local(params[0]).device, sorted({state.chunk_of(g, state._layouts[g])[0].numel
+                                                         for g in state._layouts}))
+    return state
+
+
 def BirderDDP(module, *, beta=0.9, amsgrad=False, collective="auto", requantize=False, num_nodes=None,
               inter_node="auto", seed=0, timeout_s=None, skip_nonfinite=True, **ddp_kwargs) -> DistributedDataParallel:
     """DistributedDataParallel with the Birder 1-bit hook registered.
@@ -169,6 +206,7 @@ class Birder(ReportsSkips, torch.optim.Optimizer):
         if not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
             raise ValueError(f"beta={beta!r}: must be in [0, 1)")
         ddp_model = params if isinstance(params, DistributedDataParallel) else None
+        fsdp_model = params if is_fsdp_module(params) else None
         if ddp_model is not None:
             params = list(ddp_model.module.parameters())
         elif isinstance(params, torch.nn.Module):
@@ -181,6 +219,10 @@ class Birder(ReportsSkips, torch.optim.Optimizer):
         self._hook_kwargs = _hook_kwargs(beta, amsgrad, collective, requantize, num_nodes, inter_node, seed,
                                          timeout_s, skip_nonfinite)
         self.local_on_purpose = collective is None
+        sharded = [is_dtensor(p) for p in own]
+        if any(sharded) and not all(sharded):
+            raise ValueError("Birder: the parameters mix FSDP2-sharded DTensors and plain tensors; shard the whole "
+                             "model with fully_shard (the root too) or none of it")
         existing = BirderState.of(own)
         if existing is not None and not all(p in existing.compressor.offset for p in own):
             raise ValueError("Birder: a parameter group holds a parameter that the DDP module does not")
@@ -188,6 +230,13 @@ class Birder(ReportsSkips, torch.optim.Optimizer):
             state = existing  # BirderDDP(model) or another Birder attached it already
         elif ddp_model is not None:
             state = _attach(ddp_model, existing, self._hook_kwargs)
+        elif any(sharded):
+            # FSDP2: m, b for this rank's shards only. Unattached, Birder runs on each rank's .grad shard
+            # (plain FSDP or native HSDP: the gradient is reduced already); attach for the 1-bit exchange.
+            state = BirderFSDPState(own, **{k: self._hook_kwargs[k]
+                                            for k in ("beta", "amsgrad", "seed", "skip_nonfinite")})
+            if fsdp_model is not None:
+                state = _attach_fsdp(fsdp_model, state, self._hook_kwargs)
         else:
             state = BirderState(own, **{**self._hook_kwargs, "collective": None})
         self._state = state
@@ -218,20 +267,40 @@ class Birder(ReportsSkips, torch.optim.Optimizer):
         """True when the 1-bit hook is attached to a DDP module."""
         return self.hook_state.attached
 
-    def attach(self, ddp_model: DistributedDataParallel) -> DistributedDataParallel:
-        """Register the 1-bit hook on ``ddp_model`` (call on every rank, after the DDP wrap); returns it.
+    def attach(self, model, *, mesh=None, track_unused: bool = False):
+        """Register the 1-bit exchange on ``model`` (call on every rank, after the wrap); returns ``model``.
+
+        ``model``: a ``DistributedDataParallel`` module (the comm hook replaces DDP's fp32 all-reduce),
+        or an FSDP2 model sharded with ``fully_shard`` over the ranks of each node (1-bit HSDP: FSDP's
+        reduce-scatter inside the node, one bit per element across nodes; see optim/fsdp.py). For
+        FSDP2: ``mesh`` is the 2-D ``(replicate, shard)`` mesh (:func:`~dist_supernet.optim.fsdp.hsdp_mesh`;
+        None: torchrun's nodes, or ``num_nodes``); ``track_unused=True`` when some parameters may get no
+        gradient in a step (conditional control flow), as DDP's ``find_unused_parameters``.
 
         Example::
             opt = Birder(param_groups, lr=3e-4)
             ddp_model = opt.attach(DistributedDataParallel(model))
+
+            mesh = hsdp_mesh()                                   # FSDP2: (nodes, ranks per node)
+            for block in model.blocks:
+                fully_shard(block, mesh=mesh["shard"])
+            fully_shard(model, mesh=mesh["shard"])
+            opt = Birder(model.parameters(), lr=3e-4)            # was: AdamW(...)
+            opt.attach(model, mesh=mesh)
         """
-        if not isinstance(ddp_model, DistributedDataParallel):
-            raise TypeError(f"Birder.attach: expected a DistributedDataParallel module, got {type(ddp_model).__name__}")
         if self.hook_state.attached:
             raise ValueError("Birder.attach: the hook is already attached")
-        _attach(ddp_model, self.hook_state, self._hook_kwargs)
+        if is_fsdp_module(model):
+            _attach_fsdp(model, self.hook_state, self._hook_kwargs, mesh=mesh, track_unused=track_unused)
+        elif isinstance(model, DistributedDataParallel):
+            if mesh is not None:
+                raise ValueError("Birder.attach: mesh= is for FSDP2 models; DDP takes its ranks from torchrun")
+            _attach(model, self.hook_state, self._hook_kwargs)
+        else:
+            raise TypeError("Birder.attach: expected a DistributedDataParallel module or an FSDP2 model "
+                            f"(fully_shard), got {type(model).__name__}")
         self.hook_state  # follows the attached state, re-links m, b
-        return ddp_model
+        return model
 
     # -- state shared with the hook ----------------------------------------------------
 
@@ -319,10 +388,10 @@ class Birder(ReportsSkips, torch.optim.Optimizer):
         # flag theirs from .grad (their own gradient, untouched); the others, whose .grad got the hook's
         # NaN marker, flag none; one MAX all-reduce gives every rank the same list.
         flags = torch.zeros(len(state.params), dtype=torch.uint8)
-        if state.topology.rank in ranks:
+        if state.flag_topology.rank in ranks:
             flags[self._nonfinite_positions(state.params)] = 1
         flags = flags.to(state.compressor.device)
-        state.collective.all_reduce_max("all-reduce non-finite parameters", flags)
+        state.all_reduce_flags("all-reduce non-finite parameters", flags)
         self._record_skip(ranks, torch.nonzero(flags.cpu()).flatten().tolist())
         state.end_step()
         return True
@@ -330,7 +399,7 @@ class Birder(ReportsSkips, torch.optim.Optimizer):
     def _nonfinite_positions(self, params) -> list[int]:
         """Compressor positions of ``params`` whose ``.grad`` holds NaN/Inf (the rare skip path only)."""
         position = self.hook_state.compressor.position
-        return [position[p] for p in params if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+        return [position[p] for p in params if p.grad is not None and not bool(torch.isfinite(local(p.grad)).all())]
 
     def _record_skip(self, ranks, bad) -> None:
         param = self.hook_state.params[bad[0]] if bad else None
@@ -348,12 +417,15 @@ class Birder(ReportsSkips, torch.optim.Optimizer):
         with_grad = [p.grad is not None for p in params]
         if not any(with_grad):
             return
-        grads = [flat_like_memory(p.grad, p) if p.grad is not None else torch.zeros(p.numel(), dtype=torch.float32,
-                                                                                     device=p.device) for p in params]
+        grads = [flat_like_memory(local(p.grad), local(p)) if p.grad is not None
+                 else torch.zeros(local(p).numel(), dtype=torch.float32, device=comp.device) for p in params]
         grad_D = torch.cat(grads) if len(grads) > 1 else grads[0]
         used_P = torch.tensor(with_grad, dtype=torch.uint8, device=comp.device)
         flag = torch.zeros(1, dtype=torch.uint8, device=comp.device)
         packed = comp.exchange(grad_D, chunk, mask_T=state.canonical_mask, used_P=used_P, flag=flag)
+        if state.skip_nonfinite and isinstance(state, BirderFSDPState) and dist.is_initialized():
+            # Each rank holds another shard of the reduced gradient: a NaN in one shard skips the step everywhere.
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if state.skip_nonfinite and bool(flag[0]):
             # The gradient is the same on every rank (averaged already): this rank decides for all.
             self._record_skip(None, self._nonfinite_positions(params))
@@ -365,7 +437,14 @@ class Birder(ReportsSkips, torch.optim.Optimizer):
         if self._warned_unattached or self.local_on_purpose:
             return
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        if world > 1:
+        if world > 1 and isinstance(self.hook_state, BirderFSDPState):
+            log.warning(
+                "Birder: %d ranks, FSDP2-sharded parameters and no 1-bit exchange attached: Birder runs on each "
+                "rank's shard of the gradient FSDP reduced (0 bytes saved); for 1-bit HSDP shard over each node's "
+                "ranks and call opt.attach(model, mesh=mesh); collective=None says this is on purpose", world)
+            warnings.warn("Birder runs without its 1-bit exchange in a multi-rank FSDP job (see the log)",
+                          stacklevel=3)
+        elif world > 1:
             log.warning(
                 "Birder: %d ranks but no 1-bit hook is attached, so no gradient is compressed (0 bytes saved); "
                 "call opt.attach(ddp_model) after DistributedDataParallel(...), or pass Birder(ddp_model, ...); "
@@ -426,7 +505,7 @@ class Birder(ReportsSkips, torch.optim.Optimizer):
     def state_dict(self):
         """torch's convention: this rank's own state (m, b per parameter), no collective; plus ``birder`` extras."""
         state_dict = super().state_dict()
-        topo = self.hook_state.topology
+        topo = self.hook_state.flag_topology  # every rank of the job (FSDP: the replica topology is smaller)
         state_dict["birder"] = {
             "step": self.hook_state.step,
             "seed": self.hook_state.compressor.seed,
@@ -451,7 +530,7 @@ class Birder(ReportsSkips, torch.optim.Optimizer):
         extra = state_dict.pop("birder", None) or {}
         saved = {i: dict(s) for i, s in state_dict.get("state", {}).items()}
         super().load_state_dict(state_dict)
-        topo = self.hook_state.topology
+        topo = self.hook_state.flag_topology
         comp = self.hook_state.compressor
         per_rank = extra.get("per_rank")
         if per_rank is not None:

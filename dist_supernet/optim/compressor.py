@@ -32,6 +32,20 @@ STAGE_COMPRESS = 0
 SHARED_DRAW_RANK = -1
 
 
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``tensor``: a DTensor's local shard (FSDP2), any other tensor itself.
+
+    Birder's state and update are per element of what this rank holds: for a parameter sharded by
+    FSDP2 that is its local shard (``to_local()``: under no_grad, the live storage FSDP all-gathers
+    from), looked up anew each time (FSDP may re-pad it at its lazy init or after ``load_state_dict``).
+    """
+    to_local = getattr(tensor, "to_local", None)
+    if to_local is None:
+        return tensor
+    with torch.no_grad():
+        return to_local()
+
+
 def memory_perm(tensor: torch.Tensor) -> tuple[int, ...] | None:
     """Dimension order in which ``tensor``'s elements lie in memory, if it is dense and non-overlapping.
 
@@ -63,7 +77,8 @@ def flat_like_memory(values: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
 
 def flat_view(param: torch.Tensor) -> torch.Tensor:
-    """A 1-D view of ``param``'s elements in chunk order (its memory, for a dense layout); else ``param``."""
+    """A 1-D view of ``param``'s (local) elements in chunk order (its memory, for a dense layout); else ``param``."""
+    param = local(param)
     if param.is_contiguous():
         return param.view(-1)
     if memory_perm(param) is not None:
@@ -94,8 +109,9 @@ class Chunk:
     seg_starts: torch.Tensor  # int64 [P+1]: chunk-local start of each parameter
     seg_canon: torch.Tensor  # int64 [P]: canonical index of each parameter's first element in the chunk
     numel: int
-    # A piece of a larger chunk (see BirderCompressor.split): where it starts in that chunk, which of
-    # that chunk's parameters it holds, and (first element, count) it holds of each (None: whole parameters).
+    # A piece of a larger chunk (see BirderCompressor.split): where it starts in that chunk and which of
+    # that chunk's parameters it holds. param_ranges: (first element, count) of each tensor's flat view
+    # that the chunk holds (None: whole tensors); set for pieces and for chunks of parts of tensors (FSDP).
     start: int = 0
     parent_params: slice | None = None
     param_ranges: tuple | None = None
@@ -143,6 +159,7 @@ class BirderCompressor:
         self.collective_name = None
         self.topology = Topology.from_env()
         self.groups = None
+        self.rank_for_draws = None  # None: the collective's rank (see draw_rank)
         # per-element state, canonical order
         self.params = list(params)
         if len(set(map(id, self.params))) != len(self.params):
@@ -152,9 +169,9 @@ class BirderCompressor:
         total = 0
         for p in self.params:
             self.offset[p] = total
-            total += p.numel()
+            total += local(p).numel()  # a DTensor (FSDP2): this rank's shard only
         self.numel_total = total
-        device = self.params[0].device if self.params else torch.device("cpu")
+        device = local(self.params[0]).device if self.params else torch.device("cpu")
         self.device = device
         self.m = torch.zeros(total, dtype=torch.float32, device=device)
         self.b = torch.zeros(total, dtype=torch.float32, device=device)
@@ -166,22 +183,31 @@ class BirderCompressor:
     # -- set-up ------------------------------------------------------------------------
 
     def connect(self, collective: str = "auto", *, requantize: bool = False, num_nodes: int | None = None,
-                timeout_s: float | None = None, inter_node: str = "auto") -> None:
+                timeout_s: float | None = None, inter_node: str = "auto", topology: Topology | None = None,
+                groups: CommGroups | None = None, draw_rank: int | None = None) -> None:
         """Attach the 1-bit ``collective`` (``auto``: see ``comm.collectives.resolve_collective``).
 
-        A collective call: every rank, same order (it creates the process groups).
+        A collective call: every rank, same order (it creates the process groups). ``topology`` and
+        ``groups``: the ranks that exchange and their groups, made by the caller (FSDP2: the replicas
+        of one shard); default: every rank, by torchrun's node layout (or ``num_nodes``).
+        ``draw_rank``: the rank that seeds this rank's draws (default: its rank in ``topology``).
         """
         if self.collective is not None:
             raise RuntimeError("Birder: the compressor is already connected to a collective")
-        topology = Topology.from_env(num_nodes)
+        topology = topology or Topology.from_env(num_nodes)
         name = resolve_collective(collective, topology)
-        groups = CommGroups.create(topology, hierarchical=COLLECTIVES[name].needs_node_groups, timeout_s=timeout_s)
+        if groups is None:
+            groups = CommGroups.create(topology, hierarchical=COLLECTIVES[name].needs_node_groups,
+                                       timeout_s=timeout_s)
         self.topology, self.groups = topology, groups
+        self.rank_for_draws = draw_rank
         self.collective = build_collective(name, topology, groups, requantize=requantize, inter_node=inter_node)
         self.collective_name = name
 
     @property
     def draw_rank(self) -> int:
+        if self.rank_for_draws is not None:
+            return self.rank_for_draws
         return self.topology.rank if self.collective is not None else SHARED_DRAW_RANK
 
     def step_seed(self, stage: int = STAGE_COMPRESS) -> int:
@@ -196,7 +222,7 @@ class BirderCompressor:
         for p in params:
             if p not in self.offset:
                 raise ValueError("a DDP bucket holds a parameter that this Birder state does not manage")
-        numels = [p.numel() for p in params]
+        numels = [local(p).numel() for p in params]
         device = self.device if self.device.type != "meta" else torch.device("cpu")  # tables need values
         starts = [0]
         for n in numels:
@@ -225,16 +251,18 @@ class BirderCompressor:
         while piece k is on the wire. A chunk holding a parameter with gaps in memory (no flat view)
         stays whole.
         """
-        if chunk.numel <= piece_numel or chunk.param_ranges is not None:
+        if chunk.numel <= piece_numel or chunk.parent_params is not None:  # small, or a piece already
             return (chunk,)
         key = piece_numel
         cached = chunk.pieces.get(key)
         if cached is not None:
             return cached
-        if any(not p.is_contiguous() and memory_perm(p) is None for p in chunk.params):
+        if any(not local(p).is_contiguous() and memory_perm(local(p)) is None for p in chunk.params):
             chunk.pieces[key] = (chunk,)
             return chunk.pieces[key]
         starts, canon = chunk.seg_starts.tolist(), chunk.seg_canon.tolist()
+        # Where each segment starts in its tensor's flat view (segments of a chunk may be parts of tensors).
+        base = [first for first, _ in chunk.param_ranges] if chunk.param_ranges else [0] * len(chunk.params)
         device = chunk.seg_starts.device
         pieces = []
         for lo, hi in piece_bounds(chunk.numel, piece_numel):
@@ -252,14 +280,15 @@ class BirderCompressor:
                 seg_canon=torch.tensor([canon[s] + f for s, f in zip(range(s0, s1), first)],
                                        dtype=torch.int64, device=device),
                 numel=hi - lo, start=lo, parent_params=slice(s0, s1),
-                param_ranges=tuple((f, seg_starts[k + 1] - seg_starts[k]) for k, f in enumerate(first)),
+                param_ranges=tuple((base[s0 + k] + f, seg_starts[k + 1] - seg_starts[k]) for k, f in enumerate(first)),
             ))
         chunk.pieces[key] = tuple(pieces)
         return chunk.pieces[key]
 
     def views(self, param) -> dict:
         """``{"m", "b"}`` of ``param``: views of the flat state, shaped (and strided) like the parameter."""
-        start, n = self.offset[param], param.numel()
+        start, param = self.offset[param], local(param)  # a DTensor: its local shard's m, b
+        n = param.numel()
         m, b = self.m[start : start + n], self.b[start : start + n]
         if param.is_contiguous() or memory_perm(param) is None:
             return {"m": m.view(param.shape), "b": b.view(param.shape)}

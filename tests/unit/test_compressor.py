@@ -132,7 +132,8 @@ def test_a_compress_error_reaches_the_buckets_future_in_order():
     # backward) after the pieces already queued; the bucket is marked done so the last hook returns.
     import pytest
 
-    from dist_supernet.optim.hook import BirderState, _Bucket, _Round
+    from dist_supernet.optim.engine import Exchange, Round
+    from dist_supernet.optim.hook import BirderState
 
     params = [torch.nn.Parameter(torch.randn(40))]
     state = BirderState(params, collective=None, piece_numel=16)
@@ -146,9 +147,9 @@ def test_a_compress_error_reaches_the_buckets_future_in_order():
         return torch.zeros(2, dtype=torch.uint8)
 
     state.compressor.compress = compress
-    bucket = _Bucket(torch.futures.Future())
-    round_ = _Round(torch.device("cpu"))
-    state.compress_pieces(torch.zeros(40), chunk, round_, bucket, is_last=False)
+    bucket = Exchange(torch.futures.Future())
+    round_ = Round(torch.device("cpu"))
+    state.compress_pieces(torch.zeros(40), chunk, round_, bucket)
     assert bucket.done.wait(10)
     assert calls == [0, 16] and bucket.failed
     with pytest.raises(ValueError, match="compress failed on piece 2"):

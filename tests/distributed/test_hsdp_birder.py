@@ -1,0 +1,227 @@
+"""Birder on FSDP2 (1-bit HSDP) on real gloo processes, checked against a single-process reference.
+
+Two pretend nodes x 2 processes (and x 1): the model is sharded with plain ``fully_shard`` over each
+node's ranks and Birder's hook exchanges one bit per element across the nodes. Rank 0 recomputes
+every step from the gradients every rank saw (FSDP's node-averaged shards, as ``.grad`` holds them)
+with the torch reference kernels: each rank's m, b over its own shards (in parameter order, the draws
+seeded by the global rank and keyed by where the element lives in that rank's state), the mean of the
+replicas' bits, the update; every rank's parameters must equal it bit for bit. A wrong padding or
+offset map changes which draw or which m, b an element gets, so the parameters differ.
+"""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from dist_supernet import Birder
+from dist_supernet.comm import mix_seed
+from dist_supernet.kernels import reference as ref
+from tests.distributed.harness import run_workers
+
+LR, WD, BETA, SEED = 0.01, 0.1, 0.9, 3
+VOCAB, WIDTH, SEQ = 11, 6, 5
+
+
+class TinyLM(nn.Module):
+    """A causal transformer block between a tied embedding/head, with shapes that shard unevenly over 2 ranks:
+    11 embedding rows (6 + 5), a 1-row gate (rank 1's shard is empty), a frozen projection."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, WIDTH)
+        self.frozen = nn.Linear(WIDTH, WIDTH)
+        self.frozen.requires_grad_(False)
+        self.block = Block()
+        self.gate = nn.Linear(WIDTH, 1)
+
+    def forward(self, idx):
+        h = self.emb(idx)
+        h = h + self.frozen(h)
+        h = self.block(h)
+        h = h * torch.sigmoid(self.gate(h))
+        return h @ self.emb.weight.t()  # tied head
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ln = nn.LayerNorm(WIDTH)
+        self.qkv = nn.Linear(WIDTH, 3 * WIDTH)
+        self.proj = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, h):
+        b, t, c = h.shape
+        q, k, v = self.qkv(self.ln(h)).view(b, t, 3, 2, c // 2).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return h + self.proj(a.transpose(1, 2).reshape(b, t, c))
+
+
+def _build(mesh, reduce_dtype=None):
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    torch.manual_seed(0)
+    model = TinyLM()
+    policy = MixedPrecisionPolicy(reduce_dtype=reduce_dtype) if reduce_dtype else MixedPrecisionPolicy()
+    fully_shard(model.block, mesh=mesh["shard"], mp_policy=policy)
+    fully_shard(model, mesh=mesh["shard"], mp_policy=policy)
+    return model
+
+
+def _batch(step, rank, micro=0):
+    gen = torch.Generator().manual_seed(1000 * step + 10 * rank + micro)
+    idx = torch.randint(0, VOCAB, (4, SEQ), generator=gen)
+    return idx, torch.roll(idx, -1, dims=1)
+
+
+def _local(t):
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _full(model):
+    return torch.cat([p.full_tensor().reshape(-1) for p in model.parameters()])
+
+
+def _identical_across_ranks(tensor):
+    rows = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(rows, tensor)
+    return all(torch.equal(rows[0], row) for row in rows)
+
+
+def _run(model, opt, steps, rank, *, accumulate=False, clip=None, scaler=None, overflow_at=None):
+    """Train ``steps`` steps; per step this rank's local (grads before clipping, params after the step)."""
+    record = []
+    for step in range(steps):
+        micro = (0, 1) if accumulate else (0,)
+        for m in micro:
+            model.set_requires_gradient_sync(m == micro[-1])
+            idx, target = _batch(step, rank, m)
+            loss = F.cross_entropy(model(idx).reshape(-1, VOCAB), target.reshape(-1)) / len(micro)
+            if overflow_at == step and rank == dist.get_world_size() - 1:
+                loss = loss * float("inf")  # every gradient of the last rank non-finite
+            (scaler.scale(loss) if scaler else loss).backward()
+        grads = [_local(p.grad).clone() if p.grad is not None else None for p in model.parameters()]
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)  # cannot change Birder's update
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        record.append((grads, [_local(p).detach().clone() for p in model.parameters()]))
+    return record
+
+
+def _reference(initial, records, world_size, num_nodes, shapes, requires_grad, skipped=()):
+    """Recompute every rank's parameters from the recorded gradients; returns the first mismatch or None.
+
+    ``initial[r]``: rank r's local parameters before training; ``records[r][t]``: (grads, params) of step t.
+    """
+    local = world_size // num_nodes
+    params = [list(p) for p in initial]
+    offsets = []
+    for r in range(world_size):
+        sizes = [p.numel() for p in initial[r]]
+        offsets.append([sum(sizes[:i]) for i in range(len(sizes))])
+    state = [{"m": torch.zeros(sum(p.numel() for p in initial[r]) + 64),
+              "b": torch.zeros(sum(p.numel() for p in initial[r]) + 64)} for r in range(world_size)]
+    for t in range(len(records[0])):
+        bits = {}
+        for r in range(world_size):
+            grads = records[r][t][0]
+            for i, g in enumerate(grads):
+                if not requires_grad[i]:
+                    continue
+                n = g.numel()
+                starts, canon = torch.tensor([0, n]), torch.tensor([offsets[r][i]])
+                bits[r, i] = ref.compress(g.reshape(-1), state[r]["m"], state[r]["b"], starts, canon, beta=BETA,
+                                          seed=mix_seed(SEED, r, t, 0), used_P=torch.ones(1, dtype=torch.uint8))
+        if t in skipped:
+            continue
+        for r in range(world_size):
+            shard = r % local
+            replicas = [node * local + shard for node in range(num_nodes)]
+            for i, x in enumerate(params[r]):
+                if not requires_grad[i] or x.numel() == 0:
+                    continue
+                x = x.clone()
+                rows = torch.stack([bits[q, i] for q in replicas])
+                starts, canon = torch.tensor([0, x.numel()]), torch.tensor([0])
+                ref.apply_packed_([x], starts, canon, rows, planes=False, num_rows=num_nodes,
+                                  lr_P=torch.tensor([LR]), wd_P=torch.tensor([WD]))
+                params[r][i] = x
+        for r in range(world_size):
+            for i, (want, got) in enumerate(zip(params[r], records[r][t][1])):
+                if not torch.equal(want, got):
+                    return f"step {t}, rank {r}, parameter {i} {shapes[i]}: max diff {(want - got).abs().max()}"
+    return None
+
+
+def _hsdp_worker(rank, world_size, num_nodes):
+    from dist_supernet.optim.fsdp import hsdp_mesh
+
+    mesh = hsdp_mesh("cpu", num_nodes=num_nodes)
+    checks = {}
+    variants = [("fp32", None, {"clip": 0.05}), ("accumulate", None, {"accumulate": True}),
+                ("bf16", torch.bfloat16, {}), ("fp16", torch.float16, {})]
+    for name, reduce_dtype, kwargs in variants:
+        model = _build(mesh, reduce_dtype)
+        shapes = [tuple(p.shape) for p in model.parameters()]
+        requires_grad = [p.requires_grad for p in model.parameters()]
+        opt = Birder(model.parameters(), lr=LR, beta=BETA, weight_decay=WD, seed=SEED)
+        opt.attach(model, mesh=mesh)
+        initial = [_local(p).detach().clone() for p in model.parameters()]
+        record = _run(model, opt, 4 if name == "fp32" else 2, rank, **kwargs)
+        everything = [None] * world_size
+        dist.all_gather_object(everything, (initial, record))
+        if rank == 0:
+            checks[f"{name}: reference"] = _reference([e[0] for e in everything], [e[1] for e in everything],
+                                                      world_size, num_nodes, shapes, requires_grad)
+        checks[f"{name}: replicas identical"] = _identical_across_ranks(_full(model))
+        checks[f"{name}: exchanges"] = opt.comm_stats.snapshot()["num_exchanges"]
+        checks[f"{name}: frozen unchanged"] = torch.equal(_local(model.frozen.weight), initial[1])
+        checks[f"{name}: state floats"] = opt.compressor.m.numel()
+        if name == "fp32":
+            checks["fp32: bytes across nodes"] = opt.comm_stats.snapshot()["bytes_inter"]
+            checks["params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    # An overflow on the last rank: under GradScaler (step 1) every rank's scaler skips and backs off alike;
+    # without one (step 2) Birder itself skips the step on every rank.
+    model = _build(mesh)
+    opt = Birder(model.parameters(), lr=LR, beta=BETA, weight_decay=WD, seed=SEED)
+    opt.attach(model, mesh=mesh)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for step in range(4):
+        before = _full(model)
+        _run(model, opt, 1, rank, scaler=scaler if step < 2 else None, overflow_at=0 if step in (1, 2) else None)
+        if step in (1, 2):
+            checks[f"overflow {step}: params unchanged"] = torch.equal(before, _full(model))
+    checks["overflow: scale"] = scaler.get_scale()
+    checks["overflow: birder skips"] = opt.skipped_steps
+    checks["overflow: replicas identical"] = _identical_across_ranks(_full(model))
+    return checks
+
+
+@pytest.mark.parametrize("num_nodes,world_size", [(2, 4), (2, 2)])
+def test_hsdp_matches_the_reference_bit_for_bit(num_nodes, world_size):
+    results = run_workers(_hsdp_worker, world_size, num_nodes, timeout_s=300)
+    checks = results[0]
+    for name in ("fp32", "accumulate", "bf16", "fp16"):
+        assert checks[f"{name}: reference"] is None, checks[f"{name}: reference"]
+        assert all(r[f"{name}: replicas identical"] for r in results), name
+        assert all(r[f"{name}: frozen unchanged"] for r in results), name
+    # One exchange per optimizer step, also with two micro-batches.
+    assert checks["fp32: exchanges"] == 4 and checks["accumulate: exchanges"] == 2
+    # Birder's state: this rank's shard only (8 bytes per parameter / ranks per node, plus padding scratch).
+    local = world_size // num_nodes
+    total = sum(r["fp32: state floats"] for r in results[:local])
+    assert total <= checks["params"] + checks["params"] // 10 + 64 * local
+    # 1 bit per element (and a few flag bytes) across nodes.
+    assert checks["fp32: bytes across nodes"] < 4 * (checks["params"] / local / 8 + 32)
+    for r in results:
+        assert r["overflow 1: params unchanged"] and r["overflow 2: params unchanged"]
+        assert r["overflow: replicas identical"]
+        assert r["overflow: scale"] == 2.0**9  # backed off once, on every rank
+        assert r["overflow: birder skips"] == 1  # the step without GradScaler
