@@ -455,9 +455,31 @@ class Birder(ReportsSkips, torch.optim.Optimizer):
     # -- checkpoints -------------------------------------------------------------------
 
     def rank_state(self) -> dict:
-        """This rank's live flat state: ``{"m", "b"}`` fp32 [T] in canonical order (no copy, no collective)."""
+        """This rank's live flat state: ``{"m", "b"}`` fp32 [T] in canonical order (no copy, no collective).
+
+        FSDP2-sharded parameters: ``{}``; their m, b are saved per replica (:meth:`replica_state`).
+        """
+        if isinstance(self.hook_state, BirderFSDPState):
+            return {}
         comp = self.hook_state.compressor
         return {"m": comp.m, "b": comp.b}
+
+    def replica_state(self) -> tuple[str, dict] | None:
+        """FSDP2: ``(key, {parameter index: {"m", "b"}})``: this rank's m, b as DTensors sharded like each
+        parameter (views of the live state), under a key of its replica (None for DDP and local mode).
+
+        Save it with ``torch.distributed.checkpoint`` beside the model: the replicas' m, b differ, and one
+        key per replica keeps DCP from keeping one replica's copy for all (it de-duplicates equal keys);
+        loaded in place on the same layout, resharded by DCP on another shard count.
+
+        Example::
+            key, state = opt.replica_state()
+            dcp.save({"model": model.state_dict(), key: state}, checkpoint_id=path)
+        """
+        state = self.hook_state
+        if not isinstance(state, BirderFSDPState):
+            return None
+        return f"birder_replica{state.replica_index():03d}", state.sharded_state()
 
     def load_rank_state(self, state: dict) -> None:
         """Copy a saved :meth:`rank_state` into the live state."""
@@ -513,6 +535,7 @@ class Birder(ReportsSkips, torch.optim.Optimizer):
             "world_size": topo.world_size,
             "rank": topo.rank,
             "comm_stats": self.hook_state.stats.state_dict(),
+            "num_nodes": getattr(self.hook_state, "num_nodes", None),  # FSDP2: the replicas m, b was saved by
             # [world_size, 2 (m, b), T] after consolidate_state_dict(), else absent
             "per_rank": getattr(self, "_consolidated", None),
         }

@@ -440,10 +440,10 @@ class BirderFSDPState(ExchangeEngine):
         for i, p in enumerate(self.params):
             views = self.compressor.views(p)
             if is_dtensor(p):
-                out[i] = {k: DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(),
+                out[str(i)] = {k: DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(),
                                                 run_check=False) for k, v in views.items()}
             else:
-                out[i] = views
+                out[str(i)] = views
         return out
 
     def close(self) -> None:

@@ -224,7 +224,8 @@ class Supernet(nn.Module):
         with self.using(arch):
             used = self._used_slices()
         params = dict(self.named_parameters())
-        masks = {p: torch.zeros_like(p, dtype=torch.bool) for p in params.values()}
+        # Full shapes, plain tensors (an FSDP2-sharded parameter is a DTensor: its mask is still whole).
+        masks = {p: torch.zeros(p.shape, dtype=torch.bool, device=p.device) for p in params.values()}
         for name, index in used.items():
             masks[params[name]][index] = True
         return masks

@@ -224,7 +224,8 @@ class BirderRankState:
 
     def load_state_dict(self, state: dict) -> None:
         self.load_meta(state.get("meta") or {})
-        self.optimizer.load_rank_state({"m": state["m"], "b": state["b"]})
+        if "m" in state:  # FSDP2: m, b come per replica instead (Birder.replica_state)
+            self.optimizer.load_rank_state({"m": state["m"], "b": state["b"]})
 
 
 class RNGState:
@@ -639,6 +640,42 @@ class CheckpointManager:
             for t in sums.values():
                 dist.all_reduce(t)
         return {n: t / found.world_size for n, t in sums.items()}
+
+
+    def load_replica_mean(self, found: Checkpoint, prefix: str, like: dict) -> None:
+        """Set ``like`` (nested dicts of DTensors, this rank's replica state) to the mean over the saved
+        ``<prefix>NNN`` keys, each resharded by DCP to this layout. Collective (every rank, same keys)."""
+        saved = sorted({str(path[0]) for fqn in found.metadata.state_dict_metadata
+                        for path in [(found.metadata.planner_data or {}).get(fqn, (fqn,))]
+                        if str(path[0]).startswith(prefix)})
+        if not saved:
+            raise ConfigError(found.key, found.value, f"{found.path.name} holds no {prefix}* state of Birder's m, b")
+        flat, _ = flatten_state_dict(like)
+        sums = {k: torch.zeros_like(_local_of(t)) for k, t in flat.items()}
+        for key in saved:
+            row = {k: _empty_like_dtensor(t) for k, t in flat.items()}
+            target: dict = {}
+            for k, t in row.items():
+                set_element(target, (key, *k.split(".")), t)
+            self.load(found, {key: target[key]})
+            for k in sums:
+                sums[k] += _local_of(row[k])
+        for k, t in flat.items():
+            _local_of(t).copy_(sums[k] / len(saved))
+
+
+def _local_of(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _empty_like_dtensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A zero tensor laid out like ``tensor`` (a DTensor: same mesh, placements and global shape)."""
+    if not hasattr(tensor, "to_local"):
+        return torch.zeros_like(tensor)
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(torch.zeros_like(tensor.to_local()), tensor.device_mesh, tensor.placements,
+                              shape=tensor.shape, stride=tensor.stride(), run_check=False)
 
 
 def _legacy_message(path: Path) -> str:

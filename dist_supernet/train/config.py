@@ -130,6 +130,7 @@ class TrainerConfig:
     max_consecutive_skips: int = 5
     timeout_s: float = 600.0
     inject_nan_at_steps: list[int] = dataclasses.field(default_factory=list)
+    parallelism: str = "ddp"
 
 
 def compression_schemas() -> dict[str, type]:
@@ -267,6 +268,7 @@ def _check_ranges(group: str, obj) -> None:
         for field in ("log_every", "eval_every", "checkpoint_every"):
             _check(getattr(obj, field) >= 0, k(field), getattr(obj, field), "must be >= 0 (0 = off)")
         _check(obj.device in ("auto", "cpu", "cuda"), k("device"), obj.device, "expected one of auto, cpu, cuda")
+        _check(obj.parallelism in ("ddp", "hsdp"), k("parallelism"), obj.parallelism, "expected one of ddp, hsdp")
         # A checkpoint is a step_N directory (torch.distributed.checkpoint); a file is the older
         # single-file format, refused with one line when the trainer opens it.
         is_checkpoint = os.path.isfile(obj.resume) or any(
@@ -305,6 +307,10 @@ def validate(cfg: DictConfig) -> TrainConfig:
     data = validate_group(cfg, "data", {name: DataConfig for name in DATASETS})
     trainer = to_schema(cfg.trainer, "trainer", TrainerConfig)
     _check_ranges("trainer", trainer)
+    # FSDP2 has no DDP comm hook: its gradient exchange is Birder's 1-bit hook, or FSDP's own fp32 all-reduce.
+    _check(trainer.parallelism != "hsdp" or compression.name in ("birder", "none"), "compression.name",
+           compression.name, "trainer.parallelism=hsdp takes compression=birder (1 bit across nodes) or "
+           "compression=none (FSDP's native fp32 HSDP); the other compressions are DDP comm hooks")
     model = OmegaConf.to_container(cfg.model, resolve=True)
     _check(model.get("name") in available_models(), "model.name", model.get("name"),
            f"expected one of {', '.join(available_models())}")

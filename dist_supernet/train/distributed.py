@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from dist_supernet.comm.collectives import CollectiveError
+from dist_supernet.optim.compressor import local
 
 log = logging.getLogger(__name__)
 
@@ -134,11 +135,12 @@ def all_gather_object(obj, *, stage: str = "all-gather") -> list:
 
 
 def params_sha256(module: torch.nn.Module) -> str:
-    """sha256 of every parameter's bytes, in ``named_parameters`` order."""
+    """sha256 of every parameter's bytes this rank holds (an FSDP2 DTensor: its local shard), in
+    ``named_parameters`` order."""
     digest = hashlib.sha256()
     for name, p in module.named_parameters():
         digest.update(name.encode())
-        digest.update(p.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
+        digest.update(local(p).detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -62,7 +62,8 @@ class SupernetTrainer(Trainer):
         if check_only:  # the pre-flight: Trainer's validation pass (the supernet group included), no process group
             return
         recal = self.scfg.get("bn_recalibration") or {}
-        self.evaluator = SubnetEvaluator(self.model, self.data, batch_size=self.cfg.trainer.batch_size,
+        # The whole supernet on this rank (hsdp: a replica gathered from the shards, refreshed before each use).
+        self.evaluator = SubnetEvaluator(self.parallel.eval_model(), self.data, batch_size=self.cfg.trainer.batch_size,
                                          num_batches=recal.get("num_batches", 20), seed=self.cfg.trainer.seed,
                                          device=self.device)
 
@@ -149,6 +150,7 @@ class SupernetTrainer(Trainer):
     @torch.no_grad()
     def evaluate(self, split: str = "val") -> tuple[float, float]:
         """Loss and accuracy of the max subnet on ``split`` after BN recalibration (the supernet is left as it was)."""
+        self.parallel.eval_model()  # hsdp: refresh the replica the evaluator scores (a collective)
         return self.evaluator.score(self.model.max_arch(), split=split)
 
     def _finish(self, last_row: dict | None, wall_time_s: float) -> dict:
@@ -156,7 +158,7 @@ class SupernetTrainer(Trainer):
         title = (f"{self.cfg.model['name']} supernet, {self.step} steps, {comp.name}/{comp.collective}, "
                  f"{self.world_size} ranks")
         self.report = search_and_report(
-            self.model, self.evaluator, self.scfg.get("search") or {}, elastic=self.elastic_dims(max(0, self.step - 1)),
+            self.parallel.eval_model(), self.evaluator, self.scfg.get("search") or {}, elastic=self.elastic_dims(max(0, self.step - 1)),
             seed=self.cfg.trainer.seed, output_dir=self.output_dir, is_rank0=self.is_rank0, title=title,
         )
         return super()._finish(last_row, wall_time_s)

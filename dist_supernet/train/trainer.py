@@ -41,7 +41,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import DictConfig
-from torch.nn.parallel import DistributedDataParallel
 
 from dist_supernet.comm.collectives import bucket_cap_mb
 from dist_supernet.comm import CommStats, Topology, register_baseline_hook
@@ -62,6 +61,7 @@ from dist_supernet.train.config import ConfigError, TrainConfig
 from dist_supernet.train.faults import NanInjector
 from dist_supernet.train.metrics import MetricsWriter, Progress
 from dist_supernet.train.nonfinite import NonFiniteGuard
+from dist_supernet.train.parallel import Parallel
 from dist_supernet.train.preflight import check_config
 from dist_supernet.train.runlock import RunDirLock, report_stale, report_unfinished_runs
 from dist_supernet.train.untrusted import check_fits_model, check_recipe
@@ -157,9 +157,11 @@ class Trainer:
         ddp_kwargs = self.ddp_kwargs()
         if self.cfg.compression.name == "birder":  # buckets large enough that each peer's 1-bit message is >= 256 KiB
             ddp_kwargs.setdefault("bucket_cap_mb", self.cfg.compression.bucket_cap_mb or bucket_cap_mb(world_size))
-        self.ddp_model = DistributedDataParallel(
-            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None, **ddp_kwargs
-        )
+        # DDP (whole model per rank) or FSDP2 sharded inside each node (trainer.parallelism=hsdp; see parallel.py).
+        self.parallel = Parallel.wrap(self.model, trainer_cfg.parallelism, device=self.device,
+                                      num_nodes=self.cfg.compression.num_nodes,
+                                      native=self.cfg.compression.name != "birder", ddp_kwargs=ddp_kwargs)
+        self.ddp_model = self.parallel.module  # what the step calls: the DDP wrapper or the FSDP root
         self.optimizer, self.comm_stats = self._build_optimizer_and_hook()
         # NaN/Inf on any rank: the step is skipped on every rank; too many in a row stop the job.
         self.nonfinite = NonFiniteGuard(self.optimizer, self.model, verbose=self.is_rank0,
@@ -188,18 +190,27 @@ class Trainer:
     def _build_optimizer_and_hook(self) -> tuple[torch.optim.Optimizer, CommStats]:
         comp, opt = self.cfg.compression, self.cfg.optim
         if comp.name == "birder":
-            optimizer = Birder(self.ddp_model, lr=opt.lr, beta=opt.beta, weight_decay=opt.weight_decay,
-                               amsgrad=opt.amsgrad, collective=comp.collective, requantize=comp.requantize,
-                               num_nodes=comp.num_nodes, inter_node=comp.inter_node, seed=self.cfg.trainer.seed,
-                               timeout_s=comp.timeout_s or self.cfg.trainer.timeout_s)
+            hsdp = self.parallel.kind == "hsdp"
+            optimizer = Birder(self.model.parameters() if hsdp else self.ddp_model, lr=opt.lr, beta=opt.beta,
+                               weight_decay=opt.weight_decay, amsgrad=opt.amsgrad, collective=comp.collective,
+                               requantize=comp.requantize, num_nodes=comp.num_nodes, inter_node=comp.inter_node,
+                               seed=self.cfg.trainer.seed, timeout_s=comp.timeout_s or self.cfg.trainer.timeout_s)
+            if hsdp:  # the 1-bit exchange across nodes, in FSDP's all-reduce hook (optim/fsdp.py)
+                optimizer.attach(self.model, mesh=self.parallel.mesh, track_unused=self.track_unused())
             collective = optimizer.hook_state.collective
-            form = f", inter-node {collective.form()}" if hasattr(collective, "form") else ""
+            form = f", inter-node {collective.form()}" if hasattr(collective, "form") and not hsdp else ""
+            across = " across nodes (replicas of each shard)" if hsdp else ""
             log.log(logging.INFO if self.is_rank0 else logging.DEBUG,
-                    "Birder 1-bit collective: %s (compression.collective=%s, %d node(s) x %d rank(s)%s)",
-                    collective.name, comp.collective, collective.topology.num_nodes,
-                    collective.topology.local_world_size, form)
+                    "%s; Birder 1-bit collective%s: %s (compression.collective=%s, %d node(s) x %d rank(s)%s)",
+                    self.parallel.describe(), across, collective.name, comp.collective, self.topology.num_nodes,
+                    self.topology.local_world_size, form)
             return optimizer, optimizer.comm_stats
-        stats = register_baseline_hook(self.ddp_model, comp, topology=self.topology)  # comp: the baseline's schema
+        if self.parallel.kind == "hsdp":
+            stats = CommStats()  # native HSDP: FSDP's own collectives (counted per step by fsdp_step_bytes)
+            log.log(logging.INFO if self.is_rank0 else logging.DEBUG, "%s; native fp32 all-reduce across nodes",
+                    self.parallel.describe())
+        else:
+            stats = register_baseline_hook(self.ddp_model, comp, topology=self.topology)  # comp: the baseline's schema
         params = self.model.parameters()
         if opt.name == "birder":
             # collective=None: DDP (or the baseline hook) has averaged the gradient already, on purpose.
@@ -250,8 +261,12 @@ class Trainer:
                     "optimizer state, LR schedule, data order and the step count start fresh", found.path, found.step)
             return
         check_recipe(key, resume, found.path.name, found.config, self.config_dict)
-        same_world = found.world_size == self.world_size
+        # hsdp: the same world size on another node layout puts other shards on each rank.
+        same_world = found.world_size == self.world_size and (found.manifest or {}).get("mesh") == self._mesh_shape()
         replicated, per_rank = self.checkpoint_components()
+        replica = self.optimizer.replica_state() if isinstance(self.optimizer, Birder) else None
+        if replica is not None and not same_world:
+            replicated.pop(replica[0])  # this layout's replica key: loaded as the mean of the saved ones below
         with warnings.catch_warnings(record=True) as caught:  # folded into the one line below
             warnings.simplefilter("always")
             own = {rank_key(self.rank): StatefulGroup(per_rank)} if same_world else {}
@@ -262,17 +277,27 @@ class Trainer:
                 self.checkpoints.load(found, {rank_key(0): {"optimizer": {"meta": meta}}},
                                       rebuild=[(rank_key(0), "optimizer", "meta")])
                 BirderRankState(self.optimizer).load_meta(meta)
-                self.optimizer.load_rank_state(
-                    self.checkpoints.load_mean(found, ("optimizer",), like=self.optimizer.rank_state()))
+                if replica is not None:  # hsdp: each saved replica's m, b resharded to this layout, averaged
+                    self.checkpoints.load_replica_mean(found, "birder_replica", replica[1])
+                else:
+                    self.optimizer.load_rank_state(
+                        self.checkpoints.load_mean(found, ("optimizer",), like=self.optimizer.rank_state()))
         # On another world size Birder warns that rank 0's state is not this rank's: the line below says it all.
         notes = "".join(f"; {w.message}" for w in caught) if same_world else ""
         if not same_world:  # one line on rank 0, the rest in each rank's log file
-            mean = (f"; Birder: checkpoint holds m, b of {found.world_size} ranks, this job has {self.world_size}: "
-                    "every rank starts from their mean") if isinstance(self.optimizer, Birder) else ""
+            if replica is not None:
+                saved_mesh = (found.manifest or {}).get("mesh") or "?"
+                mean = (f"; Birder: checkpoint holds m, b of the replicas of a {saved_mesh} mesh, this job's mesh is "
+                        f"{self._mesh_shape()}: every rank starts from their mean, resharded")
+            else:
+                mean = (f"; Birder: checkpoint holds m, b of {found.world_size} ranks, this job has "
+                        f"{self.world_size}: every rank starts from their mean") if isinstance(self.optimizer,
+                                                                                          Birder) else ""
             log.log(logging.WARNING if self.is_rank0 else logging.INFO,
-                    "checkpoint %s was written by %d ranks, this job has %d: resuming at the next epoch "
-                    "with fresh RNG and byte counts, not bit-identically%s",
-                    found.path.name, found.world_size, self.world_size, mean)
+                    "checkpoint %s was written by %d ranks%s, this job has %d: resuming at the next epoch "
+                    "with fresh RNG and byte counts, not bit-identically%s", found.path.name, found.world_size,
+                    f" on a {(found.manifest or {}).get('mesh')} mesh" if replica is not None else "",
+                    self.world_size, mean)
             # The shards differ: start the saved epoch's next one.
             self.sampler.load_state_dict({"epoch": self.sampler.epoch + 1, "batch_index": 0})
         elif notes:
@@ -300,6 +325,9 @@ class Trainer:
         per_rank = {"rng": RNGState(), "comm_stats": self.comm_stats}
         if isinstance(self.optimizer, Birder):
             per_rank["optimizer"] = BirderRankState(self.optimizer)  # m, b differ per rank: each writes its own
+            replica = self.optimizer.replica_state()
+            if replica is not None:  # hsdp: m, b as DTensors like the parameters, one key per replica
+                replicated[replica[0]] = replica[1]
         else:
             replicated["optimizer"] = TorchOptimizerState(self.optimizer)  # averaged gradient: the same everywhere
         return replicated, per_rank
@@ -324,6 +352,15 @@ class Trainer:
     def ddp_kwargs(self) -> dict:
         """Extra keyword arguments for ``DistributedDataParallel``."""
         return {}
+
+    def _mesh_shape(self) -> list[int] | None:
+        """hsdp: [nodes, ranks per node] of the device mesh (checkpoints record it); None for ddp."""
+        mesh = getattr(getattr(self, "parallel", None), "mesh", None)
+        return list(mesh.mesh.shape) if mesh is not None else None
+
+    def track_unused(self) -> bool:
+        """Under hsdp with Birder: whether some parameters may get no gradient in a step (see Birder.attach)."""
+        return False
 
     def extra_state(self) -> dict:
         """Entries added to every checkpoint, the same on every rank (saved once; no collectives)."""
@@ -399,7 +436,7 @@ class Trainer:
                     subnet.activate()
                 # Reduce once per step: every earlier backward (subnet, micro-batch) only accumulates locally.
                 last = micro == num_micro - 1 and i == num_passes - 1
-                with contextlib.nullcontext() if last else self.ddp_model.no_sync():
+                with contextlib.nullcontext() if last else self.parallel.no_sync():
                     logits = self.ddp_model(x)
                     loss = self.loss(logits, y, teacher_logits)
                     (loss / num_micro).backward()
@@ -415,15 +452,16 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, split: str = "val") -> tuple[float, float]:
         """Loss and accuracy on the val (or test) split; each rank scores an interleaved slice, summed over ranks."""
-        self.model.eval()
+        model = self.parallel.eval_model()  # hsdp: the whole model, gathered from the shards
+        model.eval()
         x_all, y_all = (self.data.x_val, self.data.y_val) if split == "val" else (self.data.x_test, self.data.y_test)
         x = x_all[self.rank :: self.world_size].to(self.device)
         y = y_all[self.rank :: self.world_size].to(self.device)
-        logits = self.model(x)
+        logits = model(x)
         loss_sum = F.cross_entropy(logits, y, reduction="sum").item()
         correct = (logits.argmax(dim=1) == y).sum().item()
         loss_sum, correct, count = distributed.all_reduce_sum([loss_sum, correct, len(y)], self.device)
-        self.model.train()
+        model.train()
         return loss_sum / count, correct / count
 
     def _metrics_row(self, loss: torch.Tensor, wall_time_s: float) -> dict:
@@ -452,7 +490,8 @@ class Trainer:
         """
         replicated, per_rank = self.checkpoint_components(wall_time_s)
         path = self.checkpoints.save(replicated, per_rank, step=self.step, blocking=blocking,
-                                     manifest={"wall_time_s": wall_time_s, "config": self.config_dict})
+                                     manifest={"wall_time_s": wall_time_s, "config": self.config_dict,
+                                               "mesh": self._mesh_shape()})
         log.debug("saved %s", path)
 
     def _maybe_crash(self) -> None:
@@ -471,7 +510,7 @@ class Trainer:
             rows = distributed.broadcast_object(self.metrics.rows() if self.is_rank0 else None)
             last_row = {"loss": rows[-1]["loss"] if rows else None}
             last_row["val_loss"], last_row["val_accuracy"] = self.evaluate()
-        hashes = distributed.all_gather_object(distributed.params_sha256(self.model))
+        in_sync, digest = self.parallel.replicas_in_sync()
         per_rank = distributed.all_gather_object(self.comm_stats.snapshot())
         comp = self.cfg.compression
         summary = {
@@ -492,8 +531,9 @@ class Trainer:
             "bytes_intra_total": sum(s["bytes_intra"] for s in per_rank),
             "bytes_inter_total": sum(s["bytes_inter"] for s in per_rank),
             "bytes_sent_per_rank": [s["bytes_total"] for s in per_rank],
-            "params_in_sync": len(set(hashes)) == 1,
-            "params_sha256": hashes[0],
+            "params_in_sync": in_sync,
+            "params_sha256": digest,
+            "parallelism": self.parallel.kind,
             "wall_time_s": round(wall_time_s, 3),
             "resumed_from_step": self.resumed_from,
             "skipped_steps": self.nonfinite.skipped_steps,
@@ -506,7 +546,7 @@ class Trainer:
             summary["test_loss"], summary["test_accuracy"] = self.evaluate("test")
         summary.update(self.extra_summary())
         if not summary["params_in_sync"]:
-            log.warning("parameters differ between ranks: sha256 %s", hashes)
+            log.warning("parameters differ between replicas (%s)", self.parallel.describe())
         if self.is_rank0:
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             title = f"{comp.name}/{comp.collective}, {self.cfg.optim.name}, {self.world_size} ranks"

@@ -273,3 +273,9 @@ def check_recipe(key: str, value, name: str, saved: dict, current: dict) -> None
         if mismatch:
             raise ConfigError(key, value, f"{name} was written with another recipe: first differing key {mismatch}; "
                                           "trainer.resume_weights_only=true loads only its model weights")
+    # DDP and HSDP keep Birder's m, b in different layouts (whole model per rank, or one shard per rank).
+    a, b = ((cfg.get("trainer") or {}).get("parallelism", "ddp") for cfg in (saved, current))
+    if a != b:
+        raise ConfigError(key, value, f"{name} was written with another recipe: first differing key "
+                                      f"trainer.parallelism ({a} in the checkpoint, {b} in this run); "
+                                      "trainer.resume_weights_only=true loads only its model weights")
