@@ -35,6 +35,9 @@ class WireBytes:
     def __add__(self, other: "WireBytes") -> "WireBytes":
         return WireBytes(self.intra + other.intra, self.inter + other.inter)
 
+    def __mul__(self, times: float) -> "WireBytes":
+        return WireBytes(self.intra * times, self.inter * times)
+
     @property
     def total(self) -> float:
         return self.intra + self.inter

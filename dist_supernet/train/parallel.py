@@ -57,6 +57,15 @@ def fsdp_units(model: nn.Module) -> list[nn.Module]:
     return found
 
 
+def _padded(params, per_node: int) -> int:
+    """Elements of ``params`` with each dim 0 padded to a multiple of ``per_node`` (FSDP's layout)."""
+    total = 0
+    for p in params:
+        rows = p.shape[0] if p.dim() else 1
+        total += -(-rows // per_node) * per_node * (p.numel() // max(rows, 1))
+    return total
+
+
 class Parallel:
     """The model as the training step calls it, and what its parallelism needs around the step.
 
@@ -66,12 +75,15 @@ class Parallel:
             loss_fn(par.module(x)).backward()
     """
 
-    def __init__(self, kind: str, module: nn.Module, model: nn.Module, mesh=None, replica: nn.Module | None = None):
+    def __init__(self, kind: str, module: nn.Module, model: nn.Module, mesh=None, replica: nn.Module | None = None,
+                 units: list[tuple[int, bool]] | None = None, native: bool = False):
         self.kind = kind
         self.module = module  # what forward calls: the DDP wrapper or the FSDP root
         self.model = model  # the model itself (the FSDP root's parameters are sharded DTensors)
         self.mesh = mesh
+        self.native = native
         self._replica = replica  # hsdp: a plain copy for evaluation, refreshed by eval_model()
+        self._units = units or []  # hsdp: (padded elements, is the root) of each FSDP unit
 
     @classmethod
     def wrap(cls, model: nn.Module, kind: str, *, device: torch.device, num_nodes: int | None = None,
@@ -91,10 +103,39 @@ class Parallel:
         replica.requires_grad_(False)
         mesh = hsdp_mesh(device.type, num_nodes=num_nodes)
         shard_mesh = mesh if native else mesh["shard"]  # native: FSDP all-reduces across nodes itself
+        per_node = mesh.mesh.shape[1]
+        units, seen = [], set()
         for unit in fsdp_units(model):
+            params = [p for p in unit.parameters() if id(p) not in seen]
+            seen.update(map(id, params))
+            units.append((_padded(params, per_node), False))
             fully_shard(unit, mesh=shard_mesh)
+        units.append((_padded([p for p in model.parameters() if id(p) not in seen], per_node), True))
         fully_shard(model, mesh=shard_mesh)
-        return cls("hsdp", model, model, mesh=mesh, replica=replica)
+        return cls("hsdp", model, model, mesh=mesh, replica=replica, units=units, native=native)
+
+    def step_bytes(self, topology, *, passes: int, element_bytes: int = 4) -> "WireBytes":
+        """Bytes this rank sends in FSDP's own collectives in one step of ``passes`` forward/backward passes.
+
+        The model (comm.stats' ring model): one reduce-scatter of each unit's gradient per step;
+        all-gathers of its parameters in each forward and again in each backward (the root's stay
+        gathered between them); native HSDP adds the fp32 all-reduce of each shard across nodes.
+        Birder's exchange is counted by its engine. Zero for ddp.
+        """
+        from dist_supernet.comm.stats import WireBytes, all_gather_bytes, all_reduce_bytes
+
+        wire = WireBytes()
+        if self.kind != "hsdp":
+            return wire
+        node = topology.node_members(topology.node_rank)
+        per_node = len(node)
+        for padded, is_root in self._units:
+            shard = padded // per_node * element_bytes
+            gathers = passes * (1 if is_root else 2)
+            wire += all_gather_bytes(shard, node, topology) * (gathers + 1)  # + 1: the reduce-scatter's share
+            if self.native:
+                wire += all_reduce_bytes(shard, topology.cross_members(topology.local_rank), topology)
+        return wire
 
     def describe(self) -> str:
         """What runs where, for the start line."""

@@ -444,6 +444,8 @@ class Trainer:
                     logged_loss += loss.detach() / num_micro
                 if subnet.teaches:
                     teacher_logits = logits.detach()
+        if self.parallel.kind == "hsdp":  # FSDP's own all-gathers and reduce-scatters (and native HSDP's all-reduce)
+            self.comm_stats.add(self.parallel.step_bytes(self.topology, passes=num_micro * num_passes), exchanges=0)
         self.nonfinite.step(self.step + 1)  # optimizer.step(), or skipped on every rank if any saw NaN/Inf
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -142,6 +142,10 @@ BAD_INPUTS = [
     (["optim=adamw"], "optim.name=adamw: compression=birder sends 1-bit Birder updates and needs optim=birder"),
     (["model.name=resnet"], "model.name=resnet: expected one of"),
     (["optim.schedule=linear"], "optim.schedule=linear: expected one of constant, cosine"),
+    (["trainer.parallelism=fsdp"], "trainer.parallelism=fsdp: expected one of ddp, hsdp"),
+    (["trainer.parallelism=hsdp", "compression=fp16", "optim=adamw"],
+     "compression.name=fp16: trainer.parallelism=hsdp takes compression=birder (1 bit across nodes) or "
+     "compression=none"),
 ]
 
 
