@@ -1,8 +1,8 @@
 """The training application under ``trainer.parallelism=hsdp``: real torchrun, 2 pretend nodes.
 
 One 4-process run (2 nodes x 2 ranks) with Birder's 1-bit exchange across nodes and a checkpoint
-every 5 steps; a second job resumes its step-10 checkpoint and must end bit-identical; a third runs
-FSDP's native fp32 HSDP (the baseline) on 2 nodes x 1.
+every 5 steps; a second job resumes its step-10 checkpoint and must end bit-identical; a third resumes
+it on another mesh (2 nodes x 1); a fourth runs FSDP's native fp32 HSDP (the baseline) on 2 nodes x 1.
 """
 
 import json
@@ -34,6 +34,15 @@ def test_hsdp_trains_resumes_bit_identically_and_runs_the_native_baseline(tmp_pa
     again, _ = read_run(resumed)
     assert again["resumed_from_step"] == 10, log
     assert again["params_sha256"] == summary["params_sha256"] and again["final_loss"] == summary["final_loss"]
+
+    # Another mesh (2 nodes x 1): each replica's m, b resharded and averaged, said in one line.
+    other = tmp_path / "other_mesh"
+    (other / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ref / "checkpoints" / "step_00000010", other / "checkpoints" / "step_00000010")
+    log = run(torchrun(*HSDP, f"hydra.run.dir={other}", nproc=2), cwd=tmp_path, check=True)
+    moved, _ = read_run(other)
+    assert moved["resumed_from_step"] == 10 and moved["params_in_sync"] is True
+    assert "this job's mesh is [2, 1]: every rank starts from their mean, resharded" in log.stdout + log.stderr
 
     native = tmp_path / "native"
     run(torchrun(*HSDP, "compression=none", "optim=adamw", "trainer.max_steps=6", f"hydra.run.dir={native}",
