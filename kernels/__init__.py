@@ -24,8 +24,10 @@ Example::
     5
 """
 
+import contextlib
 import functools
 import os
+import sys
 import threading
 import warnings
 
@@ -141,12 +143,14 @@ del _name, _op
 
 
 def warmup(device, bucket_numels=()) -> None:
-    """Compile (or load from cache) and autotune every kernel before the first step, off the hot path.
+    """Compile (or load from cache) and tune the kernels before the first step, off the hot path.
 
     CPU: each numba kernel runs once on a tiny input (loading its cached machine code, or
-    compiling it the first time on this machine). CUDA: Triton's autotuner runs on dummy
-    tensors of each bucket size in ``bucket_numels`` (see dist_supernet.kernels.ops._launch.autotune_warmup),
-    so tuning does not happen inside the first backward on the comm thread.
+    compiling it the first time on this machine). CUDA (Triton): compress and apply_packed_ of
+    local mode (one row, fp32) run on dummy tensors of each size in ``bucket_numels`` inside
+    :func:`tuning`. Birder attached to DDP warms exactly the launches of its collective instead
+    (:mod:`dist_supernet.optim.warmup`); launches that were not warmed are tuned later by
+    :func:`tune_missed`.
 
     Example::
         >>> kernels.warmup("cpu")
@@ -155,14 +159,62 @@ def warmup(device, bucket_numels=()) -> None:
 
     device = torch.device(device)
     backend = backend_for(torch.empty(0, device=device))
-    if backend == "triton" and device.type == "cuda":
-        from dist_supernet.kernels.ops import _launch
-
-        _launch.autotune_warmup(bucket_numels, device)
+    if backend == "triton":
+        with tuning():
+            for numel in sorted({int(n) for n in bucket_numels if int(n) > 0}):
+                g = torch.zeros(numel, device=device)
+                starts, canon = index_map([numel], device=device)
+                flag = torch.zeros(1, dtype=torch.uint8, device=device)
+                used = torch.ones(1, dtype=torch.uint8, device=device)
+                bits = compress(g, torch.zeros_like(g), torch.zeros_like(g), starts, canon, beta=0.9, seed=0,  # noqa: F821
+                                used_P=used, flag=flag)
+                one = torch.ones(1, device=device)
+                apply_packed_([g], starts, canon, bits.view(1, -1), planes=False, num_rows=1, lr_P=one, wd_P=one,  # noqa: F821
+                              used_P=used)
     elif backend == "numba":
         from dist_supernet.kernels import cpu
 
         cpu.warmup()
+
+
+def _launcher_module():
+    """The Triton launch module if a Triton kernel was ever imported (else nothing was launched or missed)."""
+    return sys.modules.get("dist_supernet.kernels.ops._launch")
+
+
+@contextlib.contextmanager
+def tuning():
+    """Within this block, Triton launches of an untuned key benchmark every config first (this thread only).
+
+    Enter it only around launches on dummy tensors of the real sizes: tuning reruns each kernel
+    in place. A no-op without triton, under the interpreter and with DIST_SUPERNET_AUTOTUNE=0.
+
+    Example::
+        >>> with kernels.tuning():
+        ...     kernels.compress(torch.zeros(n, device="cuda"), m_dummy, b_dummy, *kernels.index_map([n], device="cuda"),
+        ...                      beta=0.9, seed=0)
+    """
+    if not triton_available():
+        yield
+        return
+    from dist_supernet.kernels.ops import _launch
+
+    with _launch.tuning():
+        yield
+
+
+def tune_missed() -> int:
+    """Tune, on dummies, the Triton launches that ran untuned since the last call; returns how many.
+
+    Cheap when there is nothing to do (one dict check). Call it where no collective is in flight:
+    ``Birder.step`` does, so DDP's rebuilt buckets (step 2) are tuned before step 3.
+
+    Example::
+        >>> kernels.tune_missed()
+        0
+    """
+    launcher = _launcher_module()
+    return launcher.tune_missed() if launcher is not None else 0
 
 
 __all__ = [
@@ -178,6 +230,8 @@ __all__ = [
     "reference",
     "set_backend",
     "triton_available",
+    "tune_missed",
+    "tuning",
     "warmup",
     *OPS,
 ]

@@ -66,6 +66,20 @@ def as_float32(value: float) -> float:
     return float(torch.tensor(float(value), dtype=torch.float32))
 
 
+def divide_rows(numerator: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """float32 ``numerator / num_rows``, one IEEE division on every device.
+
+    The divisor is a tensor on the numerator's device, never a Python number: CUDA's
+    ``tensor / number`` multiplies by the float32 reciprocal, which is 1 ulp off the quotient for
+    some values at n in {6, 7, 10-15, 18, ...} (and the numba and Triton kernels divide).
+
+    Example::
+        >>> divide_rows(torch.tensor([3.0, -6.0]), 6).tolist()
+        [0.5, -1.0]
+    """
+    return numerator / torch.full((), float(num_rows), dtype=torch.float32, device=numerator.device)
+
+
 def _to_int32(value: int) -> int:
     """A uint32 value as the int32 with the same bits."""
     value &= MASK32
@@ -336,7 +350,7 @@ def requantize(
     if num_rows <= 0:
         raise ValueError(f"num_rows={num_rows}: expected at least one counted row")
     canon, _ = canonical_index(seg_starts, seg_canon, first, counts_C.numel())
-    probability = counts_C.reshape(-1).to(torch.float32) / num_rows
+    probability = divide_rows(counts_C.reshape(-1).to(torch.float32), num_rows)
     return pack_bits(uniform(canon, seed) < probability)
 
 
@@ -405,7 +419,7 @@ def counts_to_mean(
         >>> counts_to_mean(torch.tensor([0, 1, 2]), 2).tolist()
         [-1.0, 0.0, 1.0]
     """
-    mean = (counts * 2 - num_rows).to(torch.float32) / num_rows
+    mean = divide_rows((counts * 2 - num_rows).to(torch.float32), num_rows)
     if mask is not None:
         mean = torch.where(mask, mean, torch.zeros_like(mean))
     return _into(out, mean)
@@ -539,7 +553,7 @@ def apply_packed_(
     check_index_map(seg_starts, seg_canon)
     starts = check_segment_params(xs, seg_starts)
     counts = payload_counts(payload, planes=planes, numel=starts[-1])
-    mean = (counts * 2 - num_rows).to(torch.float32) / num_rows
+    mean = divide_rows((counts * 2 - num_rows).to(torch.float32), num_rows)
     canon = seg_canon.tolist()
     for s, x in enumerate(xs):
         lo, hi = starts[s], starts[s + 1]

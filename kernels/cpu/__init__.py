@@ -39,3 +39,6 @@ def warmup() -> None:
                                lr_P=lr, wd_P=lr)
     apply_packed.apply_packed_([torch.zeros(5), torch.zeros(4)], starts, canon, rows.view(1, 2, 2), planes=True,
                                num_rows=2, lr_P=lr, wd_P=lr)
+    for dtype in (torch.bfloat16, torch.float16):  # the x_kind branches compile into the same signature
+        apply_packed.apply_packed_([torch.zeros(5, dtype=dtype), torch.zeros(4, dtype=dtype)], starts, canon, rows,
+                                   planes=False, num_rows=2, lr_P=lr, wd_P=lr)

@@ -43,7 +43,7 @@ MUL_2 = np.uint32(0x846CA68B)
 _OPTIONS = dict(nogil=True, fastmath=False, error_model="numpy", boundscheck=False)
 _warned_cache = threading.Event()
 _HERE = pathlib.Path(__file__).resolve().parent
-_HELPER_FILES = ("_common.py", "_bits.py")  # compiled into every kernel, invisible to numba's cache key
+_HELPER_FILES = ("_common.py", "_bits.py", "_halves.py")  # compiled into every kernel, invisible to numba's cache key
 
 
 def _drop_stale_cache() -> None:
@@ -151,10 +151,27 @@ def _address_to_float32_ptr(typingctx, address):
     return signature, codegen
 
 
+@intrinsic
+def _address_to_uint16_ptr(typingctx, address):
+    """int64 address -> uint16* (bf16 / fp16 parameters as their bits)."""
+    signature = types.CPointer(types.uint16)(types.int64)
+
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], context.get_value_type(types.CPointer(types.uint16)))
+
+    return signature, codegen
+
+
 @helper
 def float32_array_at(address, numel):
     """The float32 array of numel elements at a data pointer (a torch tensor's data_ptr())."""
     return numba.carray(_address_to_float32_ptr(address), (numel,))
+
+
+@helper
+def uint16_array_at(address, numel):
+    """The uint16 array of numel elements at a data pointer (the bits of a bf16 / fp16 tensor)."""
+    return numba.carray(_address_to_uint16_ptr(address), (numel,))
 
 
 def numpy_view(tensor: torch.Tensor) -> np.ndarray:

@@ -17,15 +17,13 @@ import triton.language as tl
 from dist_supernet.kernels.ops import _launch
 
 
-@_launch.byte_blocked()
-@triton.jit(do_not_specialize=["num_planes"])
+@triton.jit
 def _pack_counts_kernel(
     counts_ptr,  # [D] integer counts (int32 or int64), read
     planes_ptr,  # [K, B] uint8 bit planes, written
     numel,  # D
     num_bytes,  # B, also the stride between planes
     num_planes,  # K
-    size_class,  # autotune key only: ceil(log2(D))
     BLOCK_BYTES: tl.constexpr,  # bytes of each plane per program (8 elements each)
 ):
     byte, bit, offsets, in_range, byte_in_range = _launch.byte_tile(numel, BLOCK_BYTES)
@@ -36,7 +34,7 @@ def _pack_counts_kernel(
         plane_bits = ((counts >> plane) & 1).to(tl.int32)
         packed = tl.sum(plane_bits << bit[None, :], axis=1)
         tl.store(plane_ptr + byte, packed.to(tl.uint8), mask=byte_in_range)
-        plane_ptr += num_bytes
+        plane_ptr += num_bytes  # a pointer step: plane * num_bytes would overflow int32
 
 
 def pack_counts(counts_D: torch.Tensor, num_planes: int) -> torch.Tensor:
@@ -54,5 +52,12 @@ def pack_counts(counts_D: torch.Tensor, num_planes: int) -> torch.Tensor:
     planes = torch.empty((num_planes, num_bytes), dtype=torch.uint8, device=counts_D.device)
     if numel == 0 or num_planes == 0:
         return planes
-    _launch.launch_bytes(_pack_counts_kernel, numel, _launch.as_counts(counts_D), planes, numel, num_bytes, num_planes)
+    counts = _launch.as_counts(counts_D)
+    device, dtype = counts.device, counts.dtype
+
+    def warm():  # the same key on dummies (for _launch.tune_missed)
+        pack_counts(torch.zeros(numel, dtype=dtype, device=device), num_planes)
+
+    _launch.launch(_pack_counts_kernel, numel, (counts, planes, numel, num_bytes, num_planes), device=device,
+                   loop_bounds=(num_planes,), warm=warm)
     return planes

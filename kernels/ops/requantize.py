@@ -18,8 +18,8 @@ from dist_supernet.kernels.ops._segments import canonical_index
 from dist_supernet.kernels.ops.uniform_hash import uniform_from_index
 
 
-@_launch.byte_blocked()
-@triton.jit(do_not_specialize=["num_rows", "seed_lo", "seed_hi", "first"])
+# P varies between the warm-up's dummies and the real chunks: not specialized, so no recompile.
+@triton.jit(do_not_specialize=["num_rows", "seed_lo", "seed_hi", "first", "num_segments", "num_steps"])
 def _requantize_kernel(
     counts_ptr,  # [C] integer counts in [0, N], read
     seg_starts_ptr,  # [P + 1] int64 chunk-local segment starts
@@ -33,12 +33,11 @@ def _requantize_kernel(
     num_rows,  # N
     seed_lo,  # int32 bits of seed & 0xFFFFFFFF
     seed_hi,  # int32 bits of seed >> 32
-    size_class,  # autotune key only: ceil(log2(C))
     BLOCK_BYTES: tl.constexpr,  # output bytes per program (8 elements each)
 ):
-    byte = tl.program_id(0) * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
+    byte = tl.program_id(0).to(tl.int64) * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
     bit = tl.arange(0, 8)
-    offsets = byte[:, None].to(tl.int64) * 8 + bit[None, :]
+    offsets = byte[:, None] * 8 + bit[None, :]
     in_range = offsets < numel
 
     counts = tl.load(counts_ptr + offsets, mask=in_range, other=0)
@@ -72,9 +71,17 @@ def requantize(counts_C, num_rows, seg_starts, seg_canon, first, *, seed):
     if numel == 0:
         return out
     seed_lo, seed_hi = _launch.seed_halves(seed)
-    _launch.launch_bytes(
+    counts = _launch.as_counts(counts_C)
+    device, dtype = counts.device, counts.dtype
+
+    def warm():  # the same key on dummies (for _launch.tune_missed)
+        requantize(torch.zeros(numel, dtype=dtype, device=device), num_rows,
+                   *reference.index_map([numel], device=device), 0, seed=0)
+
+    _launch.launch(
         _requantize_kernel, numel,
-        _launch.as_counts(counts_C), seg_starts.contiguous(), seg_canon.contiguous(), out, numel, num_bytes,
-        int(first), num_segments, _launch.search_steps(num_segments), int(num_rows), seed_lo, seed_hi,
+        (counts, seg_starts.contiguous(), seg_canon.contiguous(), out, numel, num_bytes,
+         int(first), num_segments, _launch.search_steps(num_segments), int(num_rows), seed_lo, seed_hi),
+        device=device, warm=warm,
     )
     return out

@@ -15,15 +15,13 @@ from dist_supernet.kernels import reference
 from dist_supernet.kernels.ops import _launch
 
 
-@_launch.byte_blocked()
-@triton.jit(do_not_specialize=["num_rows"])
+@triton.jit
 def _unpack_counts_kernel(
     packed_ptr,  # [N, B] uint8 packed rows, row r starts at packed_ptr + r * row_stride
     out_ptr,  # [D] int32 counts, written
     numel,  # D
     num_rows,  # N
     row_stride,  # bytes between rows of packed
-    size_class,  # autotune key only: ceil(log2(D))
     BLOCK_BYTES: tl.constexpr,  # bytes of each row per program (8 elements each)
 ):
     byte, bit, offsets, in_range, byte_in_range = _launch.byte_tile(numel, BLOCK_BYTES)
@@ -44,7 +42,7 @@ def count_rows(packed_ptr, byte, bit, byte_in_range, num_rows, row_stride, BLOCK
     for _ in range(num_rows):
         row = tl.load(row_ptr + byte, mask=byte_in_range, other=0).to(tl.int32)
         count += (row[:, None] >> bit[None, :]) & 1
-        row_ptr += row_stride
+        row_ptr += row_stride  # a pointer step: r * row_stride would overflow int32
     return count
 
 
@@ -72,5 +70,11 @@ def unpack_counts(packed_NB: torch.Tensor, numel: int, *, out: torch.Tensor | No
         out = torch.empty(numel, dtype=torch.int32, device=packed_NB.device)
     if numel == 0 or packed_NB.shape[0] == 0:
         return out.zero_()
-    _launch.launch_bytes(_unpack_counts_kernel, numel, packed_NB, out, numel, packed_NB.shape[0], packed_NB.stride(0))
+    num_rows, device = packed_NB.shape[0], packed_NB.device
+
+    def warm():  # the same key on dummies (for _launch.tune_missed)
+        unpack_counts(torch.zeros((num_rows, (numel + 7) // 8), dtype=torch.uint8, device=device), numel)
+
+    _launch.launch(_unpack_counts_kernel, numel, (packed_NB, out, numel, num_rows, packed_NB.stride(0)), device=device,
+                   loop_bounds=(num_rows,), warm=warm)
     return out

@@ -17,8 +17,7 @@ from dist_supernet.kernels.ops import _launch
 from dist_supernet.kernels.ops.unpack_counts import check_rows, count_rows
 
 
-@_launch.byte_blocked()
-@triton.jit(do_not_specialize=["num_rows"])
+@triton.jit
 def _unpack_mean_kernel(
     packed_ptr,  # [N, B] uint8 packed rows, row r starts at packed_ptr + r * row_stride
     mask_ptr,  # [D] uint8 view of the bool mask; unused unless HAS_MASK
@@ -26,7 +25,6 @@ def _unpack_mean_kernel(
     numel,  # D
     num_rows,  # N
     row_stride,  # elements (bytes) between rows of packed
-    size_class,  # autotune key only: ceil(log2(D))
     HAS_MASK: tl.constexpr,  # 0 where the mask is False
     BLOCK_BYTES: tl.constexpr,  # bytes of each row per program (8 elements each)
 ):
@@ -59,9 +57,15 @@ def unpack_mean(packed_NB: torch.Tensor, numel: int, *, mask: torch.Tensor | Non
     if packed_NB.shape[0] == 0:
         raise ValueError("packed_NB has no rows: the mean of 0 rows is undefined")
     mask_u8 = _launch.mask_bytes(mask, numel)
-    _launch.launch_bytes(
+    num_rows, device, has_mask = packed_NB.shape[0], packed_NB.device, mask_u8 is not None
+
+    def warm():  # the same key on dummies (for _launch.tune_missed)
+        unpack_mean(torch.zeros((num_rows, (numel + 7) // 8), dtype=torch.uint8, device=device), numel,
+                    mask=torch.ones(numel, dtype=torch.uint8, device=device) if has_mask else None)
+
+    _launch.launch(
         _unpack_mean_kernel, numel,
-        packed_NB, out if mask_u8 is None else mask_u8, out, numel, packed_NB.shape[0], packed_NB.stride(0),
-        HAS_MASK=mask_u8 is not None,
+        (packed_NB, out if mask_u8 is None else mask_u8, out, numel, num_rows, packed_NB.stride(0)),
+        device=device, constexprs=dict(HAS_MASK=has_mask), loop_bounds=(num_rows,), warm=warm,
     )
     return out

@@ -17,15 +17,13 @@ from dist_supernet.kernels import reference
 from dist_supernet.kernels.ops import _launch
 
 
-@_launch.byte_blocked()
-@triton.jit(do_not_specialize=["num_planes"])
+@triton.jit
 def _unpack_planes_kernel(
     planes_ptr,  # [M, K, B] uint8 bit planes, contiguous
     out_ptr,  # [M, D] int32 counts, written
     numel,  # D
     num_bytes,  # B, the stride between planes
     num_planes,  # K
-    size_class,  # autotune key only: ceil(log2(D))
     BLOCK_BYTES: tl.constexpr,  # bytes of each plane per program (8 elements each)
 ):
     batch = tl.program_id(1).to(tl.int64)
@@ -59,6 +57,11 @@ def unpack_planes(planes_KB: torch.Tensor, numel: int, *, out: torch.Tensor | No
     num_batch = out.numel() // numel if numel else 0
     if num_batch == 0 or num_planes == 0:
         return out.zero_()
-    _launch.launch_bytes(_unpack_planes_kernel, numel, planes_KB.contiguous(), out, numel, num_bytes, num_planes,
-                         num_batch=num_batch)
+    device = planes_KB.device
+
+    def warm():  # the same key on dummies (for _launch.tune_missed)
+        unpack_planes(torch.zeros((num_batch, num_planes, num_bytes), dtype=torch.uint8, device=device), numel)
+
+    _launch.launch(_unpack_planes_kernel, numel, (planes_KB.contiguous(), out, numel, num_bytes, num_planes),
+                   device=device, num_batch=num_batch, loop_bounds=(num_planes,), warm=warm)
     return out
