@@ -76,7 +76,8 @@ def byte_block_configs() -> list:
     return [Config(block_bytes, num_warps) for block_bytes in (128, 256, 512, 1024) for num_warps in (4, 8)]
 
 
-_lock = threading.RLock()
+_lock = threading.Lock()  # the tables below; held for microseconds, never while a kernel runs
+_tune_lock = threading.Lock()  # one tuning at a time (held while benchmarking)
 _best: dict = {}  # tuning key -> Config
 _missed: dict = {}  # tuning key -> zero-argument closure that replays the launch on dummies
 _warned_miss: set = set()
@@ -169,9 +170,9 @@ def _run(kernel, config, numel, args, constexprs, num_batch):
 
 
 def _tune(kernel, key, numel, args, device, constexprs, num_batch) -> Config:
-    with _lock:
+    with _tune_lock:
         config = _best.get(key)
-        if config is not None:
+        if config is not None:  # another thread tuned it meanwhile
             return config
         timings = {}
         for candidate in byte_block_configs():
@@ -180,8 +181,9 @@ def _tune(kernel, key, numel, args, device, constexprs, num_batch) -> Config:
             except Exception as error:  # a config that does not compile or fit is not a candidate
                 log.debug("tuning %s: %s failed: %s", key[0], candidate, error)
         config = min(timings, key=timings.get) if timings else DEFAULT
-        _best[key] = config
-        _missed.pop(key, None)
+        with _lock:
+            _best[key] = config
+            _missed.pop(key, None)
         return config
 
 
