@@ -32,6 +32,7 @@ from dist_supernet.optim.compressor import flat_like_memory, local
 from dist_supernet.optim.fsdp import BirderFSDPState, fsdp_world_note, is_dtensor, is_fsdp_module
 from dist_supernet.optim.hook import BirderState, birder_hook
 from dist_supernet.optim.skips import ReportsSkips, SkipCounter
+from dist_supernet.optim.warmup import ddp_bucket_shapes, warm_exchange
 
 log = logging.getLogger(__name__)
 
@@ -85,25 +86,23 @@ def _attach(ddp_model: DistributedDataParallel, state: BirderState | None, kwarg
             state.enable_unused_tracking()
     ddp_model.register_comm_hook(state, birder_hook)
     state.attached = True
-    _warm_kernels(ddp_model, module_params)
+    _warm_kernels(ddp_model, module_params, state)
     return state
 
 
-def _warm_kernels(ddp_model, params) -> None:
-    """Compile / load and (CUDA) autotune the kernels now, on dummy tensors of DDP's bucket sizes.
+def _warm_kernels(ddp_model, params, state) -> None:
+    """Compile / load (numba) or tune (Triton) the kernels now, on dummies of the exchange each DDP bucket runs.
 
-    Not inside the first backward on the comm thread, while collectives are in flight (issue 11).
+    Not inside the first backward on the comm thread, while collectives are in flight (issue 11);
+    see dist_supernet.optim.warmup for what is replayed (issue 20).
     """
     trainable = [p for p in params if p.requires_grad]
     if not trainable:
         return
-    caps = [dist._DEFAULT_FIRST_BUCKET_BYTES, int(getattr(ddp_model, "bucket_bytes_cap", 25 << 20))]
-    try:
-        buckets, _ = dist._compute_bucket_assignment_by_size(trainable[::-1], caps, [False] * len(trainable))
-        numels = sorted({sum(trainable[::-1][i].numel() for i in bucket) for bucket in buckets})
-    except (AttributeError, RuntimeError):  # a private helper of torch's: sizes are only a hint
-        numels = [sum(p.numel() for p in trainable)]
-    kernels.warmup(trainable[0].device, numels)
+    device = trainable[0].device
+    kernels.warmup(device)
+    warm_exchange(state.compressor, ddp_bucket_shapes(ddp_model, trainable), track_unused=state.used_local is not None,
+                  device=device)
 
 
 def _attach_fsdp(model, state, kwargs: dict, mesh=None, track_unused=False) -> BirderFSDPState:
@@ -363,13 +362,37 @@ class Birder(ReportsSkips, torch.optim.Optimizer):
         return cached[1]
 
     def _lr_wd_table(self):
-        """float32 [G + 1, 2]: each group's (lr, weight_decay), then zeros; built once per step, one copy to the device."""
-        rows = [[g["lr"], g["weight_decay"]] for g in self.param_groups] + [[0.0, 0.0]]
-        return torch.tensor(rows, dtype=torch.float32).to(self.hook_state.compressor.device)
+        """float32 [G + 1, 2] on the device: each group's (lr, weight_decay), then zeros.
+
+        Cached by value: built again only when some group's lr or weight decay changed (an LR
+        scheduler changes lr every step), then by one copy from pinned memory, which does not
+        wait for the GPU (a copy from pageable memory synchronizes the stream first).
+        """
+        values = tuple((float(g["lr"]), float(g["weight_decay"])) for g in self.param_groups)
+        cached = getattr(self, "_table", None)
+        if cached is not None and cached[0] == values:
+            return cached[1]
+        rows = torch.tensor([*values, (0.0, 0.0)], dtype=torch.float32)
+        device = self.hook_state.compressor.device
+        if device.type == "cuda":
+            rows = rows.pin_memory()  # torch's host allocator keeps it until the copy is done
+        table = rows.to(device, non_blocking=True)
+        self._table = (values, table)
+        self._chunk_rates = {}  # per chunk: (chunk, table, lr_P, wd_P) for this table
+        return table
 
     def _apply(self, chunk, packed, used_P, table):
-        rows = table[self._group_index(chunk)]  # [P, 2] on the device: a gather, no host work per parameter
-        lr_P, wd_P = rows[:, 0].contiguous(), rows[:, 1].contiguous()
+        # Launches that ran untuned since the last step (DDP's rebuilt buckets, a grad mask set late) are
+        # tuned here, on dummies, where no collective is in flight; a no-op otherwise (issue 20).
+        kernels.tune_missed()
+        rates = getattr(self, "_chunk_rates", {}).get(id(chunk))
+        if rates is None or rates[0] is not chunk or rates[1] is not table:
+            rows = table[self._group_index(chunk)]  # [P, 2] on the device: a gather, no host work per parameter
+            rates = (chunk, table, rows[:, 0].contiguous(), rows[:, 1].contiguous())
+            if len(self.__dict__.setdefault("_chunk_rates", {})) > 4096:  # chunks of old bucket layouts
+                self._chunk_rates.clear()
+            self._chunk_rates[id(chunk)] = rates
+        lr_P, wd_P = rates[2], rates[3]
         kernels.apply_packed_(
             chunk.param_views(), chunk.seg_starts, chunk.seg_canon, packed.payload, planes=packed.planes,
             num_rows=packed.num_rows, lr_P=lr_P, wd_P=wd_P, mask_T=self.hook_state.canonical_mask, used_P=used_P,
@@ -379,7 +402,12 @@ class Birder(ReportsSkips, torch.optim.Optimizer):
         """True (the step is skipped on every rank, x unchanged) if any rank saw NaN/Inf. One host read."""
         if nonfinite_ranks is None:
             return False
-        ranks = torch.nonzero(nonfinite_ranks.cpu()).flatten().tolist()
+        host = nonfinite_ranks
+        if nonfinite_ranks.is_cuda:  # the step's one host sync: one copy into pinned memory
+            host = torch.empty(nonfinite_ranks.shape, dtype=nonfinite_ranks.dtype, pin_memory=True)
+            host.copy_(nonfinite_ranks, non_blocking=True)
+            torch.cuda.current_stream(nonfinite_ranks.device).synchronize()
+        ranks = torch.nonzero(host).flatten().tolist()
         if not ranks:
             self.skips.stepped()
             return False

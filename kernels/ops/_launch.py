@@ -15,6 +15,7 @@ interpreter that fails: there is no driver). Here instead:
 - tuning runs only inside :func:`tuning` (this thread), which only warm-up code enters, and
   warm-up passes dummy tensors of a bucket's size (:mod:`dist_supernet.kernels.warm`), so
   tuning never touches real m, b or parameters and needs no restore;
+- chunks above TUNE_NUMEL_CAP elements share a key and are tuned on dummies of that size;
 - a launch whose key is not tuned yet runs the default config at once (no benchmark, no host
   sync on the comm thread) and is remembered with a closure that can replay it on dummies;
   :func:`tune_missed` (``kernels.tune_missed()``, called by ``Birder.step`` where no
@@ -58,6 +59,9 @@ AUTOTUNE_ENV = "DIST_SUPERNET_AUTOTUNE"  # "0": every kernel keeps its default c
 # triton.testing.do_bench per config while tuning (ms): a launch at bucket size takes 10-500 us on a GPU,
 # so 25 ms gives 50+ repeats; the defaults (25, 100) would cost ~1 s per key for 8 configs.
 BENCH_WARMUP_MS, BENCH_REP_MS = 5, 25
+# Chunks above 2**26 elements share one key: they are bandwidth-bound alike, and tuning them on
+# dummies of their full size would cost up to 16 B per element of the step-1 bucket (the whole model).
+TUNE_NUMEL_CAP = 1 << 26
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +82,10 @@ def byte_block_configs() -> list:
 
 _lock = threading.Lock()  # the tables below; held for microseconds, never while a kernel runs
 _tune_lock = threading.Lock()  # one tuning at a time (held while benchmarking)
+# The CPU interpreter patches triton.language's module state during each launch, so two threads
+# interpreting at once break each other (the hook's CPU pipeline compresses on one thread while
+# the other reduces): interpreted launches take turns. Compiled launches keep no such state.
+_interpreter_lock = threading.Lock()
 _best: dict = {}  # tuning key -> Config
 _missed: dict = {}  # tuning key -> zero-argument closure that replays the launch on dummies
 _warned_miss: set = set()
@@ -159,14 +167,15 @@ def _device_key(device: torch.device) -> str:
 def tune_key(kernel, device, numel, args, constexprs, loop_bounds) -> tuple:
     """What a tuned config is kept for: (kernel, device, ceil(log2 numel), tensor dtypes, constexprs, loop bounds)."""
     dtypes = tuple(str(a.dtype).removeprefix("torch.") for a in args if isinstance(a, torch.Tensor))
-    return (kernel.__name__, _device_key(device), size_class(numel), dtypes, tuple(sorted(constexprs.items())),
+    return (kernel.__name__, _device_key(device), size_class(dummy_numel(numel)), dtypes, tuple(sorted(constexprs.items())),
             tuple(int(b) for b in loop_bounds))
 
 
 def _run(kernel, config, numel, args, constexprs, num_batch):
     num_bytes = (int(numel) + 7) // 8
     grid = (triton.cdiv(num_bytes, config.block_bytes), *(() if num_batch is None else (int(num_batch),)))
-    kernel[grid](*args, **constexprs, BLOCK_BYTES=config.block_bytes, num_warps=config.num_warps, **LAUNCH_OPTIONS)
+    with _interpreter_lock if interpreting() else contextlib.nullcontext():
+        kernel[grid](*args, **constexprs, BLOCK_BYTES=config.block_bytes, num_warps=config.num_warps, **LAUNCH_OPTIONS)
 
 
 def _tune(kernel, key, numel, args, device, constexprs, num_batch) -> Config:
@@ -296,6 +305,11 @@ def as_counts(counts: torch.Tensor) -> torch.Tensor:
     """A flat contiguous int32/int64 view of integer counts (other integer dtypes cast to int32)."""
     flat = counts.reshape(-1).contiguous()
     return flat if flat.dtype in (torch.int32, torch.int64) else flat.to(torch.int32)
+
+
+def dummy_numel(numel: int) -> int:
+    """Elements of the dummy tensors that tune a chunk of numel elements: numel, at most TUNE_NUMEL_CAP."""
+    return min(int(numel), TUNE_NUMEL_CAP)
 
 
 def size_class(numel: int) -> int:

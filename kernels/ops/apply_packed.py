@@ -180,13 +180,17 @@ def apply_packed_(xs, seg_starts, seg_canon, payload, *, planes, num_rows, lr_P,
         num_planes, plane_stride = payload.shape[0], payload.stride(0)
         row_bytes, row_stride = payload.shape[1], 0
     x_dtype = next(dtype for dtype, kind in _launch.X_KINDS.items() if kind == x_kind)
-    payload_shape, has_mask, has_used = tuple(payload.shape), mask_u8 is not None, used_u8 is not None
+    has_mask, has_used = mask_u8 is not None, used_u8 is not None
 
     def warm():  # the same key on a dummy parameter of this size (for _launch.tune_missed)
-        one = torch.ones(1, device=device)
-        apply_packed_([torch.zeros(numel, dtype=x_dtype, device=device)], *reference.index_map([numel], device=device),
-                      torch.zeros(payload_shape, dtype=torch.uint8, device=device), planes=planes, num_rows=num_rows,
-                      lr_P=one, wd_P=one, mask_T=torch.ones(numel, dtype=torch.uint8, device=device) if has_mask else None,
+        n, one = _launch.dummy_numel(numel), torch.ones(1, device=device)
+        if planes:  # whole chunk rows of the same plane count, enough for n elements
+            shape = (-(-n // (8 * row_bytes)), num_planes, row_bytes)
+        else:
+            shape = (num_planes, (n + 7) // 8)
+        apply_packed_([torch.zeros(n, dtype=x_dtype, device=device)], *reference.index_map([n], device=device),
+                      torch.zeros(shape, dtype=torch.uint8, device=device), planes=planes, num_rows=num_rows,
+                      lr_P=one, wd_P=one, mask_T=torch.ones(n, dtype=torch.uint8, device=device) if has_mask else None,
                       used_P=torch.ones(1, dtype=torch.uint8, device=device) if has_used else None)
 
     _launch.launch(

@@ -69,9 +69,10 @@ def apply_update_(x, update, *, lr, weight_decay, mask=None):
     device, x_dtype, u_dtype, has_mask = x.device, target.dtype, update_flat.dtype, mask_u8 is not None
 
     def warm():  # the same key on dummies (for _launch.tune_missed)
-        apply_update_(torch.zeros(numel, dtype=x_dtype, device=device), torch.zeros(numel, dtype=u_dtype, device=device),
+        n = _launch.dummy_numel(numel)
+        apply_update_(torch.zeros(n, dtype=x_dtype, device=device), torch.zeros(n, dtype=u_dtype, device=device),
                       lr=lr, weight_decay=weight_decay,
-                      mask=torch.ones(numel, dtype=torch.uint8, device=device) if has_mask else None)
+                      mask=torch.ones(n, dtype=torch.uint8, device=device) if has_mask else None)
 
     _launch.launch(
         _apply_update_kernel, numel,

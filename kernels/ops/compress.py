@@ -125,10 +125,11 @@ def compress(g_D, m_T, b_T, seg_starts, seg_canon, *, beta, seed, mask_T=None, u
     g_dtype, has_mask, has_used, has_flag = g_D.dtype, mask_u8 is not None, used_u8 is not None, flag is not None
 
     def warm():  # the same key on dummies of this size (for _launch.tune_missed): never the real m, b
-        dummy = torch.zeros(numel, device=device)
-        compress(torch.zeros(numel, dtype=g_dtype, device=device), dummy, torch.zeros_like(dummy),
-                 *reference.index_map([numel], device=device), beta=0.9, seed=0, amsgrad=amsgrad,
-                 mask_T=torch.ones(numel, dtype=torch.uint8, device=device) if has_mask else None,
+        n = _launch.dummy_numel(numel)
+        dummy = torch.zeros(n, device=device)
+        compress(torch.zeros(n, dtype=g_dtype, device=device), dummy, torch.zeros_like(dummy),
+                 *reference.index_map([n], device=device), beta=0.9, seed=0, amsgrad=amsgrad,
+                 mask_T=torch.ones(n, dtype=torch.uint8, device=device) if has_mask else None,
                  used_P=torch.ones(1, dtype=torch.uint8, device=device) if has_used else None,
                  flag=torch.zeros(1, dtype=torch.uint8, device=device) if has_flag else None)
 

@@ -56,7 +56,7 @@ def pack_counts(counts_D: torch.Tensor, num_planes: int) -> torch.Tensor:
     device, dtype = counts.device, counts.dtype
 
     def warm():  # the same key on dummies (for _launch.tune_missed)
-        pack_counts(torch.zeros(numel, dtype=dtype, device=device), num_planes)
+        pack_counts(torch.zeros(_launch.dummy_numel(numel), dtype=dtype, device=device), num_planes)
 
     _launch.launch(_pack_counts_kernel, numel, (counts, planes, numel, num_bytes, num_planes), device=device,
                    loop_bounds=(num_planes,), warm=warm)

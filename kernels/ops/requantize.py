@@ -75,8 +75,9 @@ def requantize(counts_C, num_rows, seg_starts, seg_canon, first, *, seed):
     device, dtype = counts.device, counts.dtype
 
     def warm():  # the same key on dummies (for _launch.tune_missed)
-        requantize(torch.zeros(numel, dtype=dtype, device=device), num_rows,
-                   *reference.index_map([numel], device=device), 0, seed=0)
+        n = _launch.dummy_numel(numel)
+        requantize(torch.zeros(n, dtype=dtype, device=device), num_rows, *reference.index_map([n], device=device), 0,
+                   seed=0)
 
     _launch.launch(
         _requantize_kernel, numel,

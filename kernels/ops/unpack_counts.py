@@ -73,7 +73,8 @@ def unpack_counts(packed_NB: torch.Tensor, numel: int, *, out: torch.Tensor | No
     num_rows, device = packed_NB.shape[0], packed_NB.device
 
     def warm():  # the same key on dummies (for _launch.tune_missed)
-        unpack_counts(torch.zeros((num_rows, (numel + 7) // 8), dtype=torch.uint8, device=device), numel)
+        n = _launch.dummy_numel(numel)
+        unpack_counts(torch.zeros((num_rows, (n + 7) // 8), dtype=torch.uint8, device=device), n)
 
     _launch.launch(_unpack_counts_kernel, numel, (packed_NB, out, numel, num_rows, packed_NB.stride(0)), device=device,
                    loop_bounds=(num_rows,), warm=warm)

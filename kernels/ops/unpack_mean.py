@@ -60,8 +60,9 @@ def unpack_mean(packed_NB: torch.Tensor, numel: int, *, mask: torch.Tensor | Non
     num_rows, device, has_mask = packed_NB.shape[0], packed_NB.device, mask_u8 is not None
 
     def warm():  # the same key on dummies (for _launch.tune_missed)
-        unpack_mean(torch.zeros((num_rows, (numel + 7) // 8), dtype=torch.uint8, device=device), numel,
-                    mask=torch.ones(numel, dtype=torch.uint8, device=device) if has_mask else None)
+        n = _launch.dummy_numel(numel)
+        unpack_mean(torch.zeros((num_rows, (n + 7) // 8), dtype=torch.uint8, device=device), n,
+                    mask=torch.ones(n, dtype=torch.uint8, device=device) if has_mask else None)
 
     _launch.launch(
         _unpack_mean_kernel, numel,

@@ -60,7 +60,8 @@ def unpack_planes(planes_KB: torch.Tensor, numel: int, *, out: torch.Tensor | No
     device = planes_KB.device
 
     def warm():  # the same key on dummies (for _launch.tune_missed)
-        unpack_planes(torch.zeros((num_batch, num_planes, num_bytes), dtype=torch.uint8, device=device), numel)
+        n = _launch.dummy_numel(numel)
+        unpack_planes(torch.zeros((num_batch, num_planes, (n + 7) // 8), dtype=torch.uint8, device=device), n)
 
     _launch.launch(_unpack_planes_kernel, numel, (planes_KB.contiguous(), out, numel, num_bytes, num_planes),
                    device=device, num_batch=num_batch, loop_bounds=(num_planes,), warm=warm)
