@@ -97,6 +97,36 @@ def test_lr_scheduler_and_param_groups():
     assert opt.param_groups[1]["lr"] == pytest.approx(0.005)
 
 
+def test_lr_wd_table_is_built_again_only_when_a_value_changes():
+    # The table goes to the device by a copy: cached while lr and weight decay stay, rebuilt (with
+    # the new values in it, and in each chunk's lr_P / wd_P) when a scheduler or a user changes them.
+    model = _model()
+    opt = Birder([{"params": model[0].parameters()}, {"params": model[2].parameters(), "weight_decay": 0.5}],
+                 lr=0.01)
+    _train(model, opt, 2)
+    table = opt._lr_wd_table()
+    assert opt._lr_wd_table() is table
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    sched.step()
+    scheduled = opt._lr_wd_table()
+    assert scheduled is not table and scheduled[:, 0].tolist() == pytest.approx([0.005, 0.005, 0.0])
+    opt.param_groups[1]["weight_decay"] = 0.25
+    assert opt._lr_wd_table()[:, 1].tolist() == pytest.approx([0.0, 0.25, 0.0])
+    # the step applies the values now in the groups: same parameters as a fresh optimizer's step
+    fresh_model = _model()
+    fresh_model.load_state_dict(model.state_dict())
+    fresh = Birder([{"params": fresh_model[0].parameters(), "lr": 0.005},
+                    {"params": fresh_model[2].parameters(), "lr": 0.005, "weight_decay": 0.25}], lr=0.01)
+    fresh.load_rank_state(opt.rank_state())
+    fresh.hook_state.step = opt.hook_state.step
+    for o, m in ((opt, model), (fresh, fresh_model)):
+        x, y = _data(7)
+        o.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        o.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh_model.parameters()))
+
+
 def test_no_gradient_elements_do_not_move_and_keep_state():
     model = _model()
     params = list(model.parameters())
