@@ -1,27 +1,112 @@
 #!/usr/bin/env bash
-# Validate Birder's GPU path on ONE GPU in at most ~8 minutes; results under the directory given.
-#   bash benchmarks/gpu_check.sh OUT_DIR
-# 1. versions; 2. tests/kernels with real Triton compilation (no interpreter); 3. kernel GB/s vs a
-# same-size copy (bench_kernels.py, 64M elements); 4. benchmarks/gpu_check.py: each kernel at 2**24+3
-# elements vs the reference, the hook at world size 1 on NCCL (50M parameters, streams, host syncs,
-# step 1 vs 10, DDP fp32 beside it), 2 processes sharing the GPU over gloo for every collective.
+# The first device call: Birder's GPU path on ONE GPU in at most 7 minutes of parts; results in OUT_DIR.
+#   bash benchmarks/gpu_check.sh OUT_DIR                          # every part (docs/gpu.md: the one-call command)
+#   PARTS="hook collectives" bash benchmarks/gpu_check.sh OUT_DIR  # a rerun of some parts
+# Parts, each under its own timeout (seconds, 420 in all), in the order they run:
+#   env 20 | kernels 50 | hook 70 | collectives 70 | bench 70 | tests 110 | app 30
+# OUT_DIR receives at most 6 files (the device tool brings back 8): summary.txt (one line per part, written
+# as each part ends), gpu_check.json (every figure, rewritten after each part), log.txt (all output),
+# tests_kernels.txt, bench_kernels.md, trace_birder.json.gz (the hook's profile, when under 16 MiB).
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR}
 mkdir -p "$out"
+out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-lo}
-unset TRITON_INTERPRET
+py=${PYTHON:-python3}
+parts=${PARTS:-env kernels hook collectives bench tests app}
+log="$out/log.txt"
+summary="$out/summary.txt"
+: > "$summary"
+
+if ! $py -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" >> "$log" 2>&1; then
+  echo "gpu_check: no CUDA device (torch.cuda.is_available() is False in $py): nothing checked" | tee -a "$summary"
+  exit 2
+fi
+
+# The wheels the call carries (benchmarks/gpu_wheels.sh: hydra-core, omegaconf, antlr4 runtime), and this
+# checkout as dist_supernet (its kernels/ folder installs as dist_supernet.kernels: an install is needed).
+if compgen -G ".whl/*.whl" > /dev/null; then
+  $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu_check_site \
+    .whl/*.whl >> "$log" 2>&1 && export PYTHONPATH="/tmp/gpu_check_site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+if ! $py -m pip install -q --no-index --no-deps --no-build-isolation -e . >> "$log" 2>&1 \
+    || ! $py -c "import dist_supernet.kernels" >> "$log" 2>&1; then
+  echo "gpu_check: this checkout does not install / import as dist_supernet (see log.txt)" | tee -a "$summary"
+  exit 3
+fi
+
+export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-lo} PYTHONUNBUFFERED=1 CUBLAS_WORKSPACE_CONFIG=:4096:8
+export DIST_SUPERNET_NUMBA_WARMUP=0  # the numba kernels are not under test here (their cache is per CPU)
+unset TRITON_INTERPRET DIST_SUPERNET_KERNELS
 status=0
-{
-  date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
-  python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-} > "$out/versions.txt" 2>&1
-cat "$out/versions.txt"
-timeout 240 python -m pytest -q -x tests/kernels -p no:cacheprovider > "$out/tests_kernels.txt" 2>&1 || status=1
-tail -3 "$out/tests_kernels.txt"
-timeout 120 python benchmarks/bench_kernels.py --sizes 64M --out "$out/bench_kernels.md" > "$out/bench_kernels.txt" 2>&1 || status=1
-tail -20 "$out/bench_kernels.txt"
-timeout 200 python benchmarks/gpu_check.py "$out" > "$out/gpu_check.txt" 2>&1 || status=1
-cat "$out/gpu_check.txt" | cut -c1-600
-echo "NOTE: NCCL refuses two ranks on one GPU: multi-rank NCCL is not checked by this script."
+
+# run_part NAME TIMEOUT_S COMMAND...: its output to log.txt, one line to summary.txt; a timeout is recorded in
+# gpu_check.json too, so the parts before and after it still count.
+run_part() {
+  local name=$1 limit=$2; shift 2
+  case " $parts " in *" $name "*) ;; *) return 0 ;; esac
+  local start=$SECONDS rc
+  echo "=== $name (limit ${limit}s) ===" >> "$log"
+  timeout -k 5 "$limit" "$@" >> "$log" 2>&1
+  rc=$?
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+    $py benchmarks/gpu_check.py "$out" --record-failure "$name" "timed out after ${limit}s" >> "$log" 2>&1
+  fi
+  [ $rc -eq 0 ] || status=1
+  echo "$name: rc=$rc $((SECONDS - start))s $(part_line "$name")" | tee -a "$summary"
+}
+
+# part_line NAME: the figures of one part that say pass or fail, from gpu_check.json (or its own files).
+part_line() {
+  $py - "$out" "$1" <<'EOF' 2>/dev/null
+import json, sys, pathlib
+out, name = pathlib.Path(sys.argv[1]), sys.argv[2]
+report = json.loads((out / "gpu_check.json").read_text()) if (out / "gpu_check.json").is_file() else {}
+part = report.get(name, {})
+if isinstance(part, dict) and "error" in part:
+    print("ERROR", part["error"][:300])
+elif name == "env":
+    print({k: part.get(k) for k in ("gpu", "torch", "triton", "cuda", "hydra")})
+elif name == "kernels":
+    print(f"all_equal={part.get('all_equal')} checks={part.get('checks')} failed={part.get('failed')}")
+elif name == "hook":
+    keys = part.get("keys") or {}
+    print(f"torch_path_equal={part.get('params_equal_torch_path')} bf16={part.get('bf16_params_equal_torch_path')} "
+          f"syncs_hook={part.get('host_syncs_in_hook')} syncs_step={part.get('host_syncs_in_step')} "
+          f"own_stream={(part.get('streams') or {}).get('hook_on_own_stream')} "
+          f"birder_vs_fp32={part.get('birder_vs_fp32')} warmup_s={part.get('warmup_s')} "
+          f"untuned_from_step3={keys.get('untuned_from_step3')}")
+elif name == "collectives":
+    bad = [f"{w}/{k}" for w, v in part.items() if w.startswith("world_") for k, r in v.items()
+           if not (isinstance(r, dict) and r.get("equal_to_cpu_reference", r.get("replicas_equal")) is True
+                   and r.get("x_equal_across_ranks", True) is True)]
+    print(f"all_equal={part.get('all_equal')} not_equal={bad}")
+elif name == "app":
+    print({k: part.get(k) for k in ("returncode", "steps", "final_loss", "params_in_sync")})
+elif name == "tests":
+    lines = (out / "tests_kernels.txt").read_text().strip().splitlines() if (out / "tests_kernels.txt").is_file() else []
+    print(lines[-1] if lines else "")
+elif name == "bench":
+    rows = [l for l in (out / "bench_kernels.md").read_text().splitlines() if "triton" in l] \
+        if (out / "bench_kernels.md").is_file() else []
+    print(f"{len(rows)} triton rows in bench_kernels.md")
+EOF
+}
+
+check=("$py" benchmarks/gpu_check.py "$out" --part)
+run_part env 20 "${check[@]}" env
+run_part kernels 50 env DIST_SUPERNET_AUTOTUNE=0 "${check[@]}" kernels  # default configs: one compile per key
+run_part hook 70 "${check[@]}" hook
+if [ -f "$out/trace_birder.json" ]; then
+  gzip -f "$out/trace_birder.json"
+  [ "$(stat -c %s "$out/trace_birder.json.gz")" -lt 16000000 ] || rm -f "$out/trace_birder.json.gz"
+fi
+rm -f "$out"/trace_*.json
+run_part collectives 70 env DIST_SUPERNET_AUTOTUNE=0 "${check[@]}" collectives
+run_part bench 70 "$py" benchmarks/bench_kernels.py --sizes 64M --rows 8 --out "$out/bench_kernels.md"
+run_part tests 110 env DIST_SUPERNET_AUTOTUNE=0 "$py" -m pytest -q -p no:cacheprovider -o addopts= \
+  --maxfail=30 tests/kernels -k "triton or (gpu_paths and not numba)"
+[ -f "$log" ] && awk '/^=== tests /{p=1} p' "$log" | tail -400 > "$out/tests_kernels.txt"
+run_part app 30 "${check[@]}" app
+echo "gpu_check: done, status=$status (summary.txt, gpu_check.json)" | tee -a "$summary"
 exit $status

@@ -14,5 +14,7 @@ def pytest_sessionstart(session):
     # (~45 s each on 2 cores); compiled once, they load from numba's on-disk cache in ~1 s.
     from dist_supernet import kernels
 
-    if kernels.numba_available():
+    # DIST_SUPERNET_NUMBA_WARMUP=0: a run that tests no numba kernel (benchmarks/gpu_check.sh on a GPU
+    # machine, whose CPU has no cached machine code) skips the ~30 s compile.
+    if kernels.numba_available() and os.environ.get("DIST_SUPERNET_NUMBA_WARMUP", "1") != "0":
         kernels.warmup("cpu")

@@ -22,6 +22,7 @@ from dist_supernet.kernels import reference as ref
 
 from .conftest import chunk
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the Triton kernels run (else interpreted)
 ROWS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 20, 33]  # 6, 7, 10-15, 20, 33: reciprocal is off
 
 
@@ -138,19 +139,20 @@ def test_half_apply_update_bit_equal(backend, dtype):
 
 
 def test_rows_a_gib_apart_do_not_overflow_int32(backend):
-    # plane * plane_stride passes 2**31 at the third row: 3 GiB of address space, a few pages touched.
-    stride = 1 << 30
+    # plane * plane_stride passes 2**31 at the third row: 2 GiB of address space (a few pages touched on CPU).
+    device, stride = backend.device, 1 << 30
     try:
-        storage = torch.empty(2 * stride + 64, dtype=torch.uint8)
+        storage = torch.empty(2 * stride + 64, dtype=torch.uint8, device=device)
     except RuntimeError:
         pytest.skip("cannot reserve 2 GiB of address space here")
     rows = storage.as_strided((3, 8), (stride, 1))
     values = torch.tensor([[0xFF] * 8, [0x0F] * 8, [0xA5] * 8], dtype=torch.uint8)
     rows.copy_(values)
-    xs = [torch.zeros(64)]
-    backend.apply_packed_(xs, *chunk([64]), rows, planes=False, num_rows=3, lr_P=torch.ones(1), wd_P=torch.zeros(1))
-    assert torch.equal(xs[0], -ref.unpack_mean(values, 64))
-    assert torch.equal(backend.unpack_counts(rows, 64), ref.unpack_counts(values, 64))
+    xs = [torch.zeros(64, device=device)]
+    backend.apply_packed_(xs, *chunk([64], device=device), rows, planes=False, num_rows=3,
+                          lr_P=torch.ones(1, device=device), wd_P=torch.zeros(1, device=device))
+    assert torch.equal(xs[0].cpu(), -ref.unpack_mean(values, 64))
+    assert torch.equal(backend.unpack_counts(rows, 64).cpu(), ref.unpack_counts(values, 64))
 
 
 # -- the Triton launch layer ---------------------------------------------------------------------
@@ -166,7 +168,7 @@ def launch_layer():
     _launch.reset()
 
 
-def _every_op(device="cpu"):
+def _every_op(device=DEVICE):
     """One launch of every Triton op on small inputs; returns their outputs (m, b and x included)."""
     from dist_supernet.kernels.registry import implementation
 
@@ -229,9 +231,9 @@ def tuner(launch_layer, monkeypatch):
 
 
 def test_a_miss_runs_the_default_and_is_tuned_later_on_dummies(tuner):
-    g = torch.randn(3000)
-    m, b = torch.zeros(3000), torch.zeros(3000)
-    starts, canon = chunk([3000])
+    g = torch.randn(3000, device=DEVICE)
+    m, b = torch.zeros(3000, device=DEVICE), torch.zeros(3000, device=DEVICE)
+    starts, canon = chunk([3000], device=DEVICE)
     m_want, b_want = m.clone(), b.clone()
     ref.compress(g, m_want, b_want, starts, canon, beta=0.9, seed=1)
     with tuner.record() as launches:
@@ -328,6 +330,6 @@ def test_launches_enter_the_tensors_device(launch_layer, monkeypatch):
 
     monkeypatch.setattr(launch_layer, "device_guard", guard)
     _every_op()
-    assert len(entered) >= 8 and set(entered) == {torch.device("cpu")}
+    assert len(entered) >= 8 and set(entered) == {torch.device(DEVICE)}
     cuda_guard = real_guard(torch.device("cuda", 3))
     assert isinstance(cuda_guard, torch.cuda.device) and cuda_guard.idx == 3
