@@ -131,8 +131,9 @@ def test_apply_packed_errors_and_empty(backend):
                           lr_P=lr[:1], wd_P=lr[:1])
 
 
-def test_autotune_warm_calls_run():
-    # On CUDA autotune_warmup benchmarks every config; here the same launches run once (interpreter).
+def test_warmup_launches_on_dummies_of_each_size():
+    # kernels.warmup on the Triton backend: compress and apply_packed_ at each size inside kernels.tuning()
+    # (on CUDA each key is tuned; under the interpreter the default config runs).
     from dist_supernet import kernels
 
     if not kernels.triton_available():
@@ -140,5 +141,13 @@ def test_autotune_warm_calls_run():
     from dist_supernet.kernels.ops import _launch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    _launch.warm_calls([1000, 37], device, num_rows=3)
-    _launch.autotune_warmup([1000], device)  # a no-op under the interpreter
+    previous = kernels.get_backend()
+    kernels.set_backend("triton")
+    try:
+        with _launch.record() as launches:
+            kernels.warmup(device, [1000, 37, 1000])
+    finally:
+        kernels.set_backend(previous)
+    assert [(e.kernel, e.key[2], e.tuning) for e in launches] == [
+        ("_compress_kernel", 6, True), ("_apply_packed_kernel", 6, True),
+        ("_compress_kernel", 10, True), ("_apply_packed_kernel", 10, True)]
