@@ -288,7 +288,19 @@ def summarize(report: dict) -> dict:
             "wire_bytes_per_packet": wire_tx / packets if wire_tx and packets else None,
             "piece_log2": sorted({k for r in ranks for k in r.get("piece_log2", [])}),
         })
-    return {"t_compute_s": t_compute, "t_fp32_s": t_fp32, "ideal_speedup": ideal, "rows": rows}
+    hsdp = None
+    if "hsdp_fp32" in by_method and "hsdp_local" in by_method:
+        # FSDP2 on each node's ranks: native fp32 HSDP against each node alone (no exchange across nodes).
+        t_native, t_local = by_method["hsdp_fp32"]["median_s"], by_method["hsdp_local"]["median_s"]
+        hsdp = {"t_native_s": t_native, "t_local_s": t_local,
+                "ideal_speedup": t_native / (t_local + max(0.0, t_native - t_local) / 32)}
+        wire = {row["method"]: row["wire_tx_bytes_per_iface"] for row in rows}
+        if "hsdp_birder" in by_method:
+            speedup = t_native / by_method["hsdp_birder"]["median_s"]
+            hsdp.update(birder_speedup=speedup, of_ideal=speedup / hsdp["ideal_speedup"])
+            if wire.get("hsdp_birder") and wire.get("hsdp_fp32"):
+                hsdp["wire_fraction_of_native"] = wire["hsdp_birder"] / wire["hsdp_fp32"]
+    return {"t_compute_s": t_compute, "t_fp32_s": t_fp32, "ideal_speedup": ideal, "rows": rows, "hsdp": hsdp}
 
 
 def merge_repeats(reports: list[dict]) -> dict:
@@ -343,6 +355,17 @@ def markdown_table(link: str, report: dict, summary: dict) -> str:
             f"{_mb(row['wire_tx_bytes_per_iface'])} | {'n/a' if ratio is None else f'{ratio:.3f}'} | "
             f"{'n/a' if per_packet is None else f'{per_packet:.0f}'} |"
         )
+    hsdp = summary.get("hsdp")
+    if hsdp:
+        line = (f"HSDP (FSDP2 over each node's ranks): native fp32 HSDP {hsdp['t_native_s'] * 1e3:.1f} ms/step, each "
+                f"node alone {hsdp['t_local_s'] * 1e3:.1f} ms/step; ideal speed-up of a 32x smaller exchange "
+                f"**{_x(hsdp['ideal_speedup'])}**")
+        if "birder_speedup" in hsdp:
+            line += (f"; Birder 1-bit HSDP {_x(hsdp['birder_speedup'])} native's speed = "
+                     f"**{hsdp['of_ideal']:.2f} of the ideal**")
+        if "wire_fraction_of_native" in hsdp:
+            line += (f"; bytes on the veth 1/{1 / hsdp['wire_fraction_of_native']:.1f} of native's")
+        lines += ["", line + "."]
     pieces = [f"{row['method']} {'/'.join(f'2^{k}' for k in row['piece_log2'])}"
               for row in summary["rows"] if row.get("piece_log2")]
     if pieces:
@@ -440,14 +463,18 @@ def write_results(runs: list[dict], machine: dict, command: str, out_stem: Path,
 
 def main(argv=None):
     plugins = step_worker.load_plugin_arg(argv)
-    methods = step_worker.method_names(forms=False)  # the default: every method but forced forms
+    methods = step_worker.method_names(forms=False, hsdp=False)  # the default: every DDP method but forced forms
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--plugins", default=plugins,
                         help="comma-separated modules to import first (here and in every worker): the "
                              "collectives and baselines they register become methods")
     parser.add_argument("--links", nargs="+", default=LINKS, help="tc rates (100mbit, 1gbit, ...) and/or loopback")
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn", "tiny"])
-    parser.add_argument("--methods", default=",".join(methods), help=f"comma-separated, from {', '.join(methods)}")
+    every = step_worker.method_names()
+    parser.add_argument("--methods", default=",".join(methods), help=f"comma-separated, from {', '.join(every)}")
+    parser.add_argument("--nproc-per-node", type=int, default=1,
+                        help="processes per node on the shaped links (2 for the HSDP methods: FSDP2 shards "
+                             "over a node's ranks)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: per link, see DEFAULT_STEPS)")
     parser.add_argument("--bucket-cap-mb", type=float, default=25.0, help="DDP bucket size for every method (25: DDP's default)")
     parser.add_argument("--warmup", type=int, default=2)
@@ -496,7 +523,7 @@ def main(argv=None):
                         if link == "loopback":
                             reports.append(launch_loopback(worker_args, nodes.ns[0] if nodes else None))
                         else:
-                            reports.append(launch(worker_args, nodes=nodes, nproc_per_node=1))
+                            reports.append(launch(worker_args, nodes=nodes, nproc_per_node=args.nproc_per_node))
                 except RuntimeError as error:  # keep going: the other links and models still say something
                     print(f"[{link} {model}] FAILED:\n{error}", flush=True)
                     failures.append({"link": link, "model": model, "error": str(error)[-4000:]})

@@ -82,6 +82,9 @@ from dist_supernet.optim import Birder  # noqa: E402
 BASELINE_ALIASES = {"none": "fp32"}
 # Birder with a forced inter-node form of hierarchical (auto picks allgather at 2 nodes).
 FORMS = {"hierarchical_rs": ("hierarchical", "reduce_scatter")}
+# FSDP2, sharded over each node's ranks (dist_supernet.train.parallel): every node alone, no exchange
+# across nodes (the compute and intra-node part of an HSDP step); FSDP's native fp32 HSDP; Birder's 1-bit HSDP.
+HSDP_METHODS = ("hsdp_local", "hsdp_fp32", "hsdp_birder")
 
 
 def baseline_methods() -> dict[str, str]:
@@ -90,9 +93,10 @@ def baseline_methods() -> dict[str, str]:
             if "gloo" in baseline.backends}
 
 
-def method_names(*, forms: bool = True) -> tuple[str, ...]:
-    """Every method, in run order: compute, the baselines, the registered 1-bit collectives (, the forced forms)."""
-    return ("compute", *baseline_methods(), *COLLECTIVES, *(FORMS if forms else ()))
+def method_names(*, forms: bool = True, hsdp: bool = True) -> tuple[str, ...]:
+    """Every method, in run order: compute, the baselines, the registered 1-bit collectives (, the forced
+    forms, the FSDP2 methods)."""
+    return ("compute", *baseline_methods(), *COLLECTIVES, *(FORMS if forms else ()), *(HSDP_METHODS if hsdp else ()))
 
 
 def load_plugin_arg(argv=None) -> str:
@@ -197,11 +201,44 @@ class StageTimer:
 TIMER = None  # a StageTimer with --profile
 
 
+class _CountedFSDP:
+    """An FSDP2 model as the timing loop calls it; each step adds FSDP's own traffic (train.parallel's model)."""
+
+    def __init__(self, parallel, stats, topology):
+        self.parallel, self.stats, self.topology = parallel, stats, topology
+
+    def __call__(self, x):
+        self.stats.add(self.parallel.step_bytes(self.topology, passes=1), exchanges=0)
+        return self.parallel.module(x)
+
+    def no_sync(self):
+        return self.parallel.no_sync()
+
+
+def build_hsdp(method: str, model, args):
+    """``model`` sharded with FSDP2 over each node's ranks, its optimizer and byte counter (see HSDP_METHODS)."""
+    from dist_supernet.comm import CommStats
+    from dist_supernet.train.parallel import Parallel
+
+    parallel = Parallel.wrap(model, "hsdp", device=torch.device("cpu"), num_nodes=args.num_nodes,
+                             native=method == "hsdp_fp32")
+    if method == "hsdp_birder":
+        opt = Birder(model.parameters(), lr=1e-3)
+        opt.attach(model, mesh=parallel.mesh)
+        stats = opt.comm_stats
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, foreach=True)
+        stats = CommStats()
+    return _CountedFSDP(parallel, stats, Topology.from_env(args.num_nodes)), opt, stats
+
+
 def build(method: str, model_name: str, args):
     """A fresh model, its DDP wrapper, the optimizer and the byte counter for ``method``."""
     torch.manual_seed(0)  # the same initial weights for every method and rank
     builder, _ = MODELS[model_name]
     model = builder()
+    if method in HSDP_METHODS:
+        return build_hsdp(method, model, args)
     ddp_model = DistributedDataParallel(model, bucket_cap_mb=args.bucket_cap_mb)
     if method in COLLECTIVES or method in FORMS:
         collective, inter_node = FORMS.get(method, (method, "auto"))

@@ -370,6 +370,10 @@ class BirderFSDPState(ExchangeEngine):
             used_P[0::2] = torch.tensor(flags, dtype=torch.uint8, device=used_P.device)
             reduce_used = True
         grad_D = reduce_output
+        if reduce_output.is_cuda:
+            # The buffer was allocated on FSDP's reduce-scatter stream; with a reduce dtype FSDP casts it into a
+            # new .grad and drops it right after this hook, while our kernels on this stream may still read it.
+            reduce_output.record_stream(torch.cuda.current_stream(reduce_output.device))
         factor = _postdivide_factor(group, reduce_output)
         if factor is not None:
             grad_D = reduce_output / factor  # the node average, and a copy FSDP's in-place divide cannot touch

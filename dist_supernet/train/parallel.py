@@ -104,14 +104,16 @@ class Parallel:
         mesh = hsdp_mesh(device.type, num_nodes=num_nodes)
         shard_mesh = mesh if native else mesh["shard"]  # native: FSDP all-reduces across nodes itself
         per_node = mesh.mesh.shape[1]
+        # Sizes first: fully_shard replaces each parameter by a new DTensor one.
         units, seen = [], set()
         for unit in fsdp_units(model):
             params = [p for p in unit.parameters() if id(p) not in seen]
             seen.update(map(id, params))
-            units.append((_padded(params, per_node), False))
+            units.append((unit, _padded(params, per_node), False))
+        units.append((model, _padded([p for p in model.parameters() if id(p) not in seen], per_node), True))
+        for unit, _, _ in units:
             fully_shard(unit, mesh=shard_mesh)
-        units.append((_padded([p for p in model.parameters() if id(p) not in seen], per_node), True))
-        fully_shard(model, mesh=shard_mesh)
+        units = [(padded, is_root) for _, padded, is_root in units]
         return cls("hsdp", model, model, mesh=mesh, replica=replica, units=units, native=native)
 
     def step_bytes(self, topology, *, passes: int, element_bytes: int = 4) -> "WireBytes":
