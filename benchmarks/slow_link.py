@@ -370,7 +370,7 @@ def markdown_table(link: str, report: dict, summary: dict) -> str:
               for row in summary["rows"] if row.get("piece_log2")]
     if pieces:
         lines += ["", "Birder's CPU piece size, agreed by the ranks after each timed step (elements; "
-                  f"`optim.hook.PIECE_SECONDS`): {', '.join(pieces)}."]
+                  f"`optim.engine.PIECE_SECONDS`): {', '.join(pieces)}."]
     return "\n".join(lines)
 
 

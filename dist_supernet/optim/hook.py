@@ -27,18 +27,8 @@ import weakref
 import torch
 import torch.distributed as dist
 
-from dist_supernet.optim.compressor import STAGE_COMPRESS, BirderCompressor  # noqa: F401 (re-exported)
-from dist_supernet.optim.compressor import flat_like_memory, memory_perm
-from dist_supernet.optim.engine import (  # noqa: F401 (re-exported: the names tools and tests know)
-    FIRST_PIECE_LOG2,
-    MAX_PIECE_LOG2,
-    MIN_PIECE_LOG2,
-    PIECE_SECONDS,
-    Exchange,
-    ExchangeEngine,
-    Round,
-    propose_piece_log2,
-)
+from dist_supernet.optim.compressor import BirderCompressor, flat_like_memory, memory_perm
+from dist_supernet.optim.engine import ExchangeEngine
 
 class _StatesByParam:
     """The newest BirderState of each parameter, by identity (a tensor's == is elementwise, so no

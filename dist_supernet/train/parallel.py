@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from dist_supernet.comm.stats import WireBytes, all_gather_bytes, all_reduce_bytes
 from dist_supernet.train import distributed
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ class Parallel:
         units = [(padded, is_root) for _, padded, is_root in units]
         return cls("hsdp", model, model, mesh=mesh, replica=replica, units=units, native=native)
 
-    def step_bytes(self, topology, *, passes: int, element_bytes: int = 4) -> "WireBytes":
+    def step_bytes(self, topology, *, passes: int, element_bytes: int = 4) -> WireBytes:
         """Bytes this rank sends in FSDP's own collectives in one step of ``passes`` forward/backward passes.
 
         The model (comm.stats' ring model): one reduce-scatter of each unit's gradient per step;
@@ -124,8 +125,6 @@ class Parallel:
         gathered between them); native HSDP adds the fp32 all-reduce of each shard across nodes.
         Birder's exchange is counted by its engine. Zero for ddp.
         """
-        from dist_supernet.comm.stats import WireBytes, all_gather_bytes, all_reduce_bytes
-
         wire = WireBytes()
         if self.kind != "hsdp":
             return wire

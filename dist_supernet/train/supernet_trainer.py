@@ -158,7 +158,8 @@ class SupernetTrainer(Trainer):
         title = (f"{self.cfg.model['name']} supernet, {self.step} steps, {comp.name}/{comp.collective}, "
                  f"{self.world_size} ranks")
         self.report = search_and_report(
-            self.parallel.eval_model(), self.evaluator, self.scfg.get("search") or {}, elastic=self.elastic_dims(max(0, self.step - 1)),
+            self.parallel.eval_model(), self.evaluator, self.scfg.get("search") or {},
+            elastic=self.elastic_dims(max(0, self.step - 1)),
             seed=self.cfg.trainer.seed, output_dir=self.output_dir, is_rank0=self.is_rank0, title=title,
         )
         return super()._finish(last_row, wall_time_s)

@@ -9,7 +9,6 @@ replicas' bits, the update; every rank's parameters must equal it bit for bit. A
 offset map changes which draw or which m, b an element gets, so the parameters differ.
 """
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
