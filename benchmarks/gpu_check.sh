@@ -3,7 +3,7 @@
 #   bash benchmarks/gpu_check.sh OUT_DIR                          # every part (docs/gpu.md: the one-call command)
 #   PARTS="hook collectives" bash benchmarks/gpu_check.sh OUT_DIR  # a rerun of some parts
 # Parts, each under its own timeout (seconds, 420 in all), in the order they run:
-#   env 20 | kernels 50 | hook 70 | collectives 70 | bench 70 | tests 110 | app 30
+#   env 20 | kernels 50 | hook 70 | collectives 70 | bench 70 | tests 75 | hsdp 35 | app 30
 # OUT_DIR receives at most 6 files (the device tool brings back 8): summary.txt (one line per part, written
 # as each part ends), gpu_check.json (every figure, rewritten after each part), log.txt (all output),
 # tests_kernels.txt, bench_kernels.md, trace_birder.json.gz (the hook's profile, when under 16 MiB).
@@ -13,7 +13,7 @@ mkdir -p "$out"
 out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
-parts=${PARTS:-env kernels hook collectives bench tests app}
+parts=${PARTS:-env kernels hook collectives bench tests hsdp app}
 log="$out/log.txt"
 summary="$out/summary.txt"
 : > "$summary"
@@ -83,6 +83,10 @@ elif name == "collectives":
     print(f"all_equal={part.get('all_equal')} not_equal={bad}")
 elif name == "app":
     print({k: part.get(k) for k in ("returncode", "steps", "final_loss", "params_in_sync")})
+elif name == "hsdp":
+    lines = [l for l in (out / "log.txt").read_text().splitlines() if " passed" in l or " failed" in l
+             or " skipped" in l] if (out / "log.txt").is_file() else []
+    print(lines[-1] if lines else "")
 elif name == "tests":
     lines = (out / "tests_kernels.txt").read_text().strip().splitlines() if (out / "tests_kernels.txt").is_file() else []
     print(lines[-1] if lines else "")
@@ -104,9 +108,13 @@ fi
 rm -f "$out"/trace_*.json
 run_part collectives 70 env DIST_SUPERNET_AUTOTUNE=0 "${check[@]}" collectives
 run_part bench 70 "$py" benchmarks/bench_kernels.py --sizes 64M --rows 8 --out "$out/bench_kernels.md"
-run_part tests 110 env DIST_SUPERNET_AUTOTUNE=0 "$py" -m pytest -q -p no:cacheprovider -o addopts= \
+run_part tests 75 env DIST_SUPERNET_AUTOTUNE=0 "$py" -m pytest -q -p no:cacheprovider -o addopts= \
   --maxfail=30 tests/kernels -k "triton or (gpu_paths and not numba)"
 [ -f "$log" ] && awk '/^=== tests /{p=1} p' "$log" | tail -400 > "$out/tests_kernels.txt"
+# 1-bit HSDP on FSDP2: 2 processes on the GPU over gloo (2 nodes x 1), the hook on its own stream, every step
+# equal bit for bit to the CPU torch reference (fp32 with clipping, bf16 reduce_dtype, track_unused).
+run_part hsdp 35 env DIST_SUPERNET_AUTOTUNE=0 "$py" -m pytest -q -p no:cacheprovider -o addopts= \
+  tests/distributed/test_hsdp_birder.py -k cuda
 run_part app 30 "${check[@]}" app
 echo "gpu_check: done, status=$status (summary.txt, gpu_check.json)" | tee -a "$summary"
 exit $status

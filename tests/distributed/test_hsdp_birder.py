@@ -9,6 +9,7 @@ replicas' bits, the update; every rank's parameters must equal it bit for bit. A
 offset map changes which draw or which m, b an element gets, so the parameters differ.
 """
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -65,7 +66,7 @@ def _build(mesh, reduce_dtype=None):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     torch.manual_seed(0)
-    model = TinyLM()
+    model = TinyLM().to(mesh.device_type)
     policy = MixedPrecisionPolicy(reduce_dtype=reduce_dtype) if reduce_dtype else MixedPrecisionPolicy()
     fully_shard(model.block, mesh=mesh["shard"], mp_policy=policy)
     fully_shard(model, mesh=mesh["shard"], mp_policy=policy)
@@ -80,6 +81,10 @@ def _batch(step, rank, micro=0):
 
 def _local(t):
     return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _device(model):
+    return _local(next(model.parameters())).device
 
 
 def _full(model):
@@ -105,12 +110,12 @@ def _run(model, opt, steps, rank, *, accumulate=False, clip=None, scaler=None, o
         micro = (0, 1) if accumulate else (0,)
         for m in micro:
             model.set_requires_gradient_sync(m == micro[-1])
-            idx, target = _batch(step, rank, m)
+            idx, target = (t.to(_device(model)) for t in _batch(step, rank, m))
             loss = F.cross_entropy(model(idx).reshape(-1, VOCAB), target.reshape(-1)) / len(micro)
             if overflow_at == step and rank == dist.get_world_size() - 1:
                 loss = loss * float("inf")  # every gradient of the last rank non-finite
             (scaler.scale(loss) if scaler else loss).backward()
-        grads = [_local(p.grad).clone() if p.grad is not None else None for p in model.parameters()]
+        grads = [_local(p.grad).cpu().clone() if p.grad is not None else None for p in model.parameters()]
         if clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)  # cannot change Birder's update
         if scaler is not None:
@@ -119,7 +124,7 @@ def _run(model, opt, steps, rank, *, accumulate=False, clip=None, scaler=None, o
         else:
             opt.step()
         opt.zero_grad(set_to_none=True)
-        record.append((grads, [_local(p).detach().clone() for p in model.parameters()]))
+        record.append((grads, [_local(p).detach().cpu().clone() for p in model.parameters()]))
     return record
 
 
@@ -178,7 +183,7 @@ def _train_and_check(checks, name, rank, world_size, mesh, num_nodes, reduce_dty
     requires_grad = [p.requires_grad for p in params]
     opt = Birder(params, lr=LR, beta=BETA, weight_decay=WD, seed=SEED)
     opt.attach(model, mesh=mesh, track_unused=track_unused)
-    initial = [_local(p).detach().clone() for p in params]
+    initial = [_local(p).detach().cpu().clone() for p in params]
     record = _run(model, opt, steps, rank, branch=track_unused, **kwargs)
     everything = [None] * world_size
     dist.all_gather_object(everything, (initial, record))
@@ -190,18 +195,23 @@ def _train_and_check(checks, name, rank, world_size, mesh, num_nodes, reduce_dty
                                                   world_size, num_nodes, shapes, requires_grad, used)
     checks[f"{name}: replicas identical"] = _identical_across_ranks(_full(model))
     checks[f"{name}: exchanges"] = opt.comm_stats.snapshot()["num_exchanges"]
-    checks[f"{name}: frozen unchanged"] = torch.equal(_local(model.frozen.weight), initial[1])
+    checks[f"{name}: frozen unchanged"] = torch.equal(_local(model.frozen.weight).cpu(), initial[1])
     checks[f"{name}: state floats"] = opt.compressor.m.numel()
     checks[f"{name}: bytes across nodes"] = opt.comm_stats.snapshot()["bytes_inter"]
     checks["params"] = sum(p.numel() for p in params if p.requires_grad)
     return model
 
 
-def _hsdp_worker(rank, world_size, num_nodes):
+def _hsdp_worker(rank, world_size, num_nodes, device="cpu"):
     from dist_supernet.optim.fsdp import hsdp_mesh
 
-    mesh = hsdp_mesh("cpu", num_nodes=num_nodes)
+    mesh = hsdp_mesh(device, num_nodes=num_nodes)
     checks = {}
+    if device == "cuda":  # every process on the one GPU, over gloo: one rank per node (FSDP's own groups of 1)
+        _train_and_check(checks, "fp32", rank, world_size, mesh, num_nodes, steps=3, clip=0.05)
+        _train_and_check(checks, "bf16", rank, world_size, mesh, num_nodes, reduce_dtype=torch.bfloat16)
+        _train_and_check(checks, "track_unused", rank, world_size, mesh, num_nodes, track_unused=True, steps=4)
+        return checks
     if world_size == 2:  # 2 nodes x 1: conditional control flow (track_unused); 1 node x 2: plain FSDP
         _train_and_check(checks, "track_unused", rank, world_size, mesh, num_nodes, track_unused=True, steps=4)
         _train_and_check(checks, "one node", rank, world_size, hsdp_mesh("cpu", num_nodes=1), 1, steps=2)
@@ -257,3 +267,12 @@ def test_hsdp_2x1_unused_parameters_and_plain_fsdp_match_the_reference():
         assert all(r[f"{name}: replicas identical"] for r in results), name
     # One node: no replica to exchange with, only the ranks' agreement on skips crosses no node boundary.
     assert all(r["one node: bytes across nodes"] == 0 for r in results)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (benchmarks/gpu_check.sh runs it on a lent device)")
+def test_hsdp_on_cuda_matches_the_cpu_reference_bit_for_bit():
+    # The Triton kernels and the hook's CUDA stream under FSDP2; the reference runs the torch kernels on CPU.
+    results = run_workers(_hsdp_worker, 2, 2, "cuda", timeout_s=300)
+    for name in ("fp32", "bf16", "track_unused"):
+        assert results[0][f"{name}: reference"] is None, results[0][f"{name}: reference"]
+        assert all(r[f"{name}: replicas identical"] for r in results), name

@@ -85,7 +85,7 @@ def test_the_shell_script_stops_at_once_without_cuda(tmp_path):
 def test_the_shell_script_fits_the_device_call():
     text = SCRIPT.read_text()
     limits = {name: int(limit) for name, limit in re.findall(r"^run_part (\w+) (\d+) ", text, re.MULTILINE)}
-    assert list(limits) == ["env", "kernels", "hook", "collectives", "bench", "tests", "app"]
+    assert list(limits) == ["env", "kernels", "hook", "collectives", "bench", "tests", "hsdp", "app"]
     assert sum(limits.values()) <= 420  # 7 minutes of parts in a call of at most 10
     assert f"parts=${{PARTS:-{' '.join(limits)}}}" in text
     # at most 8 files come back: those written to $out
