@@ -176,17 +176,16 @@ def _every_op(device=DEVICE):
           ("compress", "requantize", "unpack_counts", "unpack_mean", "pack_counts", "unpack_planes",
            "apply_packed_", "apply_update_")}
     gen = torch.Generator().manual_seed(5)
-    numel = 20000
+    numel = 5000  # 5 programs of the smallest block (128 bytes): several programs under every config
     g = torch.randn(numel, generator=gen).to(device)
     m, b = torch.zeros(numel, device=device), torch.zeros(numel, device=device)
-    starts, canon = chunk([12000, 8000], [8000, 0], device=device)
+    starts, canon = chunk([3000, 2000], [2000, 0], device=device)
     flag = torch.zeros(1, dtype=torch.uint8, device=device)
     bits = op["compress"](g, m, b, starts, canon, beta=0.9, seed=3, flag=flag)
     counts = torch.randint(0, 6, (numel,), generator=gen, dtype=torch.int32).to(device)
     rows = torch.randint(0, 256, (5, numel // 8), generator=gen, dtype=torch.uint8).to(device)
     planes = op["pack_counts"](counts, 3)
-    xs = [torch.randn(12000, generator=gen).to(device, torch.bfloat16), torch.randn(8000, generator=gen).to(device,
-                                                                                                         torch.bfloat16)]
+    xs = [torch.randn(n, generator=gen).to(device, torch.bfloat16) for n in (3000, 2000)]
     op["apply_packed_"](xs, starts, canon, rows, planes=False, num_rows=5, lr_P=torch.full((2,), 0.1, device=device),
                         wd_P=torch.full((2,), 0.01, device=device))
     x = torch.randn(numel, generator=gen).to(device)
@@ -214,13 +213,18 @@ def tuner(launch_layer, monkeypatch):
     chosen = launch_layer.Config(512, 4)
     real_run = launch_layer._run
 
-    def run(kernel, config, *args):  # tells the fake benchmark which config it times
+    def run(kernel, config, *args):  # tells the fake benchmark which config it times; runs only real launches
         timed.config = config
-        return real_run(kernel, config, *args)
+        if not getattr(timed, "benchmarking", False):
+            real_run(kernel, config, *args)
 
-    def bench(fn):  # runs the launch once; config (512, 4) is the fastest
+    def bench(fn):  # config (512, 4) is the fastest
         calls.append(threading.current_thread().name)
-        fn()
+        timed.benchmarking = True
+        try:
+            fn()
+        finally:
+            timed.benchmarking = False
         return 1.0 if timed.config == chosen else 2.0
 
     monkeypatch.setattr(launch_layer, "autotune_enabled", lambda: True)
