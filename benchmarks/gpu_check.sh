@@ -2,6 +2,7 @@
 # The first device call: Birder's GPU path on ONE GPU in at most 7 minutes of parts; results in OUT_DIR.
 #   bash benchmarks/gpu_check.sh OUT_DIR                          # every part (docs/gpu.md: the one-call command)
 #   PARTS="hook collectives" bash benchmarks/gpu_check.sh OUT_DIR  # a rerun of some parts
+#   GPU_CHECK_REHEARSAL=1 bash benchmarks/gpu_check.sh OUT_DIR     # this script's flow on CPU, small sizes: no GPU figure
 # Parts, each under its own timeout (seconds, 420 in all), in the order they run:
 #   env 20 | kernels 50 | hook 70 | collectives 70 | bench 70 | tests 75 | hsdp 35 | app 30
 # OUT_DIR receives at most 6 files (the device tool brings back 8): summary.txt (one line per part, written
@@ -18,7 +19,11 @@ log="$out/log.txt"
 summary="$out/summary.txt"
 : > "$summary"
 
-if ! $py -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" >> "$log" 2>&1; then
+device_args=() bench_sizes=64M
+if [ "${GPU_CHECK_REHEARSAL:-0}" = 1 ]; then
+  echo "gpu_check: REHEARSAL on CPU at small sizes: no figure here is a GPU's" | tee -a "$summary"
+  device_args=(--device cpu --small) bench_sizes=100K
+elif ! $py -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" >> "$log" 2>&1; then
   echo "gpu_check: no CUDA device (torch.cuda.is_available() is False in $py): nothing checked" | tee -a "$summary"
   exit 2
 fi
@@ -29,9 +34,19 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu_check_site \
     .whl/*.whl >> "$log" 2>&1 && export PYTHONPATH="/tmp/gpu_check_site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-if ! $py -m pip install -q --no-index --no-deps --no-build-isolation -e . >> "$log" 2>&1 \
-    || ! $py -c "import dist_supernet.kernels" >> "$log" 2>&1; then
-  echo "gpu_check: this checkout does not install / import as dist_supernet (see log.txt)" | tee -a "$summary"
+this_checkout() {  # whether dist_supernet.kernels imports from this checkout's kernels/
+  $py -c "import os, sys, dist_supernet.kernels as k; sys.exit(os.path.realpath(k.__file__) != os.path.realpath('kernels/__init__.py'))" \
+    >> "$log" 2>&1
+}
+if ! this_checkout; then
+  # an editable install needs setuptools and wheel there (no network: no build isolation); else, in this
+  # disposable copy, links put kernels/ and conf/ where dist_supernet looks for them
+  $py -m pip install -q --no-index --no-deps --no-build-isolation -e . >> "$log" 2>&1 \
+    || { ln -sfn ../kernels dist_supernet/kernels && ln -sfn ../conf dist_supernet/conf \
+         && export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"; }
+fi
+if ! this_checkout; then
+  echo "gpu_check: dist_supernet.kernels does not import from this checkout (see log.txt)" | tee -a "$summary"
   exit 3
 fi
 
@@ -97,7 +112,7 @@ elif name == "bench":
 EOF
 }
 
-check=("$py" benchmarks/gpu_check.py "$out" --part)
+check=("$py" benchmarks/gpu_check.py "$out" "${device_args[@]}" --part)
 run_part env 20 "${check[@]}" env
 run_part kernels 50 env DIST_SUPERNET_AUTOTUNE=0 "${check[@]}" kernels  # default configs: one compile per key
 run_part hook 70 "${check[@]}" hook
@@ -107,7 +122,7 @@ if [ -f "$out/trace_birder.json" ]; then
 fi
 rm -f "$out"/trace_*.json
 run_part collectives 70 env DIST_SUPERNET_AUTOTUNE=0 "${check[@]}" collectives
-run_part bench 70 "$py" benchmarks/bench_kernels.py --sizes 64M --rows 8 --out "$out/bench_kernels.md"
+run_part bench 70 "$py" benchmarks/bench_kernels.py --sizes "$bench_sizes" --rows 8 --out "$out/bench_kernels.md"
 run_part tests 75 env DIST_SUPERNET_AUTOTUNE=0 "$py" -m pytest -q -p no:cacheprovider -o addopts= \
   --maxfail=30 tests/kernels -k "triton or (gpu_paths and not numba)"
 [ -f "$log" ] && awk '/^=== tests /{p=1} p' "$log" | tail -400 > "$out/tests_kernels.txt"
