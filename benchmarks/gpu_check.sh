@@ -98,13 +98,10 @@ elif name == "collectives":
     print(f"all_equal={part.get('all_equal')} not_equal={bad}")
 elif name == "app":
     print({k: part.get(k) for k in ("returncode", "steps", "final_loss", "params_in_sync")})
-elif name == "hsdp":
-    lines = [l for l in (out / "log.txt").read_text().splitlines() if " passed" in l or " failed" in l
-             or " skipped" in l] if (out / "log.txt").is_file() else []
-    print(lines[-1] if lines else "")
-elif name == "tests":
-    lines = (out / "tests_kernels.txt").read_text().strip().splitlines() if (out / "tests_kernels.txt").is_file() else []
-    print(lines[-1] if lines else "")
+elif name in ("tests", "hsdp"):  # pytest's closing line, from this part's section of the log
+    log = (out / "log.txt").read_text().split(f"=== {name} ")[-1].splitlines()
+    print(next((l for l in reversed(log) if any(w in l for w in (" passed", " failed", " error", " skipped"))),
+               "no pytest summary"))
 elif name == "bench":
     rows = [l for l in (out / "bench_kernels.md").read_text().splitlines() if "triton" in l] \
         if (out / "bench_kernels.md").is_file() else []
