@@ -2,6 +2,8 @@
 # Several machines: run this same command on every node (torchrun's c10d rendezvous).
 #
 #   NNODES=2 RDZV_ENDPOINT=node0:29500 RUN_ID=exp42 launch/multi_node.sh compression.collective=hierarchical
+#   NNODES=2 RDZV_ENDPOINT=node0:29500 RUN_ID=exp43 launch/multi_node.sh trainer.parallelism=hsdp
+#       (FSDP2 shards the model over each node's processes; Birder sends 1 bit per element across nodes)
 #
 #   NNODES          number of nodes (or MIN:MAX for elastic)
 #   NPROC_PER_NODE  processes per node (default: GPUs on this node, else 2)
