@@ -160,17 +160,18 @@ def warmup(device, bucket_numels=()) -> None:
     device = torch.device(device)
     backend = backend_for(torch.empty(0, device=device))
     if backend == "triton":
+        ops = sys.modules[__name__]  # the dispatched ops are defined from the registry at import
         with tuning():
             for numel in sorted({int(n) for n in bucket_numels if int(n) > 0}):
                 g = torch.zeros(numel, device=device)
                 starts, canon = index_map([numel], device=device)
                 flag = torch.zeros(1, dtype=torch.uint8, device=device)
                 used = torch.ones(1, dtype=torch.uint8, device=device)
-                bits = compress(g, torch.zeros_like(g), torch.zeros_like(g), starts, canon, beta=0.9, seed=0,  # noqa: F821
-                                used_P=used, flag=flag)
+                bits = ops.compress(g, torch.zeros_like(g), torch.zeros_like(g), starts, canon, beta=0.9, seed=0,
+                                    used_P=used, flag=flag)
                 one = torch.ones(1, device=device)
-                apply_packed_([g], starts, canon, bits.view(1, -1), planes=False, num_rows=1, lr_P=one, wd_P=one,  # noqa: F821
-                              used_P=used)
+                ops.apply_packed_([g], starts, canon, bits.view(1, -1), planes=False, num_rows=1, lr_P=one, wd_P=one,
+                                  used_P=used)
     elif backend == "numba":
         from dist_supernet.kernels import cpu
 

@@ -13,7 +13,7 @@ one kernel race); and Triton 3.6 benchmarks even a single pruned config (under t
 interpreter that fails: there is no driver). Here instead:
 
 - tuning runs only inside :func:`tuning` (this thread), which only warm-up code enters, and
-  warm-up passes dummy tensors of a bucket's size (:mod:`dist_supernet.kernels.warm`), so
+  warm-up passes dummy tensors of a bucket's size (``dist_supernet.optim.warmup``), so
   tuning never touches real m, b or parameters and needs no restore;
 - chunks above TUNE_NUMEL_CAP elements share a key and are tuned on dummies of that size;
 - a launch whose key is not tuned yet runs the default config at once (no benchmark, no host

@@ -8,7 +8,6 @@ step 3 on nothing runs untuned (a grad mask first set in step 2 is such a key); 
 never run on the comm thread.
 """
 
-import pytest
 import torch
 
 from .harness import run_workers
