@@ -24,19 +24,31 @@ import gzip
 import importlib.util
 import math
 import os
+from collections.abc import Iterator
+from typing import ClassVar
 
 import numpy as np
 import torch
 
-DATASETS = ("digits", "mnist5k", "npz")
+from dist_supernet.data.sampler import ShardSampler
+from dist_supernet.errors import ConfigError
+
+DATASETS = ("digits", "mnist5k", "npz", "text")
+EVAL_CHUNK = 512  # why: images per evaluation forward; bounds memory on a big val split
 MAX_CLASSES = 100_000  # why: a label beyond this is a corrupt file, not a class (the head would take GBs)
 MAX_ABS_VALUE = 1e15  # why: squares stay far below float32's max (3.4e38) in the standardization
 
 
 @dataclasses.dataclass
 class Dataset:
-    """A train/val(/test) split held in memory; without a test split ``x_test`` has 0 rows."""
+    """A train/val(/test) split held in memory; without a test split ``x_test`` has 0 rows.
 
+    The trainer reads it through the methods every dataset kind has (``data/text.py``'s
+    ``TextDataset`` too): ``model_inputs``, ``train_batches``, ``eval_batches``,
+    ``eval_metrics``, ``check_eval``, ``info``.
+    """
+
+    kind: ClassVar[str] = "image"  # what a model family registers to train on (dist_supernet.models.IMAGE)
     name: str
     x_train: torch.Tensor  # (N_train, C, H, W) float32
     y_train: torch.Tensor  # (N_train,) int64
@@ -62,6 +74,75 @@ class Dataset:
     def image_size(self) -> int:
         return self.x_train.shape[2]
 
+    def model_inputs(self) -> dict:
+        """The builder arguments of an image model family (``build_model(cfg, **data.model_inputs())``)."""
+        return {"in_channels": self.in_channels, "image_size": self.image_size, "num_classes": self.num_classes}
+
+    def info(self) -> dict:
+        """What ``summary.json`` records about the data."""
+        return {"split_samples": {"train": len(self.y_train), "val": len(self.y_val), "test": len(self.y_test)}}
+
+    def eval_metrics(self, loss: float, accuracy: float) -> dict:
+        """What evaluation reports: the mean cross-entropy and the accuracy."""
+        return {"loss": loss, "accuracy": accuracy}
+
+    def train_batches(self, *, rank: int, world_size: int, batch_size: int, seed: int, model=None) -> "ImageBatches":
+        """This rank's batches ``(x, y)`` of the train split (``ShardSampler``); ``model`` is not needed for images.
+
+        ConfigError (``trainer.batch_size=...``) when a rank's shard holds fewer samples than one batch.
+        """
+        shard = len(self.y_train) // world_size
+        if not 1 <= batch_size <= shard:
+            raise ConfigError("trainer.batch_size", batch_size,
+                              f"larger than each rank's shard ({shard} samples on {world_size} ranks)")
+        sampler = ShardSampler(len(self.y_train), num_replicas=world_size, rank=rank, batch_size=batch_size,
+                               seed=seed)
+        return ImageBatches(self.x_train, self.y_train, sampler)
+
+    def eval_batches(self, split: str, *, rank: int, world_size: int, batch_size: int = EVAL_CHUNK,
+                     model=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's interleaved share (``rank::world_size``) of the whole val (or test) split, in chunks.
+
+        Chunks of ``EVAL_CHUNK`` images (not ``batch_size``): evaluation keeps no activations, and
+        one big forward is faster than many small ones.
+        """
+        x, y = (self.x_val, self.y_val) if split == "val" else (self.x_test, self.y_test)
+        if split not in ("val", "test"):
+            raise ValueError(f"split={split!r}: expected val or test")
+        x, y = x[rank::world_size], y[rank::world_size]
+        for start in range(0, len(y), EVAL_CHUNK):
+            yield x[start:start + EVAL_CHUNK], y[start:start + EVAL_CHUNK]
+
+    def check_eval(self, model=None) -> None:
+        """Nothing to check: the split sizes were checked when the data was split."""
+
+
+class ImageBatches:
+    """``next()`` -> ``(x, y)``: the images and labels of the sampler's next batch of indices.
+
+    Its state (``state_dict``/``load_state_dict``, ``epoch``) is the :class:`ShardSampler`'s.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, sampler: ShardSampler):
+        self.x, self.y, self.sampler = x, y, sampler
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        index = next(self.sampler)
+        return self.x[index], self.y[index]
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+
 
 def load_dataset(
     name: str, *, path: str | None = None, val_fraction: float = 0.2, test_fraction: float = 0.0,
@@ -76,6 +157,8 @@ def load_dataset(
     the config key for an unknown name, a missing file or a missing optional
     dependency.
     """
+    if name == "text":
+        raise ValueError("data.name=text: load it with load_data (dist_supernet.data.text.load_text)")
     if name == "digits":
         x, y = _load_digits()
     elif name == "mnist5k":
@@ -207,3 +290,21 @@ def _split(name, x: np.ndarray, y: np.ndarray, val_fraction: float, test_fractio
         x_test=(x_all[num_val:held_out] - mean) / std,
         y_test=y_all[num_val:held_out],
     )
+
+
+def load_data(cfg):
+    """The dataset a validated ``data`` config group names: an image :class:`Dataset` or a ``TextDataset``.
+
+    Example::
+        >>> from types import SimpleNamespace
+        >>> cfg = SimpleNamespace(name="digits", path=None, val_fraction=0.1, test_fraction=0.2, split_seed=0)
+        >>> load_data(cfg).kind
+        'image'
+    """
+    if cfg.name == "text":
+        from dist_supernet.data.text import load_text
+
+        return load_text(cfg.path, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
+                         split_seed=cfg.split_seed, eval_windows=cfg.eval_windows, cache_dir=cfg.cache_dir)
+    return load_dataset(cfg.name, path=cfg.path, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
+                        split_seed=cfg.split_seed)

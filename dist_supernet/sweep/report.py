@@ -6,7 +6,7 @@ Reads every job dir under the sweep dir that holds a ``sweep_job.json``
 
 - ``sweep_summary.md`` and ``sweep_summary.csv``: one row per job, failed and
   invalid ones included with their reason. Columns: every override that
-  varied between jobs, final loss, eval accuracy, bytes per step (per rank),
+  varied between jobs, final loss, eval loss and accuracy (blank for text), bytes per step (per rank),
   median step time, train time, job time;
 - ``loss_vs_step.png`` and ``loss_vs_time.png``: training loss, one line per job.
 
@@ -42,7 +42,7 @@ TABLE_MD = "sweep_summary.md"
 TABLE_CSV = "sweep_summary.csv"
 PLOT_STEP = "loss_vs_step.png"
 PLOT_TIME = "loss_vs_time.png"
-METRIC_COLUMNS = ("final_loss", "eval_accuracy", "bytes_per_step", "median_step_s", "train_time_s", "job_time_s")
+METRIC_COLUMNS = ("final_loss", "eval_loss", "eval_accuracy", "bytes_per_step", "median_step_s", "train_time_s", "job_time_s")
 
 
 @dataclasses.dataclass
@@ -114,6 +114,7 @@ def table_rows(jobs: list[JobResult]) -> tuple[list[str], list[dict]]:
         row.update({k: job.overrides.get(k, "(default)") for k in varied})
         row.update({
             "final_loss": summary.get("final_loss"),
+            "eval_loss": summary.get("eval_loss"),
             "eval_accuracy": summary.get("eval_accuracy"),
             "bytes_per_step": _round(bytes_per_step, 1),
             "median_step_s": _round(median_step_time(job.rows), 6),
@@ -131,7 +132,7 @@ def _round(value: float | None, digits: int) -> float | None:
 def _md_cell(column: str, value) -> str:
     if value is None:
         return "–" if column in METRIC_COLUMNS else ""
-    if column == "final_loss":
+    if column in ("final_loss", "eval_loss"):
         return f"{value:.4f}"
     if column == "eval_accuracy":
         return f"{100 * value:.2f}%"
@@ -144,7 +145,7 @@ def _md_cell(column: str, value) -> str:
     return str(value).replace("|", "\\|")
 
 
-MD_HEADERS = {"final_loss": "final loss", "eval_accuracy": "eval accuracy", "bytes_per_step": "bytes/step/rank",
+MD_HEADERS = {"final_loss": "final loss", "eval_loss": "eval loss", "eval_accuracy": "eval accuracy", "bytes_per_step": "bytes/step/rank",
               "median_step_s": "median step (ms)", "train_time_s": "train (s)", "job_time_s": "job (s)"}
 
 

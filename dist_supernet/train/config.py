@@ -89,6 +89,7 @@ class AdamWOptim:
     amsgrad: bool = False
     schedule: str = "cosine"
     warmup_steps: int = 0
+    grad_clip: float | None = None
 
 
 @dataclasses.dataclass
@@ -100,6 +101,7 @@ class SGDOptim:
     weight_decay: float = 0.0
     schedule: str = "cosine"
     warmup_steps: int = 0
+    grad_clip: float | None = None
 
 
 @dataclasses.dataclass
@@ -109,6 +111,24 @@ class DataConfig:
     val_fraction: float = 0.2
     test_fraction: float = 0.0
     split_seed: int = 0
+
+
+@dataclasses.dataclass
+class TextDataConfig(DataConfig):
+    """``data=text``: the embedded corpus (``path: null``) or a UTF-8 text file; see dist_supernet/data/text.py."""
+
+    name: str = "text"
+    val_fraction: float = 0.05
+    test_fraction: float = 0.05
+    eval_windows: int = bounded(128, min=1)
+    cache_dir: str | None = None
+
+
+def data_schemas() -> dict[str, type]:
+    """``data.name`` -> its schema (every dataset of ``dist_supernet.data.DATASETS``)."""
+    from dist_supernet.data import DATASETS
+
+    return {name: TextDataConfig if name == "text" else DataConfig for name in DATASETS}
 
 
 @dataclasses.dataclass
@@ -150,7 +170,7 @@ class TrainConfig:
     compression: object  # BirderCompression, or the registered baseline's config (comm.BaselineConfig)
     optim: BirderOptim | AdamWOptim | SGDOptim
     model: dict
-    data: DataConfig
+    data: DataConfig  # or TextDataConfig
     trainer: TrainerConfig
 
 
@@ -246,6 +266,8 @@ def _check_ranges(group: str, obj) -> None:
         _check(obj.weight_decay >= 0, k("weight_decay"), obj.weight_decay, "must be >= 0")
         _check(obj.schedule in SCHEDULES, k("schedule"), obj.schedule, f"expected one of {', '.join(SCHEDULES)}")
         _check(obj.warmup_steps >= 0, k("warmup_steps"), obj.warmup_steps, "must be >= 0")
+        clip = getattr(obj, "grad_clip", None)
+        _check(clip is None or clip > 0, k("grad_clip"), clip, "must be > 0 (the largest gradient norm), or null")
         if obj.name == "birder":
             _check(0 <= obj.beta < 1, k("beta"), obj.beta, "must be in [0, 1)")
         elif obj.name == "adamw":
@@ -261,7 +283,8 @@ def _check_ranges(group: str, obj) -> None:
                f"must be in [0, 1 - data.val_fraction={obj.val_fraction}) (0 = no test split)")
         if obj.name == "npz" or obj.path is not None:
             _check(obj.path is not None, k("path"), obj.path, "data=npz needs data.path=/path/to/file.npz")
-            _check(os.path.isfile(obj.path), k("path"), obj.path, "file not found")
+            _check(os.path.exists(obj.path), k("path"), obj.path, "file not found")
+            _check(os.path.isfile(obj.path), k("path"), obj.path, "is not a regular file")
     elif group == "trainer":
         for field in ("max_steps", "batch_size", "grad_accum", "keep_checkpoints"):
             _check(getattr(obj, field) >= 1, k(field), getattr(obj, field), "must be >= 1")
@@ -297,14 +320,13 @@ def validate(cfg: DictConfig) -> TrainConfig:
     load_config_plugins(cfg)
     for group in GROUPS:
         _check(group in cfg and isinstance(cfg[group], DictConfig), group, cfg.get(group), "missing config group")
-    from dist_supernet.data import DATASETS
     from dist_supernet.models import available_models
 
     compression = validate_group(cfg, "compression", compression_schemas())
     optim = validate_group(cfg, "optim", OPTIM_SCHEMAS)
     _check(compression.name != "birder" or optim.name == "birder", "optim.name", optim.name,
            "compression=birder sends 1-bit Birder updates and needs optim=birder")
-    data = validate_group(cfg, "data", {name: DataConfig for name in DATASETS})
+    data = validate_group(cfg, "data", data_schemas())
     trainer = to_schema(cfg.trainer, "trainer", TrainerConfig)
     _check_ranges("trainer", trainer)
     # FSDP2 has no DDP comm hook: its gradient exchange is Birder's 1-bit hook, or FSDP's own fp32 all-reduce.

@@ -33,6 +33,8 @@ def init_distributed(device_choice: str = "auto", timeout_s: float | None = None
     CPU with gloo (set ``GLOO_SOCKET_IFNAME=lo`` on a single machine).
     ``timeout_s`` bounds every collective on the default group (a stopped peer
     fails it instead of hanging); None keeps torch's default (30 min on gloo).
+    A default group that exists already (a caller running several trainers in one
+    process group, as ``benchmarks/time_to_accuracy_worker.py`` does) is used as it is.
     """
     use_cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
     if use_cuda:
@@ -40,6 +42,8 @@ def init_distributed(device_choice: str = "auto", timeout_s: float | None = None
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+    if dist.is_initialized():
+        return device
     backend = "nccl" if use_cuda else "gloo"
     device_id = device if use_cuda else None
     timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=float(timeout_s))}

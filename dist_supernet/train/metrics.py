@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 CSV_COLUMNS = (
     "step", "epoch", "loss", "lr", "wall_time_s", "bytes_sent", "bytes_intra", "bytes_inter",
-    "val_loss", "val_accuracy", "skipped_steps",
+    "val_loss", "val_accuracy", "skipped_steps", "train_time_s", "val_perplexity",  # new columns go last
 )
 
 
@@ -63,7 +63,7 @@ class MetricsWriter:
             writer.writerow(row)
 
     def plot_loss(self, path: str | Path, title: str = "") -> None:
-        """Training loss (and val accuracy, when logged) against step, as a PNG."""
+        """Training loss (and val accuracy, or val loss for text, when logged) against step, as a PNG."""
         if not self.enabled:
             return
         import matplotlib
@@ -78,6 +78,10 @@ class MetricsWriter:
         ax.set_ylabel("loss")
         ax.set_yscale("log")
         evals = [r for r in rows if r.get("val_accuracy") is not None]
+        text_evals = [r for r in rows if r.get("val_perplexity") is not None]
+        if text_evals:  # a language model: val loss on the loss axis
+            ax.plot([r["step"] for r in text_evals], [r["val_loss"] for r in text_evals], "o-", label="val loss")
+            ax.legend()
         if evals:
             acc_ax = ax.twinx()
             acc_ax.plot([r["step"] for r in evals], [r["val_accuracy"] for r in evals], "o-", color="C1",
@@ -112,6 +116,8 @@ class Progress:
                 self.bar.set_postfix(loss=f"{row['loss']:.4f}", MB=f"{row['bytes_sent'] / 2**20:.2f}")
         elif self.enabled and row is not None:
             extra = f" val_acc {row['val_accuracy']:.4f}" if row.get("val_accuracy") is not None else ""
+            if row.get("val_perplexity") is not None:
+                extra = f" val_loss {row['val_loss']:.4f} val_ppl {row['val_perplexity']:.2f}"
             log.info("step %d/%d loss %.4f sent %.2f MiB %.1f s%s", step, self.total, row["loss"],
                      row["bytes_sent"] / 2**20, row["wall_time_s"], extra)
 

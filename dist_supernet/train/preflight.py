@@ -83,7 +83,7 @@ class CheckedConfig:
 
     cfg: TrainConfig  # the typed groups
     config_dict: dict  # the whole composed config, resolved (recorded in every checkpoint's manifest)
-    data: "Dataset"  # loaded and split
+    data: "Dataset | TextDataset"  # loaded and split
     model: "torch.nn.Module"  # built on the meta device: parameter shapes, no storage
     supernet: dict | None  # a supernet family's checked supernet group (phases resolved), else None
 
@@ -102,22 +102,24 @@ def check_config(cfg, output_dir: str | Path, *, world_size: int | None = None) 
     import torch
     from omegaconf import DictConfig, OmegaConf
 
-    from dist_supernet.data import load_dataset
-    from dist_supernet.models import build_model, is_supernet
+    from dist_supernet.data import load_data
+    from dist_supernet.models import build_model, is_supernet, model_data_kind
     from dist_supernet.train.config import validate, validate_layout
 
     run = validate(cfg)
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
     validate_layout(run.compression, world_size)
-    data = load_dataset(run.data.name, path=run.data.path, val_fraction=run.data.val_fraction,
-                        test_fraction=run.data.test_fraction, split_seed=run.data.split_seed)
-    shard_size = len(data.y_train) // world_size
-    if run.trainer.batch_size > shard_size:
-        raise ConfigError("trainer.batch_size", run.trainer.batch_size,
-                          f"larger than each rank's shard ({shard_size} samples on {world_size} ranks)")
+    data = load_data(run.data)
+    wants = model_data_kind(run.model["name"])
+    if wants != data.kind:
+        hint = "data=text" if wants == "text" else "data=digits, mnist5k or npz"
+        raise ConfigError("model.name", run.model["name"], f"trains on {wants} data; data={run.data.name} is "
+                                                           f"{data.kind} data ({hint})")
     with torch.device("meta"):  # every model.* value reaches the builder; no weights are allocated
-        model = build_model(run.model, in_channels=data.in_channels, image_size=data.image_size,
-                            num_classes=data.num_classes)
+        model = build_model(run.model, **data.model_inputs())
+    # A batch larger than a rank's shard, or a split shorter than one of the model's windows: refused now.
+    data.train_batches(rank=0, world_size=world_size, batch_size=run.trainer.batch_size, seed=0, model=model)
+    data.check_eval(model)
     supernet = None
     if is_supernet(run.model["name"]):
         from dist_supernet.supernet import check_supernet_config

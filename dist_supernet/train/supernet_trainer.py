@@ -148,10 +148,12 @@ class SupernetTrainer(Trainer):
     # -- evaluation and the end ------------------------------------------------------------
 
     @torch.no_grad()
-    def evaluate(self, split: str = "val") -> tuple[float, float]:
-        """Loss and accuracy of the max subnet on ``split`` after BN recalibration (the supernet is left as it was)."""
+    def evaluate(self, split: str = "val") -> dict:
+        """``{"loss", "accuracy"}`` of the max subnet on ``split`` after BN recalibration (the supernet is left as
+        it was)."""
         self.parallel.eval_model()  # hsdp: refresh the replica the evaluator scores (a collective)
-        return self.evaluator.score(self.model.max_arch(), split=split)
+        loss, accuracy = self.evaluator.score(self.model.max_arch(), split=split)
+        return self.data.eval_metrics(loss, accuracy)
 
     def _finish(self, last_row: dict | None, wall_time_s: float) -> dict:
         comp = self.cfg.compression

@@ -3,14 +3,20 @@
 Per step, on every rank (``Trainer.train_step``, the only step): the step's
 :class:`StepPlan` (``plan_step``: a plain model is one pass, a supernet's
 sampler makes one pass per sampled subnet), then ``grad_accum`` micro-batches
-from this rank's shard, each through every pass of the plan. Every backward but
+that the data module hands out (``data.train_batches``: this rank's shard of
+images, or its windows of text), each through every pass of the plan. Every backward but
 the step's last runs under ``ddp.no_sync()``, so the gradient is reduced once:
 the compression hook reduces it during the last backward, the optimizer steps
 (or every rank skips a non-finite step), the LR schedule steps. Every
 ``log_every`` steps the loss (mean over ranks) and the bytes all ranks have
-sent so far go to ``metrics.jsonl``; every ``eval_every`` the val accuracy;
-every ``checkpoint_every`` an atomic checkpoint. At the end: ``summary.json``
-and ``loss.png``.
+sent so far go to ``metrics.jsonl``; every ``eval_every`` the val loss and
+accuracy (images) or perplexity (text, ``val_perplexity``); every
+``checkpoint_every`` an atomic checkpoint. At the end: ``summary.json`` and
+``loss.png``.
+
+One loss for both kinds of data: cross-entropy over the last dimension of the
+logits, ``[B, classes]`` against ``[B]`` labels or ``[B, T, vocab]`` against
+``[B, T]`` next tokens (the mean over every target).
 
 How compression and optimizer combine:
 
@@ -44,7 +50,6 @@ from omegaconf import DictConfig
 
 from dist_supernet.comm.collectives import bucket_cap_mb
 from dist_supernet.comm import CommStats, Topology, register_baseline_hook
-from dist_supernet.data import ShardSampler
 from dist_supernet.models import build_model
 from dist_supernet.optim import Birder
 from dist_supernet.train import distributed
@@ -138,8 +143,7 @@ class Trainer:
         world_size = int(os.environ.get("WORLD_SIZE", 1))
         trainer_cfg = self.cfg.trainer
         torch.manual_seed(trainer_cfg.seed)  # same init on every rank (DDP broadcasts rank 0's anyway)
-        model = build_model(self.cfg.model, in_channels=self.data.in_channels,
-                            image_size=self.data.image_size, num_classes=self.data.num_classes)
+        model = build_model(self.cfg.model, **self.data.model_inputs())
         self.setup_model(model)
 
         # 2. The process group, one output directory (one job's: locked), rank-dependent randomness.
@@ -169,8 +173,10 @@ class Trainer:
         self.nan_injector = NanInjector(self.model, rank=self.rank, world_size=self.world_size,
                                         steps=trainer_cfg.inject_nan_at_steps)  # fault injection, tests only
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-        self.sampler = ShardSampler(len(self.data.y_train), num_replicas=self.world_size, rank=self.rank,
-                                    batch_size=trainer_cfg.batch_size, seed=trainer_cfg.seed)
+        # The data hands out this rank's batches (images: its shard; text: its windows) and holds the position.
+        self.sampler = self.data.train_batches(rank=self.rank, world_size=self.world_size,
+                                               batch_size=trainer_cfg.batch_size, seed=trainer_cfg.seed,
+                                               model=self.model)
 
         # 4. Outputs and resume.
         self.metrics = MetricsWriter(self.output_dir, enabled=self.is_rank0)
@@ -179,6 +185,7 @@ class Trainer:
             async_save=trainer_cfg.async_checkpoint,
         )
         self.step, self.wall_time_offset_s, self.resumed_from = 0, 0.0, None
+        self.train_time_s = 0.0  # seconds inside train_step (no evaluation, logging or checkpoints): time to a loss
         self._resume()
         if self.resumed_from is None and self.is_rank0 and trainer_cfg.resume == "auto":
             report_unfinished_runs(self.output_dir)
@@ -305,6 +312,7 @@ class Trainer:
         self.load_extra_state(replicated["extra"])
         progress = replicated["progress"]
         self.step, self.wall_time_offset_s = int(progress["step"]), float(progress["wall_time_s"])
+        self.train_time_s = float(progress["train_time_s"])  # 0 from a checkpoint written before it was saved
         self.resumed_from = self.step
         self.metrics.truncate_after(self.step)
         log.info("resumed from %s at step %d", found.path, self.step)
@@ -319,7 +327,7 @@ class Trainer:
             "scheduler": self.scheduler,
             "sampler": self.sampler,  # the same position on every rank
             "nonfinite": self.nonfinite,
-            "progress": {"step": self.step, "wall_time_s": wall_time_s},
+            "progress": {"step": self.step, "wall_time_s": wall_time_s, "train_time_s": self.train_time_s},
             "extra": self.extra_state(),
         }
         per_rank = {"rng": RNGState(), "comm_stats": self.comm_stats}
@@ -346,8 +354,11 @@ class Trainer:
         return StepPlan([SubnetPass()])
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None) -> torch.Tensor:
-        """A pass's loss: cross-entropy on the labels (``teacher_logits``: None, no pass of a plain step teaches)."""
-        return F.cross_entropy(logits, y)
+        """A pass's loss: cross-entropy on the targets (``teacher_logits``: None, no pass of a plain step teaches).
+
+        ``logits`` ``[..., classes]`` against ``y`` ``[...]``: image labels ``[B]`` or next tokens ``[B, T]``.
+        """
+        return F.cross_entropy(logits.flatten(0, -2), y.flatten())
 
     def ddp_kwargs(self) -> dict:
         """Extra keyword arguments for ``DistributedDataParallel``."""
@@ -385,8 +396,10 @@ class Trainer:
         while self.step < tcfg.max_steps:
             self._maybe_crash()
             self.nan_injector.arm(self.step + 1)
+            step_start = time.perf_counter()
             with distributed.collective_stage(f"train step {self.step + 1}"):  # a stopped peer: named, not raw
                 loss = self.train_step()
+            self.train_time_s += time.perf_counter() - step_start
             self.step += 1
 
             row = None
@@ -396,7 +409,7 @@ class Trainer:
                 row = self._metrics_row(loss, time.perf_counter() - start_time)
                 if eval_now or is_last:
                     with distributed.collective_stage("evaluate"):
-                        row["val_loss"], row["val_accuracy"] = self.evaluate()
+                        row.update({f"val_{k}": v for k, v in self.evaluate().items()})
                 self.metrics.write(row)
                 last_row = row
             progress.update(self.step, row)
@@ -428,8 +441,8 @@ class Trainer:
         num_micro, num_passes = self.cfg.trainer.grad_accum, len(plan.passes)
         logged_loss = torch.zeros((), device=self.device)
         for micro in range(num_micro):
-            index = next(self.sampler)
-            x, y = self.data.x_train[index].to(self.device), self.data.y_train[index].to(self.device)
+            x, y = next(self.sampler)
+            x, y = x.to(self.device), y.to(self.device)
             teacher_logits = None
             for i, subnet in enumerate(plan.passes):
                 if subnet.activate is not None:
@@ -446,25 +459,34 @@ class Trainer:
                     teacher_logits = logits.detach()
         if self.parallel.kind == "hsdp":  # FSDP's own all-gathers and reduce-scatters (and native HSDP's all-reduce)
             self.comm_stats.add(self.parallel.step_bytes(self.topology, passes=num_micro * num_passes), exchanges=0)
+        clip = getattr(self.cfg.optim, "grad_clip", None)  # AdamW, SGD: on the averaged gradient, same on every rank
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         self.nonfinite.step(self.step + 1)  # optimizer.step(), or skipped on every rank if any saw NaN/Inf
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return logged_loss
 
     @torch.no_grad()
-    def evaluate(self, split: str = "val") -> tuple[float, float]:
-        """Loss and accuracy on the val (or test) split; each rank scores an interleaved slice, summed over ranks."""
+    def evaluate(self, split: str = "val") -> dict:
+        """The data's metrics on its fixed val (or test) set, the same on every rank (collective).
+
+        Each rank scores its share of the set (``data.eval_batches``), the sums are all-reduced.
+        Images: ``{"loss", "accuracy"}``; text: ``{"loss", "perplexity"}`` (loss: mean nats per target).
+        """
         model = self.parallel.eval_model()  # hsdp: the whole model, gathered from the shards
         model.eval()
-        x_all, y_all = (self.data.x_val, self.data.y_val) if split == "val" else (self.data.x_test, self.data.y_test)
-        x = x_all[self.rank :: self.world_size].to(self.device)
-        y = y_all[self.rank :: self.world_size].to(self.device)
-        logits = model(x)
-        loss_sum = F.cross_entropy(logits, y, reduction="sum").item()
-        correct = (logits.argmax(dim=1) == y).sum().item()
-        loss_sum, correct, count = distributed.all_reduce_sum([loss_sum, correct, len(y)], self.device)
+        loss_sum, correct, count = 0.0, 0, 0
+        for x, y in self.data.eval_batches(split, rank=self.rank, world_size=self.world_size,
+                                           batch_size=self.cfg.trainer.batch_size, model=self.model):
+            x, y = x.to(self.device), y.to(self.device)
+            logits = model(x)
+            loss_sum += F.cross_entropy(logits.flatten(0, -2), y.flatten(), reduction="sum").item()
+            correct += (logits.argmax(dim=-1) == y).sum().item()
+            count += y.numel()
+        loss_sum, correct, count = distributed.all_reduce_sum([loss_sum, correct, count], self.device)
         model.train()
-        return loss_sum / count, correct / count
+        return self.data.eval_metrics(loss_sum / count, correct / count)
 
     def _metrics_row(self, loss: torch.Tensor, wall_time_s: float) -> dict:
         snap = self.comm_stats.snapshot()
@@ -477,6 +499,7 @@ class Trainer:
             "loss": loss_sum / self.world_size,
             "lr": self.optimizer.param_groups[0]["lr"],
             "wall_time_s": round(wall_time_s, 4),
+            "train_time_s": round(self.train_time_s, 4),  # rank 0's time in training steps alone
             # cumulative bytes all ranks have put on the wire
             "bytes_sent": int(intra + inter),
             "bytes_intra": int(intra),
@@ -511,14 +534,14 @@ class Trainer:
         if last_row is None:  # resumed at or past max_steps: nothing trained in this attempt
             rows = distributed.broadcast_object(self.metrics.rows() if self.is_rank0 else None)
             last_row = {"loss": rows[-1]["loss"] if rows else None}
-            last_row["val_loss"], last_row["val_accuracy"] = self.evaluate()
+            last_row.update({f"val_{k}": v for k, v in self.evaluate().items()})
         in_sync, digest = self.parallel.replicas_in_sync()
         per_rank = distributed.all_gather_object(self.comm_stats.snapshot())
         comp = self.cfg.compression
         summary = {
             "final_loss": last_row["loss"],
-            "eval_loss": last_row["val_loss"],
-            "eval_accuracy": last_row["val_accuracy"],
+            # eval_loss with eval_accuracy (images) or eval_perplexity (text)
+            **{f"eval_{k[4:]}": v for k, v in last_row.items() if k.startswith("val_")},
             "steps": self.step,
             "world_size": self.world_size,
             "num_nodes": self.topology.num_nodes,
@@ -528,6 +551,7 @@ class Trainer:
             "optimizer": self.cfg.optim.name,
             "model": self.cfg.model["name"],
             "dataset": self.cfg.data.name,
+            **self.data.info(),
             "num_params": sum(p.numel() for p in self.model.parameters()),
             "bytes_sent_total": sum(s["bytes_total"] for s in per_rank),
             "bytes_intra_total": sum(s["bytes_intra"] for s in per_rank),
@@ -537,6 +561,7 @@ class Trainer:
             "params_sha256": digest,
             "parallelism": self.parallel.kind,
             "wall_time_s": round(wall_time_s, 3),
+            "train_time_s": round(self.train_time_s, 3),
             "resumed_from_step": self.resumed_from,
             "skipped_steps": self.nonfinite.skipped_steps,
             "seed": self.cfg.trainer.seed,
@@ -545,7 +570,7 @@ class Trainer:
             "torch": torch.__version__,
         }
         if self.data.has_test:  # scored once, at the end: nothing during training looked at it
-            summary["test_loss"], summary["test_accuracy"] = self.evaluate("test")
+            summary.update({f"test_{k}": v for k, v in self.evaluate("test").items()})
         summary.update(self.extra_summary())
         if not summary["params_in_sync"]:
             log.warning("parameters differ between replicas (%s)", self.parallel.describe())
@@ -553,9 +578,13 @@ class Trainer:
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             title = f"{comp.name}/{comp.collective}, {self.cfg.optim.name}, {self.world_size} ranks"
             self.metrics.plot_loss(self.output_dir / "loss.png", title=title)
-            test = f", test accuracy {summary['test_accuracy']:.4f}" if "test_accuracy" in summary else ""
-            log.info("done: loss %s, val accuracy %.4f%s, %.2f MiB sent, params in sync: %s -> %s",
-                     summary["final_loss"], summary["eval_accuracy"], test, summary["bytes_sent_total"] / 2**20,
+            metric = "accuracy" if "eval_accuracy" in summary else "perplexity"
+            val = f"val {metric} {summary[f'eval_{metric}']:.4f}"
+            if metric == "perplexity":
+                val = f"val loss {summary['eval_loss']:.4f}, {val}"
+            test = f", test {metric} {summary[f'test_{metric}']:.4f}" if f"test_{metric}" in summary else ""
+            log.info("done: loss %s, %s%s, %.2f MiB sent, params in sync: %s -> %s",
+                     summary["final_loss"], val, test, summary["bytes_sent_total"] / 2**20,
                      summary["params_in_sync"], self.output_dir)
         return summary
 

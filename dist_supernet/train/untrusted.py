@@ -212,6 +212,8 @@ def first_config_mismatch(saved: dict, current: dict, prefix: str, skip: tuple =
         if dotted in skip:
             continue
         a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        if key not in saved and b is None:  # a key added since (optim.grad_clip) at its off value: the same recipe
+            continue
         if isinstance(a, dict) and isinstance(b, dict):
             found = first_config_mismatch(a, b, dotted, skip)
             if found:

@@ -71,6 +71,6 @@ def test_sigterm_checkpoints_every_rank_at_one_step_and_the_rerun_ends_bit_ident
     assert summary["params_sha256"] == reference["params_sha256"]
     got, want = rows(run_dir), rows(ref_dir)
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
-    assert got == [dict(r, wall_time_s=g["wall_time_s"]) for r, g in zip(want, got)]
+    assert got == [dict(r, wall_time_s=g["wall_time_s"], train_time_s=g["train_time_s"]) for r, g in zip(want, got)]
     record("SIGTERM, then resumed to the end", runs_resumed=1, bit_identical=True,
            model_state_bytes=4 * summary["num_params"], model_state_bytes_lost=0)

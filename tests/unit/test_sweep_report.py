@@ -11,6 +11,7 @@ from hydra import compose, initialize_config_dir
 from dist_supernet.sweep.jobs import JobRecord, failure_reason, with_defaults
 from dist_supernet.sweep.report import collect, median_step_time, running_mean, split_overrides, write_report
 from dist_supernet.train.config import register_resolvers, validate
+from tests.configs import compose_train
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
@@ -29,7 +30,7 @@ def _fake_job(sweep_dir: Path, num: int, overrides: list[str], status: str, *, s
             for s in range(1, steps + 1)]
     (job_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if status == "ok":
-        summary = {"final_loss": rows[-1]["loss"], "eval_accuracy": 0.9 + num / 100, "steps": steps,
+        summary = {"final_loss": rows[-1]["loss"], "eval_loss": 0.5, "eval_accuracy": 0.9 + num / 100, "steps": steps,
                    "world_size": 2, "bytes_sent_total": rows[-1]["bytes_sent"], "wall_time_s": rows[-1]["wall_time_s"]}
         (job_dir / "summary.json").write_text(json.dumps(summary))
 
@@ -53,7 +54,7 @@ def test_table_and_plots_from_job_dirs(tmp_path):
     with open(tmp_path / "sweep_summary.csv") as f:
         rows = list(csv.DictReader(f))
     # varied overrides only (model=mlp is shared), then the metrics, then why
-    assert list(rows[0]) == ["job", "status", "compression", "optim.lr", "final_loss", "eval_accuracy",
+    assert list(rows[0]) == ["job", "status", "compression", "optim.lr", "final_loss", "eval_loss", "eval_accuracy",
                              "bytes_per_step", "median_step_s", "train_time_s", "job_time_s", "reason"]
     assert [(r["job"], r["status"], r["compression"], r["optim.lr"]) for r in rows] == [
         ("0", "ok", "none", "0.01"), ("1", "invalid", "none", "-1"), ("2", "ok", "birder", "0.01"),
@@ -69,8 +70,8 @@ def test_table_and_plots_from_job_dirs(tmp_path):
 
     md = (tmp_path / "sweep_summary.md").read_text()
     assert "4 jobs: 2 ok, 1 failed, 1 invalid. Overrides shared by every job: `model=mlp`." in md
-    assert "| 0 | ok | none | 0.01 | 0.4000 | 90.00% | 68,904 | 20.0 | 1.08 | 9.50 |  |" in md
-    assert "| 1 | invalid | none | -1 | – | – | – | – | – | – | optim.lr=-1: must be > 0 |" in md
+    assert "| 0 | ok | none | 0.01 | 0.4000 | 0.5000 | 90.00% | 68,904 | 20.0 | 1.08 | 9.50 |  |" in md
+    assert "| 1 | invalid | none | -1 | – | – | – | – | – | – | – | optim.lr=-1: must be > 0 |" in md
     assert "![loss vs step](loss_vs_step.png)" in md
 
 
@@ -103,7 +104,11 @@ def test_failure_reason_and_job_defaults():
     assert with_defaults(["x=1"], ["trainer.log_every=1"]) == ["trainer.log_every=1", "x=1"]
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")))
+WORKLOAD_PRESETS = ("gpt_small",)  # a model, its data and its budget; any compression and optimizer on top
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")
+                                        if p.stem not in WORKLOAD_PRESETS))
 def test_experiment_presets_compose_and_validate(name):
     """Each preset pins the compression (and collective) and the optimizer its name says, nothing else."""
     register_resolvers()
@@ -118,3 +123,16 @@ def test_experiment_presets_compose_and_validate(name):
         assert (run.compression.name, run.optim.name) == ({"fp32": "none"}.get(compression, compression), optim)
     assert cfg.trainer == plain.trainer and cfg.data == plain.data and cfg.model == plain.model
     assert cfg.hydra.launcher._target_.endswith("TorchrunLauncher")  # every multirun is torchrun jobs
+
+
+def test_the_small_gpt_preset_is_a_workload_any_compression_runs_on(tmp_path):
+    from dist_supernet.train.preflight import check_config
+
+    plain = compose_train()
+    for extra in ([], ["compression=none", "optim=adamw"], ["compression=powersgd", "optim=adamw"]):
+        cfg = compose_train("experiment=gpt_small", *extra)
+        checked = check_config(cfg, tmp_path / "run", world_size=2)
+        assert (checked.data.kind, checked.cfg.model["name"], checked.cfg.trainer.max_steps) == ("text", "gpt", 600)
+        assert 0.8e6 < sum(p.numel() for p in checked.model.parameters()) < 0.85e6
+        if not extra:
+            assert cfg.compression == plain.compression and cfg.optim == plain.optim

@@ -199,3 +199,28 @@ def test_one_step_runs_any_plan_with_one_reduction_one_optimizer_step(tmp_path):
         assert torch.equal(logged, trainer.first_losses[0] / 2 + trainer.first_losses[1] / 2)
     finally:
         trainer.close()
+
+
+def test_grad_clip_bounds_the_averaged_gradient_of_adamw_and_sgd(tmp_path):
+    """optim.grad_clip: SGD without momentum moves the weights by lr x the clipped gradient, at most lr x clip."""
+    from dist_supernet.train.config import ConfigError, validate
+    from dist_supernet.train.trainer import Trainer
+    from tests.configs import compose_train
+
+    moved = {}
+    for clip in ("null", "0.001"):
+        cfg = compose_train("model=mlp", "compression=none", "optim=sgd", "optim.momentum=0", "optim.lr=0.05",
+                            "trainer.batch_size=8", "trainer.resume=never", f"optim.grad_clip={clip}")
+        trainer = Trainer(cfg, output_dir=tmp_path / f"clip_{clip}")
+        try:
+            before = torch.cat([p.detach().reshape(-1).clone() for p in trainer.model.parameters()])
+            trainer.train_step()
+            after = torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()])
+            moved[clip] = (after - before).norm().item()
+        finally:
+            trainer.close()
+    assert moved["0.001"] <= 0.05 * 0.001 * (1 + 1e-4) < 0.05 * 0.01 < moved["null"]
+    with pytest.raises(ConfigError, match=r"^optim\.grad_clip=0: must be > 0"):
+        validate(compose_train("compression=none", "optim=adamw", "optim.grad_clip=0"))
+    with pytest.raises(ConfigError, match=r"^optim\.grad_clip=1\.0: unknown key"):  # Birder moves each weight <= lr
+        validate(compose_train("+optim.grad_clip=1.0"))
