@@ -11,7 +11,8 @@ happens, the job dir ends up with ``sweep_job.json`` (a :class:`JobRecord`)
 and, once launched, ``torchrun.log`` (the job's stdout and stderr); the
 sweep goes on with the next job.
 
-Statuses: ``ok`` (exit 0 and a ``summary.json``), ``failed`` (launched; non-zero
+The sweep command exits 1 (after the table) when any job is ``failed`` or ``invalid``,
+so a script or CI step that runs a sweep sees it. Statuses: ``ok`` (exit 0 and a ``summary.json``), ``failed`` (launched; non-zero
 exit, killed at the timeout, or no summary), ``invalid`` (the config was
 rejected before launch by the app's validation pass, ``train/preflight.py:
 check_config``, e.g. ``compression=none compression.collective=two_phase`` in a
@@ -57,6 +58,25 @@ class JobRecord:
     @classmethod
     def load(cls, job_dir: Path) -> "JobRecord":
         return cls(**json.loads((job_dir / RECORD_FILE).read_text()))
+
+
+# How the jobs of this process's sweep ended, as the launcher records them (it may run several batches):
+# the entry point turns any job that is not ``ok`` into a non-zero exit status, after the table is written.
+_OUTCOMES: list[str] = []
+
+
+def note_outcome(record: JobRecord) -> None:
+    """Record one finished (or rejected) job of this process's sweep."""
+    _OUTCOMES.append(record.status)
+
+
+def sweep_exit_status() -> int:
+    """0 when every job of this process's sweep was ``ok`` (or none ran), else 1.
+
+    >>> sweep_exit_status()
+    0
+    """
+    return 0 if all(status == "ok" for status in _OUTCOMES) else 1
 
 
 def default_nproc_per_node() -> int:

@@ -6,9 +6,10 @@ on every rank and exits with status 2 (``HYDRA_FULL_ERROR=1`` shows the tracebac
 pre-flight: dist_supernet/train/preflight.py).
 
 Exit status: 0 done; 1 a fault while training (a dead or stopped peer, a diverged
-run); 2 a mistake in the config or the inputs, or a run directory another job
-holds; 143 stopped by SIGTERM after writing a checkpoint (rerun the same
-command to resume from it).
+run, replicas that differ, a checkpoint that could not be written); 2 a mistake in
+the config or the inputs, a path that cannot be used, or a run directory another
+job holds; 143 (SIGTERM) or 130 (SIGINT, Ctrl-C) stopped after writing a checkpoint
+(rerun the same command to resume from it).
 """
 
 import logging
@@ -24,7 +25,7 @@ from omegaconf import DictConfig
 # Light imports only up here: a typo in a group choice or a busy run directory is refused in about a
 # second, before torch and the trainer are imported (inside run() and preflight()).
 from dist_supernet.train.config import check_group_choices, register_resolvers
-from dist_supernet.train.preflight import explicit_run_dir, preflight
+from dist_supernet.train.preflight import check_can_hold_file, explicit_run_dir, preflight
 from dist_supernet.train.runlock import check_free
 
 # A checkout (or editable install) reads conf/ at the repository root; a regular
@@ -47,7 +48,7 @@ def fail(error: Exception, message: str | None = None, status: int = 2) -> None:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def run(cfg: DictConfig) -> None:
     from dist_supernet.models import is_supernet
-    from dist_supernet.train.distributed import EXIT_PREEMPTED, Preempted
+    from dist_supernet.train.distributed import Preempted
     from dist_supernet.train.faults import runtime_fault_message
     from dist_supernet.train.supernet_trainer import SupernetTrainer
     from dist_supernet.train.trainer import Trainer, setup_logging
@@ -59,14 +60,16 @@ def run(cfg: DictConfig) -> None:
         trainer = trainer_cls(cfg, output_dir=Path(HydraConfig.get().runtime.output_dir))
     except ValueError as e:
         fail(e)
+    except OSError as e:  # a path or disk problem met while setting up (Hydra's files, the output dir)
+        fail(e, f"cannot start: {e}")
     try:
         trainer.fit()
     except Preempted as e:  # every rank, after the same step's checkpoint
-        line = (f"stopped: {e}; exit status {EXIT_PREEMPTED}: rerun the same command "
+        line = (f"stopped: {e}; exit status {e.exit_status}: rerun the same command "
                 f"(hydra.run.dir={trainer.output_dir}) to resume")
         # Rank 0 on the console; every rank in its own log file (the others' consoles show warnings only).
         logging.getLogger(__name__).log(logging.WARNING if trainer.is_rank0 else logging.INFO, line)
-        sys.exit(EXIT_PREEMPTED)
+        sys.exit(e.exit_status)
     except Exception as e:  # a hung peer or a diverged run: one line, status 1 (torchrun may restart)
         message = runtime_fault_message(e)
         if message is None:
@@ -126,6 +129,7 @@ def main() -> None:
         # Before Hydra writes .hydra/ and the log files into a directory another job holds.
         run_dir = explicit_run_dir(args)
         if run_dir is not None:
+            check_can_hold_file("hydra.run.dir", run_dir)  # before Hydra stats or creates it
             check_free(run_dir)
         if check_only:
             preflight(args, CONF_DIR)
@@ -141,7 +145,12 @@ def main() -> None:
         run()
     except SystemExit as done:  # fail(), SIGTERM's 143, Hydra's own exits
         _exit_now(done.code)
-    _exit_now(0)
+    except KeyboardInterrupt:  # Ctrl-C before the trainer handles it, or a second Ctrl-C: no traceback
+        _exit_now(130, "stopped: SIGINT; stopped at once, without a checkpoint of this moment (the last one "
+                       "written, if any, is where a rerun resumes)")
+    from dist_supernet.sweep.jobs import sweep_exit_status
+
+    _exit_now(sweep_exit_status())  # a multirun with failed or invalid jobs exits 1, after its table
 
 
 if __name__ == "__main__":

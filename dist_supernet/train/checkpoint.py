@@ -37,12 +37,31 @@ non-tensor items through ``torch.load(weights_only=True)``. Before DCP reads
 anything, the sha256 of every file is checked against the manifest (each rank
 hashes a share of the files).
 
-What is pruned (issue 13): only complete checkpoints beyond ``keep`` (oldest
+What is pruned: only this run's complete checkpoints beyond ``keep`` (oldest
 first), and temporaries whose name carries this job's writer id (provably ours
-and incomplete). Another writer's temporary, a directory without manifest, a
-file of the older single-file format: never deleted. A ``step_N`` directory
-without a manifest is verified by reading every item (``weights_only``) and
-then used with a warning, or set aside as ``step_N.unusable-no-manifest``.
+and incomplete). "This run" is the lineage in every manifest (``run``): a fresh
+job's own writer id, or, once it resumes from a checkpoint of this directory,
+that checkpoint's lineage (so a requeued or rerun job keeps pruning what the
+run wrote before). Another run's complete checkpoints, another writer's
+temporary, a directory without manifest, a file of the older single-file
+format: never deleted. A job that does not resume from this directory refuses
+to start while another run's checkpoints are in it (:meth:`CheckpointManager.claim`).
+A ``step_N`` directory without a manifest is verified by reading every item
+(``weights_only``) and then used with a warning, or set aside as
+``step_N.unusable-no-manifest``.
+
+What the manifest says is checked against the checkpoint's own DCP index before
+anything is loaded (world size, step, optimizer kind, the files the index
+references), and :meth:`CheckpointManager.load` reads only what is present:
+every item a component asks for and the checkpoint lacks is an explicit,
+logged decision (an optional component starts fresh, a missing setting keeps
+this run's value) or refuses the checkpoint (missing tensors or a required
+component), never a silent partial load.
+
+A save that fails (a full disk: ENOSPC) removes this job's temporary on the
+way out and raises :class:`CheckpointWriteError`, one line naming the
+directory, the free space and the size of the last checkpoint; the older
+checkpoints are not touched.
 
 Example::
     >>> ckpts = CheckpointManager(tmp_dir, keep=2)          # on every rank
@@ -54,6 +73,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import io
 import json
@@ -79,7 +99,7 @@ from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadat
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint._traverse import set_element
 
-from dist_supernet.train.config import ConfigError
+from dist_supernet.train.config import ConfigError, resume_path_problem
 from dist_supernet.train.untrusted import MAX_MANIFEST_BYTES, load_dcp_metadata, one_line, read_json_capped
 
 log = logging.getLogger(__name__)
@@ -91,6 +111,10 @@ _COMPLETE = re.compile(r"^step_(\d{8,})$")
 # What this code itself leaves when a process dies mid-save or mid-prune; the writer id says whose.
 _OURS = re.compile(r"^\.step_(\d{8,})\.(tmp|deleting)-([A-Za-z0-9_-]{1,80})$")
 _LEGACY = re.compile(r"^step_(\d+)\.pt$")
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written or committed; the message is one line (raised on every rank)."""
 
 
 def rank_key(rank: int) -> str:
@@ -281,11 +305,16 @@ class _SafeLoadPlanner(DefaultLoadPlanner):
     ``rebuild``: key paths (tuples) under which every saved item missing from the target is
     created from the metadata (an empty tensor of the saved shape and dtype, or a placeholder
     for a non-tensor value), as torch's ``_EmptyStateDictLoadPlanner`` does for a whole checkpoint.
+
+    ``absent_ok``: the target's keys the checkpoint may lack (each one decided and logged by
+    :meth:`CheckpointManager.load`); DCP skips them and they keep their current value. Any
+    other missing key raises: a partial load is never silent.
     """
 
-    def __init__(self, rebuild: list[tuple] = ()):
-        super().__init__(allow_partial_load=True)
+    def __init__(self, rebuild: list[tuple] = (), absent_ok: frozenset = frozenset()):
+        super().__init__(allow_partial_load=True)  # only for absent_ok: set_up_planner refuses the rest
         self.rebuild = [tuple(p) for p in rebuild]
+        self.absent_ok = absent_ok
 
     def set_up_planner(self, state_dict, metadata=None, is_coordinator=False) -> None:
         present = set(flatten_state_dict(state_dict)[0])
@@ -296,6 +325,11 @@ class _SafeLoadPlanner(DefaultLoadPlanner):
             value = torch.empty(item.size, dtype=item.properties.dtype) if isinstance(
                 item, TensorStorageMetadata) else None
             set_element(state_dict, path, value)
+        leaves = {fqn for fqn, v in flatten_state_dict(state_dict)[0].items()
+                  if not (isinstance(v, (dict, list, tuple)) and len(v) == 0)}  # nothing to read into
+        undecided = sorted(leaves - set(metadata.state_dict_metadata) - self.absent_ok)
+        if undecided:
+            raise ValueError(f"the checkpoint lacks {undecided[0]} ({len(undecided)} missing item(s) in all)")
         super().set_up_planner(state_dict, metadata, is_coordinator)
 
     def load_bytes(self, read_item, value: io.BytesIO) -> None:
@@ -317,6 +351,18 @@ class Checkpoint:
     value: object = "auto"
 
     @property
+    def lineage(self) -> str | None:
+        """The run this checkpoint belongs to (manifest ``run``; older manifests: their writer), None if unknown."""
+        manifest = self.manifest or {}
+        value = manifest.get("run") or manifest.get("writer")
+        return value if isinstance(value, str) else None
+
+    @property
+    def optimizer_kind(self) -> str | None:
+        """What the index says the optimizer state is (:func:`index_optimizer`)."""
+        return index_optimizer(self.metadata)
+
+    @property
     def config(self) -> dict:
         """The resolved config the checkpoint was written with ({} if unknown)."""
         config = (self.manifest or {}).get("config")
@@ -332,9 +378,62 @@ class Checkpoint:
         return found
 
 
+def _index_ranks(metadata: Metadata) -> set[int]:
+    """The ranks whose own components (``rank<r>.``) the index holds."""
+    return {int(m.group(1)) for fqn in metadata.state_dict_metadata if (m := re.match(r"^rank(\d{5})\.", fqn))}
+
+
 def _world_size_from_keys(metadata: Metadata) -> int:
-    ranks = {int(m.group(1)) for fqn in metadata.state_dict_metadata if (m := re.match(r"^rank(\d{5})\.", fqn))}
+    ranks = _index_ranks(metadata)
     return max(ranks) + 1 if ranks else 1
+
+
+def index_optimizer(metadata: Metadata) -> str | None:
+    """The optimizer whose state the index holds: ``birder`` (per-rank m, b), ``adamw``, ``sgd``, or None.
+
+    Read from the key names alone (no item is read): Birder's m and b sit under each
+    rank's key (``rank00000.optimizer.m``; with FSDP2 under ``birder_replica000``, and each
+    rank keeps its Birder meta); AdamW's and SGD's state is replicated under
+    ``optimizer`` and their param groups carry ``betas`` or ``momentum``.
+    """
+    keys = metadata.state_dict_metadata
+    if any(re.match(r"^(rank\d{5}\.optimizer\.m|rank\d{5}\.optimizer\.meta\.birder\.step|birder_replica\d+\..*)$", fqn)
+           for fqn in keys):  # DDP: each rank's m, b; FSDP2: per replica (Birder.replica_state)
+        return "birder"
+    if any(re.match(r"^optimizer\.param_groups\.\d+\.betas$", fqn) for fqn in keys):
+        return "adamw"
+    if any(re.match(r"^optimizer\.param_groups\.\d+\.momentum$", fqn) for fqn in keys):
+        return "sgd"
+    return None
+
+
+def _manifest_vs_index(path: Path, manifest: dict, metadata: Metadata) -> str | None:
+    """The first manifest field the loader uses that the checkpoint's own index contradicts, or None.
+
+    The manifest is a claim about the files (whoever edits or crafts one can say anything);
+    the index is what DCP will read. Checked: every file the index references is listed
+    (so hashed), the world size is the set of ranks whose own components are stored, the
+    step is the directory's, and the recorded optimizer is the one whose state is stored.
+    """
+    listed = set(manifest.get("files") or {})
+    referenced = sorted({info.relative_path for info in (metadata.storage_data or {}).values()})
+    unlisted = [name for name in referenced if name not in listed]
+    if unlisted:
+        return f"its index references {unlisted[0]}, which {MANIFEST} does not list (its bytes are unverified)"
+    world = int(manifest["world_size"])
+    ranks = _index_ranks(metadata)
+    if ranks != set(range(world)):
+        held = f"ranks {min(ranks)}..{max(ranks)} ({len(ranks)})" if ranks else "no rank's"
+        return f"{MANIFEST} says world_size {world}, its index holds the own state of {held}"
+    named = _COMPLETE.match(path.name)
+    if named and int(named.group(1)) != int(manifest["step"]):
+        return f"{MANIFEST} says step {manifest['step']}, the directory is {path.name}"
+    config = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
+    recorded = (config.get("optim") or {}).get("name") if isinstance(config.get("optim"), dict) else None
+    stored = index_optimizer(metadata)
+    if recorded is not None and stored is not None and recorded != stored:
+        return f"{MANIFEST} says optim={recorded}, its index holds {stored} state"
+    return None
 
 
 def _verify_files(directory: Path, files: dict) -> str | None:
@@ -379,6 +478,16 @@ def _verify_by_reading(directory: Path, metadata: Metadata) -> str | None:
     return None
 
 
+# Components a checkpoint may lack (an older writer, another trainer) without losing the resume:
+# each starts fresh, and says so in one line. Everything else must be present.
+OPTIONAL_COMPONENTS = {
+    "nonfinite": "the non-finite step counters start at 0",
+    "extra": "the trainer's extra state (e.g. a supernet's arch sampler) starts fresh",
+    "rng": "fresh random generators: the resume is not bit-identical",
+    "comm_stats": "the byte counters start at 0",
+}
+
+
 class CheckpointManager:
     """Save, find, load and prune the checkpoints in ``directory``; every method is called on every rank.
 
@@ -399,6 +508,7 @@ class CheckpointManager:
         run_id = os.environ.get("TORCHELASTIC_RUN_ID") or uuid.uuid4().hex[:12]
         writer = re.sub(r"[^A-Za-z0-9_-]", "-", f"{socket.gethostname()}-{run_id}")[:80]
         self.writer = _broadcast(writer)
+        self.run = self.writer  # this run's lineage until claim() adopts the one it resumes (see the module doc)
         self.async_save = async_save and _dist()
         # DCP's background upload does collectives (plan gather) while training does its own:
         # a group of its own keeps the two streams apart (what torchtitan does too).
@@ -413,6 +523,8 @@ class CheckpointManager:
 
         ``manifest``: extra JSON-able entries for manifest.json (the config, wall time).
         Returns the final path (with ``blocking=False`` and async_save: where it will be).
+        Raises :class:`CheckpointWriteError` (one line, every rank) when it cannot be written;
+        this job's temporary is removed then, the older checkpoints are untouched.
         """
         self.wait()
         tmp = self.directory / f".step_{step:08d}.tmp-{self.writer}"
@@ -425,10 +537,10 @@ class CheckpointManager:
                     shutil.rmtree(tmp)
                 tmp.mkdir()
             except OSError as e:
-                error = f"cannot create {tmp}: {e}"
+                error = self._write_failure(final, tmp, e)
         error = _broadcast(error)
         if error:
-            raise OSError(error)
+            raise CheckpointWriteError(error)
         state = {**replicated, rank_key(self.rank): StatefulGroup(per_rank or {})}
         writer = FileSystemWriter(tmp, sync_files=True, overwrite=False)
         extra = dict(manifest or {}, step=step)
@@ -438,8 +550,8 @@ class CheckpointManager:
             return final
         try:
             dcp.save(state, storage_writer=writer, no_dist=not _dist())
-        except CheckpointException as e:  # a BaseException: e.g. a full disk on some rank, raised on every rank
-            raise OSError(f"checkpoint {final.name} could not be written: {one_line(e)}") from None
+        except (CheckpointException, OSError) as e:  # CheckpointException (a BaseException): any rank's failure
+            self._raise_write_failure(final, tmp, e)
         return self._commit(tmp, final, step, extra)
 
     def wait(self) -> None:
@@ -450,9 +562,62 @@ class CheckpointManager:
         self._pending = None
         try:
             future.result()
-        except CheckpointException as e:
-            raise OSError(f"checkpoint {final.name} could not be written: {one_line(e)}") from None
+        except (CheckpointException, OSError) as e:
+            self._raise_write_failure(final, tmp, e)
         self._commit(tmp, final, step, extra)
+
+    def _raise_write_failure(self, final: Path, tmp: Path, error: BaseException) -> None:
+        """Every rank after a failed write (DCP raises on all of them): rank 0 words it and removes the temporary."""
+        message = None
+        if self.rank == 0:
+            try:
+                message = self._write_failure(final, tmp, error)
+            except Exception as e:  # noqa: BLE001 (the other ranks wait for a line: never fail to send one)
+                message = f"checkpoint {final.name} could not be written: {one_line(error)} ({e} while cleaning up)"
+        raise CheckpointWriteError(_broadcast(message)) from None
+
+    def _write_failure(self, final: Path, tmp: Path, error: BaseException) -> str:
+        """Rank 0: one line for a failed save, after removing this job's temporary ``tmp``.
+
+        A full disk shows up as ENOSPC only sometimes (torch.save into DCP's stream reports
+        "unexpected pos 704 vs 598" instead): the free space is measured here, before the
+        temporary is removed, and a filesystem with less room than the last checkpoint took
+        is named ENOSPC too.
+        """
+        last = self._last_checkpoint_bytes()
+        try:
+            stats = os.statvfs(self.directory)
+            free = stats.f_bavail * stats.f_frsize
+        except OSError:
+            free = None
+        written = sum(p.stat().st_size for p in tmp.iterdir() if p.is_file()) if tmp.is_dir() else 0
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed = "removed" if not tmp.exists() else "could not be removed"
+        older = [p.name for p in sorted(self.directory.iterdir()) if _COMPLETE.match(p.name)] \
+            if self.directory.is_dir() else []
+        kept = f"the older checkpoints are intact ({', '.join(older)})" if older else "no older checkpoint exists"
+        full = _is_enospc(error) or (free is not None and last is not None and free < last)
+        if full:
+            size = (f"the last checkpoint took {_size(last)}" if last is not None
+                    else f"no earlier checkpoint here; {_size(written)} were written before the failure")
+            return (f"checkpoint {final.name} could not be written: ENOSPC (no space left on device) in "
+                    f"{self.directory}: {size}, {_size(free) if free is not None else 'unknown'} free; this job's "
+                    f"temporary {tmp.name} {removed}, {kept}")
+        return (f"checkpoint {final.name} could not be written: {one_line(error)}; this job's temporary {tmp.name} "
+                f"{removed}, {kept}")
+
+    def _last_checkpoint_bytes(self) -> int | None:
+        """Bytes of the newest complete checkpoint here (its manifest's file sizes), None if there is none."""
+        complete = sorted(((int(m.group(1)), p) for p in self.directory.iterdir()
+                           if (m := _COMPLETE.match(p.name)) and (p / MANIFEST).is_file()), reverse=True) \
+            if self.directory.is_dir() else []
+        for _, path in complete:
+            try:
+                files = read_json_capped(path / MANIFEST, MAX_MANIFEST_BYTES)["files"]
+                return sum(int(f["num_bytes"]) for f in files.values()) + (path / MANIFEST).stat().st_size
+            except (ValueError, KeyError, TypeError, OSError):
+                continue
+        return None
 
     def _commit(self, tmp: Path, final: Path, step: int, extra: dict) -> Path:
         """Hash, manifest last, rename, prune. Collective: the files are complete on every rank."""
@@ -464,7 +629,7 @@ class CheckpointManager:
         if self.rank == 0:
             try:
                 manifest = {"format": FORMAT, "step": step, "world_size": self.world_size, "writer": self.writer,
-                            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra, "files": files}
+                            "run": self.run, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra, "files": files}
                 with open(tmp / MANIFEST, "w") as f:
                     f.write(json.dumps(manifest, indent=1, default=str))
                     f.flush()
@@ -475,20 +640,26 @@ class CheckpointManager:
                     log.warning("checkpoint %s already exists: set aside as %s", final.name, aside.name)
                     os.rename(final, aside)
                 os.rename(tmp, final)  # the commit point
-                _fsync_dir(self.directory)
-                self._prune()
             except OSError as e:
-                error = f"checkpoint {final.name} could not be committed: {e}"
+                error = self._write_failure(final, tmp, e).replace("could not be written", "could not be committed")
+            if error is None:
+                try:
+                    _fsync_dir(self.directory)
+                    self._prune()
+                except OSError as e:  # committed: a failed prune loses nothing, it only keeps more
+                    log.warning("checkpoint %s written; pruning older ones failed: %s", final.name, e)
         error = _broadcast(error)
         if error:
-            raise OSError(error)
+            raise CheckpointWriteError(error)
         return final
 
     def _prune(self) -> None:
-        """Rank 0: complete checkpoints beyond ``keep``, and our own leftovers; nothing else."""
-        complete = sorted(((int(m.group(1)), p) for p in self.directory.iterdir()
-                           if (m := _COMPLETE.match(p.name)) and (p / MANIFEST).is_file()), reverse=True)
-        for step, path in complete[self.keep :]:
+        """Rank 0: this run's complete checkpoints beyond ``keep``, and this job's leftovers; nothing else."""
+        ours = []
+        for p in self.directory.iterdir():
+            if (m := _COMPLETE.match(p.name)) and (p / MANIFEST).is_file() and _lineage(p) == self.run:
+                ours.append((int(m.group(1)), p))
+        for step, path in sorted(ours, reverse=True)[self.keep :]:
             # Rename first: a crash mid-delete leaves a name that says "ours, being deleted".
             doomed = path.with_name(f".{path.name}.deleting-{self.writer}")
             os.rename(path, doomed)
@@ -497,6 +668,56 @@ class CheckpointManager:
             m = _OURS.match(path.name)
             if m and m.group(3) == self.writer and not (self._pending and path == self._pending[1]):
                 shutil.rmtree(path, ignore_errors=True)
+
+    # -- whose checkpoints ------------------------------------------------------------------
+
+    def others(self) -> list[tuple[int, str, str]]:
+        """(step, name, whose) of the checkpoints here that are not this run's, newest first. Rank 0, no collective.
+
+        Complete ones of another lineage, and ``step_N`` directories without a manifest
+        (their run is unknown). Temporaries and set-aside directories are not checkpoints.
+        """
+        found = []
+        for p in self.directory.iterdir() if self.directory.is_dir() else []:
+            if not ((m := _COMPLETE.match(p.name)) and p.is_dir()):
+                continue
+            if (p / MANIFEST).is_file():
+                lineage = _lineage(p)
+                if lineage != self.run:
+                    found.append((int(m.group(1)), p.name, f"run {lineage}" if lineage else "an unreadable manifest"))
+            elif (p / METADATA).is_file():
+                found.append((int(m.group(1)), p.name, "no manifest, run unknown"))
+        return sorted(found, reverse=True)
+
+    def claim(self, resumed: "Checkpoint | None", key: str = "trainer.resume", value="auto") -> None:
+        """Decide, before training, what this job does with the checkpoints already here. Collective.
+
+        ``resumed``: the checkpoint this job resumes from (its full state; a weights-only
+        load is not a resume), or None. Resumed from this directory: the job continues
+        that run (adopts its lineage, so retention keeps pruning it) and any other run's
+        checkpoints here are left alone, with one warning line. Not resumed from here
+        while another run's checkpoints are here: ConfigError (one line, every rank),
+        because the two runs' ``step_N`` names would collide and ``trainer.resume=auto``
+        (torchrun's restarts, a requeue) would later pick whichever step is highest.
+        """
+        here = resumed is not None and resumed.path.parent.resolve() == self.directory.resolve()
+        if here and resumed.lineage:
+            self.run = resumed.lineage  # the same on every rank: every rank opened the same manifest
+        others = _broadcast([o for o in self.others() if not (here and o[1] == resumed.path.name)]
+                            if self.rank == 0 else None)
+        if not others:
+            return
+        step, name, whose = others[0]
+        runs = len({w for _, _, w in others})
+        listed = (f"{len(others)} checkpoint{'s' if len(others) > 1 else ''} of "
+                  f"{'another run' if runs == 1 else f'{runs} other runs'} (newest {name}, {whose})")
+        if here:
+            if self.rank == 0:
+                log.warning("%s also holds %s: left alone, never pruned", self.directory, listed)
+            return
+        raise ConfigError(key, value, f"{self.directory} holds {listed}; a run that does not resume from them would "
+                                      "mix its checkpoints with theirs: resume that run (trainer.resume=auto), choose "
+                                      "another hydra.run.dir (or trainer.checkpoint_dir), or move them out")
 
     # -- finding ------------------------------------------------------------------------------
 
@@ -552,7 +773,8 @@ class CheckpointManager:
         """An explicit checkpoint (``trainer.resume=<path>``), checked like any other; ConfigError if unusable."""
         path = Path(path)
         if path.is_file():
-            raise ConfigError(key, value if value is not None else str(path), _legacy_message(path))
+            inside = resume_path_problem(str(path))
+            raise ConfigError(key, value if value is not None else str(path), inside or _legacy_message(path))
         found, problem = self._open(path)
         value = value if value is not None else str(path)
         if found is None:
@@ -584,6 +806,8 @@ class CheckpointManager:
                 metadata = load_dcp_metadata(path / METADATA)
             except ValueError as e:
                 problem = str(e)
+        if problem is None and manifest is not None:
+            problem = _manifest_vs_index(path, manifest, metadata)
         if problem is None and manifest is None:
             problem = next((p for p in _all_gather(_verify_by_reading(path, metadata)) if p), None)
         if problem is not None:
@@ -603,13 +827,17 @@ class CheckpointManager:
 
         Tensors a component's ``state_dict()`` returns are loaded in place; anything it
         lacks is rebuilt from the checkpoint's metadata (under ``rebuild``: key paths,
-        default every component's whole key); then its ``load_state_dict`` runs.
+        default every component's whole key); then its ``load_state_dict`` runs. Only
+        what the checkpoint holds is read; what it lacks is decided by :meth:`absent`
+        (logged, or ConfigError) before anything is read.
         """
         statefuls = {k: v for k, v in components.items() if hasattr(v, "load_state_dict")}
         targets = {k: (v.state_dict() if k in statefuls else v) for k, v in components.items()}
+        absent_ok = self.absent(found, targets)
         try:
             dcp.load(targets, storage_reader=_SafeReader(found.path, found.metadata),
-                     planner=_SafeLoadPlanner(rebuild=[(k,) for k in targets] if rebuild is None else rebuild),
+                     planner=_SafeLoadPlanner(rebuild=[(k,) for k in targets] if rebuild is None else rebuild,
+                                              absent_ok=absent_ok),
                      no_dist=not _dist())
         except (Exception, CheckpointException) as e:  # noqa: BLE001 (DCP wraps each rank's failure; a BaseException)
             raise ConfigError(found.key, found.value, f"{found.path.name} could not be loaded: {one_line(e)}") from None
@@ -618,6 +846,58 @@ class CheckpointManager:
         for k, v in components.items():
             if k not in statefuls and isinstance(v, dict):
                 v.update(targets[k])
+
+    def absent(self, found: Checkpoint, targets: dict) -> frozenset:
+        """What ``targets`` asks for and ``found`` lacks, decided item by item; returns the keys allowed absent.
+
+        - a component of :data:`OPTIONAL_COMPONENTS` (top-level or under a rank's key) that the
+          checkpoint lacks entirely starts fresh (its current state), one warning line says so;
+        - a setting (a non-tensor item) missing from a present component, e.g. a param-group
+          option a newer torch added, keeps this run's value, named in the same line;
+        - anything else missing (a tensor, or a whole required component such as the model,
+          the optimizer, the schedule, the data position or the step) refuses the checkpoint:
+          ConfigError naming the first missing key.
+        """
+        saved = set(found.metadata.state_dict_metadata)
+
+        def has(prefix: str) -> bool:
+            return any(fqn == prefix or fqn.startswith(prefix + ".") for fqn in saved)
+
+        # What the targets ask for: their leaves, less empty containers (an empty dict to be filled
+        # from the checkpoint, e.g. a fresh AdamW's state or a trainer's empty extra state).
+        flat, _ = flatten_state_dict(targets)
+        wanted = {fqn: v for fqn, v in flat.items() if not (isinstance(v, (dict, list, tuple)) and len(v) == 0)}
+        optional = {}
+        for top, target in targets.items():
+            for name, why in OPTIONAL_COMPONENTS.items():
+                if top == name or (re.match(r"^rank\d{5}$", top) and isinstance(target, dict) and name in target):
+                    optional[name if top == name else f"{top}.{name}"] = why
+        fresh = {prefix: why for prefix, why in optional.items()
+                 if not has(prefix) and any(f == prefix or f.startswith(prefix + ".") for f in wanted)}
+        for top in targets:
+            if not has(top) and top not in fresh and any(f == top or f.startswith(top + ".") for f in wanted):
+                raise ConfigError(found.key, found.value,
+                                  f"{found.path.name} lacks {top} entirely: it cannot be resumed "
+                                  "(trainer.resume_weights_only=true loads its weights)")
+        absent_ok, kept = set(), []
+        for fqn, value in wanted.items():
+            if has(fqn):  # saved as is, or a container the planner fills from the checkpoint
+                continue
+            absent_ok.add(fqn)
+            if any(fqn == p or fqn.startswith(p + ".") for p in fresh):
+                continue
+            if isinstance(value, torch.Tensor):
+                raise ConfigError(found.key, found.value, f"{found.path.name} lacks {fqn} (a tensor, shape "
+                                                          f"{list(value.shape)}): that state cannot be resumed")
+            kept.append(fqn)
+        if fresh or kept:
+            parts = [f"{prefix} is absent: {why}" for prefix, why in fresh.items()]
+            if kept:
+                parts.append(f"{', '.join(kept[:5])}{f' and {len(kept) - 5} more' if len(kept) > 5 else ''} "
+                             f"absent: this run's value{'s are' if len(kept) > 1 else ' is'} kept")
+            log.log(logging.WARNING if self.rank == 0 else logging.INFO, "checkpoint %s: %s", found.path.name,
+                    "; ".join(parts))
+        return frozenset(absent_ok)
 
     def load_mean(self, found: Checkpoint, path: tuple, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Mean over the saved ranks of ``rank<r>.<path>.<name>`` for each tensor name in ``like``. Collective.
@@ -676,6 +956,39 @@ def _empty_like_dtensor(tensor: torch.Tensor) -> torch.Tensor:
 
     return DTensor.from_local(torch.zeros_like(tensor.to_local()), tensor.device_mesh, tensor.placements,
                               shape=tensor.shape, stride=tensor.stride(), run_check=False)
+
+
+def _lineage(path: Path) -> str | None:
+    """The run a complete checkpoint directory belongs to, from its manifest (None if unreadable)."""
+    try:
+        manifest = read_json_capped(path / MANIFEST, MAX_MANIFEST_BYTES)
+    except (ValueError, OSError, RecursionError):
+        return None
+    value = manifest.get("run") or manifest.get("writer") if isinstance(manifest, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def _is_enospc(error: BaseException) -> bool:
+    """ENOSPC anywhere in ``error``: its cause chain, DCP's per-rank failures, or the text."""
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(e):
+            return True
+        todo += [e.__cause__, e.__context__]
+        for failure in (getattr(e, "failures", None) or {}).values():  # DCP: rank -> exception (or a tuple with it)
+            todo += [f for f in (failure if isinstance(failure, tuple) else (failure,)) if isinstance(f, BaseException)]
+    return False
+
+
+def _size(num_bytes: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.1f} {unit}"
+    return f"{num_bytes} bytes"
 
 
 def _legacy_message(path: Path) -> str:

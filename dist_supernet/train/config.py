@@ -149,8 +149,10 @@ class TrainerConfig:
     crash_at_step: int | None = None
     max_consecutive_skips: int = 5
     timeout_s: float = 600.0
+    sync_check_every: int = 50
     inject_nan_at_steps: list[int] = dataclasses.field(default_factory=list)
     parallelism: str = "ddp"
+    inject_divergence_at_step: int | None = None
 
 
 def compression_schemas() -> dict[str, type]:
@@ -286,14 +288,20 @@ def _check_ranges(group: str, obj) -> None:
             _check(os.path.exists(obj.path), k("path"), obj.path, "file not found")
             _check(os.path.isfile(obj.path), k("path"), obj.path, "is not a regular file")
     elif group == "trainer":
-        for field in ("max_steps", "batch_size", "grad_accum", "keep_checkpoints"):
+        for field in ("max_steps", "batch_size", "grad_accum"):
             _check(getattr(obj, field) >= 1, k(field), getattr(obj, field), "must be >= 1")
+        _check(obj.keep_checkpoints >= 2, k("keep_checkpoints"), obj.keep_checkpoints,
+               "must be >= 2 (a damaged newest checkpoint must leave one to resume from)")
         for field in ("log_every", "eval_every", "checkpoint_every"):
             _check(getattr(obj, field) >= 0, k(field), getattr(obj, field), "must be >= 0 (0 = off)")
+        _check(obj.sync_check_every >= 0, k("sync_check_every"), obj.sync_check_every,
+               "must be >= 0 (0 = only before each checkpoint and at the end)")
         _check(obj.device in ("auto", "cpu", "cuda"), k("device"), obj.device, "expected one of auto, cpu, cuda")
         _check(obj.parallelism in ("ddp", "hsdp"), k("parallelism"), obj.parallelism, "expected one of ddp, hsdp")
         # A checkpoint is a step_N directory (torch.distributed.checkpoint); a file is the older
         # single-file format, refused with one line when the trainer opens it.
+        problem = resume_path_problem(obj.resume)
+        _check(problem is None, k("resume"), obj.resume, problem or "")
         is_checkpoint = os.path.isfile(obj.resume) or any(
             os.path.isfile(os.path.join(obj.resume, name)) for name in ("manifest.json", ".metadata"))
         _check(obj.resume in ("auto", "never") or is_checkpoint, k("resume"), obj.resume,
@@ -306,10 +314,35 @@ def _check_ranges(group: str, obj) -> None:
         check_device(obj.device)
         _check(all(s >= 1 for s in obj.inject_nan_at_steps), k("inject_nan_at_steps"), obj.inject_nan_at_steps,
                "steps are 1-based, each must be >= 1")
+        _check(obj.inject_divergence_at_step is None or obj.inject_divergence_at_step >= 1,
+               k("inject_divergence_at_step"), obj.inject_divergence_at_step, "steps are 1-based, must be >= 1")
         if obj.checkpoint_dir is not None:
             from dist_supernet.train.untrusted import check_directory
 
             check_directory(k("checkpoint_dir"), obj.checkpoint_dir)
+
+
+# What DCP writes into a checkpoint directory besides the manifest: a path to one of them names the
+# checkpoint's inside, not a checkpoint.
+_CHECKPOINT_FILES = ("manifest.json", ".metadata")
+
+
+def resume_path_problem(path: str) -> str | None:
+    """Why ``trainer.resume=<path>`` names a file inside a checkpoint directory (None otherwise).
+
+    ``step_N/manifest.json`` or ``step_N/__0_0.distcp`` is not an older single-file checkpoint
+    but a part of a ``step_N`` directory; the fix is to name the directory.
+
+    >>> resume_path_problem("auto") is None
+    True
+    """
+    if path in ("auto", "never") or not os.path.isfile(path):
+        return None
+    parent = os.path.dirname(os.path.abspath(path))
+    if any(os.path.isfile(os.path.join(parent, name)) for name in _CHECKPOINT_FILES):
+        return (f"names {os.path.basename(path)}, a file inside the checkpoint directory {os.path.basename(parent)}; "
+                f"name the directory itself: trainer.resume={os.path.dirname(path) or '.'}")
+    return None
 
 
 def validate(cfg: DictConfig) -> TrainConfig:

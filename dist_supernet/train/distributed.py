@@ -148,16 +148,26 @@ def params_sha256(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def tensors_sha256(tensors) -> str:
+    """sha256 of the bytes of ``tensors``, in order (e.g. Birder's m and b)."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        digest.update(t.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 # -- preemption and orphaned workers -------------------------------------------------------
 
 EXIT_PREEMPTED = 143  # why: 128 + SIGTERM, what schedulers and shells expect from a job stopped by SIGTERM
 
 
 class Preempted(Exception):
-    """Raised by ``Trainer.fit`` on every rank after the checkpoint of a step at which some rank had SIGTERM."""
+    """Raised by ``Trainer.fit`` on every rank after the checkpoint of a step at which some rank had SIGTERM/SIGINT."""
 
     def __init__(self, step: int, signal_name: str):
         self.step, self.signal_name = step, signal_name
+        # 128 + the signal: 143 for SIGTERM, 130 for SIGINT (what shells report for a job stopped by it)
+        self.exit_status = 128 + int(getattr(signal.Signals, signal_name, signal.SIGTERM))
         super().__init__(f"{signal_name} at step {step}: checkpoint written, stopping")
 
 
@@ -165,7 +175,9 @@ class PreemptionFlag:
     """SIGTERM sets a flag (nothing else happens in the handler); :meth:`agreed` ORs it over ranks.
 
     SLURM and Kubernetes send SIGTERM before SIGKILL; torchrun forwards it to its
-    workers and SIGKILLs them 30 s later. Every rank finishes the step it is in,
+    workers and SIGKILLs them 30 s later. Ctrl-C in a terminal sends SIGINT to the
+    launcher's whole process group (torchrun and every worker): it is handled the
+    same way (a second Ctrl-C stops at once, as usual). Every rank finishes the step it is in,
     then all agree in one 1-element all-reduce per step, so all of them stop
     after the same step (a lone SIGTERM, e.g. to one worker, stops them all too).
 
@@ -176,7 +188,7 @@ class PreemptionFlag:
             save_checkpoint(); raise Preempted(step, flag.signal_name)
     """
 
-    def __init__(self, signals=(signal.SIGTERM,)):
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
         self.received: int | None = None
         self.received_at: float | None = None
         self._previous = {}
@@ -187,6 +199,8 @@ class PreemptionFlag:
     def _handler(self, signum, frame) -> None:
         if self.received is None:
             self.received, self.received_at = signum, time.monotonic()
+        elif signum == signal.SIGINT == self.received:  # Ctrl-C twice: stop now, as Python would
+            raise KeyboardInterrupt
 
     @property
     def signal_name(self) -> str:

@@ -28,6 +28,7 @@ Example::
 """
 
 import dataclasses
+import errno
 import os
 import socket
 from pathlib import Path
@@ -44,13 +45,52 @@ def explicit_run_dir(overrides: list[str]) -> str | None:
     return None
 
 
+def path_name_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot name a file here at all (a component longer than the filesystem allows), or None.
+
+    ``os.stat`` of such a path raises ENAMETOOLONG, which ``Path.exists`` does not swallow: a
+    check that stats it first fails with a traceback instead of naming the problem.
+
+    >>> path_name_problem("/tmp/" + "a" * 300)
+    'its component aaaaaaaaaaaaaaaaaaaa... is 300 bytes, more than the 255 a file name may have here'
+    """
+    parts = Path(os.path.abspath(path)).parts
+    for i, part in enumerate(parts[1:], start=1):
+        parent = os.path.join(*parts[:i])
+        try:
+            limit = os.pathconf(parent, "PC_NAME_MAX") if os.path.isdir(parent) else 255
+        except (OSError, ValueError):
+            limit = 255  # the usual NAME_MAX (ext4, xfs, tmpfs, NFS)
+        if len(part.encode()) > limit:
+            return f"its component {part[:20]}... is {len(part.encode())} bytes, more than the {limit} a file name " \
+                   "may have here"
+    return None
+
+
+def os_error_problem(error: OSError) -> str:
+    """One line for an OSError met while checking a path: its errno name and text, e.g. ``ENAMETOOLONG (...)``."""
+    name = errno.errorcode.get(error.errno or 0, "")
+    return f"{name} ({error.strerror or error})" if name else str(error)
+
+
 def check_can_hold_file(key: str, path: str | Path) -> None:
     """``path`` (or, while it does not exist, its nearest existing ancestor) takes a small fsynced file.
 
     Permission bits say little (root passes ``os.access`` on ``/proc``, a full or
     read-only filesystem passes it too), so this writes, fsyncs and removes a file.
-    Creates nothing that stays.
+    Creates nothing that stays. A path that cannot even be looked at (a component over
+    the filesystem's 255 bytes, a loop of links) is refused the same way, in one line.
     """
+    problem = path_name_problem(path)
+    if problem:
+        raise ConfigError(key, str(path), problem)
+    try:
+        _check_can_hold_file(key, path)
+    except OSError as e:
+        raise ConfigError(key, str(path), f"cannot be used: {os_error_problem(e)}") from None
+
+
+def _check_can_hold_file(key: str, path: str | Path) -> None:
     target = Path(path)
     if target.exists() and not target.is_dir():
         raise ConfigError(key, str(path), "is a file, not a directory")
@@ -172,7 +212,7 @@ def check_resume(trainer) -> None:
     if tcfg.resume in ("auto", "never"):
         return
     from dist_supernet.train.checkpoint import CheckpointManager
-    from dist_supernet.train.untrusted import check_fits_model, check_recipe
+    from dist_supernet.train.untrusted import check_fits_model, check_optimizer_state, check_recipe, check_steps_left
 
     key, path = "trainer.resume", Path(tcfg.resume)
     found = CheckpointManager(path.parent).open(path, key, tcfg.resume)
@@ -180,3 +220,5 @@ def check_resume(trainer) -> None:
                      trainer.model, trainer.cfg.model)
     if not tcfg.resume_weights_only:
         check_recipe(key, tcfg.resume, found.path.name, found.config, trainer.config_dict)
+        check_optimizer_state(key, tcfg.resume, found.path.name, found.optimizer_kind, trainer.cfg.optim.name)
+        check_steps_left(found.path.name, found.step, tcfg.max_steps)

@@ -110,8 +110,13 @@ class RunDirLock:
 
         Raises ConfigError naming the directory and the holder when another job holds it.
         """
-        self.directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        from dist_supernet.train.preflight import os_error_problem
+
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ConfigError(self.key, str(self.directory), _open_problem(self.path, e, os_error_problem)) from None
         try:
             locks_work = self._lock(fd)
             previous = _parse(os.pread(fd, 1 << 16, 0))
@@ -175,6 +180,8 @@ def check_free(directory: str | Path, *, key: str = "hydra.run.dir") -> None:
     path = Path(directory) / LOCK_NAME
     try:
         fd = os.open(path, os.O_RDWR)
+    except IsADirectoryError as e:  # would fail the job later, after torchrun started: say it now
+        raise ConfigError(key, str(directory), _open_problem(path, e, str)) from None
     except OSError:  # no lock file (or no directory): nobody has run here, or it is not ours to judge
         return
     try:
@@ -190,6 +197,13 @@ def check_free(directory: str | Path, *, key: str = "hydra.run.dir") -> None:
                 raise RunDirLock(directory, key=key)._busy(holder) from None
     finally:
         os.close(fd)
+
+
+def _open_problem(path: Path, error: OSError, describe) -> str:
+    if isinstance(error, IsADirectoryError) or path.is_dir():
+        return (f"{path} is a directory, not this project's lock file; remove it (or choose another directory) "
+                "so that the job can lock its run directory")
+    return f"cannot open its lock file {path}: {describe(error)}"
 
 
 def report_stale(lock: RunDirLock, previous: dict | None) -> None:

@@ -63,13 +63,14 @@ from dist_supernet.train.checkpoint import (
     rank_key,
 )
 from dist_supernet.train.config import ConfigError, TrainConfig
-from dist_supernet.train.faults import NanInjector
+from dist_supernet.train.faults import DivergenceInjector, NanInjector
 from dist_supernet.train.metrics import MetricsWriter, Progress
 from dist_supernet.train.nonfinite import NonFiniteGuard
 from dist_supernet.train.parallel import Parallel
 from dist_supernet.train.preflight import check_config
+from dist_supernet.train.replicas import ReplicaCheck, ReplicaDivergenceError
 from dist_supernet.train.runlock import RunDirLock, report_stale, report_unfinished_runs
-from dist_supernet.train.untrusted import check_fits_model, check_recipe
+from dist_supernet.train.untrusted import check_fits_model, check_optimizer_state, check_recipe, check_steps_left
 
 # Trainer.close: how long the gloo worker threads get (GIL released) to finish destroying their last works.
 _GLOO_SETTLE_S = 0.1
@@ -172,6 +173,8 @@ class Trainer:
                                         max_consecutive_skips=trainer_cfg.max_consecutive_skips)
         self.nan_injector = NanInjector(self.model, rank=self.rank, world_size=self.world_size,
                                         steps=trainer_cfg.inject_nan_at_steps)  # fault injection, tests only
+        self.drift_injector = DivergenceInjector(self.model, rank=self.rank, world_size=self.world_size,
+                                                 step=trainer_cfg.inject_divergence_at_step)  # tests only
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         # The data hands out this rank's batches (images: its shard; text: its windows) and holds the position.
         self.sampler = self.data.train_batches(rank=self.rank, world_size=self.world_size,
@@ -189,6 +192,10 @@ class Trainer:
         self._resume()
         if self.resumed_from is None and self.is_rank0 and trainer_cfg.resume == "auto":
             report_unfinished_runs(self.output_dir)
+        # Replicas compared every sync_check_every steps and before every checkpoint (replicas.py); hsdp: each
+        # rank's shards against the ranks holding the same shards on the other nodes.
+        self.replicas = ReplicaCheck(self.model, every=trainer_cfg.sync_check_every, device=self.device,
+                                     group=self.parallel.mesh.get_group("replicate") if self.parallel.mesh else None)
         # SIGTERM (a scheduler's preemption): every rank finishes its step, checkpoints, exits 143.
         self.preemption = distributed.PreemptionFlag()
 
@@ -250,13 +257,14 @@ class Trainer:
         """
         tcfg = self.cfg.trainer
         key, resume = "trainer.resume", tcfg.resume
-        if resume == "never":
-            return
+        found = None
         # Collective: every rank hashes a share of the files; all agree on one checkpoint (or none).
         if resume == "auto":
             found = self.checkpoints.find_latest(key, resume)
-        else:
+        elif resume != "never":
             found = self.checkpoints.open(Path(resume), key, resume)
+        # Another run's checkpoints in this directory: resumed from, or the job refuses (checkpoint.claim).
+        self.checkpoints.claim(None if tcfg.resume_weights_only else found, key, resume)
         if found is None:
             return
         check_fits_model(key, resume, found.path, {"model": found.shapes("model"), "config": found.config},
@@ -268,6 +276,8 @@ class Trainer:
                     "optimizer state, LR schedule, data order and the step count start fresh", found.path, found.step)
             return
         check_recipe(key, resume, found.path.name, found.config, self.config_dict)
+        check_optimizer_state(key, resume, found.path.name, found.optimizer_kind, self.cfg.optim.name)
+        check_steps_left(found.path.name, found.step, tcfg.max_steps)
         # hsdp: the same world size on another node layout puts other shards on each rank.
         same_world = found.world_size == self.world_size and (found.manifest or {}).get("mesh") == self._mesh_shape()
         replicated, per_rank = self.checkpoint_components()
@@ -309,8 +319,22 @@ class Trainer:
             self.sampler.load_state_dict({"epoch": self.sampler.epoch + 1, "batch_index": 0})
         elif notes:
             log.warning("checkpoint %s%s", found.path.name, notes)
+        local_birder = isinstance(self.optimizer, Birder) and not self.optimizer.hooked
+        if same_world and self.parallel.kind == "ddp" and local_birder:
+            # Birder on an averaged gradient (compression != birder) keeps one m, b on every rank; the 1-bit
+            # exchange's differ per rank, and loading them here would drive the replicas apart.
+            digests = distributed.all_gather_object(distributed.tensors_sha256(self.optimizer.rank_state().values()))
+            if len(set(digests)) > 1:
+                raise ConfigError(key, resume, f"{found.path.name} holds Birder m, b that differ between ranks "
+                                               "(written by the 1-bit exchange, compression=birder); this run has "
+                                               f"compression={self.cfg.compression.name}, whose Birder steps on the "
+                                               "averaged gradient and needs the same m, b on every rank: resume with "
+                                               "compression=birder, or trainer.resume_weights_only=true")
         self.load_extra_state(replicated["extra"])
         progress = replicated["progress"]
+        if int(progress["step"]) != found.step:  # the manifest or directory name against the checkpoint's own item
+            raise ConfigError(key, resume, f"{found.path.name} is named for step {found.step} but holds the state "
+                                           f"of step {int(progress['step'])}")
         self.step, self.wall_time_offset_s = int(progress["step"]), float(progress["wall_time_s"])
         self.train_time_s = float(progress["train_time_s"])  # 0 from a checkpoint written before it was saved
         self.resumed_from = self.step
@@ -391,6 +415,8 @@ class Trainer:
         tcfg = self.cfg.trainer
         progress = Progress(tcfg.max_steps, self.step, enabled=self.is_rank0, log_every=tcfg.log_every)
         start_time = time.perf_counter() - self.wall_time_offset_s
+        with distributed.collective_stage("replica check"):
+            self.replicas.check(self.step, when=" (before training)")
         last_row = None
         self.ddp_model.train()
         while self.step < tcfg.max_steps:
@@ -401,6 +427,7 @@ class Trainer:
                 loss = self.train_step()
             self.train_time_s += time.perf_counter() - step_start
             self.step += 1
+            self.drift_injector.after_step(self.step)
 
             row = None
             is_last = self.step == tcfg.max_steps
@@ -415,12 +442,17 @@ class Trainer:
             progress.update(self.step, row)
 
             saved = is_last or (tcfg.checkpoint_every > 0 and self.step % tcfg.checkpoint_every == 0)
+            if saved or self.replicas.due(self.step):  # never a checkpoint of diverged replicas
+                with distributed.collective_stage("replica check"):
+                    self.replicas.check(self.step)
             if saved:
                 with distributed.collective_stage("checkpoint"):  # the last one is always synchronous
                     self.save_checkpoint(time.perf_counter() - start_time, blocking=is_last)
             # One tiny all-reduce per step: a SIGTERM on any rank stops every rank after this same step.
             if not is_last and self.preemption.agreed(self.device, stage=f"stop flag after step {self.step}"):
                 if not saved:
+                    with distributed.collective_stage("replica check"):
+                        self.replicas.check(self.step)
                     with distributed.collective_stage("checkpoint"):
                         self.save_checkpoint(time.perf_counter() - start_time)
                 with distributed.collective_stage("checkpoint"):
@@ -558,6 +590,8 @@ class Trainer:
             "bytes_inter_total": sum(s["bytes_inter"] for s in per_rank),
             "bytes_sent_per_rank": [s["bytes_total"] for s in per_rank],
             "params_in_sync": in_sync,
+            "sync_checks": {"every": self.replicas.every, "num_checks": self.replicas.num_checks,
+                            "seconds": round(self.replicas.seconds, 6)},
             "params_sha256": digest,
             "parallelism": self.parallel.kind,
             "wall_time_s": round(wall_time_s, 3),
@@ -572,8 +606,6 @@ class Trainer:
         if self.data.has_test:  # scored once, at the end: nothing during training looked at it
             summary.update({f"test_{k}": v for k, v in self.evaluate("test").items()})
         summary.update(self.extra_summary())
-        if not summary["params_in_sync"]:
-            log.warning("parameters differ between replicas (%s)", self.parallel.describe())
         if self.is_rank0:
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             title = f"{comp.name}/{comp.collective}, {self.cfg.optim.name}, {self.world_size} ranks"
@@ -586,6 +618,10 @@ class Trainer:
             log.info("done: loss %s, %s%s, %.2f MiB sent, params in sync: %s -> %s",
                      summary["final_loss"], val, test, summary["bytes_sent_total"] / 2**20,
                      summary["params_in_sync"], self.output_dir)
+        if not summary["params_in_sync"]:  # a run that ends with two models never ends as a success
+            raise ReplicaDivergenceError(f"step {self.step}: the replicas differ at the end of the run (parameter "
+                                         f"sha256 of the ranks holding the same part of the model differ; "
+                                         f"{self.parallel.describe()}); summary.json says params_in_sync: false")
         return summary
 
     def close(self) -> None:

@@ -55,6 +55,18 @@ MAX_CONFIG_BYTES = 1 << 20  # why: a composed config is ~5-10 KB
 
 def check_directory(key: str, path: str) -> None:
     """``path`` is a writable directory, or can be created as one (its nearest existing ancestor is)."""
+    from dist_supernet.train.preflight import os_error_problem, path_name_problem
+
+    problem = path_name_problem(path)
+    if problem:
+        raise ConfigError(key, path, problem)
+    try:
+        _check_directory(key, path)
+    except OSError as e:
+        raise ConfigError(key, path, f"cannot be used: {os_error_problem(e)}") from None
+
+
+def _check_directory(key: str, path: str) -> None:
     target = Path(path)
     if target.exists() and not target.is_dir():
         raise ConfigError(key, path, "is a file, not a directory")
@@ -281,3 +293,24 @@ def check_recipe(key: str, value, name: str, saved: dict, current: dict) -> None
         raise ConfigError(key, value, f"{name} was written with another recipe: first differing key "
                                       f"trainer.parallelism ({a} in the checkpoint, {b} in this run); "
                                       "trainer.resume_weights_only=true loads only its model weights")
+
+
+def check_optimizer_state(key: str, value, name: str, stored: str | None, optim_name: str) -> None:
+    """The optimizer state the checkpoint's own index holds is this run's optimizer's (manifest or not).
+
+    ``stored``: :func:`~dist_supernet.train.checkpoint.index_optimizer` of the checkpoint
+    (``birder``, ``adamw``, ``sgd``, or None: no optimizer state, which the load then refuses).
+    A checkpoint without manifest has no recorded recipe; this is what its files say.
+    """
+    if stored is not None and stored != optim_name:
+        where = "per-rank m, b" if stored == "birder" else "replicated state"
+        raise ConfigError(key, value, f"{name} holds {stored} optimizer state ({where}), this run has "
+                                      f"optim={optim_name}; trainer.resume_weights_only=true loads only its model weights")
+
+
+def check_steps_left(name: str, step: int, max_steps: int) -> None:
+    """A checkpoint past ``trainer.max_steps`` is a mistake (a lowered max_steps, the wrong run), not a finished run."""
+    if step > max_steps:
+        raise ConfigError("trainer.max_steps", max_steps, f"the checkpoint to resume, {name}, is at step {step}, past "
+                                                          "it: raise trainer.max_steps to train on, or resume an "
+                                                          "earlier checkpoint")

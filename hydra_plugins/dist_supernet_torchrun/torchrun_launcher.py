@@ -15,7 +15,8 @@ and the loss plots into the sweep dir.
 
 Every job returns COMPLETED to Hydra with its :class:`JobRecord` as the return
 value (a FAILED return would make Hydra's sweeper raise after the batch); the
-record's ``status`` says how the job really ended. Hydra overrides of the sweep
+record's ``status`` says how the job really ended, and the sweep command exits 1
+after the table when any job is not ``ok`` (``sweep.jobs.sweep_exit_status``). Hydra overrides of the sweep
 (``hydra.*``) configure the sweep, not the jobs, but for ``hydra.searchpath``.
 
 This module is imported by Hydra's plugin scan in every process that starts
@@ -54,8 +55,8 @@ class TorchrunLauncher(Launcher):
         self.config, self.hydra_context = config, hydra_context
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from dist_supernet.sweep.jobs import (default_nproc_per_node, invalid_job, job_hydra_overrides, run_job,
-                                              with_defaults)
+        from dist_supernet.sweep.jobs import (default_nproc_per_node, invalid_job, job_hydra_overrides, note_outcome,
+                                              run_job, with_defaults)
         from dist_supernet.sweep.report import TABLE_MD, write_report
         from dist_supernet.train.preflight import check_config
 
@@ -86,6 +87,7 @@ class TorchrunLauncher(Launcher):
                                  hydra_overrides=hydra_overrides)
             log.info(f"\t#{num} -> {record.status}" + (f" ({record.reason})" if record.reason else "")
                      + (f" in {record.job_time_s:.1f} s" if record.status != "invalid" else ""))
+            note_outcome(record)
             returns.append(JobReturn(overrides=overrides, cfg=job_cfg, working_dir=str(job_dir),
                                      status=JobStatus.COMPLETED, _return_value=record))
         write_report(sweep_dir)

@@ -102,14 +102,17 @@ def _environ(pid: int) -> list[bytes]:
 class Job:
     """``cmd`` in the background, stdout and stderr merged, each line with its arrival time.
 
-    ``jobs``: a list the job appends itself to, for the test's cleanup (:func:`kill_all`).
+    ``jobs``: a list the job appends itself to, for the test's cleanup (:func:`kill_all`);
+    ``new_session``: start it as a process group of its own (for a Ctrl-C, ``os.killpg``).
     """
 
-    def __init__(self, cmd: list[str], *, cwd: Path, jobs: list | None = None):
+    def __init__(self, cmd: list[str], *, cwd: Path, jobs: list | None = None, new_session: bool = False):
         self._marker = f"{JOB_MARKER}={uuid.uuid4().hex}".encode()
         key, value = self._marker.decode().split("=", 1)
+        # new_session: the job is a process group of its own, so os.killpg(job.proc.pid, SIGINT) is a
+        # terminal's Ctrl-C (every process of the job gets it) without reaching the test itself.
         self.proc = subprocess.Popen(cmd, cwd=cwd, env=env(**{key: value}), stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
+                                     stderr=subprocess.STDOUT, text=True, start_new_session=new_session)
         self.lines: list[tuple[float, str]] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

@@ -327,3 +327,100 @@ def test_a_checkpoint_of_another_recipe_fails_before_training_unless_only_its_we
     _, reference_rows = read_run(reference)
     fresh, trained = reference_rows[0]["loss"], reference_rows[-1]["loss"]
     assert rows[0]["loss"] < fresh - (fresh - trained) / 2  # it starts from the trained weights
+
+
+# -- issue 22: nothing lost, nothing silently wrong ------------------------------------------
+
+
+def _errors(text: str) -> set[str]:
+    return {line for line in text.splitlines() if line.startswith("error:")}
+
+
+def test_a_fresh_run_among_another_runs_checkpoints_is_refused_and_deletes_nothing(reference, tmp_path):
+    """The issue's reproduction: another run's step 20/30/40 copied in, a run with resume=never used to prune them
+    (retention counted every complete checkpoint). Now the job refuses at start, one line, and nothing is touched."""
+    ckpts = tmp_path / "x" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    for step in (20, 30, 40):
+        shutil.copytree(reference / "checkpoints" / f"step_{step:08d}", ckpts / f"step_{step:08d}")
+    out = run_once(["model=mlp", "trainer.seed=1", "trainer.max_steps=60", "trainer.checkpoint_every=7",
+                    "trainer.resume=never", f"hydra.run.dir={tmp_path / 'x'}"], cwd=tmp_path, nproc=1, check=False)
+    (error,) = _errors(out.stdout)
+    assert out.returncode == 2 and error.startswith(
+        f"error: trainer.resume=never: {ckpts} holds 3 checkpoints of another run (newest step_00000040, run "), error
+    assert "resume that run (trainer.resume=auto), choose another hydra.run.dir" in error
+    assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step_")) == [
+        "step_00000020", "step_00000030", "step_00000040"]
+    for step in (20, 30, 40):  # untouched: every digest still matches
+        load(ckpts / f"step_{step:08d}")
+    assert not (tmp_path / "x" / "metrics.jsonl").exists()
+
+
+def test_a_checkpoint_without_manifest_is_checked_against_its_own_files_before_resuming(reference, tmp_path):
+    """The issue's reproduction: step 30 copied without manifest.json, resumed with compression=fp16 on 2 ranks,
+    used to load each rank's own Birder m, b into a rank-independent Birder: exit 0, params in sync: False."""
+    ckpts = tmp_path / "y" / "checkpoints"
+    shutil.copytree(reference / "checkpoints" / "step_00000030", ckpts / "step_00000030")
+    (ckpts / "step_00000030" / "manifest.json").unlink()
+    out = run_once(["model=mlp", "trainer.max_steps=40", "compression=fp16", f"hydra.run.dir={tmp_path / 'y'}"],
+                   cwd=tmp_path, check=False)
+    assert out.returncode != 0 and _errors(out.stdout) == {
+        "error: trainer.resume=auto: step_00000030 holds Birder m, b that differ between ranks (written by the 1-bit "
+        "exchange, compression=birder); this run has compression=fp16, whose Birder steps on the averaged gradient "
+        "and needs the same m, b on every rank: resume with compression=birder, or trainer.resume_weights_only=true"
+    }, out.stdout[-3000:]
+    assert not (tmp_path / "y" / "metrics.jsonl").exists() and not re.search(r'File ".*dist_supernet', out.stdout)
+
+
+def test_replicas_that_drift_apart_stop_the_job_naming_step_and_parameter(tmp_path):
+    """One element of rank 1's last parameter moved after step 5: the periodic check (every 3 steps) stops the
+    job at step 6, naming the parameter and the last step they were equal; no later checkpoint is written."""
+    run_dir = tmp_path / "run"
+    started = time.monotonic()
+    out = run_once(["model=mlp", "trainer.max_steps=12", "trainer.checkpoint_every=4", "trainer.sync_check_every=3",
+                    "trainer.log_every=1", "trainer.eval_every=0", "trainer.inject_divergence_at_step=5",
+                    f"hydra.run.dir={run_dir}"], cwd=tmp_path, check=False)
+    name = _last_param_name("mlp")
+    assert out.returncode == 1 and _errors(out.stdout) == {
+        f"error: step 6: the replicas differ: first differing parameter {name} (rank 0 vs rank 1; 1 of 6 parameters "
+        "differ; equal at step 4, the previous check); stopping before another checkpoint is written"
+    }, out.stdout[-3000:]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step_")) == ["step_00000004"]
+    assert not (run_dir / "summary.json").exists()
+    record("replicas apart in one element (rank 1, after step 5)", detected_at_step=6, check_every=3,
+           run_s=round(time.monotonic() - started, 1))
+
+
+def _mount_tmpfs(path: Path, size_kib: int) -> bool:
+    path.mkdir(parents=True)
+    if os.geteuid() != 0:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_temporary_and_the_older_checkpoints(reference, tmp_path):
+    """A real full filesystem: a tmpfs with room for two and a half checkpoints of the reference run's size.
+
+    Without root (no tmpfs), the write layer's ENOSPC is injected in tests/unit/test_checkpoint_files.py.
+    """
+    size = sum(p.stat().st_size for p in (reference / "checkpoints" / "step_00000040").iterdir())
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, size * 5 // 2 // 1024):
+        pytest.skip("mounting a tmpfs needs root; the ENOSPC path is tested by injection in test_checkpoint_files")
+    try:
+        out = run_once(["model=mlp", "trainer.max_steps=20", "trainer.checkpoint_every=5", "trainer.eval_every=0",
+                        f"trainer.checkpoint_dir={disk / 'ck'}", f"hydra.run.dir={tmp_path / 'run'}"],
+                       cwd=tmp_path, check=False)
+        (error,) = _errors(out.stdout)  # every rank prints the same line
+        assert out.returncode == 1 and re.match(
+            rf"error: checkpoint step_00000015 could not be written: ENOSPC \(no space left on device\) in {disk / 'ck'}: "
+            r"the last checkpoint took \d+\.\d KiB, \d+(\.\d KiB| bytes) free; this job's temporary \.step_00000015\.tmp-"
+            r"\S+ removed, the older checkpoints are intact \(step_00000005, step_00000010\)$", error), error
+        assert not re.search(r'File ".*dist_supernet', out.stdout)  # no traceback from our code (torchrun's own stays)
+        assert sorted(p.name for p in (disk / "ck").iterdir()) == ["run.lock", "step_00000005", "step_00000010"]
+        for step in (5, 10):
+            load(disk / "ck" / f"step_{step:08d}")  # intact: digests match
+        record("disk full (tmpfs) at the third checkpoint", checkpoint_bytes=size, older_checkpoints_intact=2)
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)

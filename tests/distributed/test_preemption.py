@@ -74,3 +74,24 @@ def test_sigterm_checkpoints_every_rank_at_one_step_and_the_rerun_ends_bit_ident
     assert got == [dict(r, wall_time_s=g["wall_time_s"], train_time_s=g["train_time_s"]) for r, g in zip(want, got)]
     record("SIGTERM, then resumed to the end", runs_resumed=1, bit_identical=True,
            model_state_bytes=4 * summary["num_params"], model_state_bytes_lost=0)
+
+
+def test_ctrl_c_to_the_launcher_checkpoints_like_sigterm(tmp_path, jobs):
+    """Issue 22: Ctrl-C (SIGINT to the launcher's process group: torchrun and every worker) used to end in a
+    KeyboardInterrupt traceback from each rank and no checkpoint. Now it is SIGTERM's path: every rank finishes
+    its step, one checkpoint of that step, one line, exit status 130 from the workers."""
+    run_dir = tmp_path / "run"
+    job = Job(launcher(*PLAIN, "trainer.max_steps=100000", "trainer.log_every=1", "trainer.checkpoint_every=1000",
+                       "trainer.batch_size=16", f"hydra.run.dir={run_dir}"), cwd=tmp_path, jobs=jobs, new_session=True)
+    seen = wait_for_step(run_dir, 20, job)
+    sent_at = time.monotonic()
+    os.killpg(job.proc.pid, signal.SIGINT)
+    rc = job.wait()
+    reported_at, line = job.wait_for_line(r"stopped: SIGINT at step \d+: checkpoint written", after=sent_at)
+    stop = int(re.search(r"at step (\d+)", line).group(1))
+    assert "exit status 130" in line, line
+    assert rc != 0 and seen <= stop and checkpoint_steps(run_dir / "checkpoints") == [stop], job.text[-3000:]
+    assert [r["step"] for r in rows(run_dir)] == list(range(1, stop + 1))
+    assert "KeyboardInterrupt" not in job.text and not re.search(r'File ".*dist_supernet', job.text), job.text[-3000:]
+    record("Ctrl-C (SIGINT to the launcher's process group)", detected_s=round(reported_at - sent_at, 2),
+           checkpoint_step=stop, steps_lost=0, launcher_rc=rc)

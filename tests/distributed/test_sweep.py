@@ -24,7 +24,8 @@ def test_sweep_runs_every_job_reports_failures_and_writes_the_table(tmp_path):
         [sys.executable, "-m", "dist_supernet.sweep", "model=mlp", "trainer.max_steps=3", "trainer.eval_every=0",
          "trainer.checkpoint_every=0", "compression=none,birder", "optim.lr=0.01,-1", f"hydra.sweep.dir={sweep_dir}"],
         cwd=REPO, timeout_s=TIMEOUT_S)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]  # failed jobs do not fail the sweep
+    # Invalid jobs do not stop the sweep; it writes the whole table, then exits 1 (issue 22: it exited 0).
+    assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
     assert "2 ok, 0 failed, 2 invalid" in out.stdout + out.stderr
 
     with open(sweep_dir / "sweep_summary.csv") as f:
@@ -61,8 +62,8 @@ def test_bad_supernet_and_model_values_are_invalid_jobs_never_launched(tmp_path)
         [sys.executable, "-m", "dist_supernet.sweep", "model=ofa_cnn,elastic_vit", "supernet=progressive_ofa",
          "++model.patch_size=2", f"hydra.sweep.dir={sweep_dir}"],
         cwd=REPO, timeout_s=TIMEOUT_S)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "0 ok, 0 failed, 2 invalid" in out.stdout + out.stderr
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "0 ok, 0 failed, 2 invalid" in out.stdout + out.stderr  # the table's line, before the exit
     with open(sweep_dir / "sweep_summary.csv") as f:
         rows = {r["model"]: r for r in csv.DictReader(f)}
     assert {model: row["status"] for model, row in rows.items()} == {"ofa_cnn": "invalid", "elastic_vit": "invalid"}

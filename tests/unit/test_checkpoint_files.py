@@ -328,3 +328,120 @@ def test_a_save_at_a_step_that_has_a_checkpoint_sets_the_old_one_aside(tmp_path,
     assert json.loads((tmp_path / names[1] / "manifest.json").read_text())["files"]["__0_0.distcp"]["sha256"] == digest
     (line,) = _warnings(caplog)
     assert line == f"checkpoint step_00000004 already exists: set aside as {names[1]}"
+
+
+# -- issue 22: whose checkpoints are pruned, a full disk, the manifest against the index, partial loads ------
+
+
+def _relabel(path: Path, run: str) -> None:
+    """Make a checkpoint another run's: its manifest's writer and lineage (the manifest is not hashed)."""
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["writer"] = manifest["run"] = run
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_only_this_runs_checkpoints_are_pruned_and_a_fresh_run_beside_another_runs_is_refused(tmp_path, caplog):
+    """Retention counts this run's own checkpoints (its lineage); another run's are never pruned."""
+    ckpts = CheckpointManager(tmp_path, keep=2)
+    for step in (2, 4):
+        _save(ckpts, step)
+    _relabel(tmp_path / "step_00000002", "otherhost-1234")  # step 2 is another run's, step 4 ours
+    for step in (6, 8, 10):
+        _save(ckpts, step)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000002", "step_00000008", "step_00000010"]
+    # A new job (another writer) that does not resume from here: one line, nothing touched.
+    fresh = CheckpointManager(tmp_path, keep=2)
+    assert fresh.writer != ckpts.writer
+    with pytest.raises(ConfigError) as info:
+        fresh.claim(None, "trainer.resume", "never")
+    assert str(info.value).startswith(f"trainer.resume=never: {tmp_path} holds 3 checkpoints of 2 other runs (newest "
+                                      f"step_00000010, run {ckpts.writer})") and "\n" not in str(info.value)
+    # A new job that resumes the newest continues that run: its lineage is adopted and pruned as before;
+    # the other run's step 2 is left alone, with one warning line.
+    found = fresh.find_latest()
+    fresh.claim(found)
+    assert fresh.run == ckpts.writer
+    assert any("also holds 1 checkpoint of another run (newest step_00000002, run otherhost-1234): left alone, "
+               "never pruned" in line for line in _warnings(caplog))
+    _save(fresh, 12)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000002", "step_00000010", "step_00000012"]
+    manifest = json.loads((tmp_path / "step_00000012" / "manifest.json").read_text())
+    assert (manifest["writer"], manifest["run"]) == (fresh.writer, ckpts.writer)
+
+
+def test_a_full_disk_is_one_line_naming_enospc_and_the_temporary_is_removed(tmp_path):
+    """ENOSPC injected at DCP's write layer (torch 2.13 ``_write_item``); a real full tmpfs: test_faults."""
+    import errno
+
+    import torch.distributed.checkpoint.filesystem as fs
+
+    ckpts = CheckpointManager(tmp_path, keep=3)
+    _save(ckpts, 2)
+    size = sum(p.stat().st_size for p in (tmp_path / "step_00000002").iterdir())
+    real = fs._write_item
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    fs._write_item = full
+    try:
+        with pytest.raises(checkpoint_module.CheckpointWriteError) as info:
+            _save(ckpts, 4)
+    finally:
+        fs._write_item = real
+    line = str(info.value)
+    assert line.startswith(f"checkpoint step_00000004 could not be written: ENOSPC (no space left on device) in "
+                           f"{tmp_path}: the last checkpoint took ") and "\n" not in line, line
+    assert checkpoint_module._size(size) in line and "the older checkpoints are intact (step_00000002)" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000002"]  # our temporary is gone
+    assert ckpts.find_latest().step == 2  # and the older checkpoint still verifies
+
+
+@pytest.mark.parametrize("tamper, problem", [
+    (lambda m: m.update(world_size=4), "manifest.json says world_size 4, its index holds the own state of ranks 0..0 (1)"),
+    (lambda m: m.update(step=40), "manifest.json says step 40, the directory is step_00000004"),
+    (lambda m: m["files"].pop("__0_0.distcp"), "its index references __0_0.distcp, which manifest.json does not list"),
+    (lambda m: m.update(config={"optim": {"name": "birder"}}), "manifest.json says optim=birder, its index holds adamw"),
+])
+def test_manifest_fields_are_checked_against_the_checkpoints_own_index(tmp_path, tamper, problem):
+    ckpts = CheckpointManager(tmp_path, keep=3)
+    path = _save(ckpts, 4)
+    manifest = json.loads((path / "manifest.json").read_text())
+    tamper(manifest)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError) as info:
+        ckpts.open(path, "trainer.resume", "x")
+    assert str(info.value).startswith(f"trainer.resume=x: step_00000004 is unusable: {problem}"), str(info.value)
+
+
+def test_a_load_reads_only_what_is_present_and_decides_every_absent_item_in_one_line(tmp_path, caplog):
+    """No silent partial load: an optional component starts fresh (said), a missing setting keeps this run's
+    value (said), a missing required component or tensor refuses the checkpoint."""
+    ckpts = CheckpointManager(tmp_path, keep=5)
+    model, opt, sched, sampler = _training(0)
+    _step(model, opt, sched, sampler)
+    replicated, per_rank = _components(model, opt, sched, sampler)
+    del replicated["sampler"]  # an older writer: no data position
+    ckpts.save(replicated, per_rank, step=2)
+    found = ckpts.find_latest()
+    model2, opt2, sched2, sampler2 = _training(1)
+    replicated2, per_rank2 = _components(model2, opt2, sched2, sampler2)
+    with pytest.raises(ConfigError, match=r"^trainer\.resume=auto: step_00000002 lacks sampler entirely: it cannot "
+                                          r"be resumed"):
+        ckpts.load(found, replicated2)
+    # Without the sampler, and asking for non-finite counters the checkpoint never had and a param-group option
+    # a newer torch would add: loaded, and one line says what started fresh and what kept this run's value.
+    del replicated2["sampler"]
+    guard = {"skipped_steps": 0, "consecutive_skips": 0}
+    replicated2["nonfinite"] = guard
+    opt2.param_groups[0]["future_option"] = 7
+    caplog.clear()
+    ckpts.load(found, replicated2)
+    (line,) = _warnings(caplog)
+    assert line == ("checkpoint step_00000002: nonfinite is absent: the non-finite step counters start at 0; "
+                    "optimizer.param_groups.0.future_option absent: this run's value is kept"), line
+    assert opt2.param_groups[0]["future_option"] == 7 and torch.equal(model2[0].weight, model[0].weight)
+    # A tensor the checkpoint lacks (a model grown by one layer's bias, say) is refused, naming it.
+    bigger = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3), nn.Linear(3, 3))
+    with pytest.raises(ConfigError, match=r"step_00000002 lacks model\.3\.weight \(a tensor, shape \[3, 3\]\)"):
+        ckpts.load(found, {"model": ModelState(bigger)})

@@ -9,6 +9,8 @@ error is one line and exit status 2 before torchrun starts.
 """
 
 import os
+import re
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -23,7 +25,7 @@ from dist_supernet.train.config import ConfigError, validate
 from dist_supernet.train.preflight import check_can_hold_file, check_resume
 from dist_supernet.train.trainer import Trainer
 from dist_supernet.train.untrusted import check_directory
-from tests.distributed.jobs import launcher, run
+from tests.distributed.jobs import launcher, run, single, torchrun
 from tests.fault_report import record
 from tests.configs import compose_train
 
@@ -161,14 +163,46 @@ def test_the_launcher_shows_one_line_and_exits_2_without_starting_torchrun(tmp_p
            note="whole launcher, start to exit 2")
 
 
-def test_an_explicit_resume_that_does_not_fit_fails_in_the_preflight(tmp_path):
-    """The trainer checks ``trainer.resume=<path>`` once its process group exists; the pre-flight before any."""
-    trainer = Trainer(_compose(*PLAIN, "trainer.max_steps=2", "trainer.checkpoint_every=0"), output_dir=tmp_path / "run")
-    try:  # a world of one in this process: a real checkpoint of step 2
+@pytest.fixture(scope="module")
+def plain_checkpoint(tmp_path_factory) -> Path:
+    """A real checkpoint of step 2 (AdamW on DDP's fp32 all-reduce), written by the trainer in this process."""
+    run_dir = tmp_path_factory.mktemp("plain") / "run"
+    trainer = Trainer(_compose(*PLAIN, "trainer.max_steps=2", "trainer.checkpoint_every=0"), output_dir=run_dir)
+    try:  # a world of one in this process
         trainer.fit()
     finally:
         trainer.close()
-    (ckpt,) = [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith("step_")]
+    (ckpt,) = [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step_")]
+    return ckpt
+
+
+def test_paths_the_preflight_cannot_stat_are_one_line_and_status_2_under_the_launcher_and_torchrun(tmp_path):
+    """Issue 22: a hydra.run.dir component over 255 bytes (was an OSError traceback from the pre-flight) and a
+    run.lock that is a directory (passed the pre-flight, then a traceback from every rank under torchrun)."""
+    long_dir = tmp_path / ("a" * 300)
+    # The launchers' pre-flight itself (they exit with its status: test_the_launcher_shows_one_line_...).
+    out = run(single("--check", "model=mlp", f"hydra.run.dir={long_dir}"), cwd=tmp_path, timeout_s=120)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        f"error: hydra.run.dir={long_dir}: its component {'a' * 20}... is 300 bytes, more than the 255 a file name "
+        "may have here"], out.stderr[-3000:]
+    lock_dir = tmp_path / "run" / "run.lock"
+    lock_dir.mkdir(parents=True)
+    line = (f"error: hydra.run.dir={tmp_path / 'run'}: {lock_dir} is a directory, not this project's lock file; remove "
+            "it (or choose another directory) so that the job can lock its run directory")
+    out, _ = _launcher("model=mlp", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [line], out.stderr[-3000:]
+    assert out.stdout == ""  # torchrun never started
+    # Direct torchrun (no pre-flight): each worker says the same one line and exits 2, before Hydra writes anything.
+    out = run(torchrun("model=mlp", f"hydra.run.dir={tmp_path / 'run'}"), cwd=tmp_path, timeout_s=120)
+    errors = [x for x in (out.stdout + out.stderr).splitlines() if x.startswith("error:")]
+    assert out.returncode != 0 and errors == [line, line], out.stderr[-3000:]
+    assert "exitcode: 2" in out.stderr and not re.search(r'File ".*dist_supernet', out.stdout + out.stderr)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["run.lock"]
+
+
+def test_an_explicit_resume_that_does_not_fit_fails_in_the_preflight(plain_checkpoint, tmp_path):
+    """The trainer checks ``trainer.resume=<path>`` once its process group exists; the pre-flight before any."""
+    ckpt = plain_checkpoint
 
     def preflight_resume(*overrides):
         check_resume(Trainer(_compose(*PLAIN, *overrides, f"trainer.resume={ckpt}"), output_dir=tmp_path / "new",
@@ -182,3 +216,64 @@ def test_an_explicit_resume_that_does_not_fit_fails_in_the_preflight(tmp_path):
     assert str(error.value).startswith(f"trainer.resume={ckpt}: ") and "optim" in str(error.value), str(error.value)
     preflight_resume("optim=sgd", "trainer.resume_weights_only=true")  # the documented override
     assert not (tmp_path / "new").exists()
+
+
+def test_a_resume_that_cannot_continue_is_one_line_before_training(plain_checkpoint, tmp_path):
+    """Issue 22: what the checkpoint's own files say is checked even without a manifest; a checkpoint past
+    trainer.max_steps and a path to a file inside a checkpoint are named for what they are."""
+    copy = tmp_path / "copy" / plain_checkpoint.name
+    shutil.copytree(plain_checkpoint, copy)
+    (copy / "manifest.json").unlink()  # the recipe is unknown now: no config to compare
+
+    def preflight_resume(path, *overrides):
+        check_resume(Trainer(_compose(*PLAIN, *overrides, f"trainer.resume={path}"), output_dir=tmp_path / "new",
+                             check_only=True))
+
+    preflight_resume(copy)  # the same optimizer: fine
+    with pytest.raises(ConfigError) as error:
+        preflight_resume(copy, "optim=sgd")
+    assert str(error.value) == (f"trainer.resume={copy}: {copy.name} holds adamw optimizer state (replicated state), "
+                                "this run has optim=sgd; trainer.resume_weights_only=true loads only its model weights")
+    with pytest.raises(ConfigError) as error:
+        preflight_resume(plain_checkpoint, "trainer.max_steps=1")
+    assert str(error.value) == (f"trainer.max_steps=1: the checkpoint to resume, {plain_checkpoint.name}, is at step 2, "
+                                "past it: raise trainer.max_steps to train on, or resume an earlier checkpoint")
+    # trainer.resume=<step_N>/manifest.json is a file inside a checkpoint, not an older single-file checkpoint.
+    with pytest.raises(ConfigError) as error:
+        validate(_compose(*PLAIN, f"trainer.resume={plain_checkpoint / 'manifest.json'}"))
+    assert str(error.value) == (f"trainer.resume={plain_checkpoint / 'manifest.json'}: names manifest.json, a file "
+                                f"inside the checkpoint directory {plain_checkpoint.name}; name the directory itself: "
+                                f"trainer.resume={plain_checkpoint}")
+    # resume=auto finds the checkpoint past max_steps in its run directory: the trainer refuses it the same way.
+    run_dir = tmp_path / "again"
+    shutil.copytree(plain_checkpoint.parent.parent, run_dir, ignore=shutil.ignore_patterns("run.lock"))
+    import torch.distributed as dist
+
+    try:
+        with pytest.raises(ConfigError, match=r"^trainer\.max_steps=1: the checkpoint to resume, step_00000002, is "
+                                              r"at step 2, past it"):
+            Trainer(_compose(*PLAIN, "trainer.max_steps=1"), output_dir=run_dir)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_paths_that_cannot_even_be_looked_at_are_one_line(tmp_path):
+    """Issue 22: a path component over 255 bytes (os.stat raises ENAMETOOLONG) and a run.lock that is a directory."""
+    from dist_supernet.train.runlock import RunDirLock, check_free
+
+    long_dir = tmp_path / ("a" * 300) / "run"
+    for check in (check_can_hold_file, check_directory):
+        with pytest.raises(ConfigError) as error:
+            check("trainer.checkpoint_dir", str(long_dir))
+        assert str(error.value) == (f"trainer.checkpoint_dir={long_dir}: its component {'a' * 20}... is 300 bytes, "
+                                    "more than the 255 a file name may have here")
+    with pytest.raises(ConfigError, match=r"^trainer\.checkpoint_dir=.*: its component a{20}\.\.\. is 300 bytes"):
+        validate(_compose(*PLAIN, f"trainer.checkpoint_dir={long_dir}"))
+    (tmp_path / "run" / "run.lock").mkdir(parents=True)
+    expected = (f"hydra.run.dir={tmp_path / 'run'}: {tmp_path / 'run' / 'run.lock'} is a directory, not this "
+                "project's lock file; remove it (or choose another directory) so that the job can lock its run directory")
+    for check in (lambda: check_free(tmp_path / "run"), lambda: RunDirLock(tmp_path / "run").acquire()):
+        with pytest.raises(ConfigError) as error:
+            check()
+        assert str(error.value) == expected

@@ -102,6 +102,9 @@ def _compose(*overrides):
     ("trainer.timeout_s=0", "trainer.timeout_s=0: must be > 0 (seconds)"),
     ("compression.timeout_s=-1", "compression.timeout_s=-1: must be > 0 or null"),
     ("trainer.inject_nan_at_steps=[0]", "trainer.inject_nan_at_steps=[0]: steps are 1-based"),
+    # issue 22: the docs always said >= 2 (a damaged newest checkpoint must leave one to resume from)
+    ("trainer.keep_checkpoints=1", "trainer.keep_checkpoints=1: must be >= 2"),
+    ("trainer.sync_check_every=-1", "trainer.sync_check_every=-1: must be >= 0 (0 = only before each checkpoint"),
     ("trainer.checkpoint_dir=/etc/hostname", "trainer.checkpoint_dir=/etc/hostname: is a file, not a directory"),
     ("trainer.resume=/etc", "trainer.resume=/etc: expected auto, never, or the path of a checkpoint file"),
 ])
