@@ -11,8 +11,9 @@ the compression hook reduces it during the last backward, the optimizer steps
 ``log_every`` steps the loss (mean over ranks) and the bytes all ranks have
 sent so far go to ``metrics.jsonl``; every ``eval_every`` the val loss and
 accuracy (images) or perplexity (text, ``val_perplexity``); every
-``checkpoint_every`` an atomic checkpoint. At the end: ``summary.json`` and
-``loss.png``.
+``checkpoint_every`` an atomic checkpoint, always after the replicas are
+compared (``replicas.py``; also every ``sync_check_every`` steps). At the end:
+``summary.json`` and ``loss.png`` (and exit status 1 if the replicas differ).
 
 One loss for both kinds of data: cross-entropy over the last dimension of the
 logits, ``[B, classes]`` against ``[B]`` labels or ``[B, T, vocab]`` against
@@ -189,7 +190,11 @@ class Trainer:
         )
         self.step, self.wall_time_offset_s, self.resumed_from = 0, 0.0, None
         self.train_time_s = 0.0  # seconds inside train_step (no evaluation, logging or checkpoints): time to a loss
-        self._resume()
+        try:
+            self._resume()
+        except BaseException:  # a refused checkpoint: release the run-directory locks and the process group now
+            self.close()
+            raise
         if self.resumed_from is None and self.is_rank0 and trainer_cfg.resume == "auto":
             report_unfinished_runs(self.output_dir)
         # Replicas compared every sync_check_every steps and before every checkpoint (replicas.py); hsdp: each

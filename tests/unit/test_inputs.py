@@ -18,9 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 
 from dist_supernet.data import load_dataset
 from dist_supernet.models import build_model
+from dist_supernet.train.checkpoint import read_checkpoint
 from dist_supernet.train.config import ConfigError, validate
 from dist_supernet.train.preflight import check_can_hold_file, check_resume
 from dist_supernet.train.trainer import Trainer
@@ -244,18 +246,24 @@ def test_a_resume_that_cannot_continue_is_one_line_before_training(plain_checkpo
     assert str(error.value) == (f"trainer.resume={plain_checkpoint / 'manifest.json'}: names manifest.json, a file "
                                 f"inside the checkpoint directory {plain_checkpoint.name}; name the directory itself: "
                                 f"trainer.resume={plain_checkpoint}")
-    # resume=auto finds the checkpoint past max_steps in its run directory: the trainer refuses it the same way.
+    # The trainer itself (a world of one in this process), in a copy of that run directory: resume=auto finds
+    # the checkpoint past max_steps and refuses it the same way; resume=never (the reproduction: a fresh
+    # run among another run's checkpoints, which retention used to delete) refuses to start, touching nothing.
     run_dir = tmp_path / "again"
     shutil.copytree(plain_checkpoint.parent.parent, run_dir, ignore=shutil.ignore_patterns("run.lock"))
-    import torch.distributed as dist
-
-    try:
-        with pytest.raises(ConfigError, match=r"^trainer\.max_steps=1: the checkpoint to resume, step_00000002, is "
-                                              r"at step 2, past it"):
-            Trainer(_compose(*PLAIN, "trainer.max_steps=1"), output_dir=run_dir)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    for overrides, message in [
+        (["trainer.max_steps=1"], r"^trainer\.max_steps=1: the checkpoint to resume, step_00000002, is at step 2, "
+                                  r"past it"),
+        (["trainer.resume=never", "trainer.seed=1", "trainer.keep_checkpoints=2"],
+         rf"^trainer\.resume=never: {run_dir / 'checkpoints'} holds 1 checkpoint of another run \(newest "
+         r"step_00000002, run \S+\); a run that does not resume from them would mix its checkpoints with theirs: "
+         r"resume that run \(trainer\.resume=auto\), choose another hydra\.run\.dir"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            Trainer(_compose(*PLAIN, *overrides), output_dir=run_dir)
+        assert not dist.is_initialized()  # a refused resume releases the process group and the locks
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["run.lock", plain_checkpoint.name]
+    read_checkpoint(run_dir / "checkpoints" / plain_checkpoint.name)  # untouched: every digest still matches
 
 
 def test_paths_that_cannot_even_be_looked_at_are_one_line(tmp_path):

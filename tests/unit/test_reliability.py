@@ -226,3 +226,24 @@ def test_collective_stage_names_peer_failures_only():
                 raise RuntimeError("a bug")
     finally:
         dist.destroy_process_group()
+
+
+# -- 10. the replica checksum -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_the_replica_checksum_changes_with_any_one_element_by_one_ulp(dtype):
+    """Equal parameters give equal sums (exact integer addition); one element one ulp away changes the sum."""
+    from dist_supernet.train.replicas import param_checksums
+
+    torch.manual_seed(0)
+    params = [torch.randn(257).to(dtype), torch.randn(3, 5).to(dtype), torch.zeros(1, dtype=dtype)]
+    base = param_checksums(params)
+    assert base.dtype == torch.int64 and base.shape == (3,)
+    assert torch.equal(base, param_checksums([p.clone() for p in params]))
+    for which, index in [(0, 0), (0, 256), (1, 7), (2, 0)]:
+        moved = [p.clone() for p in params]
+        flat = moved[which].view(-1)
+        flat[index] = torch.nextafter(flat[index], torch.tensor(float("inf"), dtype=dtype))
+        differ = (param_checksums(moved) != base).nonzero().flatten().tolist()
+        assert differ == [which], (dtype, which, index)
