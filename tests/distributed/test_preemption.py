@@ -95,5 +95,5 @@ def test_ctrl_c_checkpoints_like_sigterm(tmp_path, jobs):
     assert rc != 0 and seen <= stop and checkpoint_steps(run_dir / "checkpoints") == [stop], job.text[-3000:]
     assert [r["step"] for r in rows(run_dir)] == list(range(1, stop + 1))
     assert "KeyboardInterrupt" not in job.text and not re.search(r'File ".*dist_supernet', job.text), job.text[-3000:]
-    record("Ctrl-C (SIGINT to the launcher's process group)", detected_s=round(reported_at - sent_at, 2),
-           checkpoint_step=stop, steps_lost=0, launcher_rc=rc)
+    record("Ctrl-C (SIGINT to torchrun's process group)", detected_s=round(reported_at - sent_at, 2),
+           checkpoint_step=stop, steps_lost=0, torchrun_rc=rc)
