@@ -194,7 +194,26 @@ def preflight(overrides: list[str], conf_dir: Path) -> None:
     run_dir = Path(str(cfg.hydra.run.dir))
     with open_dict(cfg):
         del cfg["hydra"]
-    check_resume(check_config(cfg, run_dir))
+    checked = check_config(cfg, run_dir)
+    check_resume(checked)
+    check_other_runs(checked.cfg.trainer, run_dir)
+
+
+def check_other_runs(tcfg, run_dir: Path) -> None:
+    """A job that will not resume from its checkpoint directory, while another run's checkpoints are in it:
+    the refusal ``Trainer._resume`` makes (``CheckpointManager.claim``), here before any process starts.
+
+    ``trainer.resume=auto`` is left to the trainer (which checkpoint it finds is decided at start).
+    """
+    if tcfg.resume == "auto":
+        return
+    from dist_supernet.train.checkpoint import CheckpointManager
+
+    ckpts = CheckpointManager(Path(tcfg.checkpoint_dir) if tcfg.checkpoint_dir else Path(run_dir) / "checkpoints")
+    inside = tcfg.resume != "never" and not tcfg.resume_weights_only and \
+        Path(tcfg.resume).resolve().parent == ckpts.directory.resolve()
+    if not inside:  # resuming a checkpoint of this directory continues its run: the trainer adopts it
+        ckpts.claim(None, "trainer.resume", tcfg.resume)
 
 
 def check_resume(trainer) -> None:

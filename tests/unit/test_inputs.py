@@ -24,7 +24,7 @@ from dist_supernet.data import load_dataset
 from dist_supernet.models import build_model
 from dist_supernet.train.checkpoint import read_checkpoint
 from dist_supernet.train.config import ConfigError, validate
-from dist_supernet.train.preflight import check_can_hold_file, check_resume
+from dist_supernet.train.preflight import check_can_hold_file, check_resume, preflight
 from dist_supernet.train.trainer import Trainer
 from dist_supernet.train.untrusted import check_directory
 from tests.distributed.jobs import launcher, run, single, torchrun
@@ -262,6 +262,9 @@ def test_a_resume_that_cannot_continue_is_one_line_before_training(plain_checkpo
         with pytest.raises(ConfigError, match=message):
             Trainer(_compose(*PLAIN, *overrides), output_dir=run_dir)
         assert not dist.is_initialized()  # a refused resume releases the process group and the locks
+    # The launchers' pre-flight makes the same refusal before torchrun starts.
+    with pytest.raises(ConfigError, match=r"^trainer\.resume=never: .* holds 1 checkpoint of another run"):
+        preflight([*PLAIN, "trainer.resume=never", f"hydra.run.dir={run_dir}"], REPO / "conf")
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["run.lock", plain_checkpoint.name]
     read_checkpoint(run_dir / "checkpoints" / plain_checkpoint.name)  # untouched: every digest still matches
 
