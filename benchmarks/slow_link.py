@@ -469,7 +469,7 @@ def main(argv=None):
                         help="comma-separated modules to import first (here and in every worker): the "
                              "collectives and baselines they register become methods")
     parser.add_argument("--links", nargs="+", default=LINKS, help="tc rates (100mbit, 1gbit, ...) and/or loopback")
-    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn", "tiny"])
+    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=sorted(step_worker.MODELS))
     every = step_worker.method_names()
     parser.add_argument("--methods", default=",".join(methods), help=f"comma-separated, from {', '.join(every)}")
     parser.add_argument("--nproc-per-node", type=int, default=1,

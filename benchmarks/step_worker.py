@@ -120,7 +120,18 @@ MODELS = {
     "cnn": (lambda: CNN(3, 32, [64, 128, 256, 512, 1024, 1024], NUM_CLASSES), 32),
     # --quick: small enough that a smoke run takes seconds
     "tiny": (lambda: MLP(3 * 32 * 32, [256], NUM_CLASSES), 32),
+    # A character-level transformer (dist_supernet.models.gpt): 6 layers x 8 heads x 256, tied head, 4.8M
+    # parameters; a batch is 8 windows of 128 tokens (batches of random tokens: step time, not learning).
+    "gpt": (lambda: _gpt(), 8),
 }
+GPT_VOCAB, GPT_BLOCK = 96, 128
+TEXT_MODELS = {"gpt": (GPT_VOCAB, GPT_BLOCK)}  # name -> (vocabulary, tokens per window)
+
+
+def _gpt():
+    from dist_supernet.models.gpt import GPT, GPTConfig
+
+    return GPT(GPTConfig(vocab_size=GPT_VOCAB, block_size=GPT_BLOCK, n_layer=6, n_head=8, n_embd=256))
 
 
 def read_iface_bytes(iface: str | None) -> dict | None:
@@ -257,7 +268,8 @@ def train_step(ddp_model, opt, batch, *, sync: bool):
     opt.zero_grad(set_to_none=True)
     with contextlib.nullcontext() if sync else ddp_model.no_sync():
         with span("step: forward"):
-            loss = F.cross_entropy(ddp_model(x), y)
+            logits = ddp_model(x)  # [B, classes], or [B, T, vocab] for a text model
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
         with span("step: backward (waits for every bucket's reduction)"):
             loss.backward()
     with span("step: optimizer"):
@@ -398,8 +410,13 @@ def main(argv=None):
     timing_group = dist.new_group(backend="gloo")  # barriers and result gathering, apart from DDP's
     _, batch_size = MODELS[args.model]
     generator = torch.Generator().manual_seed(1 + dist.get_rank())
-    batch = (torch.randn(batch_size, *IMAGE_SHAPE, generator=generator),
-             torch.randint(0, NUM_CLASSES, (batch_size,), generator=generator))
+    if args.model in TEXT_MODELS:
+        vocab, block = TEXT_MODELS[args.model]
+        tokens = torch.randint(0, vocab, (batch_size, block + 1), generator=generator)
+        batch = (tokens[:, :-1], tokens[:, 1:])
+    else:
+        batch = (torch.randn(batch_size, *IMAGE_SHAPE, generator=generator),
+                 torch.randint(0, NUM_CLASSES, (batch_size,), generator=generator))
 
     results = run_methods(methods, args, batch, timing_group)
     if dist.get_rank() == 0:

@@ -174,6 +174,11 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             torch.nn.init.zeros_(module.bias)
 
+    def fsdp_units(self) -> list[nn.Module]:
+        """The blocks: what FSDP2 shards as its own units (the root keeps the embeddings, ``ln_f`` and the head,
+        tied to the token embedding: a tied parameter must stay in one unit)."""
+        return list(self.transformer.h)
+
     def num_params(self) -> int:
         """Parameters, each tied tensor counted once."""
         return sum(p.numel() for p in self.parameters())
