@@ -81,3 +81,13 @@ def run_workers(fn, world_size, *args, timeout_s=180, local_world_size=None, env
 
 def _rank_of(procs, proc):
     return procs.index(proc)
+
+
+def identical_across_ranks(tensor) -> bool:
+    """True on every rank when ``tensor`` holds the same values on every rank (a collective)."""
+    import torch
+    import torch.distributed as dist
+
+    rows = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(rows, tensor)
+    return all(torch.equal(rows[0], row) for row in rows)

@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dist_supernet import Birder
-from tests.distributed.harness import run_workers
+from tests.distributed.harness import identical_across_ranks, run_workers
 
 BETA = 0.9
 
@@ -42,11 +42,6 @@ def _batch(step, rank, micro=0):
 def _flat(model):
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
-
-def _identical_across_ranks(tensor):
-    rows = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(rows, tensor)
-    return all(torch.equal(rows[0], row) for row in rows)
 
 
 def _make(collective, requantize=False, num_nodes=None, **ddp_kwargs):
@@ -94,7 +89,7 @@ def _train_worker(rank, world_size):
             opt.zero_grad()
             loss.backward()
             opt.step()
-        checks[f"{tag}/replicas_identical"] = _identical_across_ranks(_flat(model))
+        checks[f"{tag}/replicas_identical"] = identical_across_ranks(_flat(model))
         checks[f"{tag}/frozen_unmoved"] = torch.equal(model.frozen.weight, frozen0)
         checks[f"{tag}/unused_unmoved"] = torch.equal(model.unused.weight, unused0)
         checks[f"{tag}/unused_state_zero"] = bool(opt.state[model.unused.weight]["m"].eq(0).all())
@@ -121,7 +116,7 @@ def _train_worker(rank, world_size):
         opt.step()
         opt.zero_grad()
     checks["no_sync/one_exchange_per_step"] = opt.comm_stats.num_exchanges == 4
-    checks["no_sync/replicas_identical"] = _identical_across_ranks(_flat(model))
+    checks["no_sync/replicas_identical"] = identical_across_ranks(_flat(model))
     # Buckets compressed and sent in pieces (split inside parameters, 8-element aligned) give the whole
     # bucket's result bit for bit: parameters and this rank's m, b equal, replicas identical.
     for collective, requantize, num_nodes in [("allgather", False, None), ("two_phase", True, None),
@@ -139,10 +134,10 @@ def _train_worker(rank, world_size):
             finals[piece_numel] = (_flat(model), opt.rank_state()["m"], opt.rank_state()["b"])
             if piece_numel is None:  # sized by the link: every rank agreed on the same next piece size
                 agreed = torch.tensor([opt.hook_state.piece_log2])
-                checks[f"pieces/{collective}/size_agreed"] = _identical_across_ranks(agreed) and 16 <= int(agreed) <= 24
+                checks[f"pieces/{collective}/size_agreed"] = identical_across_ranks(agreed) and 16 <= int(agreed) <= 24
         tag = f"pieces/{collective}{'+requantize' if requantize else ''}"
         checks[f"{tag}/same_as_whole_buckets"] = all(torch.equal(a, b) for a, b in zip(finals[None], finals[64]))
-        checks[f"{tag}/replicas_identical"] = _identical_across_ranks(finals[64][0])
+        checks[f"{tag}/replicas_identical"] = identical_across_ranks(finals[64][0])
     # A NaN on rank 1 only: every rank skips that step with x unchanged; NaN/Inf elements never enter
     # m, b (rank 1's gradient is all NaN: its m, b stay), finite ones do (rank 0's m, b take the step).
     # Buckets go in pieces of 64 elements here: the non-finite flag is raised by any piece.
@@ -170,7 +165,7 @@ def _train_worker(rank, world_size):
     checks["nan/first_param_is_fc1"] = opt.last_skip["param_index"] == 0  # the same name on every rank
     _run_steps(ddp, opt, rank, range(4, 6))
     checks["nan/trains_on"] = opt.consecutive_skips == 0 and not torch.equal(_flat(model), params_before)
-    checks["nan/replicas_identical"] = _identical_across_ranks(_flat(model))
+    checks["nan/replicas_identical"] = identical_across_ranks(_flat(model))
     return checks
 
 
@@ -215,7 +210,7 @@ def _resume_worker(rank, world_size, checkpoint_path):
     return {
         "bit_identical": torch.equal(_flat(model), uninterrupted),
         "step": resumed_step,
-        "replicas_identical": _identical_across_ranks(_flat(model)),
+        "replicas_identical": identical_across_ranks(_flat(model)),
     }
 
 
@@ -257,7 +252,7 @@ def _powersgd_worker(rank, world_size):
         opt.zero_grad()
         ddp(x).pow(2).mean().backward()
         opt.step()
-    return {"replicas_identical": _identical_across_ranks(_flat(model)), "exchanges": stats.num_exchanges}
+    return {"replicas_identical": identical_across_ranks(_flat(model)), "exchanges": stats.num_exchanges}
 
 
 def test_powersgd_baseline_with_several_buckets_on_gloo():

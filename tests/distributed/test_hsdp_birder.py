@@ -18,7 +18,7 @@ from torch import nn
 from dist_supernet import Birder
 from dist_supernet.comm import mix_seed
 from dist_supernet.kernels import reference as ref
-from tests.distributed.harness import run_workers
+from tests.distributed.harness import identical_across_ranks, run_workers
 
 LR, WD, BETA, SEED = 0.01, 0.1, 0.9, 3
 VOCAB, WIDTH, SEQ = 11, 6, 5
@@ -90,11 +90,6 @@ def _device(model):
 def _full(model):
     return torch.cat([p.full_tensor().reshape(-1) for p in model.parameters()])
 
-
-def _identical_across_ranks(tensor):
-    rows = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(rows, tensor)
-    return all(torch.equal(rows[0], row) for row in rows)
 
 
 def _branch_used(step, rank):
@@ -193,7 +188,7 @@ def _train_and_check(checks, name, rank, world_size, mesh, num_nodes, reduce_dty
             if track_unused else None
         checks[f"{name}: reference"] = _reference([e[0] for e in everything], [e[1] for e in everything],
                                                   world_size, num_nodes, shapes, requires_grad, used)
-    checks[f"{name}: replicas identical"] = _identical_across_ranks(_full(model))
+    checks[f"{name}: replicas identical"] = identical_across_ranks(_full(model))
     checks[f"{name}: exchanges"] = opt.comm_stats.snapshot()["num_exchanges"]
     checks[f"{name}: frozen unchanged"] = torch.equal(_local(model.frozen.weight).cpu(), initial[1])
     checks[f"{name}: state floats"] = opt.compressor.m.numel()
@@ -234,7 +229,7 @@ def _hsdp_worker(rank, world_size, num_nodes, device="cpu"):
             checks[f"overflow {step}: params unchanged"] = torch.equal(before, _full(model))
     checks["overflow: scale"] = scaler.get_scale()
     checks["overflow: birder skips"] = opt.skipped_steps
-    checks["overflow: replicas identical"] = _identical_across_ranks(_full(model))
+    checks["overflow: replicas identical"] = identical_across_ranks(_full(model))
     return checks
 
 

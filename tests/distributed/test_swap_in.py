@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dist_supernet import Birder, BirderDDP
-from tests.distributed.harness import run_workers
+from tests.distributed.harness import identical_across_ranks, run_workers
 
 LR_DECAY, WD_DECAY = 0.01, 0.5  # distinct per group so a wrong lr or wd shows in the decoded update
 LR_NO_DECAY, WD_NO_DECAY = 0.002, 0.0
@@ -58,11 +58,6 @@ def _batch(step, rank, micro=0):
 def _flat(model):
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
-
-def _same_on_all_ranks(tensor):
-    rows = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(rows, tensor)
-    return all(torch.equal(rows[0], row) for row in rows)
 
 
 def _decoded_mean(before, after, lr, wd):
@@ -122,7 +117,7 @@ def _construction_worker(rank, world_size):
     F.cross_entropy(local(x), y).backward()
     checks["grad_is_local"] = all(torch.allclose(p.grad, q.grad, atol=1e-6)
                                   for p, q in zip(model.parameters(), local.parameters()))
-    checks["grad_differs_across_ranks"] = not _same_on_all_ranks(torch.cat([p.grad.reshape(-1)
+    checks["grad_differs_across_ranks"] = not identical_across_ranks(torch.cat([p.grad.reshape(-1)
                                                                               for p in model.parameters()]))
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     opt.step()
@@ -137,7 +132,7 @@ def _construction_worker(rank, world_size):
     _train(ddp, opt, 4, rank, start=1)
     stats = opt.comm_stats.snapshot()
     checks["attach"] = dict(hooked=opt.hooked, steps=opt.num_steps, bytes=stats["bytes_total"],
-                            exchanges=stats["num_exchanges"], in_sync=_same_on_all_ranks(_flat(model)))
+                            exchanges=stats["num_exchanges"], in_sync=identical_across_ranks(_flat(model)))
     reference = _flat(model)
 
     # 2. The same run through the other construction paths: bit-identical parameters.
@@ -158,7 +153,7 @@ def _construction_worker(rank, world_size):
         _train(ddp, opt, 5, rank)
         stats = opt.comm_stats.snapshot()
         paths[path] = dict(hooked=opt.hooked, steps=opt.num_steps, bytes=stats["bytes_total"],
-                           in_sync=_same_on_all_ranks(_flat(model)),
+                           in_sync=identical_across_ranks(_flat(model)),
                            same_as_attach=torch.equal(_flat(model), reference))
     checks["paths"] = paths
 
@@ -251,9 +246,9 @@ def _habits_worker(rank, world_size):
         scales.append(scaler.get_scale())
         moved.append(not torch.equal(before, _flat(model)))
     checks["scaler"] = dict(scales=scales, moved=moved, grad_finite=grad_finite, steps=opt.num_steps,
-                            in_sync=_same_on_all_ranks(_flat(model)))
+                            in_sync=identical_across_ranks(_flat(model)))
     scales_tensor = torch.tensor(scales)
-    checks["scaler"]["scales_equal"] = _same_on_all_ranks(scales_tensor)
+    checks["scaler"]["scales_equal"] = identical_across_ranks(scales_tensor)
     return checks
 
 
@@ -298,7 +293,7 @@ def _checkpoint_worker(rank, world_size, path):
     checks["resumed_with_rank0_m"] = torch.equal(rank0_m, mine_m)
     checks["resumed_step"] = opt2.num_steps
     _train(ddp2, opt2, 2, rank)
-    checks["resumed_in_sync"] = _same_on_all_ranks(_flat(resumed))
+    checks["resumed_in_sync"] = identical_across_ranks(_flat(resumed))
 
     # consolidate_state_dict() inside an `if rank == 0:` block: raises in seconds instead of hanging.
     birder_module._CONSOLIDATE_TIMEOUT_S = 2.0
