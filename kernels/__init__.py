@@ -18,7 +18,8 @@ All backends give the same bits, m, b and x. Importing this package needs neithe
 triton nor a GPU.
 
 Example::
-    >>> import torch, kernels
+    >>> import torch
+    >>> from dist_supernet import kernels
     >>> bits = kernels.pack_bits(torch.tensor([True, False, True]))
     >>> int(bits[0])
     5
@@ -31,7 +32,34 @@ import sys
 import threading
 import warnings
 
-from dist_supernet.kernels import reference
+
+def _hand_over_top_level_name() -> None:
+    """Reached as top-level ``kernels`` (the repository root on sys.path): give the name to its owner.
+
+    ``python -m pytest`` or ``python -m ...`` run from a clone puts the repository root first on
+    sys.path, where this folder then answers ``import kernels``, the name of Hugging Face's package
+    (transformers imports it when it is installed, and fails on ours). This folder is
+    ``dist_supernet.kernels``; the top-level name is resolved on the rest of sys.path instead.
+    """
+    import importlib.machinery
+    import importlib.util
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rest = [p for p in sys.path if os.path.abspath(p or os.curdir) != root]
+    spec = importlib.machinery.PathFinder.find_spec("kernels", rest)
+    if spec is None:
+        raise ModuleNotFoundError(f"No module named 'kernels' ({os.path.dirname(os.path.abspath(__file__))} "
+                                  "is dist_supernet.kernels, not a top-level package)", name="kernels")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["kernels"] = module  # what the import statement returns once this file has run
+    spec.loader.exec_module(module)
+
+
+if __name__ == "kernels":
+    _hand_over_top_level_name()
+
+from dist_supernet.kernels import reference  # noqa: E402 (after the top-level-name check)
 from dist_supernet.kernels.reference import count_bits, index_map, num_bytes
 from dist_supernet.kernels.registry import BACKENDS, OPS, implementation
 

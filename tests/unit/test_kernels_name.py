@@ -41,3 +41,40 @@ def test_a_top_level_kernels_package_does_not_shadow_ours(tmp_path):
                             timeout=180, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith("ok "), result.stdout
+
+
+# The reverse: `python -m pytest` / `python -m ...` run from a clone put the repository root first on
+# sys.path, where our kernels/ folder answers `import kernels`. transformers imports Hugging Face's
+# package by that name, so the folder must hand the name over (and say it is not a top-level package
+# when nothing else provides one), not fail transformers with our own module.
+_ROOT_FIRST = textwrap.dedent("""
+    import importlib, os, sys
+    root, stub_dir = sys.argv[1], sys.argv[2]
+    others = [p for p in sys.path if p and os.path.abspath(p) != root
+              and not os.path.isdir(os.path.join(p, "kernels"))]
+    sys.path[:] = [root] + others                     # no top-level kernels anywhere but our folder
+    try:
+        import kernels
+        print("imported", kernels.__file__)
+    except ModuleNotFoundError as error:
+        assert error.name == "kernels" and "dist_supernet.kernels" in str(error), error
+    sys.modules.pop("kernels", None)
+    sys.path.append(stub_dir)                         # Hugging Face's, installed after the clone's root
+    import kernels
+    assert kernels.HUB == "huggingface", kernels.__file__
+    from dist_supernet import kernels as ours
+    assert ours.__name__ == "dist_supernet.kernels" and callable(ours.compress)
+    print("ok")
+""")
+
+
+def test_our_folder_on_sys_path_hands_the_top_level_name_over(tmp_path):
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text('HUB = "huggingface"\n')
+    result = subprocess.run([sys.executable, "-c", _ROOT_FIRST, root, str(tmp_path)], capture_output=True,
+                            text=True, timeout=180, cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout == "ok\n", result.stdout
