@@ -521,8 +521,15 @@ class Birder(ReportsSkips, torch.optim.Optimizer):
         instead of hanging. Checkpoints of the training app do not use it: each
         rank saves its own m, b (torch.distributed.checkpoint).
         """
-        topo = self.hook_state.topology
-        flat = torch.stack([self.compressor.m, self.compressor.b])
+        topo = self.hook_state.flag_topology  # every rank of the job, like state_dict / load_state_dict
+        # Rows in param-group order (the state dict's parameter indices), not the compressor's canonical
+        # order: that is the DDP module's order once attached, the groups' before, and a Birder may load
+        # before its attach (the Hugging Face Trainer loads its checkpoint, then the callback attaches).
+        comp = self.compressor
+        own = self._own_params()
+        flat = torch.stack([torch.cat([comp.views(p)[key].reshape(-1) for p in own]) if own else
+                            torch.zeros(0, device=comp.device) for key in ("m", "b")])
+        self._consolidated_step = self.hook_state.step
         if not (dist.is_available() and dist.is_initialized()) or topo.world_size == 1:
             self._consolidated = flat.unsqueeze(0).clone()
             return
@@ -530,6 +537,25 @@ class Birder(ReportsSkips, torch.optim.Optimizer):
         rows = [torch.empty_like(flat) for _ in range(topo.world_size)] if topo.rank == to else None
         dist.gather(flat, gather_list=rows, dst=to)
         self._consolidated = torch.stack(rows) if topo.rank == to else None
+
+    def _own_params(self) -> list:
+        """The parameters of every group, in the state dict's index order."""
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _load_in_group_order(self, flat: torch.Tensor) -> None:
+        """Copy ``flat`` ([2 (m, b), T], param-group order, see consolidate_state_dict) into the live views."""
+        comp = self.hook_state.compressor
+        views = [comp.views(p) for p in self._own_params()]  # FSDP2: this rank's shard of each parameter
+        total = sum(v["m"].numel() for v in views)
+        if flat.shape[-1] != total:
+            raise ValueError(f"Birder.load_state_dict: per_rank holds {flat.shape[-1]} elements per rank, this "
+                             f"optimizer's param groups hold {total}")
+        offset = 0
+        for view in views:
+            n = view["m"].numel()
+            for row, key in enumerate(("m", "b")):
+                view[key].copy_(flat[row, offset:offset + n].reshape(view[key].shape))
+            offset += n
 
     def _arrive_all(self, what: str) -> None:
         """A store rendezvous with a deadline: a call made on one rank only fails in one line instead of hanging."""
@@ -556,6 +582,13 @@ class Birder(ReportsSkips, torch.optim.Optimizer):
         """torch's convention: this rank's own state (m, b per parameter), no collective; plus ``birder`` extras."""
         state_dict = super().state_dict()
         topo = self.hook_state.flag_topology  # every rank of the job (FSDP: the replica topology is smaller)
+        per_rank = getattr(self, "_consolidated", None)
+        if per_rank is not None and getattr(self, "_consolidated_step", None) != self.hook_state.step:
+            # Taken before a step that moved m, b: an exact resume from it would be silently wrong.
+            warnings.warn(f"Birder: the m, b consolidated at step {self._consolidated_step} are left out of this "
+                          f"step-{self.hook_state.step} state dict (call consolidate_state_dict() right before "
+                          "saving)", stacklevel=2)
+            per_rank = None
         state_dict["birder"] = {
             "step": self.hook_state.step,
             "seed": self.hook_state.compressor.seed,
@@ -564,8 +597,9 @@ class Birder(ReportsSkips, torch.optim.Optimizer):
             "rank": topo.rank,
             "comm_stats": self.hook_state.stats.state_dict(),
             "num_nodes": getattr(self.hook_state, "num_nodes", None),  # FSDP2: the replicas m, b was saved by
-            # [world_size, 2 (m, b), T] after consolidate_state_dict(), else absent
-            "per_rank": getattr(self, "_consolidated", None),
+            # [world_size, 2 (m, b), T] after consolidate_state_dict(), else absent; T in param-group order
+            "per_rank": per_rank,
+            "per_rank_order": "param_groups",
         }
         self._consolidated = None
         return state_dict
@@ -593,7 +627,10 @@ class Birder(ReportsSkips, torch.optim.Optimizer):
                     f"{topo.world_size}: every rank starts from their mean", stacklevel=2,
                 )
                 flat = per_rank.mean(dim=0)
-            comp.load_flat(flat[0], flat[1])
+            if extra.get("per_rank_order") == "param_groups":
+                self._load_in_group_order(flat)
+            else:  # written before per_rank_order existed: the compressor's canonical order
+                comp.load_flat(flat[0], flat[1])
         else:
             saved_world = extra.get("world_size", topo.world_size)
             if saved_world != topo.world_size or extra.get("rank", topo.rank) != topo.rank:

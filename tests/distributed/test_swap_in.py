@@ -336,6 +336,32 @@ def _consolidate_worker(rank, world_size):
     opt.consolidate_state_dict(to=0)  # on every rank: rank 0's state_dict holds every rank's m, b
     saved = opt.state_dict()
     checks["per_rank_shape"] = None if saved["birder"]["per_rank"] is None else tuple(saved["birder"]["per_rank"].shape)
+    # Rank 0's file, loaded on every rank into a fresh Birder built from the same groups (whose order is
+    # not the module's), before the attach (the Hugging Face Trainer loads, then its callback attaches)
+    # and after it: each rank gets its own m, b back, parameter by parameter.
+    shared = [saved if rank == 0 else None]
+    dist.broadcast_object_list(shared, src=0)
+    own_m = [opt.state[p]["m"].clone() for p in model.parameters()]
+    own_b = [opt.state[p]["b"].clone() for p in model.parameters()]
+    for when in ("before_attach", "after_attach"):
+        fresh = _model()
+        fresh_opt = Birder(_groups(fresh), lr=0.01, seed=6)
+        if when == "after_attach":
+            fresh_opt.attach(DDP(fresh, bucket_cap_mb=0.001))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # every rank's own state: no fallback warning
+            fresh_opt.load_state_dict(shared[0])
+        if when == "before_attach":
+            fresh_opt.attach(DDP(fresh, bucket_cap_mb=0.001))
+        checks[f"own_state_{when}"] = all(
+            torch.equal(fresh_opt.state[p]["m"], m) and torch.equal(fresh_opt.state[p]["b"], b)
+            for p, m, b in zip(fresh.parameters(), own_m, own_b))
+    # A consolidation that no save followed (a step ran since) is stale: state_dict() leaves it out.
+    opt.consolidate_state_dict(to=0)
+    _train(ddp, opt, 1, rank, start=2)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        checks["stale_per_rank"] = opt.state_dict()["birder"]["per_rank"] is not None
     if rank == 0:  # the mistake: inside the rank-0 save block
         try:
             opt.consolidate_state_dict(to=0)
@@ -358,3 +384,5 @@ def test_consolidate_on_every_rank_works_after_a_one_rank_call():
     assert results[0]["per_rank_shape"][:2] == (2, 2), results[0]
     for rank, checks in enumerate(results):
         assert checks["retry"] == "ok", (rank, checks["retry"])
+        assert checks["own_state_before_attach"] and checks["own_state_after_attach"], (rank, checks)
+        assert not checks["stale_per_rank"], (rank, checks)
