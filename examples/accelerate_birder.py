@@ -1,8 +1,9 @@
 """Birder in Hugging Face Accelerate: keep a handle on Birder, ``prepare``, then attach it to the DDP model.
 
 ``accelerator.prepare(model, optimizer)`` wraps the model in DistributedDataParallel and the
-optimizer in an ``AcceleratedOptimizer``; the one added line attaches Birder (the object you built,
-or ``optimizer.optimizer``) to the wrapped model. Accelerate's habits keep working:
+optimizer in an ``AcceleratedOptimizer``; the one added line, ``attach(model, optimizer)`` from
+:mod:`dist_supernet.integrations.accelerate`, attaches the Birder inside to the wrapped model.
+Accelerate's habits keep working:
 ``accelerator.accumulate(model)`` uses ``no_sync()`` (one 1-bit exchange per optimizer step),
 ``accelerator.clip_grad_norm_`` clips this rank's own gradient (it cannot rescale Birder's update),
 and ``mixed_precision="bf16"`` autocasts. On one process (no DDP wrap) there is nothing to attach
@@ -18,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
 
 from dist_supernet import Birder
+from dist_supernet.integrations.accelerate import attach
 
 
 def digits_loader(batch_size=32, seed=0):
@@ -48,8 +49,7 @@ def train(max_steps=100, lr=3e-3, weight_decay=0.1, accumulate=2, clip=1.0, mixe
     birder = Birder([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                     lr=lr)  # was: torch.optim.AdamW(...)
     model, optimizer, loader = accelerator.prepare(model, birder, digits_loader(seed=seed))
-    if isinstance(model, DistributedDataParallel):
-        birder.attach(model)  # the one added line: the 1-bit exchange replaces DDP's fp32 all-reduce
+    attach(model, optimizer)  # the one added line: the 1-bit exchange replaces DDP's fp32 all-reduce
     losses, step = [], 0
     while step < max_steps:
         for x, y in loader:

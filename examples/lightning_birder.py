@@ -1,14 +1,7 @@
-"""Birder in PyTorch Lightning: ``configure_optimizers`` returns Birder, a 6-line strategy attaches it.
+"""Birder in PyTorch Lightning: ``configure_optimizers`` returns Birder, the library's strategy attaches it.
 
-Why a strategy subclass and not ``DDPStrategy(ddp_comm_hook=..., ddp_comm_state=...)``:
-Lightning 2.x registers ``ddp_comm_hook`` only when the root device is CUDA (on CPU/gloo it is
-dropped without a word), and the hook state would have to exist before the process group does.
-Lightning builds the optimizers right after it wraps the model in DDP
-(``DDPStrategy.setup``: ``configure_ddp()`` then ``setup_optimizers()``), so the subclass attaches
-every Birder there, on every rank, on CPU and GPU alike. Lightning's own habits keep working:
-``gradient_clip_val`` clips this rank's own gradient (it cannot rescale Birder's update),
-``accumulate_grad_batches`` uses ``no_sync()`` (one 1-bit exchange per optimizer step), and
-``precision="bf16-mixed"`` autocasts.
+The two changed lines are marked ``was:`` below; why a ``DDPStrategy`` subclass and what keeps
+working (clipping, accumulation, bf16): :mod:`dist_supernet.integrations.lightning`.
 
 Example::
     torchrun --standalone --nproc_per_node=2 examples/lightning_birder.py --max-steps 100
@@ -19,21 +12,11 @@ import argparse
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.strategies import DDPStrategy
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from dist_supernet import Birder
-
-
-class BirderDDPStrategy(DDPStrategy):
-    """DDPStrategy that attaches every Birder optimizer to the DDP module Lightning just built."""
-
-    def setup_optimizers(self, trainer):
-        super().setup_optimizers(trainer)  # calls configure_optimizers(), after configure_ddp()
-        for optimizer in self.optimizers:
-            if isinstance(optimizer, Birder) and not optimizer.hooked:
-                optimizer.attach(self.model)  # self.model is the DistributedDataParallel module here
+from dist_supernet.integrations.lightning import BirderDDPStrategy
 
 
 class DigitsClassifier(pl.LightningModule):
@@ -75,7 +58,7 @@ def digits_loader(batch_size=32, seed=0):
 def make_trainer(max_steps, *, devices=2, accumulate=1, clip=1.0, precision="32-true", root_dir="."):
     return pl.Trainer(
         accelerator="cpu", devices=devices, num_nodes=1, max_steps=max_steps,
-        strategy=BirderDDPStrategy(process_group_backend="gloo"),
+        strategy=BirderDDPStrategy(process_group_backend="gloo"),  # was: strategy="ddp"
         accumulate_grad_batches=accumulate, gradient_clip_val=clip, precision=precision,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         default_root_dir=root_dir,
