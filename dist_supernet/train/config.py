@@ -153,6 +153,7 @@ class TrainerConfig:
     inject_nan_at_steps: list[int] = dataclasses.field(default_factory=list)
     parallelism: str = "ddp"
     inject_divergence_at_step: int | None = None
+    tensorboard: str | bool = "auto"
 
 
 def compression_schemas() -> dict[str, type]:
@@ -316,6 +317,15 @@ def _check_ranges(group: str, obj) -> None:
                "steps are 1-based, each must be >= 1")
         _check(obj.inject_divergence_at_step is None or obj.inject_divergence_at_step >= 1,
                k("inject_divergence_at_step"), obj.inject_divergence_at_step, "steps are 1-based, must be >= 1")
+        _check(isinstance(obj.tensorboard, bool) or obj.tensorboard == "auto", k("tensorboard"), obj.tensorboard,
+               "expected auto, true or false")
+        if obj.tensorboard is True:
+            from dist_supernet.train.metrics import tensorboard_import_error
+
+            error = tensorboard_import_error()
+            _check(error is None, k("tensorboard"), obj.tensorboard,
+                   f"needs the tensorboard package (pip install tensorboard; or trainer.tensorboard=auto to write "
+                   f"event files only when it is installed): {error}")
         if obj.checkpoint_dir is not None:
             from dist_supernet.train.untrusted import check_directory
 

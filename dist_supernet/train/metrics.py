@@ -1,14 +1,21 @@
-"""What rank 0 writes while training: metrics.jsonl, metrics.csv, loss.png, a progress bar.
+"""What rank 0 writes while training: metrics.jsonl, metrics.csv, TensorBoard events, loss.png, a progress bar.
 
 ``metrics.jsonl`` has one JSON object per logged step, ``metrics.csv`` the same
-rows with a fixed header (columns a row lacks are empty). On resume the rows
-after the checkpoint's step are dropped, so a restarted run's files read as if
-it had never stopped. On other ranks every method is a no-op.
+rows with a fixed header (columns a row lacks are empty), and with
+``trainer.tensorboard`` (``auto``: when ``torch.utils.tensorboard`` imports) the
+same numbers as TensorBoard scalars in event files in the run directory
+(``tensorboard --logdir outputs``; tags in :data:`TENSORBOARD_TAGS`). On resume
+the rows after the checkpoint's step are dropped, and the event file written
+next purges the later events of the earlier ones (``SummaryWriter(purge_step=)``),
+so a restarted run's files read as if it had never stopped. On other ranks every
+method is a no-op.
 
 Example::
-    >>> writer = MetricsWriter(out_dir, enabled=(rank == 0))
+    >>> writer = MetricsWriter(out_dir, enabled=(rank == 0), tensorboard="auto")
     >>> writer.write({"step": 10, "loss": 0.5, "wall_time_s": 1.2, "bytes_sent": 4096})
+    >>> writer.scalars({"subnet/max/accuracy": 0.98}, step=10)
     >>> writer.plot_loss(out_dir / "loss.png")
+    >>> writer.close()
 """
 
 import csv
@@ -23,15 +30,49 @@ CSV_COLUMNS = (
     "step", "epoch", "loss", "lr", "wall_time_s", "bytes_sent", "bytes_intra", "bytes_inter",
     "val_loss", "val_accuracy", "skipped_steps", "train_time_s", "val_perplexity",  # new columns go last
 )
+# A metrics row's key -> its TensorBoard tag (keys a row lacks are not written).
+TENSORBOARD_TAGS = {
+    "loss": "train/loss",
+    "lr": "train/lr",
+    "train_time_s": "train/train_time_s",
+    "skipped_steps": "train/skipped_steps",
+    "bytes_sent": "comm/bytes_sent",
+    "bytes_intra": "comm/bytes_intra",
+    "bytes_inter": "comm/bytes_inter",
+    "val_loss": "val/loss",
+    "val_accuracy": "val/accuracy",
+    "val_perplexity": "val/perplexity",
+}
+# Also written: train/step_time_s, seconds per step in train_step alone since the previous row
+# (Δtrain_time_s / Δstep: no evaluation, logging or checkpoints).
+
+
+def tensorboard_import_error() -> str | None:
+    """Why ``torch.utils.tensorboard`` does not import here (None: it does)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except Exception as error:  # a broken install (protobuf) raises more than ImportError
+        return f"{type(error).__name__}: {error}"
+    return None
 
 
 class MetricsWriter:
-    """Appends rows to ``metrics.jsonl`` and ``metrics.csv`` in ``out_dir``."""
+    """Appends rows to ``metrics.jsonl`` and ``metrics.csv`` in ``out_dir``, and TensorBoard scalars.
 
-    def __init__(self, out_dir: str | Path, *, enabled: bool):
+    ``tensorboard``: ``"auto"`` (event files when ``torch.utils.tensorboard`` imports, silent
+    otherwise), ``True`` (the config check made sure it imports) or ``False``.
+    """
+
+    def __init__(self, out_dir: str | Path, *, enabled: bool, tensorboard: str | bool = False):
         self.enabled = enabled
-        self.jsonl_path = Path(out_dir) / "metrics.jsonl"
-        self.csv_path = Path(out_dir) / "metrics.csv"
+        self.out_dir = Path(out_dir)
+        self.jsonl_path = self.out_dir / "metrics.jsonl"
+        self.csv_path = self.out_dir / "metrics.csv"
+        self.tensorboard = tensorboard
+        self._summary_writer = None
+        self._purge_step = None  # set on resume: the next event file hides the earlier files' later events
+        self._last_timing = (0, 0.0)  # (step, train_time_s) of the previous row: train/step_time_s
+        self._tensorboard_off = not enabled or tensorboard is False
 
     def rows(self) -> list[dict]:
         if not self.jsonl_path.is_file():
@@ -43,7 +84,10 @@ class MetricsWriter:
         """Keep only rows with ``row["step"] <= step`` (resume from a checkpoint at ``step``)."""
         if not self.enabled:
             return
+        self._purge_step = step + 1
         kept = [row for row in self.rows() if row["step"] <= step]
+        timed = [row for row in kept if "train_time_s" in row]
+        self._last_timing = (timed[-1]["step"], timed[-1]["train_time_s"]) if timed else None
         self.jsonl_path.write_text("".join(json.dumps(row) + "\n" for row in kept))
         with open(self.csv_path, "w", newline="") as f:
             writer = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
@@ -61,7 +105,45 @@ class MetricsWriter:
             if new_csv:
                 writer.writeheader()
             writer.writerow(row)
+        values = {tag: row[key] for key, tag in TENSORBOARD_TAGS.items() if row.get(key) is not None}
+        if self._last_timing is not None and "train_time_s" in row and row["step"] > self._last_timing[0]:
+            last_step, last_time = self._last_timing
+            values["train/step_time_s"] = (row["train_time_s"] - last_time) / (row["step"] - last_step)
+        self._last_timing = (row["step"], row["train_time_s"]) if "train_time_s" in row else None
+        self.scalars(values, step=row["step"])
 
+    def scalars(self, values: dict[str, float], *, step: int) -> None:
+        """TensorBoard scalars ``{tag: value}`` at ``step`` (a no-op without TensorBoard, and off rank 0)."""
+        writer = self._tensorboard_writer()
+        if writer is None:
+            return
+        for tag, value in values.items():
+            writer.add_scalar(tag, float(value), global_step=step)
+
+    def _tensorboard_writer(self):
+        if self._summary_writer is None and not self._tensorboard_off:
+            error = tensorboard_import_error()
+            if error is not None:
+                if self.tensorboard is True:  # the config check passed, yet it does not import now
+                    raise RuntimeError(f"trainer.tensorboard=true: torch.utils.tensorboard does not import: {error}")
+                log.debug("trainer.tensorboard=auto: no event files (%s)", error)  # silent by design
+                self._tensorboard_off = True
+                return None
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._summary_writer = SummaryWriter(log_dir=str(self.out_dir), purge_step=self._purge_step)
+        return self._summary_writer
+
+    def flush(self) -> None:
+        if self._summary_writer is not None:
+            self._summary_writer.flush()
+
+    def close(self) -> None:
+        """Flush and close the event file (its writer thread would lose queued events at os._exit)."""
+        if self._summary_writer is not None:
+            self._summary_writer.close()
+            self._summary_writer = None
+        self._tensorboard_off = True  # nothing after the close: no second event file
     def plot_loss(self, path: str | Path, title: str = "") -> None:
         """Training loss (and val accuracy, or val loss for text, when logged) against step, as a PNG."""
         if not self.enabled:

@@ -164,4 +164,10 @@ class SupernetTrainer(Trainer):
             elastic=self.elastic_dims(max(0, self.step - 1)),
             seed=self.cfg.trainer.seed, output_dir=self.output_dir, is_rank0=self.is_rank0, title=title,
         )
+        # Each reported subnet's accuracies and size at the last step (TensorBoard; subnets.json has them all).
+        self.metrics.scalars({f"subnet/{entry['name']}/{tag}": entry[key] * scale
+                              for entry in self.report["subnets"]
+                              for key, tag, scale in (("accuracy", "accuracy", 1), ("val_accuracy", "val_accuracy", 1),
+                                                      ("flops", "mflops", 1e-6))
+                              if entry.get(key) is not None}, step=self.step)
         return super()._finish(last_row, wall_time_s)

@@ -183,7 +183,7 @@ class Trainer:
                                                model=self.model)
 
         # 4. Outputs and resume.
-        self.metrics = MetricsWriter(self.output_dir, enabled=self.is_rank0)
+        self.metrics = MetricsWriter(self.output_dir, enabled=self.is_rank0, tensorboard=trainer_cfg.tensorboard)
         self.checkpoints = CheckpointManager(
             trainer_cfg.checkpoint_dir or self.output_dir / "checkpoints", keep=trainer_cfg.keep_checkpoints,
             async_save=trainer_cfg.async_checkpoint,
@@ -609,7 +609,9 @@ class Trainer:
             "torch": torch.__version__,
         }
         if self.data.has_test:  # scored once, at the end: nothing during training looked at it
-            summary.update({f"test_{k}": v for k, v in self.evaluate("test").items()})
+            test = self.evaluate("test")
+            summary.update({f"test_{k}": v for k, v in test.items()})
+            self.metrics.scalars({f"test/{k}": v for k, v in test.items()}, step=self.step)
         summary.update(self.extra_summary())
         if self.is_rank0:
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -623,6 +625,7 @@ class Trainer:
             log.info("done: loss %s, %s%s, %.2f MiB sent, params in sync: %s -> %s",
                      summary["final_loss"], val, test, summary["bytes_sent_total"] / 2**20,
                      summary["params_in_sync"], self.output_dir)
+        self.metrics.close()
         if not summary["params_in_sync"]:  # a run that ends with two models never ends as a success
             raise ReplicaDivergenceError(f"step {self.step}: the replicas differ at the end of the run (parameter "
                                          f"sha256 of the ranks holding the same part of the model differ; "
@@ -630,6 +633,8 @@ class Trainer:
         return summary
 
     def close(self) -> None:
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.close()  # a run that stopped early: the events so far reach the file
         if getattr(self, "preemption", None) is not None:
             self.preemption.restore()
         for lock in getattr(self, "run_locks", []):

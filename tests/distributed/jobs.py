@@ -192,6 +192,19 @@ def read_run(run_dir: Path) -> tuple[dict, list[dict]]:
     return json.loads((run_dir / "summary.json").read_text()), rows(run_dir)
 
 
+def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """The TensorBoard scalars of a run directory's event files, ``{tag: [(step, value), ...]}`` by step.
+
+    Read the way TensorBoard reads them (EventAccumulator, which applies a resumed run's purge).
+    """
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(run_dir))
+    accumulator.Reload()
+    return {tag: sorted((event.step, event.value) for event in accumulator.Scalars(tag))
+            for tag in accumulator.Tags()["scalars"]}
+
+
 def wait_for_step(run_dir: Path, step: int, job: Job, timeout_s: float = 120) -> int:
     """Poll metrics.jsonl until it shows ``step`` or later; returns the step it shows."""
     path, deadline = run_dir / "metrics.jsonl", time.monotonic() + timeout_s

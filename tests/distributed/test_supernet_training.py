@@ -9,6 +9,7 @@ import json
 import socket
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.distributed.harness import run_workers
@@ -142,3 +143,14 @@ def test_supernet_main_job_end_to_end(tmp_path):
         assert key in summary
     assert summary["eval_accuracy"] == by_name["max"]["val_accuracy"]  # the last evaluate(): val
     assert summary["supernet"]["min_accuracy"] == by_name["min"]["accuracy"]
+
+    # TensorBoard (trainer.tensorboard=auto, tensorboard installed): each reported subnet's accuracies.
+    pytest.importorskip("tensorboard")
+    from tests.distributed.jobs import read_scalars
+
+    scalars = read_scalars(run_dir)
+    for name, entry in by_name.items():
+        assert scalars[f"subnet/{name}/accuracy"] == [(6, pytest.approx(entry["accuracy"]))], name
+        assert scalars[f"subnet/{name}/val_accuracy"] == [(6, pytest.approx(entry["val_accuracy"]))], name
+        assert scalars[f"subnet/{name}/mflops"] == [(6, pytest.approx(entry["flops"] / 1e6))], name
+    assert [step for step, _ in scalars["train/loss"]] == [3, 6]

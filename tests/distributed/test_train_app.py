@@ -15,14 +15,39 @@ import torch
 
 from dist_supernet.train.checkpoint import read_checkpoint
 from dist_supernet.train.untrusted import load_dcp_metadata
-from tests.distributed.jobs import REPO, launcher, read_run, run, single, torchrun
+from tests.distributed.jobs import REPO, launcher, read_run, read_scalars, run, single, torchrun
 
 SUMMARY_KEYS = {"final_loss", "eval_accuracy", "steps", "world_size", "compression", "collective",
                 "bytes_sent_total", "params_in_sync", "params_sha256", "resumed_from_step"}
 ROW_KEYS = {"step", "loss", "wall_time_s", "bytes_sent", "bytes_intra", "bytes_inter", "lr", "epoch"}
+# metrics.jsonl key -> TensorBoard tag (trainer.tensorboard=auto writes them when tensorboard is installed)
+TENSORBOARD_TAGS = {"loss": "train/loss", "lr": "train/lr", "train_time_s": "train/train_time_s",
+                    "skipped_steps": "train/skipped_steps", "bytes_sent": "comm/bytes_sent",
+                    "bytes_intra": "comm/bytes_intra", "bytes_inter": "comm/bytes_inter", "val_loss": "val/loss",
+                    "val_accuracy": "val/accuracy", "val_perplexity": "val/perplexity"}
 # Small and fast: checkpoints every 4 steps, a metrics row every step.
 # model=mlp: these tests are about the app's plumbing; the supernet main job has its own tests.
 TINY = ["model=mlp", "trainer.max_steps=12", "trainer.checkpoint_every=4", "trainer.log_every=1", "trainer.eval_every=6"]
+
+
+def check_tensorboard(run_dir: Path, rows: list[dict]) -> dict | None:
+    """The event files hold the metrics rows' numbers, each step once (a resume's purge applied); None without
+    tensorboard installed, where trainer.tensorboard=auto writes no event file."""
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        assert not list(run_dir.glob("events.out.tfevents.*"))
+        return None
+    scalars = read_scalars(run_dir)
+    for key, tag in TENSORBOARD_TAGS.items():
+        expected = [(row["step"], pytest.approx(row[key], rel=1e-6, abs=1e-9)) for row in rows if key in row]
+        assert scalars.get(tag, []) == expected, (tag, scalars.get(tag))
+    # Seconds per step inside train_step since the previous row.
+    previous = [{"step": 0, "train_time_s": 0.0}] + rows[:-1]
+    step_times = [(b["step"], pytest.approx((b["train_time_s"] - a["train_time_s"]) / (b["step"] - a["step"]),
+                                            rel=1e-5, abs=1e-9)) for a, b in zip(previous, rows)]
+    assert scalars["train/step_time_s"] == step_times and all(t > 0 for _, t in scalars["train/step_time_s"])
+    return scalars
 
 
 def check_common(run_dir: Path, *, steps: int, compression: str, collective: str) -> tuple[dict, list[dict]]:
@@ -58,6 +83,9 @@ def test_default_birder_run(birder_run):
     assert [r["step"] for r in rows] == list(range(1, 13))
     assert [r["step"] for r in rows if "val_accuracy" in r] == [6, 12]
     assert summary["optimizer"] == "birder" and summary["resumed_from_step"] is None
+    scalars = check_tensorboard(birder_run, rows)
+    if scalars is not None:
+        assert scalars["test/accuracy"] == [(12, pytest.approx(summary["test_accuracy"]))]
     # keep_checkpoints=3 of 4, 8, 12, one directory each (torch.distributed.checkpoint); manifests say
     # step, world size and the sha256 of every file
     manifests = sorted((birder_run / "checkpoints").glob("step_*/manifest.json"))
@@ -93,6 +121,7 @@ def test_restart_resumes_bit_identically_and_skips_a_corrupt_checkpoint(birder_r
     timings = ("wall_time_s", "train_time_s")  # the only columns that differ
     assert rows == [dict(r, **{k: row[k] for k in timings}) for r, row in zip(reference_rows, rows)]
     assert summary["bytes_sent_total"] == reference["bytes_sent_total"]
+    check_tensorboard(run_dir, rows)  # two event files, steps 9-10 of the first purged by the second
 
     # Truncate the newest checkpoint; resume on ONE process (no torchrun): the previous
     # checkpoint is used, each problem reported in one line, training goes on.
@@ -109,6 +138,7 @@ def test_restart_resumes_bit_identically_and_skips_a_corrupt_checkpoint(birder_r
     summary, rows = read_run(run_dir)
     assert (summary["resumed_from_step"], summary["steps"], summary["world_size"]) == (8, 14, 1)
     assert [r["step"] for r in rows] == list(range(1, 15))  # rows after step 8 were rewritten
+    check_tensorboard(run_dir, rows)  # and the events after step 8, from a third event file
 
 
 @pytest.mark.parametrize("name, overrides", [

@@ -146,6 +146,7 @@ BAD_INPUTS = [
     (["trainer.parallelism=hsdp", "compression=fp16", "optim=adamw"],
      "compression.name=fp16: trainer.parallelism=hsdp takes compression=birder (1 bit across nodes) or "
      "compression=none"),
+    (["trainer.tensorboard=maybe"], "trainer.tensorboard=maybe: expected auto, true or false"),
 ]
 
 
@@ -155,6 +156,17 @@ def test_bad_input_is_one_line_naming_key_and_value(overrides, message):
         validate(_compose(*overrides))
     text = str(info.value)
     assert text.startswith(message) and "\n" not in text
+
+
+def test_tensorboard_true_without_tensorboard_fails_at_start_auto_does_not(monkeypatch):
+    # As if tensorboard were not installed: torch.utils.tensorboard does not import.
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with pytest.raises(ConfigError) as info:
+        validate(_compose("trainer.tensorboard=true"))
+    assert str(info.value).startswith("trainer.tensorboard=true: needs the tensorboard package (pip install "
+                                      "tensorboard;") and "\n" not in str(info.value)
+    for value, expected in (("auto", "auto"), ("false", False)):
+        assert validate(_compose(f"trainer.tensorboard={value}")).trainer.tensorboard == expected
 
 
 def test_layout_must_divide_the_world_size(monkeypatch):

@@ -139,6 +139,42 @@ def test_metrics_truncate_after_resume_and_plot(tmp_path):
     MetricsWriter(tmp_path / "nowhere", enabled=False).write({"step": 1})  # other ranks: no-op
 
 
+def test_metrics_tensorboard_events_resume_and_auto_without_tensorboard(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    from tests.distributed.jobs import read_scalars
+
+    rows = [{"step": s, "loss": 1.0 / s, "lr": 0.1, "wall_time_s": s, "bytes_sent": 10 * s, "bytes_intra": 10 * s,
+             "bytes_inter": 0, "skipped_steps": 0, "train_time_s": 0.5 * s} for s in (1, 2, 3)]
+    writer = MetricsWriter(tmp_path, enabled=True, tensorboard="auto")
+    for row in rows:
+        writer.write(row)
+    writer.write(dict(rows[-1], val_loss=0.7, val_accuracy=0.5))
+    writer.close()
+    # Resumed from a checkpoint at step 2: the next writer's steps 3, 4 replace the first one's step 3.
+    resumed = MetricsWriter(tmp_path, enabled=True, tensorboard=True)
+    resumed.truncate_after(2)
+    for step in (3, 4):
+        resumed.write(dict(rows[0], step=step, loss=0.25, train_time_s=step + 1.0))
+    resumed.scalars({"subnet/max/accuracy": 0.9}, step=4)
+    resumed.close()
+    scalars = read_scalars(tmp_path)
+    assert scalars["train/loss"] == [(1, 1.0), (2, 0.5), (3, 0.25), (4, 0.25)]
+    assert scalars["comm/bytes_intra"][:2] == [(1, 10.0), (2, 20.0)]
+    # Δtrain_time_s / Δstep; after the resume from the step-2 row (1.0 s): (4.0 - 1.0) / 1, then (5.0 - 4.0) / 1.
+    assert scalars["train/step_time_s"] == [(1, 0.5), (2, 0.5), (3, 3.0), (4, 1.0)]
+    assert not scalars.get("val/accuracy")  # logged at step 3 by the first writer: purged with it
+    assert scalars["subnet/max/accuracy"] == [(4, pytest.approx(0.9))]
+    assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 2
+    # auto without tensorboard: the rows are written, no event file, nothing said; false: none either.
+    monkeypatch.setitem(__import__("sys").modules, "torch.utils.tensorboard", None)
+    for mode, where in (("auto", tmp_path / "auto"), (False, tmp_path / "off")):
+        where.mkdir()
+        quiet = MetricsWriter(where, enabled=True, tensorboard=mode)
+        quiet.write(rows[0])
+        quiet.close()
+        assert (where / "metrics.jsonl").is_file() and not list(where.glob("events.*")), mode
+
+
 # -- the one training step --------------------------------------------------------------
 
 
