@@ -40,8 +40,9 @@ def attach_wrapped(model, optimizer, *, where: str) -> bool:
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         if world > 1:
             raise TypeError(f"{where}: {world} processes but the model is a {type(model).__name__}, not "
-                            "DistributedDataParallel; Birder's 1-bit exchange is a DDP comm hook (FSDP and "
-                            "DeepSpeed wraps are not supported)")
+                            "DistributedDataParallel; this glue attaches Birder's DDP comm hook (a framework's "
+                            "FSDP or DeepSpeed wrap is not supported; for 1-bit HSDP shard over each node's "
+                            "ranks yourself and call birder.attach(model, mesh=hsdp_mesh()))")
         return False  # one process, no wrap: Birder runs locally
     if not birder.hooked:
         birder.attach(ddp)
