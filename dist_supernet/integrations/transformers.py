@@ -97,5 +97,3 @@ def __getattr__(name):
         return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-
-__all__ = ["BirderCallback"]
