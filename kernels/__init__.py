@@ -43,7 +43,6 @@ def _hand_over_top_level_name() -> None:
     """
     import importlib.machinery
     import importlib.util
-    import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     rest = [p for p in sys.path if os.path.abspath(p or os.curdir) != root]
