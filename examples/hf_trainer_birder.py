@@ -12,7 +12,8 @@ step), the LR schedule scales Birder's lr, and ``resume_from_checkpoint`` contin
 (every rank's m, b are in ``optimizer.pt``).
 
 The model is a 2-layer GPT-2 built from a config (random init, nothing downloaded); the text is the
-Python reference manual that ships with Python (``pydoc_data.topics``), one byte per token.
+project's own corpus (``data=text``: Python's documentation, built from the local Python install and
+cached; one character per token).
 
 Example::
     torchrun --standalone --nproc_per_node=2 examples/hf_trainer_birder.py --max-steps 100
@@ -25,13 +26,12 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
 from dist_supernet import Birder
+from dist_supernet.data import load_text
 from dist_supernet.integrations.transformers import BirderCallback
 
-VOCAB_SIZE = 256  # bytes
 
-
-class ByteBlocks(torch.utils.data.Dataset):
-    """Consecutive ``block_size``-byte windows of a text, as the Trainer's ``input_ids`` / ``labels``."""
+class TokenBlocks(torch.utils.data.Dataset):
+    """Consecutive ``block_size``-token windows of a text, as the Trainer's ``input_ids`` / ``labels``."""
 
     def __init__(self, data_T: torch.Tensor, block_size: int):
         self.blocks_NB = data_T[: len(data_T) // block_size * block_size].view(-1, block_size)
@@ -44,19 +44,16 @@ class ByteBlocks(torch.utils.data.Dataset):
         return {"input_ids": block, "labels": block}  # the model shifts the labels itself
 
 
-def python_docs_text(block_size=64, val_fraction=0.1):
-    """(train, val) :class:`ByteBlocks` of the Python reference manual shipped with Python (~466 kB)."""
-    from pydoc_data.topics import topics
-
-    text = "".join(topics[key] for key in sorted(topics)).encode("utf-8")
-    data_T = torch.frombuffer(bytearray(text), dtype=torch.uint8).long()
-    split = int(len(data_T) * (1 - val_fraction))
-    return ByteBlocks(data_T[:split], block_size), ByteBlocks(data_T[split:], block_size)
+def text_blocks(block_size=64):
+    """(vocab size, train, val :class:`TokenBlocks`) of the project's text corpus (``load_text``, ~2 MB)."""
+    text = load_text()  # the first call on a machine builds the corpus (seconds), later ones read its cache
+    return (text.vocab_size, TokenBlocks(text.train.long(), block_size),
+            TokenBlocks(text.val.long(), block_size))
 
 
-def tiny_gpt2(block_size=64, seed=0):
+def tiny_gpt2(vocab_size, block_size=64, seed=0):
     torch.manual_seed(seed)  # the same init everywhere (DDP broadcasts rank 0's anyway)
-    config = GPT2Config(vocab_size=VOCAB_SIZE, n_positions=block_size, n_embd=64, n_layer=2, n_head=4,
+    config = GPT2Config(vocab_size=vocab_size, n_positions=block_size, n_embd=64, n_layer=2, n_head=4,
                         bos_token_id=0, eos_token_id=0)
     return GPT2LMHeadModel(config)
 
@@ -64,14 +61,14 @@ def tiny_gpt2(block_size=64, seed=0):
 def make_trainer(output_dir, *, max_steps=100, lr=3e-3, batch_size=8, save_steps=50, max_grad_norm=1.0,
                  accumulate=1, seed=0, callbacks=()):
     """The Trainer with Birder attached; ``trainer.train()`` runs it."""
-    train, val = python_docs_text()
+    vocab_size, train, val = text_blocks()
     args = TrainingArguments(
         output_dir=output_dir, max_steps=max_steps, per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=accumulate, max_grad_norm=max_grad_norm, lr_scheduler_type="cosine",
         logging_steps=1, save_steps=save_steps, seed=seed, use_cpu=not torch.cuda.is_available(),
         report_to="none", disable_tqdm=True, dataloader_num_workers=0,
     )
-    trainer = Trainer(model=tiny_gpt2(seed=seed), args=args, train_dataset=train, eval_dataset=val,
+    trainer = Trainer(model=tiny_gpt2(vocab_size, seed=seed), args=args, train_dataset=train, eval_dataset=val,
                       optimizer_cls_and_kwargs=(Birder, {"lr": lr}),  # new: Birder instead of AdamW
                       callbacks=list(callbacks))
     trainer.add_callback(BirderCallback(trainer))  # new: attach after the Trainer's DDP wrap

@@ -1,8 +1,8 @@
 """The Hugging Face Trainer recipe (examples/hf_trainer_birder.py) on 2 real gloo processes.
 
-One spawn, two trainings of the example's own tiny GPT-2 on byte-level text (the recipe users copy
-is the one tested): A, 16 steps of 2 accumulated micro-batches with the Trainer's clipping and
-checkpoints at steps 8 and 16; B, a fresh Trainer resumed from A's checkpoint-8. That clipping
+One spawn, two trainings of the example's own tiny GPT-2 on the project's character-level text corpus
+(the recipe users copy is the one tested): A, 16 steps of 2 accumulated micro-batches with the
+Trainer's clipping and checkpoints at steps 8 and 16; B, a fresh Trainer resumed from A's checkpoint-8. That clipping
 cannot change Birder's update is tested on plain DDP (test_swap_in.py); here, that the Trainer's
 clipping runs on each rank's real gradient.
 """
