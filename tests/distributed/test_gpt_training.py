@@ -5,12 +5,16 @@ One spawn, three trainers in a row on each rank (each its own process group and 
 the app's own config (conf/train.yaml with model=gpt data=text), so every check shares the processes' start-up.
 """
 
+import importlib.util
 import json
 import math
 import socket
 from pathlib import Path
 
+import pytest
+
 from tests.distributed.harness import run_workers
+from tests.distributed.jobs import read_scalars
 
 TINY_GPT = ["model=gpt", "data=text", "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
             "trainer.batch_size=8", "trainer.max_steps=12", "trainer.log_every=1", "trainer.eval_every=6",
@@ -74,6 +78,11 @@ def test_a_tiny_gpt_learns_on_two_ranks_with_birder_and_adamw_and_resumes_bit_id
         assert summary["eval_loss"] < rows[0]["loss"] - 0.5, (name, rows[0]["loss"], summary["eval_loss"])
         assert [r["step"] for r in rows if "val_perplexity" in r] == [6, 12]
         assert all(r["train_time_s"] <= r["wall_time_s"] for r in rows)
+    if importlib.util.find_spec("tensorboard") is not None:  # trainer.tensorboard=auto: text metrics too
+        scalars, rows = read_scalars(tmp_path / "birder"), rank0["birder"]["rows"]
+        assert scalars["val/perplexity"] == [(r["step"], pytest.approx(r["val_perplexity"]))
+                                             for r in rows if "val_perplexity" in r]
+        assert scalars["test/perplexity"] == [(12, pytest.approx(rank0["birder"]["summary"]["test_perplexity"]))]
     birder, adamw = rank0["birder"]["summary"], rank0["adamw"]["summary"]
     assert (birder["compression"], birder["collective"], adamw["compression"]) == ("birder", "allgather", "none")
     assert birder["bytes_sent_total"] * 16 < adamw["bytes_sent_total"]  # 1 bit vs 32 (plus Birder's flags)
