@@ -13,9 +13,8 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 
-from tests.distributed.harness import run_workers
+from tests.distributed.harness import identical_across_ranks, run_workers
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "examples")
 STEPS, ACCUMULATE, CLIP = 16, 2, 1.0  # CLIP: TrainingArguments' default max_grad_norm
@@ -30,12 +29,6 @@ def _example(name):
 
 def _flat(tensors):
     return torch.cat([t.detach().reshape(-1) for t in tensors])
-
-
-def _same_on_all_ranks(tensor):
-    rows = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(rows, tensor)
-    return all(torch.equal(rows[0], row) for row in rows)
 
 
 def _run(example, output_dir, *, resume=None):
@@ -75,7 +68,7 @@ def _worker(rank, world_size, root):
     checks["hooked"] = birder.hooked and isinstance(a["trainer"].model_wrapped, DistributedDataParallel)
     checks["steps"], checks["exchanges"] = birder.num_steps, stats["num_exchanges"]
     checks["bytes_per_param_step"] = stats["bytes_total"] / STEPS / a["params"].numel()
-    checks["replicas_identical"] = _same_on_all_ranks(a["params"])
+    checks["replicas_identical"] = identical_across_ranks(a["params"])
     checks["losses"] = a["losses"]
     checks["grad_norms"], checks["after_clip"] = a["grad_norms"], a["after_clip"]
     saved = torch.load(os.path.join(root, "a", f"checkpoint-{STEPS // 2}", "optimizer.pt"), weights_only=True)
