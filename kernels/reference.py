@@ -571,3 +571,142 @@ def apply_packed_(
         if active is not None:
             new = torch.where(active, new, x32)
         x.copy_(new.view(x.shape))
+
+
+# -- randomized Hadamard rotation and the one-bit mean estimator (low-frequency synchronisation) --------
+#
+# Legend: D elements of the vector, Bk the block (a power of two), NB = ceil(D / Bk) blocks,
+# Dp = NB * Bk the zero-padded length, N rows (workers) being averaged.
+#
+# The rotation of one block is R = H D1 H D0 / Bk: two rounds of a random sign flip (D0, D1) and the
+# unnormalised Walsh-Hadamard transform H (Sylvester order), so R is orthogonal. The sign of position
+# j (0 <= j < Dp) in round r is +1 where uniform(2 j + r, seed) >= 1/2. H is computed by butterflies,
+# stage h = 1, 2, 4, ..., Bk / 2: (v[i], v[i + h]) -> (v[i] + v[i + h], v[i] - v[i + h]) for every i
+# with i & h == 0. Every backend does exactly these float32 additions in this order, and the sign
+# flips and the scaling below are exact, so the rotated values, the bits and the decoded means are the
+# same bit for bit on every backend (only the two per-block sums of onebit_encode's scale round
+# differently: they are reductions, compared with a tolerance).
+
+RHT_MIN_BLOCK = 8  # a block's bits fill whole bytes
+RHT_MAX_BLOCK = 8192  # one Triton program holds a block in registers
+
+
+def check_block(block: int) -> int:
+    """``block`` as log2(block); ValueError unless it is a power of two in [8, 8192]."""
+    block = int(block)
+    if block < RHT_MIN_BLOCK or block > RHT_MAX_BLOCK or block & (block - 1):
+        raise ValueError(f"block={block}: expected a power of two in [{RHT_MIN_BLOCK}, {RHT_MAX_BLOCK}]")
+    return block.bit_length() - 1
+
+
+def num_blocks(numel: int, block: int) -> int:
+    """Blocks of ``block`` elements that hold ``numel`` (the last one zero-padded)."""
+    return -(-int(numel) // int(block))
+
+
+def rht_signs(count: int, seed: int, rounds=(0, 1), *, device=None) -> torch.Tensor:
+    """bool [len(rounds), count]: True where round r flips position j's sign (uniform(2 j + r, seed) < 1/2)."""
+    index = torch.arange(count, dtype=torch.int64, device=device) * 2
+    return torch.stack([uniform(index + r, seed) < 0.5 for r in rounds])
+
+
+def _fwht(v_NK: torch.Tensor) -> torch.Tensor:
+    """Unnormalised Walsh-Hadamard transform of each row of v (butterflies, stage h = 1, 2, 4, ...)."""
+    rows, size = v_NK.shape
+    h = 1
+    while h < size:
+        pairs = v_NK.view(rows, size // (2 * h), 2, h)
+        a, b = pairs[:, :, 0, :], pairs[:, :, 1, :]
+        v_NK = torch.stack((a + b, a - b), dim=2).view(rows, size)
+        h *= 2
+    return v_NK
+
+
+def _padded_blocks(x_D: torch.Tensor, block: int) -> torch.Tensor:
+    numel = x_D.numel()
+    padded = torch.zeros(num_blocks(numel, block) * block, dtype=torch.float32, device=x_D.device)
+    padded[:numel] = x_D.reshape(-1)
+    return padded.view(-1, block)
+
+
+def _rotate(v: torch.Tensor, flips: torch.Tensor, transpose: bool) -> torch.Tensor:
+    """H D1 H D0 v (forward) or D0 H D1 H v (transpose) on [NB, Bk] blocks; flips: bool [2, Dp]."""
+    flip0, flip1 = (f.view(v.shape) for f in flips)
+    if not transpose:
+        v = torch.where(flip0, -v, v)
+    v = _fwht(v)
+    v = torch.where(flip1, -v, v)
+    v = _fwht(v)
+    if transpose:
+        v = torch.where(flip0, -v, v)
+    return v
+
+
+def rht(x_D: torch.Tensor, seed: int, block: int, *, transpose: bool = False) -> torch.Tensor:
+    """The two-round randomized Hadamard transform of each block, unnormalised: float32 [Dp].
+
+    Forward: u = H D1 H D0 x per block (x zero-padded to Dp); ``transpose``: D0 H D1 H u. Each
+    multiplies norms by ``block``, so ``rht(rht(x), transpose=True) = block**2 * x`` up to rounding.
+
+    Example::
+        >>> u = rht(torch.tensor([1.0, 2.0, 3.0]), seed=5, block=8)
+        >>> u.shape, round(float(u.norm() / 8 / torch.tensor([1.0, 2.0, 3.0]).norm()), 4)
+        (torch.Size([8]), 1.0)
+    """
+    check_block(block)
+    v = _padded_blocks(x_D, block)
+    return _rotate(v, rht_signs(v.numel(), seed, device=x_D.device), transpose).reshape(-1)
+
+
+def onebit_encode(x_D: torch.Tensor, seed: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One bit per rotated coordinate and one float32 scale per block: (uint8 [Dp / 8], float32 [NB]).
+
+    u = rht(x) per block; bit j = (u_j >= 0) (packed as :func:`pack_bits`); the scale of block b is
+    c_b = sum(x_b**2) / sum(|u_b|) (0 where the block is zero). The decoder's estimate of the block is
+    c_b D0 H D1 H sign(u_b): with the orthogonal R = rht / block this is S R^T sign(R x) with
+    S = ||x||^2 / ||R x||_1, DRIVE's unbiased scale (docs/diloco.md derives it).
+
+    Example::
+        >>> bits, scales = onebit_encode(torch.tensor([1.0, -2.0, 0.5]), seed=3, block=8)
+        >>> bits.shape, scales.shape
+        (torch.Size([1]), torch.Size([1]))
+    """
+    check_block(block)
+    x = _padded_blocks(x_D, block)
+    u = _rotate(x, rht_signs(x.numel(), seed, device=x_D.device), transpose=False)
+    sum_sq = (x * x).sum(dim=1)
+    sum_abs = u.abs().sum(dim=1)
+    scales = torch.where(sum_abs > 0, sum_sq / torch.where(sum_abs > 0, sum_abs, 1.0), 0.0)
+    return pack_bits((u >= 0).reshape(-1)), scales
+
+
+def onebit_decode(bits_NB: torch.Tensor, scales_NS: torch.Tensor, numel: int, seed: int, block: int) -> torch.Tensor:
+    """The mean of N one-bit estimates that share one rotation (``seed``): float32 [numel].
+
+    bits_NB: uint8 [N, Dp / 8]; scales_NS: float32 [N, NB] (rows of :func:`onebit_encode`, each
+    from its own vector, all with this seed and block). z_j = (sum over rows i, in order, of
+    +-c_i,b(j)) * fl(1 / N) in float32, then D0 H D1 H z per block, the first ``numel`` kept.
+
+    Example::
+        >>> x = torch.tensor([4.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+        >>> bits, scales = onebit_encode(x, seed=1, block=8)
+        >>> onebit_decode(bits.view(1, -1), scales.view(1, -1), 8, seed=1, block=8).tolist()[0]
+        4.0
+    """
+    check_block(block)
+    rows = bits_NB.shape[0]
+    nblocks = num_blocks(numel, block)
+    padded = nblocks * block
+    if bits_NB.dim() != 2 or bits_NB.shape[1] != padded // 8 or tuple(scales_NS.shape) != (rows, nblocks):
+        raise ValueError(f"bits shape={list(bits_NB.shape)}, scales shape={list(scales_NS.shape)}: expected "
+                         f"[N, {padded // 8}] and [N, {nblocks}] for numel={numel}, block={block}")
+    if rows == 0:
+        raise ValueError("onebit_decode needs at least one row")
+    signs = unpack_bits(bits_NB, padded).view(rows, nblocks, block) != 0
+    z = torch.zeros(nblocks, block, dtype=torch.float32, device=bits_NB.device)
+    for i in range(rows):
+        c = scales_NS[i].to(torch.float32).view(nblocks, 1)
+        z = z + torch.where(signs[i], c, -c)
+    z = z * as_float32(1.0 / rows)
+    flips = rht_signs(padded, seed, device=bits_NB.device)
+    return _rotate(z, flips, transpose=True).reshape(-1)[:numel]

@@ -59,6 +59,11 @@ OPS: dict[str, Op] = {
             (0, "x")),
         _op("apply_packed_", "dist_supernet.kernels.cpu.apply_packed:apply_packed_", "dist_supernet.kernels.ops.apply_packed:apply_packed_",
             (3, "payload")),
+        _op("rht", "dist_supernet.kernels.cpu.rht:rht", "dist_supernet.kernels.ops.rht:rht", (0, "x_D")),
+        _op("onebit_encode", "dist_supernet.kernels.cpu.onebit_encode:onebit_encode",
+            "dist_supernet.kernels.ops.onebit_encode:onebit_encode", (0, "x_D")),
+        _op("onebit_decode", "dist_supernet.kernels.cpu.onebit_decode:onebit_decode",
+            "dist_supernet.kernels.ops.onebit_decode:onebit_decode", (0, "bits_NB")),
     )
 }
 

@@ -16,8 +16,8 @@ def warmup() -> None:
     import torch
 
     from dist_supernet.kernels import reference
-    from dist_supernet.kernels.cpu import (apply_packed, apply_update, compress, counts_to_mean, pack_bits, pack_counts, requantize,
-                             uniform, unpack_counts, unpack_mean, unpack_planes)
+    from dist_supernet.kernels.cpu import (apply_packed, apply_update, compress, counts_to_mean, onebit_decode, onebit_encode,
+                             pack_bits, pack_counts, requantize, rht, uniform, unpack_counts, unpack_mean, unpack_planes)
 
     starts, canon = reference.index_map([5, 4])
     flag = torch.zeros(1, dtype=torch.uint8)
@@ -42,3 +42,6 @@ def warmup() -> None:
     for dtype in (torch.bfloat16, torch.float16):  # the x_kind branches compile into the same signature
         apply_packed.apply_packed_([torch.zeros(5, dtype=dtype), torch.zeros(4, dtype=dtype)], starts, canon, rows,
                                    planes=False, num_rows=2, lr_P=lr, wd_P=lr)
+    rht.rht(torch.zeros(9), 0, 8)
+    bits, scales = onebit_encode.onebit_encode(torch.zeros(9), 0, 8)
+    onebit_decode.onebit_decode(bits.view(1, -1), scales.view(1, -1), 9, 0, 8)

@@ -43,7 +43,7 @@ MUL_2 = np.uint32(0x846CA68B)
 _OPTIONS = dict(nogil=True, fastmath=False, error_model="numpy", boundscheck=False)
 _warned_cache = threading.Event()
 _HERE = pathlib.Path(__file__).resolve().parent
-_HELPER_FILES = ("_common.py", "_bits.py", "_halves.py")  # compiled into every kernel, invisible to numba's cache key
+_HELPER_FILES = ("_common.py", "_bits.py", "_halves.py", "_hadamard.py")  # compiled into every kernel, invisible to numba's cache key
 
 
 def _drop_stale_cache() -> None:
