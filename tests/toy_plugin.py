@@ -70,4 +70,4 @@ class ToyChunked(Baseline):
             done.set_result(buffer)
             return done
 
-        ddp_model.register_comm_hook(None, hook)
+        ddp_model.register_comm_hook(ddp_model.process_group, hook)  # the DDP module's group (a node under sync)

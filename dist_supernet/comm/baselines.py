@@ -112,7 +112,11 @@ class Baseline:
 
     @classmethod
     def register_hook(cls, ddp_model, cfg, *, stats: CommStats, topology: Topology) -> None:
-        """Register this baseline's comm hook on ``ddp_model`` for the validated ``cfg``, counting into ``stats``."""
+        """Register this baseline's comm hook on ``ddp_model`` for the validated ``cfg``, counting into ``stats``.
+
+        The hook must reduce over ``ddp_model.process_group`` (pass it as the hook's state): under
+        ``sync=diloco`` that is the node's ranks, and ``topology`` is that group's.
+        """
         raise NotImplementedError
 
 
@@ -134,7 +138,8 @@ def register_baseline(cls: type[Baseline]) -> type[Baseline]:
 
             @classmethod
             def register_hook(cls, ddp_model, cfg, *, stats, topology):
-                ddp_model.register_comm_hook(None, my_counting_hook(stats, topology, cfg.chunks))
+                # the DDP module's group: the node's ranks under sync=diloco, the world otherwise
+                ddp_model.register_comm_hook(ddp_model.process_group, my_counting_hook(stats, topology, cfg.chunks))
     """
     add_entry(BASELINES, cls, base=Baseline, key="compression", what="baseline", reserved=("birder",),
               check=_check_config_class)
@@ -155,7 +160,9 @@ class _TorchAllReduce(Baseline):
     @classmethod
     def register_hook(cls, ddp_model, cfg, *, stats, topology):
         label = "allreduce" if cls.name == "none" else cls.name  # how an error names it: "allreduce collective failed"
-        ddp_model.register_comm_hook(None, _counting_hook(stats, topology, cls.bytes_per_element, cls.inner, label))
+        # The DDP module's own group (the node's ranks under sync=diloco): None would be the world.
+        ddp_model.register_comm_hook(ddp_model.process_group,
+                                     _counting_hook(stats, topology, cls.bytes_per_element, cls.inner, label))
 
 
 @register_baseline
@@ -201,7 +208,7 @@ class PowerSGD(Baseline):
     @classmethod
     def register_hook(cls, ddp_model, cfg, *, stats, topology):
         state = powersgd.PowerSGDState(
-            process_group=None,
+            process_group=ddp_model.process_group,  # the DDP module's own group, not always the world
             matrix_approximation_rank=cfg.rank,
             start_powerSGD_iter=2,  # the smallest torch allows with error feedback
             min_compression_rate=2,

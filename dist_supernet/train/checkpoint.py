@@ -122,6 +122,11 @@ def rank_key(rank: int) -> str:
     return f"rank{rank:05d}"
 
 
+def node_key(node: int) -> str:
+    """The top-level key of one node's components (a replica between syncs, saved once by its ranks), e.g. ``node00001``."""
+    return f"node{node:05d}"
+
+
 def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -368,13 +373,18 @@ class Checkpoint:
         config = (self.manifest or {}).get("config")
         return config if isinstance(config, dict) else {}
 
-    def shapes(self, prefix: str = "model") -> dict[str, list[int]]:
-        """Saved tensor shapes under one top-level key, by their name inside it."""
+    def model_path(self) -> tuple[str, ...]:
+        """Where the model's tensors are: ``("model",)``, or node 0's replica of a sync run (``node00000``, ``model``)."""
+        return ("model",) if self.shapes("model") else (node_key(0), "model")
+
+    def shapes(self, *prefix: str) -> dict[str, list[int]]:
+        """Saved tensor shapes under one key path (default ``model``; ``node00000``, ``model``), by their name inside it."""
+        prefix = prefix or ("model",)
         found = {}
         for fqn, item in self.metadata.state_dict_metadata.items():
-            path = (self.metadata.planner_data or {}).get(fqn, (fqn,))
-            if path[0] == prefix and isinstance(item, TensorStorageMetadata):
-                found[".".join(str(p) for p in path[1:])] = list(item.size)
+            path = tuple(str(p) for p in (self.metadata.planner_data or {}).get(fqn, (fqn,)))
+            if path[:len(prefix)] == prefix and isinstance(item, TensorStorageMetadata):
+                found[".".join(path[len(prefix):])] = list(item.size)
         return found
 
 
@@ -394,15 +404,17 @@ def index_optimizer(metadata: Metadata) -> str | None:
     Read from the key names alone (no item is read): Birder's m and b sit under each
     rank's key (``rank00000.optimizer.m``; with FSDP2 under ``birder_replica000``, and each
     rank keeps its Birder meta); AdamW's and SGD's state is replicated under
-    ``optimizer`` and their param groups carry ``betas`` or ``momentum``.
+    ``optimizer`` (under each node's ``node00001.optimizer`` with ``sync=diloco``) and their param
+    groups carry ``betas`` or ``momentum``.
     """
     keys = metadata.state_dict_metadata
     if any(re.match(r"^(rank\d{5}\.optimizer\.m|rank\d{5}\.optimizer\.meta\.birder\.step|birder_replica\d+\..*)$", fqn)
            for fqn in keys):  # DDP: each rank's m, b; FSDP2: per replica (Birder.replica_state)
         return "birder"
-    if any(re.match(r"^optimizer\.param_groups\.\d+\.betas$", fqn) for fqn in keys):
+    # sync=diloco stores the optimizer once per node (node00000.optimizer...)
+    if any(re.match(r"^(node\d{5}\.)?optimizer\.param_groups\.\d+\.betas$", fqn) for fqn in keys):
         return "adamw"
-    if any(re.match(r"^optimizer\.param_groups\.\d+\.momentum$", fqn) for fqn in keys):
+    if any(re.match(r"^(node\d{5}\.)?optimizer\.param_groups\.\d+\.momentum$", fqn) for fqn in keys):
         return "sgd"
     return None
 

@@ -43,8 +43,9 @@ from dist_supernet.schema import bounded, range_problem
 
 GROUPS = ("compression", "optim", "model", "data", "trainer")
 # Top-level keys a composed config may hold: the groups, the supernet group (read for supernet models),
-# the plugin modules, and hydra's own section when composed with return_hydra_config (the pre-flight).
-TOP_LEVEL_KEYS = (*GROUPS, "supernet", "plugins", "hydra")
+# the low-frequency synchronisation group (absent: none), the plugin modules, and hydra's own section when
+# composed with return_hydra_config (the pre-flight).
+TOP_LEVEL_KEYS = (*GROUPS, "supernet", "sync", "plugins", "hydra")
 MAX_LR = 10.0  # why: Birder moves every coordinate by lr per step; SGD/AdamW beyond 10 diverge at once
 MAX_TIMEOUT_S = 7 * 24 * 3600  # why: a week is longer than any legitimate wait; timedelta overflows near 1e14 s
 MAX_SEED = 2**31  # why: fits every generator seeded from it (numpy: < 2**32) with room for + rank
@@ -167,6 +168,18 @@ OPTIM_SCHEMAS = {"birder": BirderOptim, "adamw": AdamWOptim, "sgd": SGDOptim}
 
 
 @dataclasses.dataclass
+class NoSync:
+    name: str = "none"
+
+
+def sync_schemas() -> dict[str, type]:
+    """``sync.name`` -> its schema: ``none`` or ``diloco`` (dist_supernet.sync.DiLoCoConfig)."""
+    from dist_supernet.sync.config import DiLoCoConfig
+
+    return {"none": NoSync, "diloco": DiLoCoConfig}
+
+
+@dataclasses.dataclass
 class TrainConfig:
     """The validated config: plain dataclasses, plus the model's own mapping."""
 
@@ -175,6 +188,7 @@ class TrainConfig:
     model: dict
     data: DataConfig  # or TextDataConfig
     trainer: TrainerConfig
+    sync: object = dataclasses.field(default_factory=NoSync)  # NoSync or dist_supernet.sync.DiLoCoConfig
 
 
 # ---------------------------------------------------------------------------------------
@@ -279,6 +293,15 @@ def _check_ranges(group: str, obj) -> None:
             _check(obj.eps > 0, k("eps"), obj.eps, "must be > 0")
         elif obj.name == "sgd":
             _check(0 <= obj.momentum < 1, k("momentum"), obj.momentum, "must be in [0, 1)")
+    elif group == "sync" and obj.name != "none":
+        from dist_supernet.sync.config import check
+
+        try:
+            check(obj)
+        except ConfigError as error:
+            raise error.under("sync") from None
+        if obj.backup_device == "cuda":
+            check_device("cuda", key="sync.backup_device")
     elif group == "data":
         _check(0 < obj.val_fraction < 1, k("val_fraction"), obj.val_fraction, "must be in (0, 1)")
         _check(0 <= obj.split_seed < MAX_SEED, k("split_seed"), obj.split_seed, f"must be in [0, {MAX_SEED})")
@@ -369,6 +392,10 @@ def validate(cfg: DictConfig) -> TrainConfig:
     optim = validate_group(cfg, "optim", OPTIM_SCHEMAS)
     _check(compression.name != "birder" or optim.name == "birder", "optim.name", optim.name,
            "compression=birder sends 1-bit Birder updates and needs optim=birder")
+    sync = validate_group(cfg, "sync", sync_schemas()) if "sync" in cfg else NoSync()
+    _check(sync.name == "none" or compression.name != "birder", "compression.name", compression.name,
+           "sync=diloco runs DDP inside each node and exchanges between nodes every sync.every steps: use "
+           "compression=none (or another baseline) inside the node, and sync.quantizer=birder for 1 bit between nodes")
     data = validate_group(cfg, "data", data_schemas())
     trainer = to_schema(cfg.trainer, "trainer", TrainerConfig)
     _check_ranges("trainer", trainer)
@@ -376,6 +403,9 @@ def validate(cfg: DictConfig) -> TrainConfig:
     _check(trainer.parallelism != "hsdp" or compression.name in ("birder", "none"), "compression.name",
            compression.name, "trainer.parallelism=hsdp takes compression=birder (1 bit across nodes) or "
            "compression=none (FSDP's native fp32 HSDP); the other compressions are DDP comm hooks")
+    # DiLoCo reads and writes each rank's whole replica through flat views: a DDP replica, not FSDP shards.
+    _check(sync.name == "none" or trainer.parallelism == "ddp", "trainer.parallelism", trainer.parallelism,
+           "sync=diloco keeps a whole replica on each rank (DDP inside the node); use trainer.parallelism=ddp")
     model = OmegaConf.to_container(cfg.model, resolve=True)
     _check(model.get("name") in available_models(), "model.name", model.get("name"),
            f"expected one of {', '.join(available_models())}")
@@ -385,7 +415,7 @@ def validate(cfg: DictConfig) -> TrainConfig:
         for key in cfg.supernet:
             _check(key in SUPERNET_KEYS, f"supernet.{key}", cfg.supernet.get(key),
                    f"unknown key (expected one of {', '.join(SUPERNET_KEYS)})")
-    return TrainConfig(compression=compression, optim=optim, model=model, data=data, trainer=trainer)
+    return TrainConfig(compression=compression, optim=optim, model=model, data=data, trainer=trainer, sync=sync)
 
 
 def load_config_plugins(cfg: DictConfig) -> list[str]:
@@ -401,18 +431,18 @@ def load_config_plugins(cfg: DictConfig) -> list[str]:
     return load_plugins(modules)
 
 
-def check_device(device: str) -> None:
-    """``trainer.device`` names a device this process has (under torchrun: one GPU per local rank)."""
+def check_device(device: str, key: str = "trainer.device") -> None:
+    """``trainer.device`` (or ``key``) names a device this process has (under torchrun: one GPU per local rank)."""
     if device == "cpu":
         return
     import torch
 
     if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("trainer.device", device, "no CUDA device is visible to this process "
+        raise ConfigError(key, device, "no CUDA device is visible to this process "
                                                   "(torch.cuda.is_available() is False); use cpu or auto")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available() and local_rank >= torch.cuda.device_count():
-        raise ConfigError("trainer.device", device, f"LOCAL_RANK={local_rank} needs GPU {local_rank} but only "
+        raise ConfigError(key, device, f"LOCAL_RANK={local_rank} needs GPU {local_rank} but only "
                                                     f"{torch.cuda.device_count()} are visible; start at most "
                                                     f"{torch.cuda.device_count()} processes per node")
 
@@ -441,7 +471,7 @@ def check_group_choices(args: list[str], conf_dir: Path) -> None:
             continue
         key, value = arg.split("=", 1)
         group = key.lstrip("+~")
-        if group not in (*GROUPS, "supernet") or "," in value or value in ("", "null"):
+        if group not in (*GROUPS, "supernet", "sync") or "," in value or value in ("", "null"):
             continue
         choices = sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
         _check(value in choices, group, value, f"expected one of {', '.join(choices)}")

@@ -235,7 +235,7 @@ def check_resume(trainer) -> None:
 
     key, path = "trainer.resume", Path(tcfg.resume)
     found = CheckpointManager(path.parent).open(path, key, tcfg.resume)
-    check_fits_model(key, tcfg.resume, found.path, {"model": found.shapes("model"), "config": found.config},
+    check_fits_model(key, tcfg.resume, found.path, {"model": found.shapes(*found.model_path()), "config": found.config},
                      trainer.model, trainer.cfg.model)
     if not tcfg.resume_weights_only:
         check_recipe(key, tcfg.resume, found.path.name, found.config, trainer.config_dict)

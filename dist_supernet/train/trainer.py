@@ -29,6 +29,14 @@ How compression and optimizer combine:
   ``optim=birder`` that is ``Birder(module.parameters())``: the Birder
   algorithm on the averaged fp32 gradient, drawing the same bits on every rank
   (a rank-independent seed) so the replicas stay identical.
+
+``sync=diloco`` (low-frequency synchronisation, :mod:`dist_supernet.sync`): DDP and the
+baseline hook reduce over the ranks of one node only, and after every optimizer step the
+trainer calls ``self.sync.step()``, which every ``sync.every`` steps exchanges the
+pseudo-gradient between the nodes and applies the outer step (``final=True`` at the last
+step: every replica ends equal). The replicas of different nodes differ between syncs, so the
+model and the optimizer are checkpointed once per node (key ``node00001``), the sync state
+once per rank.
 """
 
 import contextlib
@@ -53,11 +61,13 @@ from dist_supernet.comm.collectives import bucket_cap_mb
 from dist_supernet.comm import CommStats, Topology, register_baseline_hook
 from dist_supernet.models import build_model
 from dist_supernet.optim import Birder
+from dist_supernet.sync import DiLoCo, SyncGroups
 from dist_supernet.train import distributed
 from dist_supernet.train.checkpoint import (
     BirderRankState,
     CheckpointManager,
     ModelState,
+    node_key,
     RNGState,
     StatefulGroup,
     TorchOptimizerState,
@@ -157,18 +167,28 @@ class Trainer:
         distributed.start_orphan_watchdog()  # torchrun's agent SIGKILLed: its workers stop instead of training on
         torch.manual_seed(trainer_cfg.seed + self.rank)  # dropout etc. differ per rank, reproducibly
         self.topology = Topology.from_env(num_nodes=self.cfg.compression.num_nodes)
+        # sync=diloco: DDP inside each node; the nodes exchange every sync.every steps (groups: all ranks, in order).
+        self.sync_groups = (SyncGroups.create(self.topology, timeout_s=trainer_cfg.timeout_s)
+                            if self.cfg.sync.name != "none" else None)
 
-        # 3. Model, compression hook, optimizer, schedule.
+        # 3. Model, compression hook, optimizer, schedule, low-frequency synchronisation.
         self.model = model.to(self.device)
         ddp_kwargs = self.ddp_kwargs()
         if self.cfg.compression.name == "birder":  # buckets large enough that each peer's 1-bit message is >= 256 KiB
             ddp_kwargs.setdefault("bucket_cap_mb", self.cfg.compression.bucket_cap_mb or bucket_cap_mb(world_size))
+        if self.sync_groups is not None:  # DDP inside the node only; the nodes meet in self.sync every H steps
+            ddp_kwargs["process_group"] = self.sync_groups.inner
         # DDP (whole model per rank) or FSDP2 sharded inside each node (trainer.parallelism=hsdp; see parallel.py).
         self.parallel = Parallel.wrap(self.model, trainer_cfg.parallelism, device=self.device,
                                       num_nodes=self.cfg.compression.num_nodes,
                                       native=self.cfg.compression.name != "birder", ddp_kwargs=ddp_kwargs)
         self.ddp_model = self.parallel.module  # what the step calls: the DDP wrapper or the FSDP root
         self.optimizer, self.comm_stats = self._build_optimizer_and_hook()
+        self.sync = None
+        if self.sync_groups is not None:
+            self.sync = DiLoCo.from_config(self.model, self.cfg.sync, seed=trainer_cfg.seed, groups=self.sync_groups,
+                                           stats=self.comm_stats)
+            log.log(logging.INFO if self.is_rank0 else logging.DEBUG, "DiLoCo: %s", self.sync.summary())
         # NaN/Inf on any rank: the step is skipped on every rank; too many in a row stop the job.
         self.nonfinite = NonFiniteGuard(self.optimizer, self.model, verbose=self.is_rank0,
                                         max_consecutive_skips=trainer_cfg.max_consecutive_skips)
@@ -229,7 +249,11 @@ class Trainer:
             log.log(logging.INFO if self.is_rank0 else logging.DEBUG, "%s; native fp32 all-reduce across nodes",
                     self.parallel.describe())
         else:
-            stats = register_baseline_hook(self.ddp_model, comp, topology=self.topology)  # comp: the baseline's schema
+            topology = self.topology
+            if self.sync_groups is not None:  # DDP reduces inside the node only: its bytes are intra-node
+                local = self.topology.local_world_size
+                topology = Topology(world_size=local, rank=self.topology.local_rank, local_world_size=local)
+            stats = register_baseline_hook(self.ddp_model, comp, topology=topology)  # comp: the baseline's schema
         params = self.model.parameters()
         if opt.name == "birder":
             # collective=None: DDP (or the baseline hook) has averaged the gradient already, on purpose.
@@ -272,10 +296,14 @@ class Trainer:
         self.checkpoints.claim(None if tcfg.resume_weights_only else found, key, resume)
         if found is None:
             return
-        check_fits_model(key, resume, found.path, {"model": found.shapes("model"), "config": found.config},
+        model_path = found.model_path()  # a sync run keeps a replica per node
+        check_fits_model(key, resume, found.path, {"model": found.shapes(*model_path), "config": found.config},
                          self.model, self.cfg.model)
         if tcfg.resume_weights_only:
-            self.checkpoints.load(found, {"model": ModelState(self.model)})
+            if len(model_path) == 1:
+                self.checkpoints.load(found, {"model": ModelState(self.model)})
+            else:  # node 0's replica (the nodes' replicas are equal only at a sync)
+                self.checkpoints.load(found, {model_path[0]: StatefulGroup({"model": ModelState(self.model)})})
             log.log(logging.WARNING if self.is_rank0 else logging.INFO,
                     "trainer.resume_weights_only=true: loaded the model weights of %s (step %d) and nothing else; "
                     "optimizer state, LR schedule, data order and the step count start fresh", found.path, found.step)
@@ -285,6 +313,12 @@ class Trainer:
         check_steps_left(found.path.name, found.step, tcfg.max_steps)
         # hsdp: the same world size on another node layout puts other shards on each rank.
         same_world = found.world_size == self.world_size and (found.manifest or {}).get("mesh") == self._mesh_shape()
+        if self.sync is not None:
+            nodes = (found.config.get("compression") or {}).get("num_nodes")
+            if found.world_size != self.world_size or nodes != self.cfg.compression.num_nodes:
+                raise ValueError(f"{key}={resume}: {found.path.name} holds DiLoCo state of {found.world_size} ranks "
+                                 f"(compression.num_nodes={nodes}); resume it with the same ranks and nodes, or take "
+                                 "only its weights with trainer.resume_weights_only=true")
         replicated, per_rank = self.checkpoint_components()
         replica = self.optimizer.replica_state() if isinstance(self.optimizer, Birder) else None
         if replica is not None and not same_world:
@@ -367,6 +401,12 @@ class Trainer:
                 replicated[replica[0]] = replica[1]
         else:
             replicated["optimizer"] = TorchOptimizerState(self.optimizer)  # averaged gradient: the same everywhere
+        if self.sync is not None:
+            # Between syncs each node has its own replica and optimizer state (the same on its ranks: stored
+            # once per node); the sync state is this rank's shards (DiLoCo.state_dict waits for exchanges).
+            node = {"model": replicated.pop("model"), "optimizer": replicated.pop("optimizer")}
+            replicated[node_key(self.topology.node_rank)] = StatefulGroup(node)
+            per_rank["sync"] = self.sync
         return replicated, per_rank
 
     # -- hooks for subclasses (SupernetTrainer) ------------------------------------------
@@ -433,6 +473,9 @@ class Trainer:
             self.train_time_s += time.perf_counter() - step_start
             self.step += 1
             self.drift_injector.after_step(self.step)
+            if self.sync is not None:  # every sync.every steps: the nodes exchange; the last step ends in sync
+                with distributed.collective_stage(f"sync after step {self.step}"):
+                    self.sync.step(final=self.step == tcfg.max_steps)
 
             row = None
             is_last = self.step == tcfg.max_steps
@@ -585,6 +628,7 @@ class Trainer:
             "compression": comp.name,
             # the collective that ran (compression.collective=auto resolved by the node layout)
             "collective": self.optimizer.hook_state.collective.name if comp.name == "birder" else comp.collective,
+            "sync": self.sync.summary() if self.sync is not None else None,
             "optimizer": self.cfg.optim.name,
             "model": self.cfg.model["name"],
             "dataset": self.cfg.data.name,
@@ -657,7 +701,9 @@ class Trainer:
         hook_state = getattr(getattr(self, "optimizer", None), "hook_state", None)
         if hook_state is not None:
             hook_state.close()
-        for name in ("optimizer", "ddp_model", "scheduler", "nonfinite"):
+        if getattr(self, "sync", None) is not None:
+            self.sync.close()
+        for name in ("optimizer", "ddp_model", "scheduler", "nonfinite", "sync", "sync_groups"):
             if hasattr(self, name):
                 setattr(self, name, None)
         gc.collect()

@@ -265,9 +265,9 @@ def check_fits_model(key: str, value, path: Path, state: dict, model: torch.nn.M
 
 # What resuming must not change (issue 13): the optimizer (its state would not fit or mean the
 # same), compression and collective (another hook, another wire format), the supernet's sampling
-# (the arch sampler's state is restored). Timeouts and the after-training search/recalibration
+# (the arch sampler's state is restored), the low-frequency synchronisation (its state is per shard). Timeouts and the after-training search/recalibration
 # settings change no state, so they may differ.
-RECIPE_GROUPS = ("optim", "compression", "supernet")
+RECIPE_GROUPS = ("optim", "compression", "supernet", "sync")
 RECIPE_SKIP = ("compression.timeout_s", "supernet.search", "supernet.bn_recalibration")
 
 
