@@ -8,7 +8,7 @@ elements in that order. ``fragments=F`` (an int) cuts the flat vector into F run
 length (whole blocks of the quantizer where they fit; a parameter may straddle two fragments);
 a list of modules or of parameter lists (torchft's ``model_fragments``) makes one fragment of
 each, whole parameters. Where F (or L) whole blocks do not fit, the cuts fall at multiples of 8
-elements instead, so no part is left empty. The ranks of a node hold the same replica (DDP), so each exchanges
+elements instead (or of 1), so no part is left empty while there are elements for it. The ranks of a node hold the same replica (DDP), so each exchanges
 only its own shard of a fragment: shard l = ``[l C, (l + 1) C)`` with C = D / L rounded up to
 whole blocks (the last shards may be short or empty).
 """
@@ -59,8 +59,11 @@ def _runs(sizes: list[int], lo: int, hi: int) -> list:
 
 
 def _fitting(granule: int, numel: int, parts: int) -> int:
-    """``granule`` where ``parts`` whole granules fit in ``numel``, else 8 (a small model: no empty parts)."""
-    return granule if numel >= parts * granule else 8
+    """``granule`` where ``parts`` whole granules fit in ``numel``, else 8, else 1 (a small model: no empty parts)."""
+    for size in (granule, 8):
+        if numel >= parts * size:
+            return size
+    return 1
 
 
 def split_fragments(params, fragments, *, local_rank: int, local_world_size: int, granule: int = 8) -> list:
