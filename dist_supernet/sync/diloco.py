@@ -51,7 +51,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from dist_supernet.comm import CommGroups, CommStats, Topology, WireBytes, build_collective, mix_seed
+from dist_supernet.comm import CommGroups, CommStats, Topology, WireBytes, mix_seed
 from dist_supernet.comm.stats import all_gather_bytes
 from dist_supernet.errors import ConfigError
 from dist_supernet.optim.compressor import BirderCompressor
@@ -117,14 +117,11 @@ class _BirderOuter:
         self.comp = BirderCompressor([target], beta=beta, seed=seed)
         topo = groups.topology
         if groups.cross is not None and topo.num_nodes > 1:
-            # The compressor's collective, on the cross group seen as N single-rank nodes (its draws are keyed
-            # by that rank: independent across nodes). Until the exchange engine has an entry point for
-            # groups made elsewhere, the connection is these public attributes.
-            cross = node_topology(topo.num_nodes, topo.node_rank)
+            # The compressor's collective on the cross group, seen as N single-rank nodes: its draws are keyed
+            # by the node (independent across nodes); two_phase re-quantizes its phase 2 to one bit.
             name = "allgather" if resolve_form(form, topo.num_nodes) == "allgather" else "two_phase"
-            self.comp.topology, self.comp.groups = cross, CommGroups(world=groups.cross)
-            self.comp.collective = build_collective(name, cross, self.comp.groups, requantize=True)
-            self.comp.collective_name = name
+            self.comp.connect(name, requantize=True, topology=node_topology(topo.num_nodes, topo.node_rank),
+                              groups=CommGroups(world=groups.cross))
         # comp.stats counts on the sync thread; DiLoCo counts wire_bytes() when it sends, on the training thread.
 
     def wire_bytes(self, numel: int) -> WireBytes:

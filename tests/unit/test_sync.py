@@ -33,6 +33,7 @@ BAD_SYNC = [
     (["sync.form=ring"], "sync.form=ring: expected one of auto, allgather, reduce_scatter"),
     (["sync.backup_device=tpu"], "sync.backup_device=tpu: expected one of cpu, cuda"),
     (["sync.every=ten"], "sync.every=ten: expected int"),
+    (["trainer.parallelism=hsdp"], "trainer.parallelism=hsdp: sync=diloco keeps a whole replica on each rank"),
 ]
 
 
