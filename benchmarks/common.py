@@ -2,7 +2,8 @@
 
 Each script in ``benchmarks/`` answers one question and writes its results with the hardware
 and the date (STYLE.md, habit 9); the description of the machine, the naming of the results
-files and the way processes are launched live here once, so that every results file states
+files, the way processes are launched and the shaped links between pretend nodes (network
+namespaces, veth, tbf: :class:`Nodes`) live here once, so that every results file states
 them the same way. Scripts import it as ``common`` (``python benchmarks/x.py`` puts
 ``benchmarks/`` first on ``sys.path``; a script loaded by path inserts its folder itself).
 
@@ -15,11 +16,14 @@ Example::
     'slow_link_amd-epyc_2026-12-01.md'
 """
 
+import atexit
 import datetime
 import json
 import os
 import platform
 import re
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -167,3 +171,166 @@ def spawn_gloo(worker, nprocs: int, *args) -> dict:
     out = manager.dict()
     mp.spawn(worker, args=(nprocs, *args, out), nprocs=nprocs)
     return dict(out)
+
+
+# -- shaped links: nodes in network namespaces --------------------------------------------------
+
+TWO_NODE_ADDRS = ("10.77.0.1", "10.77.0.2")
+PREFIX_LEN = 24
+
+
+def rate_bits(rate: str) -> float:
+    """``100mbit`` -> 1e8 (tc's rate syntax); ValueError otherwise."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([kmg]?)bit", rate.lower())
+    if not match:
+        raise ValueError(f"--links {rate!r}: expected a tc rate like 100mbit or 1gbit, or 'loopback'")
+    return float(match.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[match.group(2)]
+
+
+def tbf_burst(rate: str) -> str:
+    """1 ms of traffic, at least 32 kbit: 32 kbit at 1 Gbit/s gave 871 Mbit/s TCP goodput, 1 Mbit 934."""
+    return f"{max(32_000, int(rate_bits(rate) / 1000)) // 1000}kbit"
+
+
+def _sh(*cmd, check=True):
+    return subprocess.run(cmd, check=check, capture_output=True, text=True)
+
+
+def netns_unavailable_reason() -> str | None:
+    """None if this process can build namespaces and shape links, else one line saying why not."""
+    if os.geteuid() != 0:
+        return "needs root (ip netns, tc): run as root, or use --links loopback"
+    for tool in ("ip", "tc"):
+        if shutil.which(tool) is None:
+            return f"needs iproute2's `{tool}` on PATH (ip netns, tc): install iproute2, or use --links loopback"
+    return None
+
+
+class Nodes:
+    """``count`` pretend nodes, each a network namespace with lo up and one interface, joined by shaped links.
+
+    Two nodes: namespaces ``<name>a``, ``<name>b`` and one veth pair ``<name>va`` <-> ``<name>vb``
+    (addresses ``<subnet>.1``, ``.2``). More: namespaces ``<name>0`` .. ``<name>{count-1}``, each with
+    a veth ``<name>v<i>`` whose peer ``<name>p<i>`` sits on a bridge in a hub namespace ``<name>h``
+    (a star: every node has its own uplink). :meth:`shape` puts tbf at the rate on every link end's
+    egress, so each node sends and receives at most ``rate``. Everything is removed on ``close()``,
+    at interpreter exit and on SIGTERM/SIGINT (deleting a namespace deletes its veth ends).
+
+    Example::
+        >>> nodes = Nodes("diloco123", 4, subnet="10.78.0")    # root
+        >>> nodes.shape("10mbit"); nodes.ns[2], nodes.addr[2]
+        ('diloco1232', '10.78.0.3')
+    """
+
+    def __init__(self, name: str, count: int = 2, *, subnet: str = "10.77.0"):
+        if count < 2:
+            raise ValueError(f"count={count}: expected at least 2 nodes")
+        self.count = count
+        self.addr = tuple(f"{subnet}.{i + 1}" for i in range(count))
+        if count == 2:
+            self.ns, self.iface, self.hub, self.ports = (f"{name}a", f"{name}b"), (f"{name}va", f"{name}vb"), None, ()
+        else:
+            self.ns = tuple(f"{name}{i}" for i in range(count))
+            self.iface = tuple(f"{name}v{i}" for i in range(count))
+            self.hub, self.ports = f"{name}h", tuple(f"{name}p{i}" for i in range(count))
+        self._closed = False
+        atexit.register(self.close)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        try:
+            self._build(name)
+        except subprocess.CalledProcessError as error:
+            self.close()
+            raise RuntimeError(f"building the namespaces failed: {' '.join(error.cmd)}: {error.stderr.strip()}")
+
+    def _build(self, name: str) -> None:
+        for ns in self.ns:
+            _sh("ip", "netns", "add", ns)
+        if self.hub is None:
+            _sh("ip", "link", "add", self.iface[0], "type", "veth", "peer", "name", self.iface[1])
+        else:
+            _sh("ip", "netns", "add", self.hub)
+            bridge = f"{name}br"
+            _sh("ip", "-n", self.hub, "link", "add", bridge, "type", "bridge")
+            _sh("ip", "-n", self.hub, "link", "set", bridge, "up")
+            for iface, port in zip(self.iface, self.ports):
+                _sh("ip", "link", "add", iface, "type", "veth", "peer", "name", port)
+                _sh("ip", "link", "set", port, "netns", self.hub)
+                _sh("ip", "-n", self.hub, "link", "set", port, "master", bridge)
+                _sh("ip", "-n", self.hub, "link", "set", port, "up")
+        for ns, iface, addr in zip(self.ns, self.iface, self.addr):
+            _sh("ip", "link", "set", iface, "netns", ns)
+            _sh("ip", "-n", ns, "addr", "add", f"{addr}/{PREFIX_LEN}", "dev", iface)
+            _sh("ip", "-n", ns, "link", "set", iface, "up")
+            _sh("ip", "-n", ns, "link", "set", "lo", "up")
+
+    def _on_signal(self, signum, frame):
+        self.close()
+        raise SystemExit(128 + signum)
+
+    def _ends(self):
+        ends = list(zip(self.ns, self.iface))
+        if self.hub is not None:
+            ends += [(self.hub, port) for port in self.ports]
+        return ends
+
+    def shape(self, rate: str | None) -> None:
+        """tbf at ``rate`` on every link end's egress (None: remove the shaping)."""
+        for ns, iface in self._ends():
+            if rate is None:
+                _sh("ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", iface, "root", check=False)
+            else:
+                _sh("ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", iface, "root", "tbf",
+                    "rate", rate, "burst", tbf_burst(rate), "latency", "50ms")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for ns in (*self.ns, *([self.hub] if self.hub else [])):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+class TwoNodes(Nodes):
+    """Two nodes over one veth pair at 10.77.0.1 and .2 (benchmarks/slow_link.py's layout)."""
+
+    def __init__(self, name: str):
+        super().__init__(name, 2, subnet=TWO_NODE_ADDRS[0].rsplit(".", 1)[0])
+
+
+_PROBE = r"""
+import socket, sys, time
+mode, addr, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+if mode == "sink":
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((addr, port)); s.listen(1); c, _ = s.accept()
+    while c.recv(1 << 20):
+        pass
+    c.sendall(b"x")
+else:
+    nbytes, buf = int(sys.argv[4]), b"\0" * (1 << 20)
+    for _ in range(100):
+        try:
+            c = socket.create_connection((addr, port)); break
+        except OSError:
+            time.sleep(0.05)
+    start, sent = time.perf_counter(), 0
+    while sent < nbytes:
+        c.sendall(buf); sent += len(buf)
+    c.shutdown(socket.SHUT_WR); c.recv(1)
+    print(sent * 8 / (time.perf_counter() - start))
+"""
+
+
+def probe_goodput(nodes: Nodes, rate: str, port: int) -> float:
+    """TCP goodput from the first node to the second in bit/s over ~1.5 s of a bulk transfer."""
+    nbytes = int(rate_bits(rate) / 8 * 1.5)
+    sink = subprocess.Popen(["ip", "netns", "exec", nodes.ns[1], sys.executable, "-c", _PROBE,
+                             "sink", nodes.addr[1], str(port)])
+    try:
+        out = subprocess.run(["ip", "netns", "exec", nodes.ns[0], sys.executable, "-c", _PROBE,
+                              "src", nodes.addr[1], str(port), str(nbytes)],
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+    finally:
+        sink.wait(timeout=30)
+    return float(out.strip())

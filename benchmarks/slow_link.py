@@ -39,11 +39,9 @@ Writes ``benchmarks/results/slow_link_<machine>_<date>.md`` and ``.json``
 """
 
 import argparse
-import atexit
 import json
 import os
 import re
-import shutil
 import signal
 import statistics
 import subprocess
@@ -59,8 +57,7 @@ WORKER = HERE / "step_worker.py"
 sys.path.insert(0, str(HERE))
 import step_worker  # noqa: E402  (its method list: the registries)
 
-ADDR_A, ADDR_B = "10.77.0.1", "10.77.0.2"  # only inside the namespaces this script creates
-PREFIX_LEN = 24
+ADDR_A, ADDR_B = common.TWO_NODE_ADDRS  # only inside the namespaces this script creates
 RDZV_PORT = 29531
 PROBE_PORT = 29541
 LINKS = ["100mbit", "1gbit", "loopback"]
@@ -70,121 +67,16 @@ DEFAULT_STEPS = {"100mbit": 3, "1gbit": 5, "loopback": 8}
 RUN_TIMEOUT_S = 900
 
 
-def rate_bits(rate: str) -> float:
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)([kmg]?)bit", rate.lower())
-    if not match:
-        raise ValueError(f"--links {rate!r}: expected a tc rate like 100mbit or 1gbit, or 'loopback'")
-    return float(match.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[match.group(2)]
-
-
-def tbf_burst(rate: str) -> str:
-    """1 ms of traffic, at least 32 kbit: 32 kbit at 1 Gbit/s gave 871 Mbit/s TCP goodput, 1 Mbit 934."""
-    return f"{max(32_000, int(rate_bits(rate) / 1000)) // 1000}kbit"
-
-
-# -- two namespaces and a veth ----------------------------------------------------------------
-
-def _sh(*cmd, check=True):
-    return subprocess.run(cmd, check=check, capture_output=True, text=True)
-
-
-def netns_unavailable_reason() -> str | None:
-    """None if this process can build namespaces and shape links, else one line saying why not."""
-    if os.geteuid() != 0:
-        return "needs root (ip netns, tc): run as root, or use --links loopback"
-    for tool in ("ip", "tc"):
-        if shutil.which(tool) is None:
-            return f"needs iproute2's `{tool}` on PATH (ip netns, tc): install iproute2, or use --links loopback"
-    return None
-
-
-class TwoNodes:
-    """Namespaces ``<name>a`` and ``<name>b``, veth ``<name>va`` <-> ``<name>vb``, lo up in both.
-
-    Removed on ``close()``, at interpreter exit and on SIGTERM/SIGINT (deleting a
-    namespace deletes its veth end, and the peer with it).
-    """
-
-    def __init__(self, name: str):
-        self.ns = (f"{name}a", f"{name}b")
-        self.iface = (f"{name}va", f"{name}vb")
-        self.addr = (ADDR_A, ADDR_B)
-        self._closed = False
-        atexit.register(self.close)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
-        try:
-            for ns in self.ns:
-                _sh("ip", "netns", "add", ns)
-            _sh("ip", "link", "add", self.iface[0], "type", "veth", "peer", "name", self.iface[1])
-            for ns, iface, addr in zip(self.ns, self.iface, self.addr):
-                _sh("ip", "link", "set", iface, "netns", ns)
-                _sh("ip", "-n", ns, "addr", "add", f"{addr}/{PREFIX_LEN}", "dev", iface)
-                _sh("ip", "-n", ns, "link", "set", iface, "up")
-                _sh("ip", "-n", ns, "link", "set", "lo", "up")
-        except subprocess.CalledProcessError as error:
-            self.close()
-            raise RuntimeError(f"building the namespaces failed: {' '.join(error.cmd)}: {error.stderr.strip()}")
-
-    def _on_signal(self, signum, frame):
-        self.close()
-        raise SystemExit(128 + signum)
-
-    def shape(self, rate: str | None) -> None:
-        """tbf at ``rate`` on both veth ends' egress (None: remove the shaping)."""
-        for ns, iface in zip(self.ns, self.iface):
-            if rate is None:
-                _sh("ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", iface, "root", check=False)
-            else:
-                _sh("ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", iface, "root", "tbf",
-                    "rate", rate, "burst", tbf_burst(rate), "latency", "50ms")
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        for ns in self.ns:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+# The shaped links (namespaces, veth, tbf) are benchmarks/common.py's, shared with benchmarks/diloco.py.
+rate_bits, tbf_burst, netns_unavailable_reason, TwoNodes = (
+    common.rate_bits, common.tbf_burst, common.netns_unavailable_reason, common.TwoNodes)
 
 
 # -- processes --------------------------------------------------------------------------------
 
-_PROBE = r"""
-import socket, sys, time
-mode, addr, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-if mode == "sink":
-    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind((addr, port)); s.listen(1); c, _ = s.accept()
-    while c.recv(1 << 20):
-        pass
-    c.sendall(b"x")
-else:
-    nbytes, buf = int(sys.argv[4]), b"\0" * (1 << 20)
-    for _ in range(100):
-        try:
-            c = socket.create_connection((addr, port)); break
-        except OSError:
-            time.sleep(0.05)
-    start, sent = time.perf_counter(), 0
-    while sent < nbytes:
-        c.sendall(buf); sent += len(buf)
-    c.shutdown(socket.SHUT_WR); c.recv(1)
-    print(sent * 8 / (time.perf_counter() - start))
-"""
-
-
 def probe_goodput(nodes: TwoNodes, rate: str) -> float:
-    """TCP goodput A -> B in bit/s over ~1.5 s of a bulk transfer."""
-    nbytes = int(rate_bits(rate) / 8 * 1.5)
-    sink = subprocess.Popen(["ip", "netns", "exec", nodes.ns[1], sys.executable, "-c", _PROBE,
-                             "sink", nodes.addr[1], str(PROBE_PORT)])
-    try:
-        out = subprocess.run(["ip", "netns", "exec", nodes.ns[0], sys.executable, "-c", _PROBE,
-                              "src", nodes.addr[1], str(PROBE_PORT), str(nbytes)],
-                             capture_output=True, text=True, timeout=60, check=True).stdout
-    finally:
-        sink.wait(timeout=30)
-    return float(out.strip())
+    """TCP goodput A -> B in bit/s over ~1.5 s of a bulk transfer (see common.probe_goodput)."""
+    return common.probe_goodput(nodes, rate, PROBE_PORT)
 
 
 def worker_env(iface: str) -> dict:

@@ -51,6 +51,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from dist_supernet import kernels
 from dist_supernet.comm import CommGroups, CommStats, Topology, WireBytes, mix_seed
 from dist_supernet.comm.stats import all_gather_bytes
 from dist_supernet.errors import ConfigError
@@ -228,6 +229,8 @@ class DiLoCo:
         self.pending: dict[int, _Pending] = {}
         self._executor = None
         self._hook = None
+        if cfg.quantizer != "fp32":  # load (or compile) the kernels now, not inside the first exchange
+            kernels.warmup(self.backup_device)
         self._check_same_start()
 
     # -- the schedule ------------------------------------------------------------------
