@@ -115,11 +115,11 @@ def launch(overrides: list[str], run_dir: Path, *, nodes, groups: int, ranks: in
     if nodes is None:
         commands = [([], "lo", common.torchrun_command(groups * ranks, *app))]
     else:
-        commands = []
+        commands, rdzv_id = [], f"diloco{os.getpid()}x{time.monotonic_ns()}"  # one id: every node's agent joins it
         for i, (ns, iface, addr) in enumerate(zip(nodes.ns, nodes.iface, nodes.addr)):
             commands.append((["ip", "netns", "exec", ns], iface, common.torchrun_command(ranks, standalone=False) + [
                 f"--nnodes={groups}", "--rdzv_backend=c10d", f"--rdzv_endpoint={nodes.addr[0]}:{RDZV_PORT}",
-                f"--rdzv_id=diloco{os.getpid()}{time.monotonic_ns()}", f"--rdzv_conf=is_host={int(i == 0)}",
+                f"--rdzv_id={rdzv_id}", f"--rdzv_conf=is_host={int(i == 0)}",
                 f"--local_addr={addr}", *app]))
     for prefix, iface, cmd in commands:
         log = tempfile.TemporaryFile("w+")
