@@ -218,9 +218,12 @@ class Trainer:
         if self.resumed_from is None and self.is_rank0 and trainer_cfg.resume == "auto":
             report_unfinished_runs(self.output_dir)
         # Replicas compared every sync_check_every steps and before every checkpoint (replicas.py); hsdp: each
-        # rank's shards against the ranks holding the same shards on the other nodes.
-        self.replicas = ReplicaCheck(self.model, every=trainer_cfg.sync_check_every, device=self.device,
-                                     group=self.parallel.mesh.get_group("replicate") if self.parallel.mesh else None)
+        # rank's shards against the ranks holding the same shards on the other nodes; sync=diloco: the ranks of
+        # one node (the nodes' replicas differ between syncs by design; the end compares every rank's digest).
+        group = self.parallel.mesh.get_group("replicate") if self.parallel.mesh else None
+        if self.sync_groups is not None:
+            group = self.sync_groups.inner
+        self.replicas = ReplicaCheck(self.model, every=trainer_cfg.sync_check_every, device=self.device, group=group)
         # SIGTERM (a scheduler's preemption): every rank finishes its step, checkpoints, exits 143.
         self.preemption = distributed.PreemptionFlag()
 
@@ -470,12 +473,12 @@ class Trainer:
             step_start = time.perf_counter()
             with distributed.collective_stage(f"train step {self.step + 1}"):  # a stopped peer: named, not raw
                 loss = self.train_step()
-            self.train_time_s += time.perf_counter() - step_start
             self.step += 1
-            self.drift_injector.after_step(self.step)
             if self.sync is not None:  # every sync.every steps: the nodes exchange; the last step ends in sync
                 with distributed.collective_stage(f"sync after step {self.step}"):
                     self.sync.step(final=self.step == tcfg.max_steps)
+            self.train_time_s += time.perf_counter() - step_start  # the step and its exchanges, not evaluation
+            self.drift_injector.after_step(self.step)
 
             row = None
             is_last = self.step == tcfg.max_steps
