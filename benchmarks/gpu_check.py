@@ -62,7 +62,7 @@ IMAGE_MODULES = {"attr", "certifi", "colorama", "cython_runtime", "iniconfig", "
                  "tqdm", "triton", "typing_extensions", "yaml", "PIL", "kiwisolver", "cycler", "fontTools",
                  "pyparsing", "dateutil", "six", "contourpy", "joblib", "threadpoolctl", "jinja2", "markupsafe",
                  "sympy", "mpmath", "networkx", "filelock", "fsspec", "charset_normalizer", "cloudpickle",
-                 "mpl_toolkits", "narwhals", "pandas", "psutil"}
+                 "mpl_toolkits", "narwhals", "pandas", "psutil", "rich"}
 ROW_COUNTS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 20, 33)
 CPU_PREFIX = 1 << 18  # elements compared with the CPU reference too (it hashes at ~300 ns per element)
 GEMM_NAMES = ("gemm", "nvjet", "xmma", "cutlass")  # cuBLAS / cuBLASLt kernel names (nvjet: Hopper)

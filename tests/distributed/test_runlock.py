@@ -74,7 +74,8 @@ def test_a_second_job_is_refused_orphans_stop_and_the_relaunch_is_the_only_write
     c = Job(torchrun(*RUN, f"trainer.max_steps={end}", f"hydra.run.dir={run_dir}"), cwd=tmp_path, jobs=jobs)
     assert c.wait() == 0, c.text[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["resumed_from_step"] is not None and last_step - 50 < summary["resumed_from_step"] <= last_step
+    # The last complete checkpoint: the one at last_step itself may have been cut by the kill.
+    assert summary["resumed_from_step"] is not None and last_step - 50 <= summary["resumed_from_step"] <= last_step
     steps = [r["step"] for r in rows(run_dir)]
     assert steps == sorted(set(steps)) and steps[-1] == end  # every logged step once, in order
     assert steps == list(range(10, end + 1, 10))

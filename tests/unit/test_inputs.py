@@ -49,7 +49,7 @@ _compose = compose_train
     (["compression=birder", "optim=birder", "compression.timeout_s=1e20"], "compression.timeout_s=1e+20: must be <= 604800"),
     (["trainer.seed=-1"], "trainer.seed=-1: must be in [0, 2147483648)"),
     (["data.split_seed=1099511627776"], "data.split_seed=1099511627776: must be in [0, 2147483648)"),
-    (["+foo=1"], "foo=1: unknown top-level key (expected one of compression, optim, model, data, trainer, supernet, plugins)"),
+    (["+foo=1"], "foo=1: unknown top-level key (expected one of compression, optim, model, data, trainer, supernet, sync, plugins)"),
     (["+supernet.sampler_name=x"], "supernet.sampler_name=x: unknown key (expected one of sampler, distillation"),
 ])
 def test_bad_numbers_and_unknown_keys_are_one_line_naming_the_key(overrides, message):

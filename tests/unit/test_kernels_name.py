@@ -48,18 +48,19 @@ def test_a_top_level_kernels_package_does_not_shadow_ours(tmp_path):
 # package by that name, so the folder must hand the name over (and say it is not a top-level package
 # when nothing else provides one), not fail transformers with our own module.
 _ROOT_FIRST = textwrap.dedent("""
-    import importlib, os, sys
+    import importlib.machinery, os, sys
     root, stub_dir = sys.argv[1], sys.argv[2]
-    others = [p for p in sys.path if p and os.path.abspath(p) != root
-              and not os.path.isdir(os.path.join(p, "kernels"))]
-    sys.path[:] = [root] + others                     # no top-level kernels anywhere but our folder
+    others = [p for p in sys.path if p and os.path.abspath(p) != root]
+    installed = importlib.machinery.PathFinder.find_spec("kernels", others)  # Hugging Face's, if installed
+    installed = installed and installed.origin
+    sys.path[:] = [root] + others                     # the clone's root first, as `python -m pytest` puts it
     try:
         import kernels
-        print("imported", kernels.__file__)
-    except ModuleNotFoundError as error:
-        assert error.name == "kernels" and "dist_supernet.kernels" in str(error), error
+        assert kernels.__file__ == installed and not kernels.__file__.startswith(root), kernels.__file__
+    except ModuleNotFoundError as error:              # nothing else provides the name: ours says what it is
+        assert installed is None and error.name == "kernels" and "dist_supernet.kernels" in str(error), error
     sys.modules.pop("kernels", None)
-    sys.path.append(stub_dir)                         # Hugging Face's, installed after the clone's root
+    sys.path[:] = [root, stub_dir] + others           # a stand-in right after the root: the next one on the path
     import kernels
     assert kernels.HUB == "huggingface", kernels.__file__
     from dist_supernet import kernels as ours

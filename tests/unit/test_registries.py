@@ -87,7 +87,8 @@ def test_config_accepts_the_toys_only_with_the_plugin_and_checks_their_schema(un
 def test_benchmarks_list_the_toys(unloaded, capsys):
     step_worker = _load_script("step_worker")
     assert step_worker.method_names() == ("compute", "fp32", "fp16", "powersgd", "allgather", "two_phase",
-                                          "hierarchical", "hierarchical_rs")  # bf16 is NCCL only
+                                          "hierarchical", "hierarchical_rs", "hsdp_local", "hsdp_fp32",
+                                          "hsdp_birder")  # bf16 is NCCL only
     with pytest.raises(SystemExit) as exit_info:
         step_worker.main(["--plugins", PLUGIN, "--help"])
     assert exit_info.value.code == 0
