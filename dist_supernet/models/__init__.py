@@ -52,17 +52,20 @@ SUPERNET_MODELS: set[str] = set()
 MODEL_PLUGINS: list[str] = ["dist_supernet.supernet.registry"]
 
 
-def register_model(name: str, *, supernet: bool = False, data: str = IMAGE) -> Callable[[Builder], Builder]:
+def register_model(name: str, *, supernet: bool = False,
+                   data: str | Callable[[Mapping], str] = IMAGE) -> Callable[[Builder], Builder]:
     """Decorator: register ``builder`` as ``name``.
 
     ``data``: the kind of data it trains on, which fixes the builder's arguments:
     ``IMAGE`` -> ``builder(cfg, in_channels, image_size, num_classes)``,
-    ``TEXT`` -> ``builder(cfg, vocab_size)``.
+    ``TEXT`` -> ``builder(cfg, vocab_size)``; or a function of the ``model`` config
+    returning one of them, for a family whose config decides (``model=subnet``: its
+    ``space``), whose builder then takes the inputs as keywords.
     ``supernet=True``: the builder returns a ``dist_supernet.supernet.Supernet``
     (sampled subnets per step, search and export after training).
     """
-    if data not in (IMAGE, TEXT):
-        raise ValueError(f"register_model({name!r}, data={data!r}): expected {IMAGE!r} or {TEXT!r}")
+    if data not in (IMAGE, TEXT) and not callable(data):
+        raise ValueError(f"register_model({name!r}, data={data!r}): expected {IMAGE!r}, {TEXT!r} or a function")
 
     def wrap(builder: Builder) -> Builder:
         if name in MODELS and MODELS[name] is not builder:
@@ -90,13 +93,15 @@ def is_supernet(name: str) -> bool:
     return name in SUPERNET_MODELS
 
 
-def model_data_kind(name: str) -> str:
-    """The kind of data (``IMAGE`` or ``TEXT``) the family ``name`` trains on; ConfigError for an unknown name."""
+def model_data_kind(name: str, cfg: Mapping | None = None) -> str:
+    """The kind of data (``IMAGE`` or ``TEXT``) the family ``name`` trains on (with the ``model`` config ``cfg``, for
+    a family whose config decides); ConfigError for an unknown name or config."""
     if name not in MODELS:
         available_models()
     if name not in MODELS:
         raise ConfigError("model.name", name, f"expected one of {', '.join(available_models())}")
-    return MODEL_DATA[name]
+    kind = MODEL_DATA[name]
+    return kind({"name": name} if cfg is None else cfg) if callable(kind) else kind
 
 
 def build_model(cfg: Mapping, *args, **inputs) -> nn.Module:
@@ -108,7 +113,7 @@ def build_model(cfg: Mapping, *args, **inputs) -> nn.Module:
     when the name is unknown; builders raise it naming their own keys (``model.hidden=...``).
     """
     name = cfg["name"]
-    model_data_kind(name)  # an unknown name: one line
+    model_data_kind(name, cfg)  # an unknown name (or a config naming another family): one line
     return MODELS[name](cfg, *args, **inputs)
 
 

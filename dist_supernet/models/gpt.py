@@ -9,12 +9,14 @@ here: DDP, compression and the data's batching wrap it from outside.
 
 The pieces are separate classes with plain constructor arguments, so that an
 elastic (MatFormer-style) GPT can mirror them and export its subnets to them:
-``CausalSelfAttention(n_embd, n_head, ...)``, ``MLP(n_embd, hidden, ...)`` (the
-hidden width is an argument, not ``4 * n_embd`` fixed), ``Block(n_embd, n_head,
+``CausalSelfAttention(n_embd, n_head, ..., head_dim=None)`` (``n_head * head_dim``
+wide inside, ``n_embd`` by default), ``MLP(n_embd, hidden, ...)`` (the hidden
+width is an argument, not ``4 * n_embd`` fixed), ``Block(n_embd, n_head,
 mlp_hidden, ...)``; parameter names match nanoGPT's (``transformer.wte``,
-``transformer.h.0.attn.c_attn``, ``lm_head``).
+``transformer.h.0.attn.c_attn``, ``lm_head``). ``GPTConfig.layers`` gives each
+block its own heads and MLP width (an exported subnet of ``model=elastic_gpt``).
 
-Shapes: B batch, T tokens (<= block_size), C = n_embd, H heads, D = C / H head dim, V vocab.
+Shapes: B batch, T tokens (<= block_size), C = n_embd, H heads, D head dim (C / H unless given), V vocab.
 
 Sizes (``model.*``, non-embedding parameters ~ 12·n_layer·n_embd²):
 
@@ -59,6 +61,17 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm layers, as GPT-2
     tie_weights: bool = True  # lm_head shares the token embedding (GPT-2 does)
+    head_dim: int | None = None  # width of one head; None: n_embd // n_head (GPT-2)
+    # Per block (n_head, mlp_hidden), overriding n_head and mlp_ratio (len == n_layer); None: every block alike.
+    layers: tuple[tuple[int, int], ...] | None = None
+
+    def block_sizes(self) -> list[tuple[int, int]]:
+        """``(n_head, mlp_hidden)`` of each block."""
+        if self.layers is None:
+            return [(self.n_head, self.mlp_ratio * self.n_embd)] * self.n_layer
+        if len(self.layers) != self.n_layer:
+            raise ValueError(f"GPTConfig.layers has {len(self.layers)} entries, n_layer={self.n_layer}")
+        return [(int(h), int(k)) for h, k in self.layers]
 
 
 class CausalSelfAttention(nn.Module):
@@ -70,24 +83,29 @@ class CausalSelfAttention(nn.Module):
         torch.Size([2, 5, 32])
     """
 
-    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True):
+    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True,
+                 head_dim: int | None = None):
         super().__init__()
-        if n_embd % n_head != 0:
-            raise ConfigError("n_head", n_head, f"must divide n_embd={n_embd}")
-        self.n_head, self.n_embd, self.dropout = n_head, n_embd, dropout
-        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)  # q, k, v of every head in one matmul
-        self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
+        if head_dim is None:
+            if n_embd % n_head != 0:
+                raise ConfigError("n_head", n_head, f"must divide n_embd={n_embd}")
+            head_dim = n_embd // n_head
+        self.n_head, self.n_embd, self.head_dim, self.dropout = n_head, n_embd, head_dim, dropout
+        inner = n_head * head_dim  # E: n_embd unless a head_dim is given (a subnet with fewer heads)
+        self.c_attn = nn.Linear(n_embd, 3 * inner, bias=bias)  # q, k, v of every head in one matmul
+        self.c_proj = nn.Linear(inner, n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x_BTC: torch.Tensor) -> torch.Tensor:
         B, T, C = x_BTC.shape
-        q, k, v = self.c_attn(x_BTC).split(self.n_embd, dim=2)
-        # [B, T, C] -> [B, H, T, D]
-        q_BHTD, k_BHTD, v_BHTD = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        E = self.n_head * self.head_dim
+        q, k, v = self.c_attn(x_BTC).split(E, dim=2)
+        # [B, T, E] -> [B, H, T, D]
+        q_BHTD, k_BHTD, v_BHTD = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
         y_BHTD = F.scaled_dot_product_attention(q_BHTD, k_BHTD, v_BHTD, is_causal=True,
                                                 dropout_p=self.dropout if self.training else 0.0)
-        y_BTC = y_BHTD.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y_BTC))
+        y_BTE = y_BHTD.transpose(1, 2).contiguous().view(B, T, E)
+        return self.resid_dropout(self.c_proj(y_BTE))
 
 
 class MLP(nn.Module):
@@ -117,10 +135,11 @@ class Block(nn.Module):
         torch.Size([2, 5, 32])
     """
 
-    def __init__(self, n_embd: int, n_head: int, mlp_hidden: int, dropout: float = 0.0, bias: bool = True):
+    def __init__(self, n_embd: int, n_head: int, mlp_hidden: int, dropout: float = 0.0, bias: bool = True,
+                 head_dim: int | None = None):
         super().__init__()
         self.ln_1 = nn.LayerNorm(n_embd, bias=bias)
-        self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias)
+        self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias, head_dim)
         self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
         self.mlp = MLP(n_embd, mlp_hidden, dropout, bias)
 
@@ -150,8 +169,8 @@ class GPT(nn.Module):
             wte=nn.Embedding(c.vocab_size, c.n_embd),
             wpe=nn.Embedding(c.block_size, c.n_embd),
             drop=nn.Dropout(c.dropout),
-            h=nn.ModuleList([Block(c.n_embd, c.n_head, c.mlp_ratio * c.n_embd, c.dropout, c.bias)
-                             for _ in range(c.n_layer)]),
+            h=nn.ModuleList([Block(c.n_embd, n_head, mlp_hidden, c.dropout, c.bias, c.head_dim)
+                             for n_head, mlp_hidden in c.block_sizes()]),
             ln_f=nn.LayerNorm(c.n_embd, bias=c.bias),
         ))
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)

@@ -9,10 +9,12 @@ instead of deep inside training::
     bn_recalibration: {num_batches}
     search: {population_size, num_generations, mutate_prob, mutation_ratio, parent_ratio,
              max_tries, flops_limit, params_limit, split_evaluation, flops_fractions}
+    report_archs: {<name>: <arch dict>, ...}   (more subnets to score and export after training)
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 from dist_supernet.errors import ConfigError
@@ -21,7 +23,7 @@ from dist_supernet.supernet.sampler import build_sampler
 from dist_supernet.supernet.search import check_limits, check_search_settings
 from dist_supernet.supernet.space import Supernet
 
-SUPERNET_KEYS = ("sampler", "distillation", "progressive_shrinking", "bn_recalibration", "search")
+SUPERNET_KEYS = ("sampler", "distillation", "progressive_shrinking", "bn_recalibration", "search", "report_archs")
 
 
 def to_plain(value):
@@ -68,6 +70,8 @@ def check_supernet_config(cfg: Mapping, space: Supernet) -> dict:
     if not isinstance(num_batches, int) or num_batches < 1:
         raise ConfigError("supernet.bn_recalibration.num_batches", num_batches, "expected a positive integer")
 
+    cfg["report_archs"] = check_report_archs(cfg.get("report_archs"), space)
+
     search = cfg.get("search") or {}
     try:
         check_search_settings(search)
@@ -77,3 +81,33 @@ def check_supernet_config(cfg: Mapping, space: Supernet) -> dict:
     except ConfigError as e:
         raise e.under("supernet") from None
     return cfg
+
+
+def check_report_archs(report_archs, space: Supernet) -> dict:
+    """``supernet.report_archs``: ``{name: arch}`` scored and exported beside max, min and the searched subnets.
+
+    Names are file names (``subnets/<name>.pt``): letters, digits, ``_`` and ``-``, not ``max``, ``min`` or
+    ``searched_<n>``. Each arch is checked against ``space`` now, not after training.
+
+    Example::
+        >>> from dist_supernet.supernet import OFACNN
+        >>> space = OFACNN(1, 8, 10)
+        >>> list(check_report_archs({"smallest": space.min_arch()}, space))
+        ['smallest']
+    """
+    if report_archs is None:
+        return {}
+    if not isinstance(report_archs, Mapping):
+        raise ConfigError("supernet.report_archs", report_archs, "expected a mapping of names to arch dicts")
+    checked = {}
+    for name, arch in report_archs.items():
+        key = f"supernet.report_archs.{name}"
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", str(name)) or name in ("max", "min") or re.fullmatch(
+                r"searched_\d+", str(name)):
+            raise ConfigError("supernet.report_archs", sorted(report_archs), f"name {name!r}: expected letters, "
+                              "digits, _ and -, not max, min or searched_<n> (those are reported anyway)")
+        try:
+            checked[str(name)] = space.validate_arch(to_plain(arch))
+        except ValueError as e:
+            raise ConfigError(key, to_plain(arch), str(e)) from None
+    return checked

@@ -395,6 +395,43 @@ class ElasticLinear(nn.Module, ElasticModule):
         return self.active_out_features
 
 
+class ElasticEmbedding(nn.Module, ElasticModule):
+    """Lookup table whose leading ``embed_dim`` columns are active (every row stays: any id may come in).
+
+    Example::
+        >>> wte = ElasticEmbedding(100, 64)
+        >>> wte.set_active(embed_dim=48)
+        >>> wte(torch.zeros(2, 5, dtype=torch.long)).shape
+        torch.Size([2, 5, 48])
+    """
+
+    def __init__(self, num_embeddings: int, max_embed_dim: int):
+        super().__init__()
+        self.num_embeddings, self.max_embed_dim = num_embeddings, max_embed_dim
+        self.weight = nn.Parameter(torch.empty(num_embeddings, max_embed_dim))
+        nn.init.normal_(self.weight)  # nn.Embedding's default
+        self.active_embed_dim = max_embed_dim
+
+    def set_active(self, embed_dim: int | None = None) -> None:
+        embed_dim = self.max_embed_dim if embed_dim is None else embed_dim
+        if not 1 <= embed_dim <= self.max_embed_dim:
+            raise ValueError(f"embed_dim={embed_dim!r}: expected 1..{self.max_embed_dim}")
+        self.active_embed_dim = embed_dim
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.embedding(idx, self.weight[:, : self.active_embed_dim])
+
+    def used_slices(self, in_features: int) -> dict[str, Index]:
+        # Every row: a row no id of the batch picks gets a zero gradient, as in a plain embedding (not a mask).
+        return {"weight": (slice(None), slice(0, self.active_embed_dim))}
+
+    def export_state(self, in_features: int) -> dict[str, torch.Tensor]:
+        return {"weight": self.weight[:, : self.active_embed_dim].detach().clone()}
+
+    def out_features(self, in_features: int) -> int:
+        return self.active_embed_dim
+
+
 class ElasticBatchNorm2d(nn.BatchNorm2d, ElasticModule):
     """BatchNorm over the leading ``C = x.shape[1]`` channels; running stats of the slice are updated in place.
 
@@ -457,18 +494,18 @@ class ElasticLayerNorm(nn.LayerNorm, ElasticModule):
         torch.Size([2, 5, 48])
     """
 
-    def __init__(self, max_features: int, eps: float = 1e-5):
-        super().__init__(max_features, eps=eps)
+    def __init__(self, max_features: int, eps: float = 1e-5, bias: bool = True):
+        super().__init__(max_features, eps=eps, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         D = x.shape[-1]
-        return F.layer_norm(x, (D,), self.weight[:D], self.bias[:D], self.eps)
+        return F.layer_norm(x, (D,), self.weight[:D], None if self.bias is None else self.bias[:D], self.eps)
 
     def used_slices(self, in_features: int) -> dict[str, Index]:
-        return {"weight": (slice(0, in_features),), "bias": (slice(0, in_features),)}
+        return {name: (slice(0, in_features),) for name, _ in self.named_parameters()}
 
     def export_state(self, in_features: int) -> dict[str, torch.Tensor]:
-        return {"weight": self.weight[:in_features].detach().clone(), "bias": self.bias[:in_features].detach().clone()}
+        return {name: p[:in_features].detach().clone() for name, p in self.named_parameters()}
 
     def out_features(self, in_features: int) -> int:
         return in_features

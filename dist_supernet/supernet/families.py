@@ -2,7 +2,7 @@
 
 A family is a weight-sharing search space (a :class:`Supernet` subclass whose
 ``family`` attribute is its name) and the plain module an exported subnet of it
-is (``subnets.py``). :func:`register_family` records both in ``FAMILIES`` and
+is (``subnets.py``; for the elastic GPT, ``models.gpt.GPT``). :func:`register_family` records both in ``FAMILIES`` and
 registers the name as a supernet model family of the training application
 (``model=<name>``, trained by ``SupernetTrainer``). From that one entry:
 
@@ -15,7 +15,7 @@ Adding a family: write the space (like ``ofa_cnn.py``) and its plain module
 
 Example::
     >>> sorted(FAMILIES)
-    ['elastic_vit', 'ofa_cnn']
+    ['elastic_gpt', 'elastic_vit', 'ofa_cnn']
     >>> net = build_supernet({"name": "ofa_cnn"}, in_channels=1, image_size=8, num_classes=10)
     >>> type(build_subnet(net.subnet_config(net.min_arch()))).__name__
     'ConvNet'
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch  # noqa: F401  (used by the doctests)
 from torch import nn
@@ -33,6 +33,7 @@ from torch import nn
 from dist_supernet.errors import ConfigError
 from dist_supernet.models import register_model
 from dist_supernet.supernet.config import to_plain
+from dist_supernet.supernet.elastic_gpt import ElasticGPT, gpt_subnet
 from dist_supernet.supernet.elastic_vit import ElasticViT
 from dist_supernet.supernet.ofa_cnn import OFACNN
 from dist_supernet.supernet.space import Supernet
@@ -43,8 +44,8 @@ from dist_supernet.supernet.subnets import ConvNet, VisionTransformer
 class SupernetFamily:
     """What the rest of the project needs to know about one family."""
 
-    space: type[Supernet]  # the supernet; built with (in_channels, image_size, num_classes, **model config)
-    subnet: type[nn.Module]  # the plain module of an exported subnet; built with its subnet config alone
+    space: type[Supernet]  # the supernet; built with the data's model inputs and the model config (keywords)
+    subnet: Callable[[dict], nn.Module]  # the plain module of an exported subnet; built with its subnet config alone
 
     @property
     def name(self) -> str:
@@ -59,25 +60,28 @@ class SupernetFamily:
 FAMILIES: dict[str, SupernetFamily] = {}
 
 
-def register_family(space: type[Supernet], subnet: type[nn.Module]) -> SupernetFamily:
-    """Register ``space`` (named by its ``family`` attribute) with the plain module its subnets export to."""
+def register_family(space: type[Supernet], subnet: Callable[[dict], nn.Module]) -> SupernetFamily:
+    """Register ``space`` (named by its ``family`` attribute, trained on ``space.data_kind`` data) with the plain
+    module its subnets export to (a class or function taking the subnet config)."""
     family = SupernetFamily(space, subnet)
     assert family.name and family.name not in FAMILIES, f"supernet family {family.name!r}: empty or registered twice"
     FAMILIES[family.name] = family
-    register_model(family.name, supernet=True)(build_supernet)
+    register_model(family.name, supernet=True, data=space.data_kind)(build_supernet)
     return family
 
 
-def build_supernet(model_cfg: Mapping, in_channels: int, image_size: int, num_classes: int, *,
-                   key: str = "model") -> Supernet:
+def build_supernet(model_cfg: Mapping, *inputs, key: str = "model", **named_inputs) -> Supernet:
     """Build the supernet named by ``model_cfg["name"]``; the other keys are its choice lists and sizes.
 
-    ``ConfigError`` names the key (under ``key``, the config path of ``model_cfg``)
-    when the name, a key or a value is wrong.
+    ``inputs`` / ``named_inputs``: the data's model inputs (``in_channels, image_size, num_classes``
+    for an image family, ``vocab_size`` for a language model). ``ConfigError`` names the key
+    (under ``key``, the config path of ``model_cfg``) when the name, a key or a value is wrong.
 
     Example::
         >>> net = build_supernet({"name": "elastic_vit", "depths": [1, 2]}, 1, 8, 10)
         >>> net.max_arch()["depth"]
+        2
+        >>> build_supernet({"name": "elastic_gpt", "n_layers": [1, 2]}, vocab_size=30).max_arch()["n_layer"]
         2
     """
     cfg = to_plain(model_cfg)
@@ -90,7 +94,7 @@ def build_supernet(model_cfg: Mapping, in_channels: int, image_size: int, num_cl
         raise ConfigError(f"{key}.{unknown[0]}", cfg[unknown[0]],
                           f"unknown key for {name}; expected {', '.join(family.config_keys())}")
     try:
-        return family.space(in_channels, image_size, num_classes, **cfg)
+        return family.space(*inputs, **named_inputs, **cfg)
     except ConfigError as e:  # the space names its own arguments (depths): here they are config keys
         raise e.under(key) from None
 
@@ -112,3 +116,4 @@ def build_subnet(config: dict) -> nn.Module:
 
 register_family(OFACNN, ConvNet)
 register_family(ElasticViT, VisionTransformer)
+register_family(ElasticGPT, gpt_subnet)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dist_supernet.models import IMAGE
 from dist_supernet.supernet.elastic import Index, chained, per_layer
 
 
@@ -47,14 +48,19 @@ def arch_key(arch: dict) -> str:
 
 
 class Supernet(nn.Module):
-    """Base of the weight-sharing supernets (``OFACNN``, ``ElasticViT``).
+    """Base of the weight-sharing supernets (``OFACNN``, ``ElasticViT``, ``ElasticGPT``).
 
-    Subclasses define ``family``, ``elastic_dims`` and implement the hooks
-    marked below; everything else (sampling, masks, restriction) lives here.
+    Subclasses define ``family``, ``elastic_dims`` (and ``data_kind`` for a language
+    model) and implement the hooks marked below; everything else (sampling, masks,
+    restriction) lives here.
     """
 
     family: str = ""
     elastic_dims: tuple[str, ...] = ()
+    # The data it trains on, which fixes its constructor's leading arguments (``dist_supernet.models``):
+    # IMAGE -> (in_channels, image_size, num_classes), TEXT -> (vocab_size).
+    data_kind: str = IMAGE
+    flops_note: str = "multiply-accumulates per image (convs and linear layers)"  # what flops() counts, for reports
 
     # ---- to implement in a subclass -------------------------------------------------------------
     def genes(self) -> list[Gene]:
@@ -72,7 +78,8 @@ class Supernet(nn.Module):
         """Number of distinct subnets (distinct arch dicts) when only ``elastic`` dims vary."""
         raise NotImplementedError
 
-    def flops(self, arch: dict, image_size: int | None = None) -> int:
+    def flops(self, arch: dict, input_size: int | None = None) -> int:
+        """Multiply-accumulates per sample (an image at ``input_size`` px; a token at ``input_size`` of context)."""
         raise NotImplementedError
 
     def params(self, arch: dict) -> int:

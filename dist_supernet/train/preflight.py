@@ -150,7 +150,7 @@ def check_config(cfg, output_dir: str | Path, *, world_size: int | None = None) 
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
     validate_layout(run.compression, world_size)
     data = load_data(run.data)
-    wants = model_data_kind(run.model["name"])
+    wants = model_data_kind(run.model["name"], run.model)
     if wants != data.kind:
         hint = "data=text" if wants == "text" else "data=digits, mnist5k or npz"
         raise ConfigError("model.name", run.model["name"], f"trains on {wants} data; data={run.data.name} is "

@@ -1,8 +1,9 @@
 """Weight-sharing supernet training on top of :class:`Trainer`: the step, its checkpoint state, the report.
 
 Picked by the entry point when the model family is registered with
-``supernet=True`` (``model=ofa_cnn``, ``model=elastic_vit``); the ``supernet``
-config group says how (``conf/supernet/*.yaml``).
+``supernet=True`` (``model=ofa_cnn``, ``model=elastic_vit`` on images,
+``model=elastic_gpt`` on text); the ``supernet`` config group says how
+(``conf/supernet/*.yaml``).
 
 One optimizer step, on every rank, is :meth:`Trainer.train_step` running the
 plan that :meth:`plan_step` makes:
@@ -16,15 +17,16 @@ plan that :meth:`plan_step` makes:
    same on every rank);
 3. per micro-batch, per arch: ``set_active``, forward, loss, backward. The max
    subnet (first in a sandwich) learns the labels; the others learn its
-   detached soft labels (in-place distillation, :meth:`loss`). Every
+   detached soft labels (in-place distillation, :meth:`loss`; for a language
+   model, its next-token distribution at every position). Every
    backward but the very last of the step runs under ``no_sync()``, so the
    gradients of all subnets and micro-batches accumulate locally and the
    compression hook exchanges them ONCE;
 4. optimizer and LR schedule step.
 
 The logged ``loss`` is the first subnet's cross-entropy (the max subnet's in a sandwich).
-``evaluate()`` scores the max subnet after BN recalibration. After the last
-step, ``_finish`` searches and reports subnets (``supernet_report``).
+``evaluate()`` scores the max subnet (after BN recalibration, for a model with BN).
+After the last step, ``_finish`` searches and reports subnets (``supernet_report``).
 """
 
 from __future__ import annotations
@@ -99,11 +101,12 @@ class SupernetTrainer(Trainer):
         if self.report is None:
             return {}
         by_name = {e["name"]: e for e in self.report["subnets"]}
+        metric = self.report["metric"]  # accuracy (images) or perplexity (text), on the reported split
         return {
             "supernet": {
-                "max_accuracy": by_name["max"]["accuracy"],
-                "min_accuracy": by_name["min"]["accuracy"],
-                "searched": [{k: e[k] for k in ("name", "flops_limit", "flops", "params", "accuracy")}
+                f"max_{metric}": by_name["max"][metric],
+                f"min_{metric}": by_name["min"][metric],
+                "searched": [{k: e[k] for k in ("name", "flops_limit", "flops", "params", metric)}
                              for e in self.report["subnets"] if "flops_limit" in e],
                 "sampler": self.arch_sampler.name,
                 "subnets_file": "subnets.json",
@@ -125,10 +128,15 @@ class SupernetTrainer(Trainer):
         return StepPlan(passes, grad_mask=functools.partial(self._step_mask, archs))
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None) -> torch.Tensor:
-        """The labels for the teacher itself (or every subnet of a step without one), its soft labels for the rest."""
+        """The labels for the teacher itself (or every subnet of a step without one), its soft labels for the rest.
+
+        Logits ``[B, classes]`` or ``[B, T, vocab]`` (a language model: one distribution per position): both
+        are flattened to one row per target, so the loss and the KL are means over targets.
+        """
+        logits, y = logits.flatten(0, -2), y.flatten()
         if teacher_logits is None:
             return F.cross_entropy(logits, y)
-        return student_loss(logits, y, teacher_logits, self.distill_weight, self.distill_temperature)
+        return student_loss(logits, y, teacher_logits.flatten(0, -2), self.distill_weight, self.distill_temperature)
 
     def _step_mask(self, archs: list[dict]) -> torch.Tensor:
         """Union of the archs' element masks, flat in parameter order (Birder's canonical order)."""
@@ -149,8 +157,8 @@ class SupernetTrainer(Trainer):
 
     @torch.no_grad()
     def evaluate(self, split: str = "val") -> dict:
-        """``{"loss", "accuracy"}`` of the max subnet on ``split`` after BN recalibration (the supernet is left as
-        it was)."""
+        """The data's metrics (``{"loss", "accuracy"}`` or ``{"loss", "perplexity"}``) of the max subnet on ``split``,
+        after BN recalibration for a model with BN (the supernet is left as it was)."""
         self.parallel.eval_model()  # hsdp: refresh the replica the evaluator scores (a collective)
         loss, accuracy = self.evaluator.score(self.model.max_arch(), split=split)
         return self.data.eval_metrics(loss, accuracy)
@@ -163,6 +171,7 @@ class SupernetTrainer(Trainer):
             self.parallel.eval_model(), self.evaluator, self.scfg.get("search") or {},
             elastic=self.elastic_dims(max(0, self.step - 1)),
             seed=self.cfg.trainer.seed, output_dir=self.output_dir, is_rank0=self.is_rank0, title=title,
+            report_archs=self.scfg.get("report_archs") or {},
         )
         # Each reported subnet's accuracies and size at the last step (TensorBoard; subnets.json has them all).
         self.metrics.scalars({f"subnet/{entry['name']}/{tag}": entry[key] * scale
