@@ -4,7 +4,7 @@ One call at start-up, so a wrong value fails with one line naming its key
 instead of deep inside training::
 
     sampler: {name, num_archs, random, num_bins, steps_per_move, max_tries}
-    distillation: {weight, temperature}
+    distillation: {weight, temperature, start_step}
     progressive_shrinking: null | [{until_step, elastic}, ...]
     bn_recalibration: {num_batches}
     search: {population_size, num_generations, mutate_prob, mutation_ratio, parent_ratio,
@@ -51,14 +51,18 @@ def check_supernet_config(cfg: Mapping, space: Supernet) -> dict:
     build_sampler(cfg.get("sampler") or {}, space, seed=0)
 
     distill = dict(cfg.get("distillation") or {})
-    extra = sorted(set(distill) - {"weight", "temperature"})
+    extra = sorted(set(distill) - {"weight", "temperature", "start_step"})
     if extra:
-        raise ConfigError(f"supernet.distillation.{extra[0]}", distill[extra[0]], "unknown key; expected weight, temperature")
+        raise ConfigError(f"supernet.distillation.{extra[0]}", distill[extra[0]],
+                          "unknown key; expected weight, temperature, start_step")
     weight, temperature = distill.get("weight", 1.0), distill.get("temperature", 1.0)
     if not isinstance(weight, (int, float)) or not 0.0 <= weight <= 1.0:
         raise ConfigError("supernet.distillation.weight", weight, "expected a number in [0, 1]")
     if not isinstance(temperature, (int, float)) or temperature <= 0:
         raise ConfigError("supernet.distillation.temperature", temperature, "expected a positive number")
+    start = distill.get("start_step", 0)
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        raise ConfigError("supernet.distillation.start_step", start, "expected a non-negative integer")
 
     cfg["progressive_shrinking"] = check_phases(cfg.get("progressive_shrinking"), space.elastic_dims)
 

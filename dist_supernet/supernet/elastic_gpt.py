@@ -236,6 +236,7 @@ class ElasticGPT(Supernet):
         dropout: float = 0.0,
         bias: bool = True,
         tie_weights: bool = True,
+        zero_init_residual: bool = False,
     ):
         super().__init__()
         for key, value in (("vocab_size", vocab_size), ("block_size", block_size)):
@@ -250,7 +251,7 @@ class ElasticGPT(Supernet):
                 raise ConfigError(key, values, "expected positive integers")
         if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
             raise ConfigError("dropout", dropout, "expected a number in [0, 1)")
-        for key, value in (("bias", bias), ("tie_weights", tie_weights)):
+        for key, value in (("bias", bias), ("tie_weights", tie_weights), ("zero_init_residual", zero_init_residual)):
             if not isinstance(value, bool):
                 raise ConfigError(key, value, "expected true or false")
         max_embd, max_heads = int(self.n_embds[-1]), int(self.n_heads[-1])
@@ -261,6 +262,7 @@ class ElasticGPT(Supernet):
         self.head_dim = max_embd // max_heads
         self.max_embd, self.max_depth = max_embd, int(self.n_layers[-1])
         self.dropout, self.bias, self.tie_weights = float(dropout), bias, tie_weights
+        self.zero_init_residual = zero_init_residual
         max_hidden = mlp_hidden(self.mlp_ratios[-1], max_embd)
 
         self.transformer = nn.ModuleDict(dict(
@@ -286,7 +288,12 @@ class ElasticGPT(Supernet):
                 nn.init.zeros_(module.bias)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.max_depth))
+                if self.zero_init_residual:
+                    # BigNAS: every block starts as the identity, so every depth computes what the shallowest
+                    # subnet computes and the blocks that only deeper subnets run start out of the way.
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.max_depth))
 
     def fsdp_units(self) -> list[nn.Module]:
         """The FSDP2 units besides the root: the blocks (see ``train/parallel.py``)."""

@@ -78,6 +78,7 @@ class SupernetTrainer(Trainer):
         distill = self.scfg.get("distillation") or {}
         self.distill_weight = float(distill.get("weight", 1.0))
         self.distill_temperature = float(distill.get("temperature", 1.0))
+        self.distill_start = int(distill.get("start_step", 0))
         self.max_key = arch_key(model.max_arch())
         self._mask_cache: dict[str, torch.Tensor] = {}
         self.report: dict | None = None  # the subnet report, after the last step
@@ -136,7 +137,9 @@ class SupernetTrainer(Trainer):
         logits, y = logits.flatten(0, -2), y.flatten()
         if teacher_logits is None:
             return F.cross_entropy(logits, y)
-        return student_loss(logits, y, teacher_logits.flatten(0, -2), self.distill_weight, self.distill_temperature)
+        # Before distillation.start_step the teacher is still near its initial guess: every subnet learns the labels.
+        weight = self.distill_weight if self.step >= self.distill_start else 0.0
+        return student_loss(logits, y, teacher_logits.flatten(0, -2), weight, self.distill_temperature)
 
     def _step_mask(self, archs: list[dict]) -> torch.Tensor:
         """Union of the archs' element masks, flat in parameter order (Birder's canonical order)."""

@@ -20,7 +20,7 @@ from tests.distributed.harness import run_workers
 TINY = ["experiment=elastic_gpt_small", "model.block_size=16", "model.n_layers=[1,2]", "model.n_heads=[1,2]",
         "model.n_embds=[16,32]", "model.mlp_ratios=[1,2]", "trainer.batch_size=4", "trainer.max_steps=10",
         "trainer.log_every=1", "trainer.eval_every=0", "trainer.checkpoint_every=0", "trainer.resume=never",
-        "data.eval_windows=8", "optim.schedule=constant", "optim.weight_decay=0.1",
+        "data.eval_windows=8", "optim.lr=3e-3", "optim.schedule=constant", "optim.weight_decay=0.1",
         "supernet.search.population_size=4", "supernet.search.num_generations=0",
         "supernet.search.flops_fractions=[0.5]",
         "supernet.report_archs={mixnmatch:{n_embd:32,n_layer:2,n_head:[2,1],mlp_ratio:[1,2]}}"]

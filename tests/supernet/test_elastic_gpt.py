@@ -145,7 +145,7 @@ def test_in_place_distillation_is_a_mean_over_next_token_positions():
 
     from dist_supernet.train.supernet_trainer import SupernetTrainer
 
-    trainer = SimpleNamespace(distill_weight=0.5, distill_temperature=2.0)
+    trainer = SimpleNamespace(distill_weight=0.5, distill_temperature=2.0, distill_start=0, step=0)
     gen = torch.Generator().manual_seed(0)
     student, teacher = torch.randn(3, 7, 11, generator=gen), torch.randn(3, 7, 11, generator=gen)
     targets = torch.randint(0, 11, (3, 7), generator=gen)
@@ -156,6 +156,31 @@ def test_in_place_distillation_is_a_mean_over_next_token_positions():
     ce = -F.log_softmax(student, dim=-1).gather(-1, targets[..., None]).mean()
     assert torch.allclose(loss, 0.5 * kl + 0.5 * ce, atol=1e-6)
     assert torch.allclose(SupernetTrainer.loss(trainer, student, targets, None), ce, atol=1e-6)  # the teacher's
+    # distillation.start_step: the students learn the labels before it, the mix from it on
+    trainer.distill_start, trainer.step = 5, 4
+    assert torch.allclose(SupernetTrainer.loss(trainer, student, targets, teacher), ce, atol=1e-6)
+    trainer.step = 5
+    assert torch.allclose(SupernetTrainer.loss(trainer, student, targets, teacher), 0.5 * kl + 0.5 * ce, atol=1e-6)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ConfigError, match=r"^supernet.distillation.start_step="):
+            check_supernet_config({"distillation": {"start_step": bad}}, build_supernet({"name": "elastic_gpt"},
+                                                                                         vocab_size=11))
+
+
+def test_zero_init_residual_makes_every_depth_compute_the_shallowest_subnet():
+    torch.manual_seed(0)
+    net = ElasticGPT(vocab_size=20, block_size=8, n_layers=[1, 2, 3], n_heads=[1, 2], n_embds=[16],
+                     zero_init_residual=True)
+    idx = torch.randint(0, 20, (2, 8))
+    outs = []
+    for depth in (1, 2, 3):
+        net.set_active({**net.max_arch(), "n_layer": depth, "n_head": [2] * depth, "mlp_ratio": [4] * depth})
+        outs.append(net(idx))
+    # every block is the identity at init (its output projections are 0): the depths agree, not trivially
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2]) and outs[0].std() > 0
+    assert all(not p.any() for n, p in net.named_parameters() if n.endswith("c_proj.weight"))
+    plain = ElasticGPT(vocab_size=20, block_size=8, n_layers=[1, 2, 3], n_heads=[1, 2], n_embds=[16])
+    assert all(p.any() for n, p in plain.named_parameters() if n.endswith("c_proj.weight"))
 
 
 def test_registration_config_errors_and_fsdp_units():

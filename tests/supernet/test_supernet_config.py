@@ -79,7 +79,8 @@ def test_one_sandwich_step_with_inplace_distillation():
             loss = F.cross_entropy(logits, y)
             teacher_logits = logits.detach()
         else:
-            loss = student_loss(logits, y, teacher_logits, **checked["distillation"])
+            distill = checked["distillation"]  # weight, temperature (start_step is the trainer's)
+            loss = student_loss(logits, y, teacher_logits, distill["weight"], distill["temperature"])
         loss.backward()  # local accumulation over the sandwich; one exchange afterwards
     masks = step_masks(net, archs)
     for param in net.parameters():
