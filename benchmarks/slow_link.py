@@ -105,11 +105,11 @@ def _wait_all(procs: list[subprocess.Popen], logs: list, timeout_s: float) -> No
 
 
 def launch(worker_args: list[str], *, nodes: TwoNodes | None, nproc_per_node: int,
-           timeout_s: float = RUN_TIMEOUT_S) -> dict:
-    """Run step_worker under torchrun (two nodes across the veth, or one standalone); its JSON."""
+           timeout_s: float = RUN_TIMEOUT_S, worker: Path = WORKER) -> dict:
+    """Run ``worker`` (step_worker) under torchrun (two nodes across the veth, or one standalone); its JSON."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        args = [str(WORKER), *worker_args, "--out", str(out)]
+        args = [str(worker), *worker_args, "--out", str(out)]
         if nodes is None:
             commands = [(None, "lo", common.torchrun_command(nproc_per_node, *args))]
         else:
@@ -131,18 +131,19 @@ def launch(worker_args: list[str], *, nodes: TwoNodes | None, nproc_per_node: in
         return json.loads(out.read_text())
 
 
-def launch_loopback(worker_args: list[str], private_ns: str | None) -> dict:
-    """Two processes on one node over ``lo`` (in a private namespace when given, for clean counters)."""
+def launch_loopback(worker_args: list[str], private_ns: str | None, *, nproc: int = 2,
+                    timeout_s: float = RUN_TIMEOUT_S, worker: Path = WORKER) -> dict:
+    """``nproc`` processes on one node over ``lo`` (in a private namespace when given, for clean counters)."""
     if private_ns is None:
-        return launch(worker_args, nodes=None, nproc_per_node=2)
+        return launch(worker_args, nodes=None, nproc_per_node=nproc, timeout_s=timeout_s, worker=worker)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         cmd = ["ip", "netns", "exec", private_ns,
-               *common.torchrun_command(2, str(WORKER), *worker_args, "--out", str(out))]
+               *common.torchrun_command(nproc, str(worker), *worker_args, "--out", str(out))]
         log = tempfile.TemporaryFile("w+")
         proc = subprocess.Popen(cmd, env=worker_env("lo"), stdout=log, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
-        _wait_all([proc], [log], RUN_TIMEOUT_S)
+        _wait_all([proc], [log], timeout_s)
         return json.loads(out.read_text())
 
 
