@@ -140,7 +140,9 @@ def run_seed(root: Path, seed: int, steps: int | None, overrides: list[str], sup
         names = GPT_SUBNETS
         extra = {k: v for k, v in archs.items() if k not in ("max", "min")}
         sup_cmd = [*every_run, *TOKEN_SEARCH, f"supernet.report_archs={hydra_value(extra)}", *supernet_overrides]
-        space = {k: v for k, v in space_cfg.items() if k != "name"}
+        # The standalone GPT keeps GPT-2's standard init (as the CNN baseline keeps its own): zero-init residual
+        # blocks are a supernet recipe lever, not part of the architecture.
+        space = {k: v for k, v in space_cfg.items() if k not in ("name", "zero_init_residual")}
         alone_cmds = {name: [*every_run, "model=subnet", "model.space.name=elastic_gpt",
                              *(f"+model.space.{k}={hydra_value(v)}" for k, v in space.items()),
                              f"model.arch={hydra_value(archs[name])}"] for name in names}
@@ -297,9 +299,11 @@ def main() -> None:
             "Every run: `experiment=elastic_gpt_small` (the embedded Python-docs corpus, character level; batch and "
             f"block size of the experiment) with these overrides for every run: `{' '.join(args.overrides) or '(none)'}`; "
             f"for the supernet only: `{' '.join(args.supernet_overrides) or '(none)'}`. Supernet: `model=elastic_gpt "
-            "supernet=sandwich` (max + min + 2 random subnets per step, KL to the max's next-token distributions); "
-            "each subnet's losses from its `subnets.json`. Alone: `model=subnet` with the same space and arch, a plain "
-            "`GPT` initialised as the fresh supernet's slice, its `summary.json`. Loss: mean nats per character over "
+            "supernet=sandwich` (max + min + 2 random subnets per step; the other subnets learn the labels and/or "
+            "the max's next-token distributions as the experiment's `supernet.distillation` says), its recipe as "
+            "`conf/experiment/elastic_gpt_small.yaml` sets it; each subnet's losses from its `subnets.json`. Alone: "
+            "`model=subnet` with the same space and arch, a plain `GPT` initialised as the fresh supernet's slice "
+            "(GPT-2's standard init: without `zero_init_residual`), its `summary.json`. Loss: mean nats per character over "
             f"the fixed `data.eval_windows` windows of val (and test). {seeds_text}",
             "",
             gpt_table(rows),
