@@ -104,7 +104,7 @@ def test_failure_reason_and_job_defaults():
     assert with_defaults(["x=1"], ["trainer.log_every=1"]) == ["trainer.log_every=1", "x=1"]
 
 
-WORKLOAD_PRESETS = ("gpt_small",)  # a model, its data and its budget; any compression and optimizer on top
+WORKLOAD_PRESETS = ("gpt_small", "elastic_gpt_small")  # a model, its data and its budget (and recipe)
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")
