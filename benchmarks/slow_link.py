@@ -270,7 +270,7 @@ def markdown_table(link: str, report: dict, summary: dict) -> str:
 # Rows of the profile table in the order a Birder step runs them (longest matching prefix).
 STAGE_ORDER = ("step (", "step: forward", "step: backward", "hook exchange", "hook compress", "hook reduce",
                "kernel compress",
-               "  torch path: draw", "  torch path: pack_bits", "gloo", "kernel unpack",
+               "  torch path: uniform", "  torch path: pack_bits", "gloo", "kernel unpack",
                "  torch path: unpack_bits", "kernel", "step: optimizer", "optimizer",
                "gloo all-reduce non-finite", "kernel apply_update_")
 
