@@ -136,24 +136,6 @@ def test_half_precision_gradients_exact(compiled, g_dtype):
     _assert_same(got, want)
 
 
-def test_ratios_out_of_range_clamp(backend):
-    # |m| <= b holds for every state compress writes, but a corrupt or foreign state can give any r: the
-    # threshold clamp(fl(1 + r), 0, 2) * 2**24 gives bit 1 for r >= 1 and 0 for r <= -1 or NaN. Without the
-    # clamp the int32 threshold overflows for r >= 127. g = 0 with beta = 0.5 halves m and b exactly.
-    device = backend.device
-    nan = float("nan")
-    # r = 1, 2, 200, 1e30, inf (3e38 / 1e-30 overflows), their negatives, a NaN b, a NaN m
-    m = torch.tensor([1.0, 2.0, 200.0, 1e30, 3e38, -2.0, -200.0, -1e30, -3e38, 1.0, nan], device=device)
-    b = torch.tensor([1.0, 1.0, 1.0, 1.0, 1e-30, 1.0, 1.0, 1.0, 1e-30, nan, 1.0], device=device)
-    want = [1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0]
-    numel = m.numel()
-    starts, canon = chunk([numel], device=device)
-    for seed in range(4):
-        bits = ref.unpack_bits(backend.compress(torch.zeros(numel, device=device), m.clone(), b.clone(), starts, canon,
-                                                beta=0.5, seed=seed), numel).tolist()
-        assert bits == want, (seed, bits)
-
-
 def test_zero_b_gives_fair_bits(backend):
     numel = 1 << 14
     device = backend.device
