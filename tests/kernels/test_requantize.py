@@ -36,7 +36,7 @@ def test_counts_zero_and_n_exact(backend, numel):
 
 @pytest.mark.parametrize("numel", ODD_SIZES + [20000])
 @pytest.mark.parametrize("seed", [0, 0xFFFF_FFFF_0000_0001])
-@pytest.mark.parametrize("num_rows", [7, 64, 100])  # numba compares on int32 lanes up to N = 63, int64 beyond
+@pytest.mark.parametrize("num_rows", [7, 100])  # numba compares on int32 lanes up to N = 63, int64 beyond
 def test_random_counts_exact(compiled, numel, seed, num_rows):
     device = compiled.device
     # int64, as a torch sum returns; a few out of [0, N] (the contract clamps them)
