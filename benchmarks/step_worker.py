@@ -153,7 +153,7 @@ class StageTimer:
     # kernels.<name> (what dist_supernet calls) and kernels.reference.<name> (inside
     # the torch path's compress / unpack: the hash, the bit packing).
     KERNELS = ("compress", "unpack_counts", "pack_counts", "unpack_planes", "requantize", "apply_packed_")
-    REFERENCE_PARTS = ("draw", "pack_bits", "unpack_bits")
+    REFERENCE_PARTS = ("uniform", "pack_bits", "unpack_bits")
 
     def __init__(self):
         self._lock = threading.Lock()

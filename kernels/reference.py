@@ -658,7 +658,7 @@ def apply_packed_(
 #
 # The rotation of one block is R = H D1 H D0 / Bk: two rounds of a random sign flip (D0, D1) and the
 # unnormalised Walsh-Hadamard transform H (Sylvester order), so R is orthogonal. The sign of position
-# j (0 <= j < Dp) in round r is +1 where draw(2 j + r, seed) >= 2**24 (probability 1/2). H is computed by butterflies,
+# j (0 <= j < Dp) in round r is +1 where uniform(2 j + r, seed) >= 1/2. H is computed by butterflies,
 # stage h = 1, 2, 4, ..., Bk / 2: (v[i], v[i + h]) -> (v[i] + v[i + h], v[i] - v[i + h]) for every i
 # with i & h == 0. Every backend does exactly these float32 additions in this order, and the sign
 # flips and the scaling below are exact, so the rotated values, the bits and the decoded means are the
@@ -683,9 +683,9 @@ def num_blocks(numel: int, block: int) -> int:
 
 
 def rht_signs(count: int, seed: int, rounds=(0, 1), *, device=None) -> torch.Tensor:
-    """bool [len(rounds), count]: True where round r flips position j's sign (draw(2 j + r, seed) < 2**24)."""
+    """bool [len(rounds), count]: True where round r flips position j's sign (uniform(2 j + r, seed) < 1/2)."""
     index = torch.arange(count, dtype=torch.int64, device=device) * 2
-    return torch.stack([draw(index + r, seed) < (1 << (DRAW_BITS - 1)) for r in rounds])
+    return torch.stack([uniform(index + r, seed) < 0.5 for r in rounds])
 
 
 def _fwht(v_NK: torch.Tensor) -> torch.Tensor:

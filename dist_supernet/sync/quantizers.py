@@ -90,7 +90,7 @@ class Int4(Quantizer):
     """4-bit stochastic rounding with a float32 absmax scale per block: unbiased, 4 + 32 / block bits per element.
 
     Level k in [-7, 7] stands for k * scale / 7; t = 7 x / scale is rounded to floor(t + u) with u
-    uniform on [0, 1) from the counter-based draw of (seed, element index), so E[level] = t. Stored as k + 8 in a
+    the counter-based uniform of (seed, element index), so E[level] = t. Stored as k + 8 in a
     nibble, element 2i in the low nibble of byte i.
 
     Example::
@@ -120,8 +120,7 @@ class Int4(Quantizer):
         x = x.view(nblocks, self.block)
         scales = x.abs().amax(dim=1)
         t = x * (self.LEVELS / torch.where(scales > 0, scales, 1.0)).unsqueeze(1)
-        draws = kernels.draw(torch.arange(nblocks * self.block, dtype=torch.int64, device=x.device), seed)
-        u = (draws >> 1).to(torch.float32) * 2.0**-24  # the top 24 bits: exact in float32, uniform on [0, 1)
+        u = kernels.uniform(torch.arange(nblocks * self.block, dtype=torch.int64, device=x.device), seed)
         levels = torch.floor(t + u.view_as(t)).clamp_(-self.LEVELS, self.LEVELS).to(torch.uint8) + self.LEVELS + 1
         nibbles = levels.view(-1, 2)
         packed = nibbles[:, 0] | (nibbles[:, 1] << 4)

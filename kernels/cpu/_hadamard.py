@@ -7,10 +7,9 @@ Contract: :func:`dist_supernet.kernels.reference.rht`. The float32 additions run
 import numba
 import numpy as np
 
-from dist_supernet.kernels.cpu import _common
-from dist_supernet.kernels.cpu._common import helper
+from dist_supernet.kernels.cpu._common import helper, uniform64
 
-HALF_DRAWS = numba.int32(1 << 24)  # draw < 2**24: probability 1/2 exactly
+HALF = np.float32(0.5)
 
 
 @helper
@@ -28,27 +27,20 @@ def fwht(v, size):
 
 
 @helper
-def flip(v, size, first, rnd, seed):
-    """v[i] = -v[i] where round ``rnd`` flips position first + i: draw(2 (first + i) + rnd, seed) < 2**24."""
-    start = numba.uint64(2 * first + rnd)
-    high = start >> numba.uint64(32)
-    k0, k1 = _common.hash_keys(seed, high)
+def flip(v, size, first, rnd, seed_lo, seed_hi):
+    """v[i] = -v[i] where round ``rnd`` flips position first + i: uniform(2 (first + i) + rnd, seed) < 1/2."""
     for i in range(size):
-        index = start + numba.uint64(2 * i)
-        if (index >> numba.uint64(32)) != high:  # the keys follow the index's high half
-            high = index >> numba.uint64(32)
-            k0, k1 = _common.hash_keys(seed, high)
-        if _common.draw(numba.uint32(index & numba.uint64(0xFFFFFFFF)), k0, k1) < HALF_DRAWS:
+        if uniform64(numba.int64(2 * (first + i) + rnd), seed_lo, seed_hi) < HALF:
             v[i] = -v[i]
 
 
 @helper
-def rotate(v, size, first, seed, transpose):
+def rotate(v, size, first, seed_lo, seed_hi, transpose):
     """H D1 H D0 v (forward) or D0 H D1 H v (transpose), in place, for the block at position ``first``."""
     if not transpose:
-        flip(v, size, first, 0, seed)
+        flip(v, size, first, 0, seed_lo, seed_hi)
     fwht(v, size)
-    flip(v, size, first, 1, seed)
+    flip(v, size, first, 1, seed_lo, seed_hi)
     fwht(v, size)
     if transpose:
-        flip(v, size, first, 0, seed)
+        flip(v, size, first, 0, seed_lo, seed_hi)

@@ -16,7 +16,7 @@ from dist_supernet.kernels.cpu._common import kernel
 
 
 @kernel
-def _onebit_decode_kernel(bits, scales, numel, block, inv_rows, seed, out, lo, hi):
+def _onebit_decode_kernel(bits, scales, numel, block, inv_rows, seed_lo, seed_hi, out, lo, hi):
     rows = bits.shape[0]
     v = np.empty(block, dtype=np.float32)
     for b in range(lo, hi):
@@ -35,7 +35,7 @@ def _onebit_decode_kernel(bits, scales, numel, block, inv_rows, seed, out, lo, h
                         v[8 * k + t] -= c
         for i in range(block):
             v[i] = v[i] * inv_rows
-        _hadamard.rotate(v, block, first, seed, True)
+        _hadamard.rotate(v, block, first, seed_lo, seed_hi, True)
         n = min(block, numel - first)
         out[first:first + n] = v[:n]
 
@@ -58,9 +58,9 @@ def onebit_decode(bits_NB, scales_NS, numel, seed, block):
         raise ValueError("onebit_decode needs at least one row")
     out = torch.empty(int(numel), dtype=torch.float32)
     if nblocks:
+        seed_lo, seed_hi = _common.seed_halves(seed)
         inv_rows = np.float32(reference.as_float32(1.0 / rows))
-        seed = _common.seed_u64(seed)
         _common.run_split(_onebit_decode_kernel, nblocks, _common.numpy_view(bits_NB.contiguous()),
                           _common.numpy_view(scales_NS.to(torch.float32).contiguous()), int(numel), int(block),
-                          inv_rows, seed, _common.numpy_view(out))
+                          inv_rows, seed_lo, seed_hi, _common.numpy_view(out))
     return out

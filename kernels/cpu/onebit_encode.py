@@ -18,7 +18,7 @@ from dist_supernet.kernels.cpu._common import kernel
 
 
 @kernel
-def _onebit_encode_kernel(x, numel, block, seed, bits, scales, lo, hi):
+def _onebit_encode_kernel(x, numel, block, seed_lo, seed_hi, bits, scales, lo, hi):
     v = np.empty(block, dtype=np.float32)
     for b in range(lo, hi):
         first = b * block
@@ -28,7 +28,7 @@ def _onebit_encode_kernel(x, numel, block, seed, bits, scales, lo, hi):
             value = x[first + i] if i < n else np.float32(0.0)
             v[i] = value
             sum_sq = np.float32(sum_sq + value * value)
-        _hadamard.rotate(v, block, first, seed, False)
+        _hadamard.rotate(v, block, first, seed_lo, seed_hi, False)
         sum_abs = np.float32(0.0)
         for i in range(block):
             sum_abs = np.float32(sum_abs + abs(v[i]))
@@ -56,7 +56,7 @@ def onebit_encode(x_D, seed, block):
     bits = torch.empty(nblocks * block // 8, dtype=torch.uint8)
     scales = torch.empty(nblocks, dtype=torch.float32)
     if nblocks:
-        seed = _common.seed_u64(seed)
+        seed_lo, seed_hi = _common.seed_halves(seed)
         _common.run_split(_onebit_encode_kernel, nblocks, _common.numpy_view(flat), flat.numel(), int(block),
-                          seed, _common.numpy_view(bits), _common.numpy_view(scales))
+                          seed_lo, seed_hi, _common.numpy_view(bits), _common.numpy_view(scales))
     return bits, scales

@@ -16,14 +16,14 @@ from dist_supernet.kernels.cpu._common import kernel
 
 
 @kernel
-def _rht_kernel(x, numel, block, seed, transpose, out, lo, hi):
+def _rht_kernel(x, numel, block, seed_lo, seed_hi, transpose, out, lo, hi):
     v = np.empty(block, dtype=np.float32)
     for b in range(lo, hi):
         first = b * block
         n = min(block, numel - first)
         for i in range(block):
             v[i] = x[first + i] if i < n else np.float32(0.0)
-        _hadamard.rotate(v, block, first, seed, transpose)
+        _hadamard.rotate(v, block, first, seed_lo, seed_hi, transpose)
         out[first:first + block] = v
 
 
@@ -39,7 +39,7 @@ def rht(x_D, seed, block, *, transpose=False):
     nblocks = reference.num_blocks(flat.numel(), block)
     out = torch.empty(nblocks * block, dtype=torch.float32)
     if nblocks:
-        seed = _common.seed_u64(seed)
-        _common.run_split(_rht_kernel, nblocks, _common.numpy_view(flat), flat.numel(), int(block), seed,
+        seed_lo, seed_hi = _common.seed_halves(seed)
+        _common.run_split(_rht_kernel, nblocks, _common.numpy_view(flat), flat.numel(), int(block), seed_lo, seed_hi,
                           bool(transpose), _common.numpy_view(out))
     return out

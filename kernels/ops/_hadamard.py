@@ -9,7 +9,7 @@ place: the reference's float32 additions in the reference's order, so the bits a
 import triton
 import triton.language as tl
 
-from dist_supernet.kernels.ops.draw import draw_from_index
+from dist_supernet.kernels.ops.uniform_hash import uniform_from_index
 
 
 @triton.jit
@@ -24,9 +24,9 @@ def fwht(v, BLOCK: tl.constexpr, LOG2_BLOCK: tl.constexpr):
 
 @triton.jit
 def flip(v, positions, rnd: tl.constexpr, seed_lo, seed_hi):
-    """-v where round ``rnd`` flips the position (int64): draw(2 position + rnd, seed) < 2**24 (probability 1/2)."""
-    d = draw_from_index(positions * 2 + rnd, seed_lo, seed_hi)
-    return tl.where(d < 16777216, -v, v)
+    """-v where round ``rnd`` flips the position (int64): uniform(2 position + rnd, seed) < 1/2."""
+    u = uniform_from_index(positions * 2 + rnd, seed_lo, seed_hi)
+    return tl.where(u < 0.5, -v, v)
 
 
 @triton.jit
