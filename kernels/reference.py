@@ -30,31 +30,22 @@ Bit layout
     of every count.
 
 Random draws
-    A counter-based hash, not a stateful generator: the draw for element j is
-    a function of (seed, canon(j)) only, so it does not depend on how DDP
-    groups parameters into buckets (DDP rebuilds its buckets after the first
-    iteration, and again after every resume). Two 32-bit round keys come from
-    the 64-bit seed and the index's high 32 bits through splitmix64 (host work
-    once per call, or once per run of 2**32 indices); each element then costs
-    a keyed triple32 (three 32-bit multiplies) of its low 32 bits, and the top
-    25 bits are the draw. Bits compare the draw with an exact integer
-    threshold: P(bit) = threshold / 2**25, with no rounding in the comparison.
+    A counter-based hash, not a stateful generator: the uniform for element j
+    is a function of (seed, canon(j)) only, so the draw does not depend on
+    how DDP groups parameters into buckets (DDP rebuilds its buckets after the
+    first iteration, and again after every resume). The hash is two rounds of
+    Chris Wellons' lowbias32 finaliser with the two 32-bit halves of the seed
+    mixed in, plus a third round with the high 32 bits of the index when they
+    are not 0 (so indices below 2**32 keep the bits they always had); the top
+    24 bits make the uniform.
 """
 
 import torch
 
 MASK32 = 0xFFFFFFFF
-MASK64 = (1 << 64) - 1
-HASH_MUL_1 = 0xED5AD4BB  # triple32's multipliers (Chris Wellons' hash prospector)
-HASH_MUL_2 = 0xAC4C1B51
-HASH_MUL_3 = 0x31848BAB
-GOLDEN_64 = 0x9E3779B97F4A7C15  # splitmix64's increment and finaliser constants
-SPLITMIX_MUL_1 = 0xBF58476D1CE4E5B9
-SPLITMIX_MUL_2 = 0x94D049BB133111EB
-# The draw is a 25-bit integer: fl(1 + r) is always a multiple of 2**-24 (see ratio_threshold), so
-# (1 + r) / 2 is one of 2**-25 and the comparison of a 25-bit draw with it is exact.
-DRAW_BITS = 25
-DRAW_SHIFT = 32 - DRAW_BITS
+HASH_MUL_1 = 0x7FEB352D
+HASH_MUL_2 = 0x846CA68B
+UNIFORM_BITS = 24  # float32 has a 24-bit significand: every value k / 2**24 is exact
 
 _BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
 _GATHER_BITS = 0x0102040810204080
@@ -95,111 +86,53 @@ def _to_int32(value: int) -> int:
     return value - (1 << 32) if value >= (1 << 31) else value
 
 
-def _to_int64(value: int) -> int:
-    """A uint64 value as the int64 with the same bits."""
-    value &= MASK64
-    return value - (1 << 64) if value >= (1 << 63) else value
-
-
 _MUL_1_I32 = _to_int32(HASH_MUL_1)
 _MUL_2_I32 = _to_int32(HASH_MUL_2)
-_MUL_3_I32 = _to_int32(HASH_MUL_3)
 
 
-def hash_keys(seed: int, high: int = 0) -> tuple[int, int]:
-    """The two 32-bit round keys (k0, k1) of the draws of indices whose high 32 bits are ``high``.
-
-    z = splitmix64(seed + high * 0x9E3779B97F4A7C15) in uint64 arithmetic (splitmix64 adds the
-    constant once more, then finalises); k0 = lo32(z), k1 = hi32(z). For one high half the map
-    seed -> (k0, k1) is a bijection, so two different seeds never share both keys.
-
-    Example::
-        >>> hash_keys(0) == hash_keys(0, 0) != hash_keys(0, 1)
-        True
-    """
-    z = (int(seed) + int(high) * GOLDEN_64 + GOLDEN_64) & MASK64
-    z = ((z ^ (z >> 30)) * SPLITMIX_MUL_1) & MASK64
-    z = ((z ^ (z >> 27)) * SPLITMIX_MUL_2) & MASK64
-    z ^= z >> 31
-    return z & MASK32, z >> 32
-
-
-def _keys_of_high(seed: int, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """hash_keys per element of an int64 tensor of high halves, as int32 tensors (int64 lanes wrap as uint64 would)."""
-    z = high * _to_int64(GOLDEN_64) + _to_int64(int(seed) + GOLDEN_64)
-    z = (z ^ ((z >> 30) & ((1 << 34) - 1))) * _to_int64(SPLITMIX_MUL_1)  # masked: logical shifts
-    z = (z ^ ((z >> 27) & ((1 << 37) - 1))) * _to_int64(SPLITMIX_MUL_2)
-    z = z ^ ((z >> 31) & ((1 << 33) - 1))
-    return z.to(torch.int32), (z >> 32).to(torch.int32)
-
-
-def _keyed_triple32_(x: torch.Tensor, k0, k1) -> torch.Tensor:
-    # triple32 with k0 xored into the input and k1 after the first multiply, in place on int32
-    # lanes holding uint32 bits: products wrap modulo 2**32 as uint32 would, and the right shifts
-    # are masked so they act as logical shifts (in-place int32 is 6x faster on CPU than int64
-    # lanes). k0, k1: int32 scalars or tensors.
-    x ^= k0
-    x ^= (x >> 17) & 0x7FFF
+def _mix32_(x: torch.Tensor) -> torch.Tensor:
+    # lowbias32 on int32 lanes holding uint32 bits, in place: products wrap
+    # modulo 2**32 as uint32 would, and the right shifts are masked so they act
+    # as logical shifts. In-place int32 is 6x faster on CPU than int64 lanes.
+    x ^= (x >> 16) & 0xFFFF
     x *= _MUL_1_I32
-    x ^= (x >> 11) & 0x1FFFFF
-    x ^= k1
-    x *= _MUL_2_I32
     x ^= (x >> 15) & 0x1FFFF
-    x *= _MUL_3_I32
-    x ^= (x >> 14) & 0x3FFFF
+    x *= _MUL_2_I32
+    x ^= (x >> 16) & 0xFFFF
     return x
 
 
-def draw(index: torch.Tensor, seed: int) -> torch.Tensor:
-    """The 25-bit draw of each canonical index under a 64-bit seed: int32 in [0, 2**25).
+def uniform(index: torch.Tensor, seed: int) -> torch.Tensor:
+    """Uniform float32 in [0, 1) for each canonical index, keyed by a 64-bit seed.
 
-    In uint32 arithmetic, with lo32 / hi32 the halves of the index and (k0, k1) =
-    :func:`hash_keys` (seed, hi32): x = lo32 ^ k0; x ^= x >> 17; x *= 0xED5AD4BB;
-    x ^= x >> 11; x ^= k1; x *= 0xAC4C1B51; x ^= x >> 15; x *= 0x31848BAB; x ^= x >> 14;
-    draw = x >> 7 (Chris Wellons' triple32, keyed). int64 indices are
-    64-bit two's complement; int32 (or narrower) indices are read as their uint32 bits (hi32 = 0).
-    For one key pair the map lo32 -> x is a bijection, so over the 2**32 indices sharing a high
-    half every draw value occurs exactly 2**7 times: u = draw / 2**25 is exactly uniform on its grid.
+    In uint32 arithmetic, with i the index and lo32 / hi32 its two halves:
+    x = lowbias32(lowbias32(lo32(i) ^ seed_lo) ^ seed_hi), then, only where
+    hi32(i) != 0, x = lowbias32(x ^ hi32(i)); u = (x >> 8) / 2**24.
+    int64 indices are 64-bit two's complement; int32 (or narrower) indices
+    are read as their uint32 bits (hi32 = 0), as they always were.
 
     Example::
-        >>> d = draw(torch.arange(4), seed=7)
-        >>> bool(((d >= 0) & (d < 2**25)).all())
+        >>> u = uniform(torch.arange(4), seed=7)
+        >>> bool(((u >= 0) & (u < 1)).all())
         True
-        >>> bool(draw(torch.tensor([2**32 + 3]), 7) != draw(torch.tensor([3]), 7))
+        >>> bool(uniform(torch.tensor([2**32 + 3]), 7) != uniform(torch.tensor([3]), 7))
         True
     """
     x = index.to(torch.int32, copy=True)  # int64 -> int32 keeps the low 32 bits
-    k0, k1 = (_to_int32(k) for k in hash_keys(seed))
+    x ^= _to_int32(seed)
+    _mix32_(x)
+    x ^= _to_int32(seed >> 32)
+    _mix32_(x)
     if index.dtype == torch.int64 and index.numel():
-        high = (index >> 32) & MASK32
-        # On CPU take the per-element keys only when some index needs them (a host read is
-        # free there); on CUDA always compute them rather than sync the host.
+        high = (index >> 32).to(torch.int32)
+        # On CPU skip the third round when no index needs it (a host read is free there);
+        # on CUDA always compute it rather than sync the host.
         if index.is_cuda or bool((high != 0).any()):
-            wide_k0, wide_k1 = _keys_of_high(seed, high)
-            wide = high != 0
-            k0 = torch.where(wide, wide_k0, torch.full_like(wide_k0, k0))
-            k1 = torch.where(wide, wide_k1, torch.full_like(wide_k1, k1))
-    _keyed_triple32_(x, k0, k1)
-    x >>= DRAW_SHIFT
-    x &= (1 << DRAW_BITS) - 1
-    return x
-
-
-def ratio_threshold(ratio: torch.Tensor) -> torch.Tensor:
-    """int32 threshold T with P(draw < T) = (1 + r) / 2 exactly: T = fl(1 + r) * 2**24, clamped to [0, 2**25].
-
-    fl(1 + r) is always a multiple of 2**-24 for a float32 r >= -1 (for 1 + r >= 1/2 its ulp is
-    at least 2**-24; below, r < -1/2 has ulp 2**-24 and 1 + r is exact), so T is an integer and
-    P(draw < T) = T / 2**25 = fl(1 + r) / 2: the bit is unbiased for fl(1 + r), i.e. E[2 bit - 1]
-    = fl(1 + r) - 1, which differs from r only by that one rounding. NaN (and 1 + r <= 0) gives 0.
-
-    Example::
-        >>> ratio_threshold(torch.tensor([-1.0, 0.0, 1.0, float("nan")])).tolist()
-        [0, 16777216, 33554432, 0]
-    """
-    one_plus = ratio.to(torch.float32) + 1.0
-    one_plus = torch.where(one_plus > 0, one_plus, torch.zeros_like(one_plus)).clamp_max(2.0)
-    return (one_plus * float(1 << (DRAW_BITS - 1))).to(torch.int32)
+            extra = _mix32_(x ^ high)
+            x = torch.where(high != 0, extra, x)
+    x >>= 32 - UNIFORM_BITS
+    x &= (1 << UNIFORM_BITS) - 1
+    return x.to(torch.float32).mul_(1.0 / (1 << UNIFORM_BITS))
 
 
 def pack_bits(bits_D: torch.Tensor) -> torch.Tensor:
@@ -344,8 +277,7 @@ def compress(
     For active and finite elements: m = fl(fl(beta m) + fl((1 - beta) g)),
     b = fl(fl(beta b) + fl((1 - beta) |g|)) (max with the old b if amsgrad);
     all other elements keep m and b. r = m / b (0 where b <= 0); bit j is 1 iff
-    j is active, g[j] is finite and draw(canon(j), seed) < ratio_threshold(r), i.e. with
-    probability fl(1 + r) / 2 exactly.
+    j is active, g[j] is finite and uniform(canon(j), seed) < (1 + r) / 2.
     flag[0] is set to 1 (never cleared) when an active g is not finite.
     Returns uint8 [B], padding bits 0.
 
@@ -389,7 +321,8 @@ def compress(
         flag.bitwise_or_(bad.any().to(torch.uint8))
     # r = 0 where b <= 0; a NaN b (corrupt state) gives a NaN probability, so bit 0.
     ratio = torch.where(b <= 0, torch.zeros_like(m), m / b)
-    bits = update & (draw(canon, seed) < ratio_threshold(ratio))
+    probability = (ratio + 1.0) * 0.5
+    bits = update & (uniform(canon, seed) < probability)
     return pack_bits(bits)
 
 
@@ -402,14 +335,11 @@ def requantize(
     *,
     seed: int,
 ) -> torch.Tensor:
-    """Exact counts in [0, N] -> 1 bit each, 1 with probability count / N to within 2**-25.
+    """Exact counts in [0, N] -> 1 bit each: bit i is 1 iff uniform(canon(first + i), seed) < count / N.
 
-    bit i = draw(canon(first + i), seed) * N < clamp(count, 0, N) * 2**25, in exact integer
-    arithmetic, i.e. draw < ceil(count * 2**25 / N): P(bit) = ceil(count * 2**25 / N) / 2**25,
-    which is count / N exactly when N is a power of two (<= 2**25) or count is 0 or N, and at
-    most 2**-25 above it otherwise (no float division: the same bits on every device).
-    counts_C: integer [C], the counts of chunk positions first .. first + C - 1 (positions at
-    or past D are padding with count 0, so bit 0). Returns uint8 [ceil(C / 8)].
+    counts_C: integer [C], the counts of chunk positions first .. first + C - 1
+    (positions at or past D are padding with count 0, so bit 0). Unbiased for
+    the mean. Returns uint8 [ceil(C / 8)].
 
     Example::
         >>> starts, canon = index_map([3])
@@ -417,19 +347,11 @@ def requantize(
         >>> unpack_bits(bits, 3).tolist()[:2]   # count 0 or N: deterministic
         [1, 0]
     """
-    check_rows(num_rows)
+    if num_rows <= 0:
+        raise ValueError(f"num_rows={num_rows}: expected at least one counted row")
     canon, _ = canonical_index(seg_starts, seg_canon, first, counts_C.numel())
-    counts = counts_C.reshape(-1).to(torch.int64).clamp(0, int(num_rows))
-    return pack_bits(draw(canon, seed).to(torch.int64) * int(num_rows) < counts << DRAW_BITS)
-
-
-MAX_ROWS = (1 << 31) - 1  # counts are int32; draw * N stays below 2**56 in int64
-
-
-def check_rows(num_rows: int) -> None:
-    """requantize's N: at least one counted row, at most MAX_ROWS."""
-    if not 0 < int(num_rows) <= MAX_ROWS:
-        raise ValueError(f"num_rows={num_rows}: expected 1 .. {MAX_ROWS} counted rows")
+    probability = divide_rows(counts_C.reshape(-1).to(torch.float32), num_rows)
+    return pack_bits(uniform(canon, seed) < probability)
 
 
 def check_out(out: torch.Tensor | None, shape, dtype: torch.dtype, device) -> torch.Tensor | None:

@@ -41,7 +41,7 @@ def _op(name, numba, triton, device_arg=(0, None)):
 OPS: dict[str, Op] = {
     op.name: op
     for op in (
-        _op("draw", "dist_supernet.kernels.cpu.draw:draw", "dist_supernet.kernels.ops.draw:draw", (0, "index")),
+        _op("uniform", "dist_supernet.kernels.cpu.uniform:uniform", "dist_supernet.kernels.ops.uniform_hash:uniform_hash", (0, "index")),
         _op("pack_bits", "dist_supernet.kernels.cpu.pack_bits:pack_bits", None, (0, "bits_D")),
         _op("unpack_bits", None, None, (0, "packed_NB")),
         _op("compress", "dist_supernet.kernels.cpu.compress:compress", "dist_supernet.kernels.ops.compress:compress", (0, "g_D")),

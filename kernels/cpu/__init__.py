@@ -16,9 +16,8 @@ def warmup() -> None:
     import torch
 
     from dist_supernet.kernels import reference
-    from dist_supernet.kernels.cpu import (apply_packed, apply_update, compress, counts_to_mean, draw, onebit_decode,
-                                           onebit_encode, pack_bits, pack_counts, requantize, rht, unpack_counts, unpack_mean,
-                                           unpack_planes)
+    from dist_supernet.kernels.cpu import (apply_packed, apply_update, compress, counts_to_mean, onebit_decode, onebit_encode,
+                             pack_bits, pack_counts, requantize, rht, uniform, unpack_counts, unpack_mean, unpack_planes)
 
     starts, canon = reference.index_map([5, 4])
     flag = torch.zeros(1, dtype=torch.uint8)
@@ -29,7 +28,7 @@ def warmup() -> None:
         requantize.requantize(counts, 2, starts, canon, 0, seed=0)
         pack_counts.pack_counts(counts, 2)
         counts_to_mean.counts_to_mean(counts, 2)
-        draw.draw(counts, 0)
+        uniform.uniform(counts, 0)
     unpack_counts.unpack_counts(rows, 9)
     unpack_mean.unpack_mean(rows, 9)
     unpack_planes.unpack_planes(rows, 9)

@@ -36,14 +36,9 @@ from numba.extending import intrinsic
 BLOCK = 4096  # elements per scratch block: 4 KiB of 0/1 bytes + 16 KiB of int32 counts stay in L1/L2
 MIN_ELEMENTS_PER_THREAD = 1 << 18  # below this a thread costs more than it saves (~50 us to hand work over)
 GATHER_BITS = np.uint64(0x0102040810204080)  # eight 0/1 bytes -> the top byte's 8 bits, see pack8
-MUL_1 = np.uint32(0xED5AD4BB)  # triple32's multipliers, see reference.draw
-MUL_2 = np.uint32(0xAC4C1B51)
-MUL_3 = np.uint32(0x31848BAB)
-GOLDEN_64 = np.uint64(0x9E3779B97F4A7C15)
-SPLITMIX_MUL_1 = np.uint64(0xBF58476D1CE4E5B9)
-SPLITMIX_MUL_2 = np.uint64(0x94D049BB133111EB)
-HALF_DRAWS = np.float32(1 << 24)  # ratio_threshold: fl(1 + r) * 2**24
-ZERO_F32, TWO_F32 = np.float32(0.0), np.float32(2.0)
+INV_2_24 = np.float32(1.0 / (1 << 24))
+MUL_1 = np.uint32(0x7FEB352D)
+MUL_2 = np.uint32(0x846CA68B)
 
 _OPTIONS = dict(nogil=True, fastmath=False, error_model="numpy", boundscheck=False)
 _warned_cache = threading.Event()
@@ -96,45 +91,35 @@ def helper(fn):
 
 
 @helper
-def hash_keys(seed, high):
-    """(k0, k1) uint32 round keys for indices whose high half is ``high`` (uint64): see reference.hash_keys.
-
-    Scalar uint64 code, once per run of indices sharing a high half. Every operand is uint64:
-    numba turns a mix of int64 and uint64 into float64.
-    """
-    z = numba.uint64(seed + high * GOLDEN_64 + GOLDEN_64)
-    z = numba.uint64((z ^ (z >> numba.uint64(30))) * SPLITMIX_MUL_1)
-    z = numba.uint64((z ^ (z >> numba.uint64(27))) * SPLITMIX_MUL_2)
-    z = numba.uint64(z ^ (z >> numba.uint64(31)))
-    return numba.uint32(z & numba.uint64(0xFFFFFFFF)), numba.uint32(z >> numba.uint64(32))
-
-
-@helper
-def draw(lo, k0, k1):
-    """The 25-bit draw (int32) of the index with low half lo (uint32) under keys k0, k1.
-
-    numba widens uint32 arithmetic to 64 bits: each step is cast back to uint32 so the
-    multiplies stay 32-bit (vpmulld; without the casts they are 64-bit and the bits wrong).
-    """
-    x = numba.uint32(lo ^ k0)
-    x = numba.uint32(x ^ (x >> numba.uint32(17)))
+def mix32(x):
+    # lowbias32. numba widens uint32 arithmetic to 64 bits: each step is cast back to
+    # uint32 (measured: without the casts the products are 64-bit and the bits wrong).
+    x = numba.uint32(x ^ (x >> numba.uint32(16)))
     x = numba.uint32(x * MUL_1)
-    x = numba.uint32(x ^ (x >> numba.uint32(11)))
-    x = numba.uint32(x ^ k1)
-    x = numba.uint32(x * MUL_2)
     x = numba.uint32(x ^ (x >> numba.uint32(15)))
-    x = numba.uint32(x * MUL_3)
-    x = numba.uint32(x ^ (x >> numba.uint32(14)))
-    return numba.int32(x >> numba.uint32(7))
+    x = numba.uint32(x * MUL_2)
+    x = numba.uint32(x ^ (x >> numba.uint32(16)))
+    return x
 
 
 @helper
-def ratio_threshold(ratio):
-    """int32 clamp(fl(1 + r), 0, 2) * 2**24 (0 for NaN): P(draw < it) = fl(1 + r) / 2 exactly."""
-    one_plus = np.float32(1.0) + ratio
-    one_plus = one_plus if one_plus > ZERO_F32 else ZERO_F32
-    one_plus = one_plus if one_plus < TWO_F32 else TWO_F32
-    return numba.int32(one_plus * HALF_DRAWS)
+def uniform32(lo, seed_lo, seed_hi):
+    """The draw for a canonical index whose high 32 bits are 0 (lo: its uint32 low half)."""
+    x = mix32(numba.uint32(lo ^ seed_lo))
+    x = mix32(numba.uint32(x ^ seed_hi))
+    return np.float32(x >> numba.uint32(8)) * INV_2_24
+
+
+@helper
+def uniform64(index, seed_lo, seed_hi):
+    """The draw for any int64 canonical index: the third round only where hi32(index) != 0."""
+    lo = numba.uint32(index & 0xFFFFFFFF)
+    hi = numba.uint32((index >> 32) & 0xFFFFFFFF)
+    x = mix32(numba.uint32(lo ^ seed_lo))
+    x = mix32(numba.uint32(x ^ seed_hi))
+    if hi != 0:
+        x = mix32(numba.uint32(x ^ hi))
+    return np.float32(x >> numba.uint32(8)) * INV_2_24
 
 
 @helper
@@ -232,9 +217,8 @@ def check_index_map(seg_starts: np.ndarray, seg_canon: np.ndarray, numel: int | 
                              f"canonical [{int(first.min()) + state_offset}, {int(last.max()) + state_offset})")
 
 
-def seed_u64(seed: int) -> np.uint64:
-    """A seed as the kernels take it: its 64 bits as uint64 (Python ints of any sign or size)."""
-    return np.uint64(int(seed) & 0xFFFFFFFFFFFFFFFF)
+def seed_halves(seed: int) -> tuple[np.uint32, np.uint32]:
+    return np.uint32(int(seed) & 0xFFFFFFFF), np.uint32((int(seed) >> 32) & 0xFFFFFFFF)
 
 
 _pool: concurrent.futures.ThreadPoolExecutor | None = None

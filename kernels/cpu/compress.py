@@ -19,48 +19,64 @@ from dist_supernet.kernels.cpu._common import BLOCK, helper, kernel
 
 INF = np.float32(np.inf)
 ZERO = np.float32(0.0)
+ONE = np.float32(1.0)
+HALF = np.float32(0.5)
 
 
 @helper
-def _loop(gs, ms, bs, masks, bits, numel, lo, k0, k1, beta, one_minus_beta, has_mask, amsgrad):
-    """numel elements whose canonical indices share their high half: low half lo + i, keys k0, k1.
+def _run(g, m, b, mask, has_mask, amsgrad, j, numel, state, canon, scratch, at, beta, one_minus_beta,
+         seed_lo, seed_hi):
+    """numel elements of one segment: chunk position j, state offset state, canonical index canon.
 
-    has_mask and amsgrad are constants at every call site (the helper is inlined), so each case is
-    its own loop. Written for LLVM's loop vectoriser at the full vector width: only 32-bit lanes
-    (the index counter is uint32, the non-finite flag int32: a 64-bit value in the loop made LLVM
-    vectorise 4 lanes wide), selects instead of branches, non-short-circuit & and |.
+    Written for LLVM's loop vectoriser: slices first (so no negative-index wraparound per
+    access), non-short-circuit & and |, selects instead of branches, the loop-invariant cases
+    (mask, canonical indices past 2**32) as separate loops.
     """
-    bad = numba.int32(0)
-    for i in range(numel):
-        gv = gs[i]
-        finite = abs(gv) < INF  # False for inf and NaN
-        active = (masks[i] != 0) if has_mask else True
-        update = finite & active
-        bad = numba.int32(bad | numba.int32(active & (not finite)))
-        mv, bv = _step(ms[i], bs[i], gv, update, amsgrad, beta, one_minus_beta)
-        ms[i] = mv
-        bs[i] = bv
-        ratio = ZERO if bv <= ZERO else mv / bv  # r = 0 where b <= 0; a NaN b gives a NaN r, so bit 0
-        x = _common.draw(numba.uint32(lo + numba.uint32(i)), k0, k1)
-        bits[i] = numba.uint8(update & (x < _common.ratio_threshold(ratio)))
-    return bad
-
-
-@helper
-def _run(g, m, b, mask, has_mask, amsgrad, j, numel, state, lo, scratch, at, beta, one_minus_beta, k0, k1):
-    """numel elements of one segment from chunk position j (state offset state), sharing one high half."""
     gs = g[j:j + numel]
     ms = m[state:state + numel]
     bs = b[state:state + numel]
     bits = scratch[at:at + numel]
-    masks = mask[state:state + numel] if has_mask else mask
-    if has_mask:
-        if amsgrad:
-            return _loop(gs, ms, bs, masks, bits, numel, lo, k0, k1, beta, one_minus_beta, True, True)
-        return _loop(gs, ms, bs, masks, bits, numel, lo, k0, k1, beta, one_minus_beta, True, False)
-    if amsgrad:
-        return _loop(gs, ms, bs, masks, bits, numel, lo, k0, k1, beta, one_minus_beta, False, True)
-    return _loop(gs, ms, bs, masks, bits, numel, lo, k0, k1, beta, one_minus_beta, False, False)
+    lo = numba.uint32(canon & 0xFFFFFFFF)
+    wide = ((canon + numel - 1) >> 32) != 0  # some hi32 != 0: the draw needs its third round
+    bad = 0
+    if has_mask and not wide:
+        masks = mask[state:state + numel]
+        for i in range(numel):
+            gv = gs[i]
+            finite = abs(gv) < INF  # False for inf and NaN
+            active = masks[i] != 0
+            update = finite & active
+            bad |= active & ~finite
+            mv, bv = _step(ms[i], bs[i], gv, update, amsgrad, beta, one_minus_beta)
+            ms[i] = mv
+            bs[i] = bv
+            u = _common.uniform32(numba.uint32(lo + numba.uint32(i)), seed_lo, seed_hi)
+            bits[i] = numba.uint8(update & (u < _probability(mv, bv)))
+    elif not wide:
+        for i in range(numel):
+            gv = gs[i]
+            finite = abs(gv) < INF
+            bad |= ~finite
+            mv, bv = _step(ms[i], bs[i], gv, finite, amsgrad, beta, one_minus_beta)
+            ms[i] = mv
+            bs[i] = bv
+            u = _common.uniform32(numba.uint32(lo + numba.uint32(i)), seed_lo, seed_hi)
+            bits[i] = numba.uint8(finite & (u < _probability(mv, bv)))
+    else:
+        for i in range(numel):
+            gv = gs[i]
+            finite = abs(gv) < INF
+            active = True
+            if has_mask:
+                active = mask[state + i] != 0
+            update = finite & active
+            bad |= active & ~finite
+            mv, bv = _step(ms[i], bs[i], gv, update, amsgrad, beta, one_minus_beta)
+            ms[i] = mv
+            bs[i] = bv
+            u = _common.uniform64(canon + i, seed_lo, seed_hi)
+            bits[i] = numba.uint8(update & (u < _probability(mv, bv)))
+    return bad
 
 
 @helper
@@ -73,9 +89,16 @@ def _step(mv, bv, gv, update, amsgrad, beta, one_minus_beta):
     return (m_new if update else mv), (b_new if update else bv)
 
 
+@helper
+def _probability(mv, bv):
+    """(1 + r) / 2 with r = m / b, r = 0 where b <= 0."""
+    ratio = ZERO if bv <= ZERO else mv / bv
+    return (ONE + ratio) * HALF
+
+
 @kernel
-def _compress_kernel(g, m, b, seg_starts, seg_canon, mask, used, state_offset, beta, one_minus_beta, seed,
-                     amsgrad, out, lo, hi):
+def _compress_kernel(g, m, b, seg_starts, seg_canon, mask, used, state_offset, beta, one_minus_beta,
+                     seed_lo, seed_hi, amsgrad, out, lo, hi):
     """Chunk positions [lo, hi) (lo a multiple of 8); returns 1 if an active g was not finite."""
     has_mask = mask.shape[0] > 0
     has_used = used.shape[0] > 0
@@ -94,15 +117,10 @@ def _compress_kernel(g, m, b, seg_starts, seg_canon, mask, used, state_offset, b
             canon = seg_canon[s] + (j - seg_starts[s])
             if has_used and used[s] == 0:
                 scratch[j - block:run_end - block] = 0
-                j = run_end
-                continue
-            # one pair of round keys per run of indices sharing their high 32 bits
-            low = canon & 0xFFFFFFFF
-            numel = min(run_end - j, (1 << 32) - low)
-            k0, k1 = _common.hash_keys(seed, numba.uint64(canon) >> numba.uint64(32))
-            bad |= _run(g, m, b, mask, has_mask, amsgrad, j, numel, canon - state_offset, numba.uint32(low),
-                        scratch, j - block, beta, one_minus_beta, k0, k1)
-            j += numel
+            else:
+                bad |= _run(g, m, b, mask, has_mask, amsgrad, j, run_end - j, canon - state_offset, canon,
+                            scratch, j - block, beta, one_minus_beta, seed_lo, seed_hi)
+            j = run_end
         filled = end - block
         num_bytes = (filled + 7) // 8
         scratch[filled:num_bytes * 8] = 0  # padding bits past D are 0
@@ -137,6 +155,7 @@ def compress(g_D, m_T, b_T, seg_starts, seg_canon, *, beta, seed, mask_T=None, u
     g = g_D.reshape(-1)
     if g.dtype != torch.float32:
         g = g.to(torch.float32)
+    seed_lo, seed_hi = _common.seed_halves(seed)
     starts, canon = _common.numpy_view(seg_starts.contiguous()), _common.numpy_view(seg_canon.contiguous())
     mask, used = _common.optional_u8(mask_T, "mask_T"), _common.optional_u8(used_P, "used_P")
     sizes = {"m_T": m_T.numel(), "b_T": b_T.numel(), **({"mask_T": mask.shape[0]} if mask_T is not None else {})}
@@ -147,7 +166,7 @@ def compress(g_D, m_T, b_T, seg_starts, seg_canon, *, beta, seed, mask_T=None, u
         _compress_kernel, numel,
         _common.numpy_view(g.contiguous()), _common.numpy_view(m_T.view(-1)), _common.numpy_view(b_T.view(-1)),
         starts, canon, mask, used, int(state_offset),
-        np.float32(beta), np.float32(1.0 - float(beta)), _common.seed_u64(seed), bool(amsgrad),
+        np.float32(beta), np.float32(1.0 - float(beta)), seed_lo, seed_hi, bool(amsgrad),
         _common.numpy_view(out),
     )
     if flag is not None and any(bad):

@@ -1,4 +1,4 @@
-"""Re-quantize exact counts to 1 bit on CPU (numba): bit i = draw(canon(first + i)) * N < count * 2**25.
+"""Re-quantize exact counts to 1 bit on CPU (numba): bit i = uniform(canon(first + i)) < count / N.
 
 Contract: :func:`dist_supernet.kernels.reference.requantize`. Reads 4 (or 8) bytes of count, writes one
 bit per element; the canonical index comes from the chunk's index map, one segment run at
@@ -16,50 +16,24 @@ from dist_supernet.kernels.cpu import _common
 from dist_supernet.kernels.cpu._common import BLOCK, helper, kernel
 
 
-SMALL_ROWS = 63  # draw * N < 2**31 and count * 2**25 < 2**31: the comparison fits int32 lanes
-
-
 @helper
-def _loop(cs, bits, numel, lo, k0, k1, num_rows, small):
-    """numel counts whose canonical indices share their high half (low half lo + i, keys k0, k1).
-
-    small (a constant at each call site): N <= SMALL_ROWS, so the exact integer comparison runs
-    on int32 lanes (8 per AVX2 register); otherwise on int64 lanes.
-    """
-    if small:
-        rows = numba.int32(num_rows)
+def _run(counts, at, numel, canon, num_rows, scratch, to, seed_lo, seed_hi):
+    cs = counts[at:at + numel]
+    bits = scratch[to:to + numel]
+    rows = np.float32(num_rows)
+    if ((canon + numel - 1) >> 32) == 0 and canon >= 0:
+        lo = numba.uint32(canon)
         for i in range(numel):
-            count = numba.int32(min(max(cs[i], 0), num_rows))  # clamped in the counts' own width
-            x = _common.draw(numba.uint32(lo + numba.uint32(i)), k0, k1)
-            bits[i] = numba.uint8(numba.int32(x * rows) < numba.int32(count << numba.int32(25)))
+            u = _common.uniform32(numba.uint32(lo + numba.uint32(i)), seed_lo, seed_hi)
+            bits[i] = numba.uint8(u < np.float32(cs[i]) / rows)
     else:
         for i in range(numel):
-            count = min(max(np.int64(cs[i]), np.int64(0)), num_rows)
-            x = _common.draw(numba.uint32(lo + numba.uint32(i)), k0, k1)
-            bits[i] = numba.uint8(np.int64(x) * num_rows < (count << np.int64(25)))
-
-
-@helper
-def _run(counts, at, numel, canon, num_rows, scratch, to, seed):
-    """Counts [at, at + numel) at canonical indices canon ..: split where the high half changes."""
-    while numel > 0:
-        low = canon & 0xFFFFFFFF
-        count = min(numel, (1 << 32) - low)
-        k0, k1 = _common.hash_keys(seed, numba.uint64(canon) >> numba.uint64(32))
-        cs = counts[at:at + count]
-        bits = scratch[to:to + count]
-        if num_rows <= SMALL_ROWS:
-            _loop(cs, bits, count, numba.uint32(low), k0, k1, num_rows, True)
-        else:
-            _loop(cs, bits, count, numba.uint32(low), k0, k1, num_rows, False)
-        at += count
-        to += count
-        canon += count
-        numel -= count
+            u = _common.uniform64(canon + i, seed_lo, seed_hi)
+            bits[i] = numba.uint8(u < np.float32(cs[i]) / rows)
 
 
 @kernel
-def _requantize_kernel(counts, num_rows, seg_starts, seg_canon, first, seed, out, lo, hi):
+def _requantize_kernel(counts, num_rows, seg_starts, seg_canon, first, seed_lo, seed_hi, out, lo, hi):
     """Counts [lo, hi) (lo a multiple of 8) of the positions first + i."""
     num_segments = seg_canon.shape[0]
     scratch = np.zeros(BLOCK, dtype=np.uint8)
@@ -78,7 +52,7 @@ def _requantize_kernel(counts, num_rows, seg_starts, seg_canon, first, seed, out
                     s += 1
                 run_end = end if s + 1 == num_segments else min(end, seg_starts[s + 1] - first)
                 canon = seg_canon[s] + (j - seg_starts[s])
-            _run(counts, i, run_end - i, canon, num_rows, scratch, i - block, seed)
+            _run(counts, i, run_end - i, canon, num_rows, scratch, i - block, seed_lo, seed_hi)
             i = run_end
         filled = end - block
         num_bytes = (filled + 7) // 8
@@ -96,7 +70,8 @@ def requantize(counts_C, num_rows, seg_starts, seg_canon, first, *, seed):
         >>> reference.unpack_bits(bits, 3).tolist()[:2]
         [1, 0]
     """
-    reference.check_rows(num_rows)
+    if num_rows <= 0:
+        raise ValueError(f"num_rows={num_rows}: expected at least one counted row")
     reference.check_index_map(seg_starts, seg_canon)
     numel = counts_C.numel()
     out = torch.empty(reference.num_bytes(numel), dtype=torch.uint8)
@@ -105,9 +80,10 @@ def requantize(counts_C, num_rows, seg_starts, seg_canon, first, *, seed):
     counts = counts_C.reshape(-1)
     if counts.dtype not in (torch.int32, torch.int64):
         counts = counts.to(torch.int32)
+    seed_lo, seed_hi = _common.seed_halves(seed)
     _common.run_split(
         _requantize_kernel, numel, _common.numpy_view(counts.contiguous()), int(num_rows),
         _common.numpy_view(seg_starts.contiguous()), _common.numpy_view(seg_canon.contiguous()), int(first),
-        _common.seed_u64(seed), _common.numpy_view(out),
+        seed_lo, seed_hi, _common.numpy_view(out),
     )
     return out

@@ -17,7 +17,7 @@ import triton.language as tl
 from dist_supernet.kernels import reference
 from dist_supernet.kernels.ops import _launch
 from dist_supernet.kernels.ops._segments import canonical_index
-from dist_supernet.kernels.ops.draw import draw_from_index, ratio_threshold
+from dist_supernet.kernels.ops.uniform_hash import uniform_from_index
 
 
 # Tuned on dummy m, b of a bucket's size only (kernels.ops._launch): never on the real state.
@@ -80,13 +80,14 @@ def _compress_kernel(
         bad = tl.max((active & ~finite).to(tl.int32))
         tl.store(flag_ptr, tl.full((), 1, tl.uint8), mask=bad > 0)
 
-    # r = 0 where b <= 0 (a NaN b gives a NaN ratio, so threshold 0 and bit 0, as in the reference).
+    # r = 0 where b <= 0 (a NaN b gives a NaN probability, so bit 0, as in the reference).
     # div_rn: IEEE division, so |m| == b gives exactly +-1 on GPU too (Triton's default fp32
     # '/' is approximate there). The denominator is 1 where b <= 0 only to keep 0 / 0 out of
     # the interpreter's warnings.
     b_safe = tl.where(b_new <= 0.0, 1.0, b_new)
     ratio = tl.where(b_new <= 0.0, 0.0, tl.div_rn(m_new, b_safe))
-    bits = update & (draw_from_index(canon, seed_lo, seed_hi) < ratio_threshold(ratio))
+    probability = (ratio + 1.0) * 0.5
+    bits = update & (uniform_from_index(canon, seed_lo, seed_hi) < probability)
     packed = tl.sum(bits.to(tl.int32) << bit[None, :], axis=1)
     tl.store(out_ptr + byte, packed.to(tl.uint8), mask=byte < num_bytes)
 

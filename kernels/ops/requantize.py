@@ -1,4 +1,4 @@
-"""Re-quantize exact counts to 1 bit: bit = draw * N < count * 2**25 (probability count / N to within 2**-25).
+"""Re-quantize exact counts to 1 bit: bit 1 with probability count / N (unbiased for the mean).
 
 Used for the 1-bit phase 2 of the two-phase and hierarchical collectives. Same counter-based
 draw as :mod:`dist_supernet.kernels.ops.compress`, keyed by canon(first + i) from the chunk's index map, so
@@ -15,7 +15,7 @@ import triton.language as tl
 from dist_supernet.kernels import reference
 from dist_supernet.kernels.ops import _launch
 from dist_supernet.kernels.ops._segments import canonical_index
-from dist_supernet.kernels.ops.draw import draw_from_index
+from dist_supernet.kernels.ops.uniform_hash import uniform_from_index
 
 
 # P varies between the warm-up's dummies and the real chunks: not specialized, so no recompile.
@@ -40,15 +40,14 @@ def _requantize_kernel(
     offsets = byte[:, None] * 8 + bit[None, :]
     in_range = offsets < numel
 
-    counts = tl.load(counts_ptr + offsets, mask=in_range, other=0).to(tl.int64)
-    rows = num_rows.to(tl.int64)
-    counts = tl.minimum(tl.maximum(counts, 0), rows)
+    counts = tl.load(counts_ptr + offsets, mask=in_range, other=0)
+    # div_rn: IEEE division as the reference's '/', so count == N gives exactly 1 on GPU too.
+    probability = tl.div_rn(counts.to(tl.float32), num_rows.to(tl.float32))
     if num_segments > 0:
         canon, _ = canonical_index(seg_starts_ptr, seg_canon_ptr, offsets + first, num_segments, num_steps)
     else:
         canon = offsets + first
-    # exact integer comparison (int64: draw * N < 2**56): no float division, the same bits everywhere
-    bits = (draw_from_index(canon, seed_lo, seed_hi).to(tl.int64) * rows < (counts << 25)) & in_range
+    bits = (uniform_from_index(canon, seed_lo, seed_hi) < probability) & in_range
     packed = tl.sum(bits.to(tl.int32) << bit[None, :], axis=1)
     tl.store(out_ptr + byte, packed.to(tl.uint8), mask=byte < num_bytes)
 
@@ -65,7 +64,8 @@ def requantize(counts_C, num_rows, seg_starts, seg_canon, first, *, seed):
     num_segments = reference.check_index_map(seg_starts, seg_canon)
     numel = counts_C.numel()
     _launch.check_numel(numel)
-    reference.check_rows(num_rows)
+    if num_rows <= 0:
+        raise ValueError(f"num_rows={num_rows}: expected at least one counted row")
     num_bytes = (numel + 7) // 8
     out = torch.empty(num_bytes, dtype=torch.uint8, device=counts_C.device)
     if numel == 0:

@@ -7,52 +7,31 @@ segment, bits packed with numpy's packbits.
 
 import numpy as np
 
-MUL_1, MUL_2, MUL_3 = np.uint32(0xED5AD4BB), np.uint32(0xAC4C1B51), np.uint32(0x31848BAB)
-PHI, SM_1, SM_2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+MUL_1, MUL_2 = np.uint32(0x7FEB352D), np.uint32(0x846CA68B)
 
 
-def keys(seed, high):
-    """(k0, k1) uint32 arrays: the halves of splitmix64(seed + high * PHI), high a uint64 array."""
-    with np.errstate(over="ignore"):
-        z = np.uint64(seed & (2**64 - 1)) + high.astype(np.uint64) * PHI + PHI
-        z = (z ^ (z >> np.uint64(30))) * SM_1
-        z = (z ^ (z >> np.uint64(27))) * SM_2
-    z = z ^ (z >> np.uint64(31))
-    return (z & np.uint64(0xFFFFFFFF)).astype(np.uint32), (z >> np.uint64(32)).astype(np.uint32)
+def lowbias32(x):
+    x = x.astype(np.uint32)
+    x ^= x >> np.uint32(16)
+    x *= MUL_1
+    x ^= x >> np.uint32(15)
+    x *= MUL_2
+    x ^= x >> np.uint32(16)
+    return x
 
 
-def draw(index, seed):
-    """int32 draws in [0, 2**25); index: int64 (64-bit rule) or int32 (uint32 bits) numpy array."""
+def uniform(index, seed):
+    """index: int64 (64-bit rule) or int32 (uint32 bits) numpy array."""
     index = np.asarray(index)
     if index.dtype == np.int64:
         bits = index.view(np.uint64)
-        low, high = (bits & np.uint64(0xFFFFFFFF)).astype(np.uint32), bits >> np.uint64(32)
+        low, high = (bits & np.uint64(0xFFFFFFFF)).astype(np.uint32), (bits >> np.uint64(32)).astype(np.uint32)
     else:
-        low, high = index.astype(np.int64).astype(np.uint32), np.zeros(index.shape, np.uint64)
-    k0, k1 = keys(seed, high)
-    x = low ^ k0
-    x ^= x >> np.uint32(17)
-    x *= MUL_1
-    x ^= x >> np.uint32(11)
-    x ^= k1
-    x *= MUL_2
-    x ^= x >> np.uint32(15)
-    x *= MUL_3
-    x ^= x >> np.uint32(14)
-    return (x >> np.uint32(7)).astype(np.int32)
-
-
-def threshold(ratio):
-    """int32 T = clamp(fl(1 + r), 0, 2) * 2**24 (NaN: 0): P(draw < T) = fl(1 + r) / 2."""
-    one_plus = np.float32(1) + np.asarray(ratio, dtype=np.float32)
-    one_plus = np.where(one_plus > 0, np.minimum(one_plus, np.float32(2)), np.float32(0))
-    return (one_plus.astype(np.float64) * 2**24).astype(np.int32)
-
-
-def requantize_bits(index, counts, num_rows, seed):
-    """bit = draw * N < clamp(count, 0, N) * 2**25, in Python-exact int64 arithmetic."""
-    counts = np.clip(np.asarray(counts, dtype=np.int64), 0, num_rows)
-    return draw(index, seed).astype(np.int64) * num_rows < counts << 25
+        low, high = index.astype(np.int64).astype(np.uint32), np.zeros(index.shape, np.uint32)
+    x = lowbias32(low ^ np.uint32(seed & 0xFFFFFFFF))
+    x = lowbias32(x ^ np.uint32((seed >> 32) & 0xFFFFFFFF))
+    x = np.where(high != 0, lowbias32(x ^ high), x)
+    return (x >> np.uint32(8)).astype(np.float32) / np.float32(1 << 24)
 
 
 def canon(numels, canon_starts):
@@ -93,7 +72,8 @@ def compress(g, m_T, b_T, numels, canon_starts, *, beta, seed, mask_T=None, used
     m_T[state], b_T[state] = m, b
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(b <= 0, np.float32(0), m / b).astype(np.float32)
-    bits = update & (draw(index, seed) < threshold(ratio))
+    probability = (np.float32(1) + ratio) * np.float32(0.5)
+    bits = update & (uniform(index, seed) < probability)
     return pack(bits), m_T, b_T, bool((active & ~finite).any())
 
 

@@ -17,54 +17,27 @@ SEEDS = [0, 1, 0x7FFFFFFF, 0x80000000, 0xDEADBEEFCAFEBABE, 2**64 - 1]
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_draw_equals_numpy_model(seed):
+def test_uniform_equals_numpy_model(seed):
     index32 = torch.cat([torch.arange(-50, 50, dtype=torch.int32),
                          torch.randint(-(2**31), 2**31 - 1, (2000,), dtype=torch.int32)])
-    assert np.array_equal(ref.draw(index32, seed).numpy(), oracle.draw(index32.numpy(), seed))
+    assert np.array_equal(ref.uniform(index32, seed).numpy(), oracle.uniform(index32.numpy(), seed))
     index64 = torch.cat([torch.arange(2**32 - 50, 2**32 + 50), torch.randint(-(2**62), 2**62, (2000,)),
                          torch.tensor([2**63 - 1, -(2**63), 2**40, -1])])
-    assert np.array_equal(ref.draw(index64, seed).numpy(), oracle.draw(index64.numpy(), seed))
+    assert np.array_equal(ref.uniform(index64, seed).numpy(), oracle.uniform(index64.numpy(), seed))
 
 
-def test_hash_keys_are_splitmix64_of_seed_and_high_half():
-    # the keys of high half 0 are splitmix64(seed), its first output (comm.seeding holds the same function)
-    from dist_supernet.comm.seeding import splitmix64
-    for seed in SEEDS:
-        z = splitmix64(seed)
-        assert ref.hash_keys(seed) == (z & 0xFFFFFFFF, z >> 32)
-        z = splitmix64((seed + 5 * 0x9E3779B97F4A7C15) & (2**64 - 1))
-        assert ref.hash_keys(seed, 5) == (z & 0xFFFFFFFF, z >> 32)
-
-
-def test_draw_int32_index_is_the_low_half_and_the_high_half_enters():
+def test_uniform_below_2_32_keeps_its_bits_and_above_differs():
     low = torch.arange(1000, dtype=torch.int64)
-    assert torch.equal(ref.draw(low, 9), ref.draw(low.to(torch.int32), 9))
-    assert not torch.equal(ref.draw(low + 2**32, 9), ref.draw(low, 9))
-    assert not torch.equal(ref.draw(low + 2**33, 9), ref.draw(low + 2**32, 9))
+    assert torch.equal(ref.uniform(low, 9), ref.uniform(low.to(torch.int32), 9))
+    assert not torch.equal(ref.uniform(low + 2**32, 9), ref.uniform(low, 9))
+    assert not torch.equal(ref.uniform(low + 2**33, 9), ref.uniform(low + 2**32, 9))
 
 
-def test_draw_range():
-    d = ref.draw(torch.arange(2**32 - 2**15, 2**32 + 2**15), seed=12345)
-    assert d.dtype == torch.int32 and int(d.min()) >= 0 and int(d.max()) < 2**25
-    # mean of 65536 uniform draws on [0, 2**25): sigma = 2**25 sqrt(1/12 / 65536); bound 5 sigma
-    assert abs(float(d.double().mean()) / 2**25 - 0.5) < 5 * 1.13e-3
-
-
-def test_ratio_threshold_is_exact():
-    # fl(1 + r) * 2**24 is an integer for every float32 r in [-1, 1]: the threshold is exact, so
-    # P(draw < T) = T / 2**25 = fl(1 + r) / 2. Random float32 bit patterns in [-1, 1], the ends,
-    # the smallest steps near -1 and 0, and out-of-range values (corrupt state).
-    bits = torch.randint(0, 0x3F800001, (200_000,), dtype=torch.int32)
-    r = bits.view(torch.float32) * torch.where(torch.rand(200_000) < 0.5, -1.0, 1.0)
-    edges = torch.tensor([-1.0, -0.99999994, -0.5, -2.0**-149, 0.0, 2.0**-149, 0.5, 0.99999994, 1.0])
-    r = torch.cat([r, edges])
-    one_plus = r + 1.0  # float32
-    scaled = one_plus.double() * 2**24
-    assert torch.equal(scaled, scaled.round())  # an integer: no rounding in the threshold
-    assert torch.equal(ref.ratio_threshold(r).long(), scaled.long())
-    assert ref.ratio_threshold(torch.tensor([float("nan"), -1.5, -float("inf"), 1.5, float("inf")])).tolist() == \
-        [0, 0, 0, 2**25, 2**25]
-    assert np.array_equal(ref.ratio_threshold(r).numpy(), oracle.threshold(r.numpy()))
+def test_uniform_range_and_mean():
+    u = ref.uniform(torch.arange(2**32 - 2**15, 2**32 + 2**15), seed=12345)
+    assert float(u.min()) >= 0.0 and float(u.max()) < 1.0
+    # mean of 65536 U(0,1): sigma = sqrt(1/12 / 65536) = 1.13e-3; bound 5 sigma
+    assert abs(float(u.mean()) - 0.5) < 5 * 1.13e-3
 
 
 @pytest.mark.parametrize("numel", [0, 1, 7, 8, 9, 4097])
@@ -171,7 +144,7 @@ def test_requantize_uses_canonical_index_of_first_plus_i():
     counts = torch.randint(0, 4, (12,))
     bits = ref.unpack_bits(ref.requantize(counts, 3, starts, canon, 8, seed=4), 12)
     index = np.array([2**32 + 4, 2**32 + 5] + list(range(77, 87)), dtype=np.int64)
-    expected = oracle.requantize_bits(index, counts.numpy(), 3, 4)
+    expected = oracle.uniform(index, 4) < counts.numpy().astype(np.float32) / np.float32(3)
     assert np.array_equal(bits.numpy().astype(bool), expected)
 
 

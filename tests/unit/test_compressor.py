@@ -21,16 +21,16 @@ def test_more_than_2_pow_31_elements_build_without_allocating():
 
 def test_draws_past_2_pow_32_follow_the_canonical_index():
     # A chunk of 40 elements whose parameter starts at canonical index 2**32 + 7: the re-quantisation
-    # draws equal draw() at those 64-bit indices (the kernels' hash takes the high half too).
+    # draws equal uniform() at those 64-bit indices (the kernels' hash takes the high half too).
     first = 2**32 + 7
     seg_starts, seg_canon = torch.tensor([0, 40]), torch.tensor([first])
     counts = torch.arange(40, dtype=torch.int32) % 5
     bits = kernels.requantize(counts, 4, seg_starts, seg_canon, 0, seed=11)
-    d = kernels.draw(torch.arange(first, first + 40, dtype=torch.int64), 11)
-    expected = kernels.pack_bits(d.long() * 4 < counts.long() << 25)  # P(bit) = count / 4 exactly
+    u = kernels.uniform(torch.arange(first, first + 40, dtype=torch.int64), 11)
+    expected = kernels.pack_bits(u < counts.to(torch.float32) / 4)
     assert torch.equal(bits, expected)
-    low = kernels.draw(torch.arange(7, 47, dtype=torch.int64), 11)
-    assert not torch.equal(d, low)  # the high half enters the hash
+    low = kernels.uniform(torch.arange(7, 47, dtype=torch.int64), 11)
+    assert not torch.equal(u, low)  # the high half enters the hash
 
 
 def test_chunk_cache_follows_a_bucket_rebuild_and_state_stays_by_canonical_index():
