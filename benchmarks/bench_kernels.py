@@ -37,6 +37,7 @@ from dist_supernet.kernels.registry import OPS, implementation
 
 GPU_SIZES = ["1M", "16M", "64M", "256M"]
 CPU_SIZES = ["1M", "10.5M"]  # 10.5M: the MLP of benchmarks/slow_link.py (issue 9)
+RHT_BLOCK = 1024  # sync.quantizers.OneBit's default block
 NOT_TIMED = {"unpack_bits": "reference only (tests and debugging; never on the hot path)"}
 
 
@@ -111,6 +112,9 @@ def cases(numel: int, num_rows: int, num_segments: int, device: torch.device):
     index = torch.arange(numel, device=device)
     counts_out = torch.empty(numel, dtype=torch.int32, device=device)
     mean_out = torch.empty(numel, device=device)
+    blocks = ref.num_blocks(numel, RHT_BLOCK)
+    onebit_bits = torch.randint(0, 256, (num_rows, blocks * RHT_BLOCK // 8), dtype=torch.uint8, device=device)
+    onebit_scales = torch.rand(num_rows, blocks, device=device)
 
     def compress(k):
         return lambda: k(g, m, b, starts, canon, beta=0.9, seed=1)
@@ -142,6 +146,14 @@ def cases(numel: int, num_rows: int, num_segments: int, device: torch.device):
         # N bits and x read, x written
         "apply_packed_": (num_rows / 8 + 8, {"": lambda k: lambda: k(xs, starts, canon, rows, planes=False,
                                                                      num_rows=num_rows, lr_P=lr_P, wd_P=wd_P)}),
+        # the rotation and one-bit estimator of sync=diloco (blocks of 1024, its default); the padding of the
+        # last block is not counted. x read, rotated x written (fresh outputs: no out=)
+        "rht": (8, {" (fresh output)": lambda k: lambda: k(x, 3, RHT_BLOCK)}),
+        # x read, 1 bit (+ a scale per block) written
+        "onebit_encode": (4 + 1 / 8, {" (fresh output)": lambda k: lambda: k(x, 3, RHT_BLOCK)}),
+        # N bits read, the float32 mean written
+        "onebit_decode": (num_rows / 8 + 4, {" (fresh output)": lambda k: lambda: k(onebit_bits, onebit_scales, numel,
+                                                                                    3, RHT_BLOCK)}),
     }
 
 
