@@ -334,3 +334,26 @@ def probe_goodput(nodes: Nodes, rate: str, port: int) -> float:
     finally:
         sink.wait(timeout=30)
     return float(out.strip())
+
+
+def wait_all(procs: list[subprocess.Popen], logs: list, timeout_s: float, *, what: str) -> None:
+    """Wait for our own process groups (``start_new_session``) until a shared deadline, stop the rest, and raise
+    one RuntimeError with the log tails of every process that failed (``what`` names them)."""
+    deadline = time.monotonic() + timeout_s
+    try:
+        for proc in procs:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)  # our own torchrun and its workers only
+                proc.wait(timeout=30)
+    failed = [i for i, proc in enumerate(procs) if proc.returncode != 0]
+    if failed:
+        tails = []
+        for i in failed:
+            logs[i].seek(0)
+            tails.append(f"--- node {i} (rc {procs[i].returncode}) ---\n" + logs[i].read()[-3000:])
+        raise RuntimeError(f"{what} failed:\n" + "\n".join(tails))

@@ -89,27 +89,6 @@ def common_overrides(args, groups: int, seed: int) -> list[str]:
             *DEFAULT_SET.get(args.model, []), *args.set]
 
 
-def _wait(procs, logs, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    try:
-        for proc in procs:
-            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, 15)  # our own torchrun and its workers only
-                proc.wait(timeout=30)
-    failed = [i for i, proc in enumerate(procs) if proc.returncode != 0]
-    if failed:
-        tails = []
-        for i in failed:
-            logs[i].seek(0)
-            tails.append(f"--- node {i} (rc {procs[i].returncode}) ---\n" + logs[i].read()[-3000:])
-        raise RuntimeError("a training run failed:\n" + "\n".join(tails))
-
-
 def launch(overrides: list[str], run_dir: Path, *, nodes, groups: int, ranks: int) -> tuple[dict, list[dict]]:
     """One training run (``nodes``: namespaces, or None for loopback); its summary and metrics rows."""
     app = ["-m", "dist_supernet.train", *overrides, f"hydra.run.dir={run_dir}"]
@@ -129,7 +108,7 @@ def launch(overrides: list[str], run_dir: Path, *, nodes, groups: int, ranks: in
         procs.append(subprocess.Popen(prefix + cmd, cwd=common.REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                       text=True, start_new_session=True))
         logs.append(log)
-    _wait(procs, logs, RUN_TIMEOUT_S)
+    common.wait_all(procs, logs, RUN_TIMEOUT_S, what="a training run")
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return summary, rows

@@ -42,7 +42,6 @@ import argparse
 import json
 import os
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -83,27 +82,6 @@ def worker_env(iface: str) -> dict:
     return common.repo_env(GLOO_SOCKET_IFNAME=iface, BENCH_IFACE=iface, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
-def _wait_all(procs: list[subprocess.Popen], logs: list, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    try:
-        for proc in procs:
-            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)  # our own torchrun and its workers only
-                proc.wait(timeout=30)
-    failed = [i for i, proc in enumerate(procs) if proc.returncode != 0]
-    if failed:
-        tails = []
-        for i in failed:
-            logs[i].seek(0)
-            tails.append(f"--- node {i} (rc {procs[i].returncode}) ---\n" + logs[i].read()[-3000:])
-        raise RuntimeError("a benchmark process failed:\n" + "\n".join(tails))
-
-
 def launch(worker_args: list[str], *, nodes: TwoNodes | None, nproc_per_node: int,
            timeout_s: float = RUN_TIMEOUT_S, worker: Path = WORKER) -> dict:
     """Run ``worker`` (step_worker) under torchrun (two nodes across the veth, or one standalone); its JSON."""
@@ -127,7 +105,7 @@ def launch(worker_args: list[str], *, nodes: TwoNodes | None, nproc_per_node: in
             procs.append(subprocess.Popen(prefix + cmd, env=worker_env(iface), stdout=log,
                                           stderr=subprocess.STDOUT, text=True, start_new_session=True))
             logs.append(log)
-        _wait_all(procs, logs, timeout_s)
+        common.wait_all(procs, logs, timeout_s, what="a benchmark process")
         return json.loads(out.read_text())
 
 
@@ -143,7 +121,7 @@ def launch_loopback(worker_args: list[str], private_ns: str | None, *, nproc: in
         log = tempfile.TemporaryFile("w+")
         proc = subprocess.Popen(cmd, env=worker_env("lo"), stdout=log, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
-        _wait_all([proc], [log], timeout_s)
+        common.wait_all([proc], [log], timeout_s, what="a benchmark process")
         return json.loads(out.read_text())
 
 

@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 from dist_supernet.train import distributed  # noqa: E402
 from dist_supernet.train.config import register_resolvers  # noqa: E402
 from dist_supernet.train.trainer import Trainer  # noqa: E402
+from step_worker import read_iface_bytes  # noqa: E402  (this folder is sys.path[0] for a script)
 
 COMPUTE = "compute"
 
@@ -54,19 +55,6 @@ def compose_train(*overrides: str):
     register_resolvers()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose("train", overrides=list(overrides))
-
-
-def read_iface_bytes(iface: str | None) -> dict | None:
-    """{'rx', 'tx', 'tx_packets'} counters of ``iface`` in this network namespace, or None."""
-    if not iface:
-        return None
-    with open("/proc/net/dev") as counters:
-        for line in counters:
-            name, _, rest = line.partition(":")
-            if name.strip() == iface:
-                fields = rest.split()
-                return {"rx": int(fields[0]), "tx": int(fields[8]), "tx_packets": int(fields[9])}
-    return None
 
 
 class MethodRun:
