@@ -8,6 +8,7 @@ the list of per-rank results, or raises with the failing rank's traceback.
 
 import multiprocessing
 import os
+import socket
 import tempfile
 import traceback
 from datetime import timedelta
@@ -91,3 +92,15 @@ def identical_across_ranks(tensor) -> bool:
     rows = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(rows, tensor)
     return all(torch.equal(rows[0], row) for row in rows)
+
+
+def free_ports(count: int) -> list[str]:
+    """``count`` distinct TCP ports free on 127.0.0.1 right now (for a store or a rendezvous per job)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [str(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()

@@ -10,12 +10,11 @@ stay bit-identical throughout.
 
 import json
 import math
-import socket
 from pathlib import Path
 
 import torch
 
-from tests.distributed.harness import run_workers
+from tests.distributed.harness import free_ports, run_workers
 
 TINY = ["experiment=elastic_gpt_small", "model.block_size=16", "model.n_layers=[1,2]", "model.n_heads=[1,2]",
         "model.n_embds=[16,32]", "model.mlp_ratios=[1,2]", "trainer.batch_size=4", "trainer.max_steps=10",
@@ -25,17 +24,6 @@ TINY = ["experiment=elastic_gpt_small", "model.block_size=16", "model.n_layers=[
         "supernet.search.flops_fractions=[0.5]",
         "supernet.report_archs={mixnmatch:{n_embd:32,n_layer:2,n_head:[2,1],mlp_ratio:[1,2]}}"]
 HSDP = ["trainer.parallelism=hsdp", "compression.num_nodes=2"]
-
-
-def _free_ports(count: int) -> list[str]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [str(s.getsockname()[1]) for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def _local(t):
@@ -114,7 +102,7 @@ def _worker(rank, world_size, root, ports):
 
 
 def test_elastic_gpt_trains_with_birder_under_ddp_and_hsdp(tmp_path):
-    results = run_workers(_worker, 2, str(tmp_path), _free_ports(3), timeout_s=600)  # why: ~25 s on 2 idle cores, 295 s seen at load 14
+    results = run_workers(_worker, 2, str(tmp_path), free_ports(3), timeout_s=600)  # why: ~25 s on 2 idle cores, 295 s seen at load 14
     for name, kind in (("ddp", "ddp"), ("hsdp", "hsdp")):
         first, second = results[0][name], results[1][name]
         assert first["parallelism"] == kind

@@ -8,28 +8,16 @@ the app's own config (conf/train.yaml with model=gpt data=text), so every check 
 import importlib.util
 import json
 import math
-import socket
 from pathlib import Path
 
 import pytest
 
-from tests.distributed.harness import run_workers
+from tests.distributed.harness import free_ports, run_workers
 from tests.distributed.jobs import read_scalars
 
 TINY_GPT = ["model=gpt", "data=text", "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
             "trainer.batch_size=8", "trainer.max_steps=12", "trainer.log_every=1", "trainer.eval_every=6",
             "trainer.checkpoint_every=6", "trainer.resume=never", "data.eval_windows=16"]
-
-
-def _free_ports(count: int) -> list[str]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [str(s.getsockname()[1]) for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def _gpt_worker(rank, world_size, root, ports):
@@ -63,7 +51,7 @@ def _gpt_worker(rank, world_size, root, ports):
 
 
 def test_a_tiny_gpt_learns_on_two_ranks_with_birder_and_adamw_and_resumes_bit_identically(tmp_path):
-    results = run_workers(_gpt_worker, 2, str(tmp_path), _free_ports(4), timeout_s=300)
+    results = run_workers(_gpt_worker, 2, str(tmp_path), free_ports(4), timeout_s=300)
     rank0, rank1 = results
     for name in ("birder", "resumed", "adamw"):
         summary = rank0[name]["summary"]
