@@ -604,6 +604,19 @@ def num_blocks(numel: int, block: int) -> int:
     return -(-int(numel) // int(block))
 
 
+def check_onebit_rows(bits_NB: torch.Tensor, scales_NS: torch.Tensor, numel: int, block: int) -> tuple[int, int]:
+    """(rows N, blocks) of an onebit_decode input; ValueError naming the shapes unless they fit ``numel``, ``block``."""
+    check_block(block)
+    rows = bits_NB.shape[0]
+    nblocks = num_blocks(numel, block)
+    if bits_NB.dim() != 2 or bits_NB.shape[1] != nblocks * block // 8 or tuple(scales_NS.shape) != (rows, nblocks):
+        raise ValueError(f"bits shape={list(bits_NB.shape)}, scales shape={list(scales_NS.shape)}: expected "
+                         f"[N, {nblocks * block // 8}] and [N, {nblocks}] for numel={numel}, block={block}")
+    if rows == 0:
+        raise ValueError("onebit_decode needs at least one row")
+    return rows, nblocks
+
+
 def rht_signs(count: int, seed: int, rounds=(0, 1), *, device=None) -> torch.Tensor:
     """bool [len(rounds), count]: True where round r flips position j's sign (uniform(2 j + r, seed) < 1/2)."""
     index = torch.arange(count, dtype=torch.int64, device=device) * 2
@@ -693,15 +706,8 @@ def onebit_decode(bits_NB: torch.Tensor, scales_NS: torch.Tensor, numel: int, se
         >>> onebit_decode(bits.view(1, -1), scales.view(1, -1), 8, seed=1, block=8).tolist()[0]
         4.0
     """
-    check_block(block)
-    rows = bits_NB.shape[0]
-    nblocks = num_blocks(numel, block)
+    rows, nblocks = check_onebit_rows(bits_NB, scales_NS, numel, block)
     padded = nblocks * block
-    if bits_NB.dim() != 2 or bits_NB.shape[1] != padded // 8 or tuple(scales_NS.shape) != (rows, nblocks):
-        raise ValueError(f"bits shape={list(bits_NB.shape)}, scales shape={list(scales_NS.shape)}: expected "
-                         f"[N, {padded // 8}] and [N, {nblocks}] for numel={numel}, block={block}")
-    if rows == 0:
-        raise ValueError("onebit_decode needs at least one row")
     signs = unpack_bits(bits_NB, padded).view(rows, nblocks, block) != 0
     z = torch.zeros(nblocks, block, dtype=torch.float32, device=bits_NB.device)
     for i in range(rows):

@@ -48,14 +48,7 @@ def onebit_decode(bits_NB, scales_NS, numel, seed, block):
         >>> onebit_decode(bits.view(1, -1), scales.view(1, -1), 8, seed=1, block=8).tolist()[0]
         4.0
     """
-    reference.check_block(block)
-    rows = bits_NB.shape[0]
-    nblocks = reference.num_blocks(numel, block)
-    if bits_NB.dim() != 2 or bits_NB.shape[1] != nblocks * block // 8 or tuple(scales_NS.shape) != (rows, nblocks):
-        raise ValueError(f"bits shape={list(bits_NB.shape)}, scales shape={list(scales_NS.shape)}: expected "
-                         f"[N, {nblocks * block // 8}] and [N, {nblocks}] for numel={numel}, block={block}")
-    if rows == 0:
-        raise ValueError("onebit_decode needs at least one row")
+    rows, nblocks = reference.check_onebit_rows(bits_NB, scales_NS, numel, block)
     out = torch.empty(int(numel), dtype=torch.float32)
     if nblocks:
         seed_lo, seed_hi = _common.seed_halves(seed)

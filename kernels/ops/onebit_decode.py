@@ -54,13 +54,7 @@ def onebit_decode(bits_NB, scales_NS, numel, seed, block):
         4.0
     """
     log2_block = reference.check_block(block)
-    rows = bits_NB.shape[0]
-    nblocks = reference.num_blocks(numel, block)
-    if bits_NB.dim() != 2 or bits_NB.shape[1] != nblocks * block // 8 or tuple(scales_NS.shape) != (rows, nblocks):
-        raise ValueError(f"bits shape={list(bits_NB.shape)}, scales shape={list(scales_NS.shape)}: expected "
-                         f"[N, {nblocks * block // 8}] and [N, {nblocks}] for numel={numel}, block={block}")
-    if rows == 0:
-        raise ValueError("onebit_decode needs at least one row")
+    rows, nblocks = reference.check_onebit_rows(bits_NB, scales_NS, numel, block)
     _launch.check_numel(int(numel))
     out = torch.empty(int(numel), dtype=torch.float32, device=bits_NB.device)
     if nblocks:

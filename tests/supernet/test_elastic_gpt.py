@@ -26,14 +26,6 @@ SPACE = dict(block_size=12, n_layers=[1, 2, 3], n_heads=[1, 2, 4], n_embds=[16, 
 LOGIT_ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _net(**overrides) -> ElasticGPT:
     torch.manual_seed(0)
     return ElasticGPT(vocab_size=29, **{**SPACE, **overrides})
