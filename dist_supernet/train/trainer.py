@@ -596,6 +596,10 @@ class Trainer:
         ``blocking=False`` with ``trainer.async_checkpoint=true``: the files are written in the
         background and committed at the next save (``self.checkpoints.wait()`` commits it now).
         """
+        # The clocks differ by rank, and DCP writes a replicated item from whichever rank its planner picks: rank 0's
+        # on every rank, so that a resume continues the metrics rows' times (never a step that took negative time).
+        wall_time_s, self.train_time_s = distributed.broadcast_object((wall_time_s, self.train_time_s),
+                                                                      stage="checkpoint clocks")
         replicated, per_rank = self.checkpoint_components(wall_time_s)
         path = self.checkpoints.save(replicated, per_rank, step=self.step, blocking=blocking,
                                      manifest={"wall_time_s": wall_time_s, "config": self.config_dict,

@@ -195,9 +195,10 @@ def test_paths_the_preflight_cannot_stat_are_one_line_and_status_2_under_the_lau
     assert out.returncode == 2 and out.stderr.strip().splitlines() == [line], out.stderr[-3000:]
     assert out.stdout == ""  # torchrun never started
     # Direct torchrun (no pre-flight): each worker says the same one line and exits 2, before Hydra writes anything.
+    # torchrun stops the other worker (SIGTERM) as soon as the first exits, which may be before it has said it.
     out = run(torchrun("model=mlp", f"hydra.run.dir={tmp_path / 'run'}"), cwd=tmp_path, timeout_s=120)
     errors = [x for x in (out.stdout + out.stderr).splitlines() if x.startswith("error:")]
-    assert out.returncode != 0 and errors == [line, line], out.stderr[-3000:]
+    assert out.returncode != 0 and errors in ([line], [line, line]), out.stderr[-3000:]
     assert "exitcode: 2" in out.stderr and not re.search(r'File ".*dist_supernet', out.stdout + out.stderr)
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["run.lock"]
 
