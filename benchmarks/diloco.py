@@ -81,8 +81,13 @@ def method_overrides(method: str, args) -> list[str]:
     return out
 
 
-def common_overrides(args, groups: int, seed: int) -> list[str]:
-    return [f"model={args.model}", f"data={args.data}", f"trainer.max_steps={args.steps}",
+def method_steps(method: str, args) -> int:
+    """Inner steps of one method: ``--steps`` for DDP AdamW (the reference), ``--long-steps`` for the others."""
+    return args.steps if method == "ddp_adamw" or args.long_steps is None else args.long_steps
+
+
+def common_overrides(args, groups: int, seed: int, steps: int) -> list[str]:
+    return [f"model={args.model}", f"data={args.data}", f"trainer.max_steps={steps}",
             f"trainer.batch_size={args.batch_size}", f"trainer.eval_every={args.eval_every}",
             f"trainer.log_every={args.eval_every}", "trainer.checkpoint_every=0",
             f"trainer.seed={seed}", f"compression.num_nodes={groups}", f"optim.lr={args.lr}",
@@ -117,6 +122,7 @@ def launch(overrides: list[str], run_dir: Path, *, nodes, groups: int, ranks: in
 def measure(summary: dict, rows: list[dict], groups: int) -> dict:
     steps = summary["steps"]
     return {
+        "steps": steps,
         "final_val_loss": summary["eval_loss"],
         "final_val_accuracy": summary.get("eval_accuracy"),
         # steps and their exchanges, not evaluation (the app's train_time_s; wall_time_s before it existed)
@@ -161,7 +167,7 @@ def summarize(results: list[dict], link: str, groups: int, methods) -> list[dict
         reach = [time_to(r["curve"], targets[r["seed"]]) if r["seed"] in targets else None for r in runs]
         reached = [t for t in reach if t is not None]
         rows.append({
-            "method": method, "seeds": n, "final_val_loss": loss, "final_val_loss_sd": loss_sd,
+            "method": method, "seeds": n, "steps": max(r["steps"] for r in runs), "final_val_loss": loss, "final_val_loss_sd": loss_sd,
             "inter_bytes_per_step_per_node": inter,
             "fewer_bytes_than_ddp": ddp_bytes / inter if ddp_bytes and inter else None,
             "fewer_bytes_than_diloco_fp32": fp32_bytes / inter if fp32_bytes and inter else None,
@@ -179,12 +185,12 @@ def _num(value, fmt="{:.3f}"):
 
 def markdown_table(rows: list[dict], link: str) -> list[str]:
     wall = "wall s to DDP AdamW's loss" + (" (loopback: CPU time, not link time)" if link == "none" else "")
-    lines = [f"| method | final val loss (mean ± sd, seeds) | inter-node bytes / step / node | x fewer than DDP | "
+    lines = [f"| method | inner steps | final val loss (mean ± sd, seeds) | inter-node bytes / step / node | x fewer than DDP | "
              f"x fewer than DiLoCo fp32 | {wall} [reached] | wall s (train) | replicas equal at end |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | :---: |"]
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |"]
     for r in rows:
         lines.append(
-            f"| {r['method']} | {_num(r['final_val_loss'], '{:.4f}')} ± {_num(r['final_val_loss_sd'], '{:.4f}')} "
+            f"| {r['method']} | {r['steps']} | {_num(r['final_val_loss'], '{:.4f}')} ± {_num(r['final_val_loss_sd'], '{:.4f}')} "
             f"({r['seeds']}) | {_num(r['inter_bytes_per_step_per_node'], '{:.1f}')} | "
             f"{_num(r['fewer_bytes_than_ddp'], '{:.0f}x')} | {_num(r['fewer_bytes_than_diloco_fp32'], '{:.1f}x')} | "
             f"{_num(r['time_to_ddp_loss_s'], '{:.1f}')} [{r['reached']}] | {_num(r['wall_time_s'], '{:.1f}')} | "
@@ -229,6 +235,9 @@ def main(argv=None):
     parser.add_argument("--data", default="text")
     parser.add_argument("--set", action="append", default=[], help="an extra app override (repeatable)")
     parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--long-steps", type=int, default=None,
+                        help="inner steps of every method but DDP AdamW (default --steps): a step that sends less costs "
+                             "less on a slow link, so a longer budget shows whether it reaches DDP AdamW's loss sooner")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--lr", type=float, default=1e-3, help="inner AdamW lr (and DDP AdamW's)")
@@ -302,7 +311,8 @@ def main(argv=None):
                         load = common.load_average()[0]
                         t0 = time.monotonic()
                         try:
-                            summary, rows = launch([*common_overrides(args, groups, seed), *overrides], run_dir,
+                            summary, rows = launch([*common_overrides(args, groups, seed, method_steps(method, args)),
+                                                    *overrides], run_dir,
                                                    nodes=nodes, groups=groups, ranks=args.ranks_per_group)
                         except (RuntimeError, FileNotFoundError, subprocess.SubprocessError) as error:
                             print(f"[{link} G={groups} seed {seed} {label}] FAILED: {str(error)[-1500:]}", flush=True)
@@ -334,7 +344,9 @@ def write(results, failures, args, machine, command, stem: Path, methods) -> Non
         f"(CPU, gloo); 1-min load average at start {machine['load_avg_1min_at_start']} (each run's load is in the "
         ".json). Shared machine: wall times are indicative only; losses and bytes do not depend on the load.  ",
         f"Model `{args.model}` on `{args.data}` ({' '.join(DEFAULT_SET.get(args.model, []) + args.set) or 'defaults'}), "
-        f"{args.steps} steps, batch {args.batch_size} per rank, {args.ranks_per_group} rank(s) per group, "
+        f"{args.steps} steps" + (f" for DDP AdamW and {args.long_steps} for every other method (cosine over each "
+                                 "run's own steps)" if args.long_steps else "") +
+        f", batch {args.batch_size} per rank, {args.ranks_per_group} rank(s) per group, "
         f"AdamW lr {args.lr} (cosine), evaluation every {args.eval_every} steps; DiLoCo H={args.every}, outer "
         f"Nesterov lr {args.outer_lr} momentum 0.9, Birder-outer lr {args.birder_outer_lr}; streamed: F="
         f"{args.fragments} fragments, tau={'H // 2F' if args.delay is None else args.delay}, merge mix 0.5; "
