@@ -1,25 +1,15 @@
 """benchmarks/diloco.py's analysis on made-up runs, checked by hand (no processes, no timing)."""
 
 import argparse
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+from tests.benchmark_scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def diloco():
-    sys.path.insert(0, str(BENCHMARKS))  # the script imports common by name
-    try:
-        spec = importlib.util.spec_from_file_location("diloco_bench", BENCHMARKS / "diloco.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    return load_script("diloco", "diloco_bench")
 
 
 def _run(method, seed, steps, final, curve, inter):

@@ -1,24 +1,13 @@
 """benchmarks/time_to_accuracy.py's analysis on a made-up report, checked by hand (no processes, no timing)."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+from tests.benchmark_scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def tta():
-    sys.path.insert(0, str(BENCHMARKS))  # the script imports its neighbours (common, slow_link) by name
-    try:
-        spec = importlib.util.spec_from_file_location("time_to_accuracy", BENCHMARKS / "time_to_accuracy.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    return load_script("time_to_accuracy")
 
 
 def _result(method, step_s, losses, *, every=10):
