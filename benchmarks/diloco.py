@@ -37,7 +37,6 @@ Writes ``benchmarks/results/diloco_<machine>_<date>[_<tag>].md`` and ``.json``, 
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
