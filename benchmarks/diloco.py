@@ -166,7 +166,8 @@ def summarize(results: list[dict], link: str, groups: int, methods) -> list[dict
         reach = [time_to(r["curve"], targets[r["seed"]]) if r["seed"] in targets else None for r in runs]
         reached = [t for t in reach if t is not None]
         rows.append({
-            "method": method, "seeds": n, "steps": max(r["steps"] for r in runs), "final_val_loss": loss, "final_val_loss_sd": loss_sd,
+            "method": method, "seeds": n, "steps": max(r["steps"] for r in runs),
+            "final_val_loss": loss, "final_val_loss_sd": loss_sd,
             "inter_bytes_per_step_per_node": inter,
             "fewer_bytes_than_ddp": ddp_bytes / inter if ddp_bytes and inter else None,
             "fewer_bytes_than_diloco_fp32": fp32_bytes / inter if fp32_bytes and inter else None,
@@ -184,12 +185,14 @@ def _num(value, fmt="{:.3f}"):
 
 def markdown_table(rows: list[dict], link: str) -> list[str]:
     wall = "wall s to DDP AdamW's loss" + (" (loopback: CPU time, not link time)" if link == "none" else "")
-    lines = [f"| method | inner steps | final val loss (mean ± sd, seeds) | inter-node bytes / step / node | x fewer than DDP | "
-             f"x fewer than DiLoCo fp32 | {wall} [reached] | wall s (train) | replicas equal at end |",
+    lines = [f"| method | inner steps | final val loss (mean ± sd, seeds) | inter-node bytes / step / node | "
+             f"x fewer than DDP | x fewer than DiLoCo fp32 | {wall} [reached] | wall s (train) | "
+             "replicas equal at end |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |"]
     for r in rows:
         lines.append(
-            f"| {r['method']} | {r['steps']} | {_num(r['final_val_loss'], '{:.4f}')} ± {_num(r['final_val_loss_sd'], '{:.4f}')} "
+            f"| {r['method']} | {r['steps']} | "
+            f"{_num(r['final_val_loss'], '{:.4f}')} ± {_num(r['final_val_loss_sd'], '{:.4f}')} "
             f"({r['seeds']}) | {_num(r['inter_bytes_per_step_per_node'], '{:.1f}')} | "
             f"{_num(r['fewer_bytes_than_ddp'], '{:.0f}x')} | {_num(r['fewer_bytes_than_diloco_fp32'], '{:.1f}x')} | "
             f"{_num(r['time_to_ddp_loss_s'], '{:.1f}')} [{r['reached']}] | {_num(r['wall_time_s'], '{:.1f}')} | "
@@ -235,8 +238,8 @@ def main(argv=None):
     parser.add_argument("--set", action="append", default=[], help="an extra app override (repeatable)")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--long-steps", type=int, default=None,
-                        help="inner steps of every method but DDP AdamW (default --steps): a step that sends less costs "
-                             "less on a slow link, so a longer budget shows whether it reaches DDP AdamW's loss sooner")
+                        help="inner steps of every method but DDP AdamW (default --steps): a step that sends less "
+                             "costs less on a slow link, so a longer budget shows whether it reaches DDP AdamW's loss sooner")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--lr", type=float, default=1e-3, help="inner AdamW lr (and DDP AdamW's)")
