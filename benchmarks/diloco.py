@@ -239,7 +239,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--long-steps", type=int, default=None,
                         help="inner steps of every method but DDP AdamW (default --steps): a step that sends less "
-                             "costs less on a slow link, so a longer budget shows whether it reaches DDP AdamW's loss sooner")
+                             "costs less on a slow link, so a longer budget shows whether it reaches DDP AdamW's "
+                             "loss sooner")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--lr", type=float, default=1e-3, help="inner AdamW lr (and DDP AdamW's)")
