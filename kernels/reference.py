@@ -265,6 +265,9 @@ def compress(
     amsgrad: bool = False,
     flag: torch.Tensor | None = None,
     state_offset: int = 0,
+    beta2: float | None = None,
+    rms: bool = False,
+    ratio_scale: float = 1.0,
 ) -> torch.Tensor:
     """Birder's per-worker step on one chunk: update m and b in place, binary-randomise m / b, pack.
 
@@ -275,9 +278,12 @@ def compress(
     None; used_P: uint8/bool [P] or None; flag: uint8 [1] or None.
 
     For active and finite elements: m = fl(fl(beta m) + fl((1 - beta) g)),
-    b = fl(fl(beta b) + fl((1 - beta) |g|)) (max with the old b if amsgrad);
-    all other elements keep m and b. r = m / b (0 where b <= 0); bit j is 1 iff
-    j is active, g[j] is finite and uniform(canon(j), seed) < (1 + r) / 2.
+    b = fl(fl(beta2 b) + fl((1 - beta2) |g|)) (max with the old b if amsgrad);
+    all other elements keep m and b. r = fl(m ratio_scale) / b (0 where b <= 0);
+    bit j is 1 iff j is active, g[j] is finite and uniform(canon(j), seed) < (1 + r) / 2
+    (so |r| > 1 acts as +-1). beta2 = None means beta2 = beta (the paper's rule; then
+    |m| <= b and r is in [-1, 1]). rms: b is the EMA of fl(g g) and the denominator
+    is sqrt(b) (correctly rounded): Adam's second moment in place of the EMA of |g|.
     flag[0] is set to 1 (never cleared) when an active g is not finite.
     Returns uint8 [B], padding bits 0.
 
@@ -296,6 +302,8 @@ def compress(
     canon, seg = canonical_index(seg_starts, seg_canon, 0, numel)
     g = g_D.reshape(-1).to(torch.float32)
     beta_f, one_minus_beta_f = as_float32(beta), as_float32(1.0 - float(beta))
+    beta2 = beta if beta2 is None else beta2
+    beta2_f, one_minus_beta2_f = as_float32(beta2), as_float32(1.0 - float(beta2))
     # m, b (and the mask) of a segment are contiguous at canonical offsets: slices, not gathers
     m, b = _gather_runs(m_T, runs, offset), _gather_runs(b_T, runs, offset)
     active = None
@@ -308,7 +316,7 @@ def compress(
     update = finite if active is None else finite & active
     # Each product rounded on its own, then the sum: the contract's two-rounding form.
     m_new = m * beta_f + g * one_minus_beta_f
-    b_new = b * beta_f + g.abs() * one_minus_beta_f
+    b_new = b * beta2_f + (g * g if rms else g.abs()) * one_minus_beta2_f
     if amsgrad:
         b_new = torch.maximum(b, b_new)
     m = torch.where(update, m_new, m)
@@ -320,7 +328,8 @@ def compress(
         bad = ~finite if active is None else active & ~finite
         flag.bitwise_or_(bad.any().to(torch.uint8))
     # r = 0 where b <= 0; a NaN b (corrupt state) gives a NaN probability, so bit 0.
-    ratio = torch.where(b <= 0, torch.zeros_like(m), m / b)
+    denominator = b.sqrt() if rms else b
+    ratio = torch.where(b <= 0, torch.zeros_like(m), (m * as_float32(ratio_scale)) / denominator)
     probability = (ratio + 1.0) * 0.5
     bits = update & (uniform(canon, seed) < probability)
     return pack_bits(bits)

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from dist_supernet import kernels
-from dist_supernet.optim.compressor import flat_like_memory, local
+from dist_supernet.optim.compressor import check_rule, flat_like_memory, local
 from dist_supernet.optim.fsdp import BirderFSDPState, fsdp_world_note, is_dtensor, is_fsdp_module
 from dist_supernet.optim.hook import BirderState, birder_hook
 from dist_supernet.optim.skips import ReportsSkips, SkipCounter
@@ -47,8 +47,14 @@ def _check_positive(name, value, *, allow_zero=False):
         raise ValueError(f"{name}={value!r}: must be {'>= 0' if allow_zero else '> 0'}")
 
 
-def _hook_kwargs(beta, amsgrad, collective, requantize, num_nodes, inter_node, seed, timeout_s, skip_nonfinite):
-    return dict(beta=beta, amsgrad=amsgrad, collective=collective, requantize=requantize, num_nodes=num_nodes,
+# The hyperparameters a BirderState / BirderFSDPState takes from the optimizer (the rest configure the exchange).
+_RULE_KEYS = ("beta", "beta2", "normalizer", "amsgrad", "seed", "skip_nonfinite")
+
+
+def _hook_kwargs(beta, amsgrad, collective, requantize, num_nodes, inter_node, seed, timeout_s, skip_nonfinite,
+                 beta2=None, normalizer="abs"):
+    return dict(beta=beta, beta2=beta2, normalizer=normalizer, amsgrad=amsgrad, collective=collective,
+                requantize=requantize, num_nodes=num_nodes,
                 inter_node=inter_node, seed=seed, timeout_s=timeout_s, skip_nonfinite=skip_nonfinite)
 
 
@@ -116,7 +122,7 @@ def _attach_fsdp(model, state, kwargs: dict, mesh=None, track_unused=False) -> B
     if not all(is_dtensor(p) for p in module_params):
         raise ValueError("Birder.attach: some parameters of this FSDP model are not sharded DTensors; apply "
                          "fully_shard to the root module too")
-    hyper = {k: kwargs[k] for k in ("beta", "amsgrad", "seed", "skip_nonfinite")}
+    hyper = {k: kwargs[k] for k in _RULE_KEYS}
     if (not isinstance(state, BirderFSDPState) or [id(p) for p in state.params] != [id(p) for p in module_params]
             or state.track_unused != bool(track_unused)):
         fresh = BirderFSDPState(module_params, track_unused=track_unused, **hyper)
@@ -142,7 +148,8 @@ def _attach_fsdp(model, state, kwargs: dict, mesh=None, track_unused=False) -> B
 
 
 def BirderDDP(module, *, beta=0.9, amsgrad=False, collective="auto", requantize=False, num_nodes=None,
-              inter_node="auto", seed=0, timeout_s=None, skip_nonfinite=True, **ddp_kwargs) -> DistributedDataParallel:
+              inter_node="auto", seed=0, timeout_s=None, skip_nonfinite=True, beta2=None, normalizer="abs",
+              **ddp_kwargs) -> DistributedDataParallel:
     """DistributedDataParallel with the Birder 1-bit hook registered.
 
     A :class:`Birder` built from the module's parameters, before or after this
@@ -155,9 +162,10 @@ def BirderDDP(module, *, beta=0.9, amsgrad=False, collective="auto", requantize=
     ddp_model = DistributedDataParallel(module, **ddp_kwargs)
     existing = BirderState.of(list(module.parameters()))
     kwargs = _hook_kwargs(beta, amsgrad, collective, requantize, num_nodes, inter_node, seed, timeout_s,
-                          skip_nonfinite)
+                          skip_nonfinite, beta2, normalizer)
     if existing is not None:  # an optimizer came first: its hyperparameters win
-        kwargs.update(beta=existing.compressor.beta, amsgrad=existing.compressor.amsgrad,
+        kwargs.update(beta=existing.compressor.beta, beta2=existing.compressor.beta2,
+                      normalizer=existing.compressor.normalizer, amsgrad=existing.compressor.amsgrad,
                       seed=existing.compressor.seed, skip_nonfinite=existing.skip_nonfinite)
     _attach(ddp_model, existing, kwargs)
     return ddp_model
@@ -172,9 +180,13 @@ class Birder(ReportsSkips, torch.optim.Optimizer):
             1-bit hook at once). Built before the DDP wrap, call
             ``opt.attach(ddp_model)`` after it (or use :func:`BirderDDP`).
         lr: step size; every coordinate moves at most ``lr·(1 + wd·|x|)`` per step.
-        beta: EMA factor of m and b, in [0, 1).
+        beta: EMA factor of m (and of b, unless ``beta2``), in [0, 1).
         weight_decay: decoupled weight decay.
         amsgrad: keep b non-decreasing (b = max(b_prev, b)).
+        normalizer: ``"abs"`` (the paper): b is the EMA of |g| and r = m / b; ``"rms"``: b is the EMA
+            of g² and r = m̂ / sqrt(b̂) (Adam's bias-corrected second moment; |r| > 1 sends the sign's
+            bit). On transformers ``"rms"`` with ``beta2=0.999`` takes a ~4x larger lr (README).
+        beta2: EMA factor of b, in [0, 1); None: ``beta`` (then r needs no bias correction under ``"abs"``).
         collective: ``auto`` (hierarchical across nodes; on one node allgather up to 4 ranks, two_phase beyond),
             ``allgather``, ``two_phase`` or ``hierarchical``; ``None``: local mode on
             purpose (the gradient is averaged by someone else, e.g. DDP's fp32 all-reduce).
@@ -199,11 +211,10 @@ class Birder(ReportsSkips, torch.optim.Optimizer):
 
     def __init__(self, params, lr=1e-3, beta=0.9, weight_decay=0.0, amsgrad=False, *,
                  collective="auto", requantize=False, num_nodes=None, inter_node="auto", seed=0, timeout_s=None,
-                 skip_nonfinite=True):
+                 skip_nonfinite=True, beta2=None, normalizer="abs"):
         _check_positive("lr", lr)
         _check_positive("weight_decay", weight_decay, allow_zero=True)
-        if not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
-            raise ValueError(f"beta={beta!r}: must be in [0, 1)")
+        check_rule(beta, beta2, normalizer)
         ddp_model = params if isinstance(params, DistributedDataParallel) else None
         fsdp_model = params if is_fsdp_module(params) else None
         if ddp_model is not None:
@@ -216,7 +227,7 @@ class Birder(ReportsSkips, torch.optim.Optimizer):
             _check_positive("weight_decay", group["weight_decay"], allow_zero=True)
         own = [p for group in self.param_groups for p in group["params"]]
         self._hook_kwargs = _hook_kwargs(beta, amsgrad, collective, requantize, num_nodes, inter_node, seed,
-                                         timeout_s, skip_nonfinite)
+                                         timeout_s, skip_nonfinite, beta2, normalizer)
         self.local_on_purpose = collective is None
         sharded = [is_dtensor(p) for p in own]
         if any(sharded) and not all(sharded):
@@ -232,8 +243,7 @@ class Birder(ReportsSkips, torch.optim.Optimizer):
         elif any(sharded):
             # FSDP2: m, b for this rank's shards only. Unattached, Birder runs on each rank's .grad shard
             # (plain FSDP or native HSDP: the gradient is reduced already); attach for the 1-bit exchange.
-            state = BirderFSDPState(own, **{k: self._hook_kwargs[k]
-                                            for k in ("beta", "amsgrad", "seed", "skip_nonfinite")})
+            state = BirderFSDPState(own, **{k: self._hook_kwargs[k] for k in _RULE_KEYS})
             if fsdp_model is not None:
                 state = _attach_fsdp(fsdp_model, state, self._hook_kwargs)
         else:
@@ -593,6 +603,8 @@ class Birder(ReportsSkips, torch.optim.Optimizer):
             "step": self.hook_state.step,
             "seed": self.hook_state.compressor.seed,
             "beta": self.hook_state.compressor.beta,
+            "beta2": self.hook_state.compressor.beta2,
+            "normalizer": self.hook_state.compressor.normalizer,
             "world_size": topo.world_size,
             "rank": topo.rank,
             "comm_stats": self.hook_state.stats.state_dict(),

@@ -20,6 +20,8 @@ first iteration and on every resume), and there is no 2**31 cap.
 
 import dataclasses
 
+import math
+
 import torch
 
 from dist_supernet import kernels
@@ -129,11 +131,27 @@ class Chunk:
         return [v[first : first + n] for v, (first, n) in zip(views, self.param_ranges)]
 
 
+NORMALIZERS = ("abs", "rms")
+
+
+def check_rule(beta, beta2=None, normalizer: str = "abs") -> None:
+    """One ValueError naming the first bad hyperparameter of the update rule."""
+    for name, value in (("beta", beta), ("beta2", beta2)):
+        if value is None and name == "beta2":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise ValueError(f"{name}={value!r}: must be in [0, 1)")
+    if normalizer not in NORMALIZERS:
+        raise ValueError(f"normalizer={normalizer!r}: must be one of {', '.join(NORMALIZERS)}")
+
+
 class BirderCompressor:
     """m, b and the 1-bit exchange of any flat chunk of ``params``.
 
     Hyperparameters: ``beta`` (EMA factor of m and b), ``amsgrad`` (b = max(b_prev, b)),
-    ``seed`` (base of every random draw). Per-element state: ``m``, ``b`` (fp32 [T],
+    ``seed`` (base of every random draw), ``normalizer`` (``"abs"``: b is the EMA of |g|, the
+    paper's rule; ``"rms"``: b is the EMA of g², r = m̂ / sqrt(b̂), Adam's bias-corrected
+    second moment) and ``beta2`` (EMA factor of b; None: ``beta``). Per-element state: ``m``, ``b`` (fp32 [T],
     canonical order). Stats: ``stats`` (bytes on the wire, exchanges).
 
     ``connect()`` attaches a 1-bit collective (a collective call on every rank,
@@ -148,11 +166,13 @@ class BirderCompressor:
         packed = comp.exchange(flat_grad, chunk, flag=flag)   # a Packed result, same on every rank
     """
 
-    def __init__(self, params, *, beta: float = 0.9, amsgrad: bool = False, seed: int = 0):
-        if not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
-            raise ValueError(f"beta={beta!r}: must be in [0, 1)")
+    def __init__(self, params, *, beta: float = 0.9, amsgrad: bool = False, seed: int = 0,
+                 beta2: float | None = None, normalizer: str = "abs"):
+        check_rule(beta, beta2, normalizer)
         # hyperparameters
         self.beta = float(beta)
+        self.beta2 = self.beta if beta2 is None else float(beta2)
+        self.normalizer = normalizer
         self.amsgrad = bool(amsgrad)
         self.seed = int(seed)
         self.collective = None
@@ -305,8 +325,24 @@ class BirderCompressor:
         return kernels.compress(
             grad_D, self.m, self.b, chunk.seg_starts, chunk.seg_canon,
             beta=self.beta, seed=self.step_seed(STAGE_COMPRESS), mask_T=mask_T, used_P=used_P,
-            amsgrad=self.amsgrad, flag=flag,
+            amsgrad=self.amsgrad, flag=flag, **self.rule_kwargs(),
         )
+
+    def rule_kwargs(self, step: int | None = None) -> dict:
+        """The update rule's arguments of ``kernels.compress`` at ``step`` (default: this step).
+
+        ``ratio_scale`` is the bias correction of m and b (both start at 0): it cancels when they share
+        one EMA factor under the paper's rule (exactly 1.0, the paper's bits); otherwise, with ``t`` the
+        number of updates so far including this one, r = m / (1 - beta^t) over b / (1 - beta2^t)
+        (``abs``) or over sqrt(b / (1 - beta2^t)) (``rms``).
+        """
+        t = (self.step if step is None else step) + 1
+        if self.normalizer == "abs" and self.beta2 == self.beta:
+            scale = 1.0
+        else:
+            debias_b = 1.0 - self.beta2 ** t
+            scale = (math.sqrt(debias_b) if self.normalizer == "rms" else debias_b) / (1.0 - self.beta ** t)
+        return dict(beta2=self.beta2, rms=self.normalizer == "rms", ratio_scale=scale)
 
     def exchange(self, grad_D: torch.Tensor, chunk: Chunk, *, mask_T=None, used_P=None, flag=None,
                  extra_wire: WireBytes | None = None, count_exchange: bool = True) -> Packed:

@@ -178,13 +178,15 @@ class BirderFSDPState(ExchangeEngine):
     """
 
     def __init__(self, params, *, beta: float = 0.9, amsgrad: bool = False, seed: int = 0,
-                 skip_nonfinite: bool = True, piece_numel: int | None = None, track_unused: bool = False):
+                 skip_nonfinite: bool = True, piece_numel: int | None = None, track_unused: bool = False,
+                 beta2: float | None = None, normalizer: str = "abs"):
         params = list(params)
         pads = [padded_local_numel(p) - local(p).numel() for p in params]
         device = local(params[0]).device if params else torch.device("cpu")
         # One region of m, b for all padding (pad segments never update it: used = 0).
         self.scratch = torch.zeros(max(pads, default=0), device=device)
-        compressor = BirderCompressor(params + [self.scratch], beta=beta, amsgrad=amsgrad, seed=seed)
+        compressor = BirderCompressor(params + [self.scratch], beta=beta, amsgrad=amsgrad, seed=seed, beta2=beta2,
+                                      normalizer=normalizer)
         super().__init__(compressor, skip_nonfinite=skip_nonfinite, piece_numel=piece_numel)
         # Before attach: Birder runs locally on .grad; every replica of a shard draws the same bits.
         compressor.rank_for_draws = _shard_coordinate(params[0]) if params else 0

@@ -81,6 +81,8 @@ class BirderState(ExchangeEngine):
         beta: float = 0.9,
         amsgrad: bool = False,
         seed: int = 0,
+        beta2: float | None = None,
+        normalizer: str = "abs",
         collective: str | None = "auto",
         requantize: bool = False,
         num_nodes: int | None = None,
@@ -90,7 +92,8 @@ class BirderState(ExchangeEngine):
         timeout_s: float | None = None,
         piece_numel: int | None = None,
     ):
-        compressor = BirderCompressor(params, beta=beta, amsgrad=amsgrad, seed=seed)
+        compressor = BirderCompressor(params, beta=beta, amsgrad=amsgrad, seed=seed, beta2=beta2,
+                                      normalizer=normalizer)
         super().__init__(compressor, skip_nonfinite=skip_nonfinite, piece_numel=piece_numel)
         self.track_unused = False
         self.used_local = None

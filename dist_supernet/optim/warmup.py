@@ -98,6 +98,7 @@ def warm_exchange(compressor, shapes, *, track_unused: bool, device) -> None:
             m = torch.zeros(numel, device=device)
             bits = kernels.compress(torch.zeros(numel, dtype=dtype, device=device), m, torch.zeros_like(m), starts,
                                     canon, beta=compressor.beta, seed=0, amsgrad=compressor.amsgrad, used_P=used,
+                                    **compressor.rule_kwargs(0),
                                     flag=torch.zeros(1, dtype=torch.uint8, device=device))
             del m
             if collective is None:

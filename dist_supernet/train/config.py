@@ -78,6 +78,8 @@ class BirderOptim:
     amsgrad: bool = False
     schedule: str = "cosine"
     warmup_steps: int = 0
+    normalizer: str = "abs"
+    beta2: float | None = None
 
 
 @dataclasses.dataclass
@@ -287,6 +289,8 @@ def _check_ranges(group: str, obj) -> None:
         _check(clip is None or clip > 0, k("grad_clip"), clip, "must be > 0 (the largest gradient norm), or null")
         if obj.name == "birder":
             _check(0 <= obj.beta < 1, k("beta"), obj.beta, "must be in [0, 1)")
+            _check(obj.normalizer in ("abs", "rms"), k("normalizer"), obj.normalizer, "expected one of abs, rms")
+            _check(obj.beta2 is None or 0 <= obj.beta2 < 1, k("beta2"), obj.beta2, "must be in [0, 1), or null")
         elif obj.name == "adamw":
             _check(len(obj.betas) == 2 and all(0 <= b < 1 for b in obj.betas), k("betas"), obj.betas,
                    "must be two numbers in [0, 1)")

@@ -234,6 +234,7 @@ class Trainer:
         if comp.name == "birder":
             hsdp = self.parallel.kind == "hsdp"
             optimizer = Birder(self.model.parameters() if hsdp else self.ddp_model, lr=opt.lr, beta=opt.beta,
+                               beta2=opt.beta2, normalizer=opt.normalizer,
                                weight_decay=opt.weight_decay, amsgrad=opt.amsgrad, collective=comp.collective,
                                requantize=comp.requantize, num_nodes=comp.num_nodes, inter_node=comp.inter_node,
                                seed=self.cfg.trainer.seed, timeout_s=comp.timeout_s or self.cfg.trainer.timeout_s)
@@ -261,7 +262,8 @@ class Trainer:
         if opt.name == "birder":
             # collective=None: DDP (or the baseline hook) has averaged the gradient already, on purpose.
             optimizer = Birder(params, lr=opt.lr, beta=opt.beta, weight_decay=opt.weight_decay,
-                               amsgrad=opt.amsgrad, seed=self.cfg.trainer.seed, collective=None)
+                               amsgrad=opt.amsgrad, seed=self.cfg.trainer.seed, collective=None, beta2=opt.beta2,
+                               normalizer=opt.normalizer)
         elif opt.name == "adamw":
             optimizer = torch.optim.AdamW(params, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps,
                                           weight_decay=opt.weight_decay, amsgrad=opt.amsgrad)

@@ -217,6 +217,10 @@ def first_mismatch(expected: dict, saved: dict) -> str | None:
     return None
 
 
+# Keys added to the config since checkpoints were first written, with the value that behaves as before.
+ADDED_KEYS = {"optim.normalizer": "abs"}
+
+
 def first_config_mismatch(saved: dict, current: dict, prefix: str, skip: tuple = ()) -> str | None:
     """The first dotted key whose value differs between two config mappings (``skip``: dotted keys to ignore)."""
     for key in list(current) + [k for k in saved if k not in current]:
@@ -224,8 +228,8 @@ def first_config_mismatch(saved: dict, current: dict, prefix: str, skip: tuple =
         if dotted in skip:
             continue
         a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
-        if key not in saved and b is None:  # a key added since (optim.grad_clip) at its off value: the same recipe
-            continue
+        if key not in saved and (b is None or ADDED_KEYS.get(dotted, "<none>") == b):
+            continue  # a key added since (optim.grad_clip, optim.normalizer) at its old behaviour: the same recipe
         if isinstance(a, dict) and isinstance(b, dict):
             found = first_config_mismatch(a, b, dotted, skip)
             if found:

@@ -25,7 +25,7 @@ HALF = np.float32(0.5)
 
 @helper
 def _run(g, m, b, mask, has_mask, amsgrad, j, numel, state, canon, scratch, at, beta, one_minus_beta,
-         seed_lo, seed_hi):
+         seed_lo, seed_hi, beta2, one_minus_beta2, rms, scale):
     """numel elements of one segment: chunk position j, state offset state, canonical index canon.
 
     Written for LLVM's loop vectoriser: slices first (so no negative-index wraparound per
@@ -47,21 +47,21 @@ def _run(g, m, b, mask, has_mask, amsgrad, j, numel, state, canon, scratch, at, 
             active = masks[i] != 0
             update = finite & active
             bad |= active & ~finite
-            mv, bv = _step(ms[i], bs[i], gv, update, amsgrad, beta, one_minus_beta)
+            mv, bv = _step(ms[i], bs[i], gv, update, amsgrad, beta, one_minus_beta, beta2, one_minus_beta2, rms)
             ms[i] = mv
             bs[i] = bv
             u = _common.uniform32(numba.uint32(lo + numba.uint32(i)), seed_lo, seed_hi)
-            bits[i] = numba.uint8(update & (u < _probability(mv, bv)))
+            bits[i] = numba.uint8(update & (u < _probability(mv, bv, rms, scale)))
     elif not wide:
         for i in range(numel):
             gv = gs[i]
             finite = abs(gv) < INF
             bad |= ~finite
-            mv, bv = _step(ms[i], bs[i], gv, finite, amsgrad, beta, one_minus_beta)
+            mv, bv = _step(ms[i], bs[i], gv, finite, amsgrad, beta, one_minus_beta, beta2, one_minus_beta2, rms)
             ms[i] = mv
             bs[i] = bv
             u = _common.uniform32(numba.uint32(lo + numba.uint32(i)), seed_lo, seed_hi)
-            bits[i] = numba.uint8(finite & (u < _probability(mv, bv)))
+            bits[i] = numba.uint8(finite & (u < _probability(mv, bv, rms, scale)))
     else:
         for i in range(numel):
             gv = gs[i]
@@ -71,34 +71,34 @@ def _run(g, m, b, mask, has_mask, amsgrad, j, numel, state, canon, scratch, at, 
                 active = mask[state + i] != 0
             update = finite & active
             bad |= active & ~finite
-            mv, bv = _step(ms[i], bs[i], gv, update, amsgrad, beta, one_minus_beta)
+            mv, bv = _step(ms[i], bs[i], gv, update, amsgrad, beta, one_minus_beta, beta2, one_minus_beta2, rms)
             ms[i] = mv
             bs[i] = bv
             u = _common.uniform64(canon + i, seed_lo, seed_hi)
-            bits[i] = numba.uint8(update & (u < _probability(mv, bv)))
+            bits[i] = numba.uint8(update & (u < _probability(mv, bv, rms, scale)))
     return bad
 
 
 @helper
-def _step(mv, bv, gv, update, amsgrad, beta, one_minus_beta):
+def _step(mv, bv, gv, update, amsgrad, beta, one_minus_beta, beta2, one_minus_beta2, rms):
     """(m, b) after one step where update, else unchanged: each product rounded, then the sum."""
     m_new = beta * mv + one_minus_beta * gv
-    b_new = beta * bv + one_minus_beta * abs(gv)
+    b_new = beta2 * bv + one_minus_beta2 * ((gv * gv) if rms else abs(gv))
     if amsgrad:
         b_new = max(b_new, bv)
     return (m_new if update else mv), (b_new if update else bv)
 
 
 @helper
-def _probability(mv, bv):
-    """(1 + r) / 2 with r = m / b, r = 0 where b <= 0."""
-    ratio = ZERO if bv <= ZERO else mv / bv
+def _probability(mv, bv, rms, scale):
+    """(1 + r) / 2 with r = (m scale) / b (/ sqrt(b) when rms), r = 0 where b <= 0."""
+    ratio = ZERO if bv <= ZERO else (mv * scale) / (np.sqrt(bv) if rms else bv)
     return (ONE + ratio) * HALF
 
 
 @kernel
 def _compress_kernel(g, m, b, seg_starts, seg_canon, mask, used, state_offset, beta, one_minus_beta,
-                     seed_lo, seed_hi, amsgrad, out, lo, hi):
+                     seed_lo, seed_hi, amsgrad, beta2, one_minus_beta2, rms, scale, out, lo, hi):
     """Chunk positions [lo, hi) (lo a multiple of 8); returns 1 if an active g was not finite."""
     has_mask = mask.shape[0] > 0
     has_used = used.shape[0] > 0
@@ -119,7 +119,8 @@ def _compress_kernel(g, m, b, seg_starts, seg_canon, mask, used, state_offset, b
                 scratch[j - block:run_end - block] = 0
             else:
                 bad |= _run(g, m, b, mask, has_mask, amsgrad, j, run_end - j, canon - state_offset, canon,
-                            scratch, j - block, beta, one_minus_beta, seed_lo, seed_hi)
+                            scratch, j - block, beta, one_minus_beta, seed_lo, seed_hi, beta2, one_minus_beta2,
+                            rms, scale)
             j = run_end
         filled = end - block
         num_bytes = (filled + 7) // 8
@@ -130,7 +131,7 @@ def _compress_kernel(g, m, b, seg_starts, seg_canon, mask, used, state_offset, b
 
 
 def compress(g_D, m_T, b_T, seg_starts, seg_canon, *, beta, seed, mask_T=None, used_P=None, amsgrad=False,
-             flag=None, state_offset=0):
+             flag=None, state_offset=0, beta2=None, rms=False, ratio_scale=1.0):
     """numba twin of :func:`dist_supernet.kernels.reference.compress` (same bits, same m and b).
 
     m_T, b_T: contiguous fp32 CPU tensors. bf16/fp16 g is converted to fp32 by torch first
@@ -156,6 +157,7 @@ def compress(g_D, m_T, b_T, seg_starts, seg_canon, *, beta, seed, mask_T=None, u
     if g.dtype != torch.float32:
         g = g.to(torch.float32)
     seed_lo, seed_hi = _common.seed_halves(seed)
+    beta2 = beta if beta2 is None else beta2
     starts, canon = _common.numpy_view(seg_starts.contiguous()), _common.numpy_view(seg_canon.contiguous())
     mask, used = _common.optional_u8(mask_T, "mask_T"), _common.optional_u8(used_P, "used_P")
     sizes = {"m_T": m_T.numel(), "b_T": b_T.numel(), **({"mask_T": mask.shape[0]} if mask_T is not None else {})}
@@ -167,6 +169,7 @@ def compress(g_D, m_T, b_T, seg_starts, seg_canon, *, beta, seed, mask_T=None, u
         _common.numpy_view(g.contiguous()), _common.numpy_view(m_T.view(-1)), _common.numpy_view(b_T.view(-1)),
         starts, canon, mask, used, int(state_offset),
         np.float32(beta), np.float32(1.0 - float(beta)), seed_lo, seed_hi, bool(amsgrad),
+        np.float32(beta2), np.float32(1.0 - float(beta2)), bool(rms), np.float32(ratio_scale),
         _common.numpy_view(out),
     )
     if flag is not None and any(bad):

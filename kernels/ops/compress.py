@@ -22,7 +22,7 @@ from dist_supernet.kernels.ops.uniform_hash import uniform_from_index
 
 # Tuned on dummy m, b of a bucket's size only (kernels.ops._launch): never on the real state.
 # P varies between the warm-up's dummies and the real chunks: not specialized, so no recompile.
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "state_offset", "num_segments", "num_steps"])
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "state_offset", "num_segments", "num_steps", "ratio_scale"])
 def _compress_kernel(
     g_ptr,  # [D] gradient, fp32 / bf16 / fp16, read
     m_ptr,  # [T] fp32 momentum, updated in place at canon(j) - state_offset
@@ -42,10 +42,14 @@ def _compress_kernel(
     one_minus_beta,  # fp32 (1 - beta), rounded once on the host, as the reference does
     seed_lo,  # int32 bits of seed & 0xFFFFFFFF
     seed_hi,  # int32 bits of seed >> 32
+    beta2,  # fp32 EMA factor of b (beta for the paper's rule)
+    one_minus_beta2,  # fp32 (1 - beta2), rounded once on the host
+    ratio_scale,  # fp32 factor of m in r (1.0: r = m / b exactly)
     HAS_MASK: tl.constexpr,
     HAS_USED: tl.constexpr,
     HAS_FLAG: tl.constexpr,
     AMSGRAD: tl.constexpr,  # b = max(b_prev, b_new)
+    RMS: tl.constexpr,  # b is the EMA of g * g and r = m / sqrt(b)
     BLOCK_BYTES: tl.constexpr,  # output bytes per program (8 elements each)
 ):
     byte = tl.program_id(0).to(tl.int64) * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
@@ -69,7 +73,10 @@ def _compress_kernel(
 
     # The contract's rounding: each product rounded, then the sum (no fma: enable_fp_fusion=False).
     m_new = m * beta + g * one_minus_beta
-    b_new = b * beta + g_abs * one_minus_beta
+    if RMS:
+        b_new = b * beta2 + (g * g) * one_minus_beta2
+    else:
+        b_new = b * beta2 + g_abs * one_minus_beta2
     if AMSGRAD:
         b_new = tl.maximum(b, b_new)
     m_new = tl.where(update, m_new, m)
@@ -84,8 +91,11 @@ def _compress_kernel(
     # div_rn: IEEE division, so |m| == b gives exactly +-1 on GPU too (Triton's default fp32
     # '/' is approximate there). The denominator is 1 where b <= 0 only to keep 0 / 0 out of
     # the interpreter's warnings.
+    # sqrt_rn likewise (Triton's default sqrt is approximate on GPU).
     b_safe = tl.where(b_new <= 0.0, 1.0, b_new)
-    ratio = tl.where(b_new <= 0.0, 0.0, tl.div_rn(m_new, b_safe))
+    if RMS:
+        b_safe = tl.sqrt_rn(b_safe)
+    ratio = tl.where(b_new <= 0.0, 0.0, tl.div_rn(m_new * ratio_scale, b_safe))
     probability = (ratio + 1.0) * 0.5
     bits = update & (uniform_from_index(canon, seed_lo, seed_hi) < probability)
     packed = tl.sum(bits.to(tl.int32) << bit[None, :], axis=1)
@@ -93,7 +103,7 @@ def _compress_kernel(
 
 
 def compress(g_D, m_T, b_T, seg_starts, seg_canon, *, beta, seed, mask_T=None, used_P=None, amsgrad=False,
-             flag=None, state_offset=0):
+             flag=None, state_offset=0, beta2=None, rms=False, ratio_scale=1.0):
     """Triton twin of :func:`dist_supernet.kernels.reference.compress`: same bits, same m and b.
 
     m_T, b_T (fp32, contiguous) are updated in place; returns uint8 [ceil(D / 8)].
@@ -120,6 +130,7 @@ def compress(g_D, m_T, b_T, seg_starts, seg_canon, *, beta, seed, mask_T=None, u
     mask_u8 = _launch.mask_bytes(mask_T)
     used_u8 = _launch.mask_bytes(used_P)
     seed_lo, seed_hi = _launch.seed_halves(seed)
+    beta2 = beta if beta2 is None else beta2
     g_flat = g_D.reshape(-1).contiguous()
     device = g_D.device
     g_dtype, has_mask, has_used, has_flag = g_D.dtype, mask_u8 is not None, used_u8 is not None, flag is not None
@@ -128,7 +139,7 @@ def compress(g_D, m_T, b_T, seg_starts, seg_canon, *, beta, seed, mask_T=None, u
         n = _launch.dummy_numel(numel)
         dummy = torch.zeros(n, device=device)
         compress(torch.zeros(n, dtype=g_dtype, device=device), dummy, torch.zeros_like(dummy),
-                 *reference.index_map([n], device=device), beta=0.9, seed=0, amsgrad=amsgrad,
+                 *reference.index_map([n], device=device), beta=0.9, seed=0, amsgrad=amsgrad, rms=rms,
                  mask_T=torch.ones(n, dtype=torch.uint8, device=device) if has_mask else None,
                  used_P=torch.ones(1, dtype=torch.uint8, device=device) if has_used else None,
                  flag=torch.zeros(1, dtype=torch.uint8, device=device) if has_flag else None)
@@ -138,8 +149,10 @@ def compress(g_D, m_T, b_T, seg_starts, seg_canon, *, beta, seed, mask_T=None, u
         (g_flat, m_T, b_T, seg_starts.contiguous(), seg_canon.contiguous(),
          out if mask_u8 is None else mask_u8, out if used_u8 is None else used_u8, out if flag is None else flag, out,
          numel, num_bytes, num_segments, _launch.search_steps(num_segments), int(state_offset),
-         reference.as_float32(beta), reference.as_float32(1.0 - float(beta)), seed_lo, seed_hi),
+         reference.as_float32(beta), reference.as_float32(1.0 - float(beta)), seed_lo, seed_hi,
+         reference.as_float32(beta2), reference.as_float32(1.0 - float(beta2)), reference.as_float32(ratio_scale)),
         device=device, warm=warm,
-        constexprs=dict(HAS_MASK=has_mask, HAS_USED=has_used, HAS_FLAG=has_flag, AMSGRAD=bool(amsgrad)),
+        constexprs=dict(HAS_MASK=has_mask, HAS_USED=has_used, HAS_FLAG=has_flag, AMSGRAD=bool(amsgrad),
+                        RMS=bool(rms)),
     )
     return out

@@ -47,7 +47,7 @@ def pack(bits):
 
 
 def compress(g, m_T, b_T, numels, canon_starts, *, beta, seed, mask_T=None, used_P=None, amsgrad=False,
-             state_offset=0):
+             state_offset=0, beta2=None, rms=False, ratio_scale=1.0):
     """Returns (bits, m_T, b_T, flag) without touching the inputs."""
     g = np.asarray(g, dtype=np.float32)
     m_T, b_T = np.array(m_T, dtype=np.float32), np.array(b_T, dtype=np.float32)
@@ -61,17 +61,20 @@ def compress(g, m_T, b_T, numels, canon_starts, *, beta, seed, mask_T=None, used
     finite = np.isfinite(g)
     update = active & finite
     beta32, omb32 = np.float32(beta), np.float32(1.0 - beta)
+    beta2 = beta if beta2 is None else beta2
+    beta2_32, omb2_32 = np.float32(beta2), np.float32(1.0 - beta2)
     m, b = m_T[state], b_T[state]
     with np.errstate(invalid="ignore", over="ignore"):
         m_new = beta32 * m + omb32 * g
-        b_new = beta32 * b + omb32 * np.abs(g)
+        b_new = beta2_32 * b + omb2_32 * (g * g if rms else np.abs(g))
         if amsgrad:
             b_new = np.maximum(b, b_new)
     m = np.where(update, m_new, m)
     b = np.where(update, b_new, b)
     m_T[state], b_T[state] = m, b
     with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(b <= 0, np.float32(0), m / b).astype(np.float32)
+        denominator = np.sqrt(b) if rms else b  # float32 sqrt, correctly rounded
+        ratio = np.where(b <= 0, np.float32(0), (m * np.float32(ratio_scale)) / denominator).astype(np.float32)
     probability = (np.float32(1) + ratio) * np.float32(0.5)
     bits = update & (uniform(index, seed) < probability)
     return pack(bits), m_T, b_T, bool((active & ~finite).any())

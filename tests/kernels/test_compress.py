@@ -13,6 +13,9 @@ from dist_supernet.kernels import reference as ref
 from .conftest import chunk
 
 ODD_SIZES = [0, 1, 31, 33, 4097]
+# The update rules of the contract: the paper's (b = EMA of |g|, beta2 = beta) and the second-moment one
+# (b = EMA of g * g with its own beta2, r = scale * m / sqrt(b); |r| > 1 happens and acts as +-1).
+RULES = {"paper": {}, "rms": dict(rms=True, beta2=0.99, ratio_scale=1.7)}
 
 
 def _state(total, device, *, zero_every=5):
@@ -60,14 +63,15 @@ def test_deterministic_bits(backend, numel, g_dtype):
 
 @pytest.mark.parametrize("numel", ODD_SIZES + [20000])
 @pytest.mark.parametrize("amsgrad", [False, True])
-def test_random_inputs_exact(compiled, numel, amsgrad):
+@pytest.mark.parametrize("rule", RULES)
+def test_random_inputs_exact(compiled, numel, amsgrad, rule):
     device = compiled.device
     g = torch.randn(numel, device=device)
     m, b = _state(numel, device)
     starts, canon = chunk([numel], [1000], device=device)
     state = (torch.cat([torch.zeros(1000, device=device), m]), torch.cat([torch.zeros(1000, device=device), b]))
     got, want = _both(compiled.compress, g, *state, starts, canon, beta=0.9, seed=0x1234_5678_9ABC_DEF0,
-                      amsgrad=amsgrad)
+                      amsgrad=amsgrad, **RULES[rule])
     _assert_same(got, want)
 
 
@@ -89,14 +93,16 @@ def _segmented_case(device, *, wide=False):
 @pytest.mark.parametrize("wide", [False, True])
 @pytest.mark.parametrize("which", ["none", "mask", "used", "both"])
 @pytest.mark.parametrize("amsgrad", [False, True])
-def test_segments_masks_exact(compiled, wide, which, amsgrad):
+@pytest.mark.parametrize("rule", RULES)
+def test_segments_masks_exact(compiled, wide, which, amsgrad, rule):
     g, m_T, b_T, starts, canon, extras = _segmented_case(compiled.device, wide=wide)
     kwargs = dict(state_offset=extras["state_offset"])
     if which in ("mask", "both"):
         kwargs["mask_T"] = extras["mask_T"]
     if which in ("used", "both"):
         kwargs["used_P"] = extras["used_P"]
-    got, want = _both(compiled.compress, g, m_T, b_T, starts, canon, beta=0.95, seed=11, amsgrad=amsgrad, **kwargs)
+    got, want = _both(compiled.compress, g, m_T, b_T, starts, canon, beta=0.95, seed=11, amsgrad=amsgrad, **kwargs,
+                      **RULES[rule])
     _assert_same(got, want)
 
 
@@ -169,6 +175,30 @@ def test_unbiased(backend):
     mean = (total / num_seeds).view(-1, per_group).mean(dim=1)
     sigma = ((1 - r**2).clamp_min(0) / (per_group * num_seeds)).sqrt()
     assert ((mean - r).abs() <= 5 * sigma + 1e-6).all(), (mean - r, sigma)
+
+
+def test_rms_rule_draws_the_clamped_ratio(backend):
+    # rms: r = scale * m / sqrt(b) after the update; |r| >= 1 gives the sign's bit every time, otherwise
+    # E[2 bit - 1] = r (4 seeds x 1024 draws per group, bound 5 sigma as above).
+    device = backend.device
+    targets = torch.tensor([-3.0, -1.0, -0.4, 0.0, 0.5, 2.5], device=device)
+    per_group, num_seeds, scale = 1024, 4, 1.5
+    numel = targets.numel() * per_group
+    b0 = torch.rand(numel, device=device) + 0.5
+    m0 = targets.repeat_interleave(per_group) * b0.sqrt() / scale
+    starts, canon = chunk([numel], device=device)
+    total = torch.zeros(numel, device=device)
+    for seed in range(num_seeds):
+        m, b = m0.clone(), b0.clone()
+        bits = backend.compress(torch.zeros(numel, device=device), m, b, starts, canon, beta=0.9, seed=seed + 1,
+                                beta2=0.99, rms=True, ratio_scale=scale)
+        total += ref.unpack_bits(bits, numel).float() * 2 - 1
+    r = ((m * scale) / b.sqrt()).clamp(-1, 1).view(-1, per_group)
+    mean = (total / num_seeds).view(-1, per_group)
+    saturated = r.abs() == 1
+    assert torch.equal(mean[saturated], r[saturated])  # deterministic past +-1
+    sigma = ((1 - r.mean(dim=1) ** 2) / (per_group * num_seeds)).sqrt()
+    assert ((mean.mean(dim=1) - r.mean(dim=1)).abs() <= 5 * sigma + 1e-6).all()
 
 
 def test_rejects_bad_state(compiled):

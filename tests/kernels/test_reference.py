@@ -87,7 +87,8 @@ def _random_state(total, *, zero_every=5):
 
 @pytest.mark.parametrize("amsgrad", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
-def test_compress_equals_numpy_model(amsgrad, masked):
+@pytest.mark.parametrize("rule", [{}, dict(rms=True, beta2=0.99, ratio_scale=1.3)])
+def test_compress_equals_numpy_model(amsgrad, masked, rule):
     numels, canon_starts = [700, 0, 33, 4097, 1], [5000, 0, 10, 100, 4999]
     total, numel = 5700, sum(numels)
     g = torch.randn(numel)
@@ -98,10 +99,10 @@ def test_compress_equals_numpy_model(amsgrad, masked):
     starts, canon = ref.index_map(numels, canon_starts)
     expected = oracle.compress(g.numpy(), m_T.numpy(), b_T.numpy(), numels, canon_starts, beta=0.93, seed=0xABCDEF0123,
                                mask_T=None if mask_T is None else mask_T.numpy(),
-                               used_P=None if used_P is None else used_P.numpy(), amsgrad=amsgrad)
+                               used_P=None if used_P is None else used_P.numpy(), amsgrad=amsgrad, **rule)
     flag = torch.zeros(1, dtype=torch.uint8)
     bits = ref.compress(g, m_T, b_T, starts, canon, beta=0.93, seed=0xABCDEF0123, mask_T=mask_T, used_P=used_P,
-                        amsgrad=amsgrad, flag=flag)
+                        amsgrad=amsgrad, flag=flag, **rule)
     assert np.array_equal(bits.numpy(), expected[0])
     assert np.array_equal(m_T.numpy(), expected[1]) and np.array_equal(b_T.numpy(), expected[2])
     assert bool(flag) == expected[3]

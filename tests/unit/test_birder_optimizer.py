@@ -159,8 +159,39 @@ def test_amsgrad_keeps_b_non_decreasing():
         previous = b.clone()
 
 
+def test_rms_normalizer_keeps_the_second_moment_and_steps_by_the_bias_corrected_ratio():
+    # b is the EMA of g^2 with beta2; a gradient that never changes has m_hat / sqrt(b_hat) = sign(g) (to
+    # rounding): every coordinate moves lr against it, each step, from the first.
+    beta, beta2, lr = 0.9, 0.999, 0.01
+    x = nn.Parameter(torch.linspace(-1, 1, 64))
+    g = torch.where(torch.arange(64) % 3 == 0, -0.5, 2.0) * torch.linspace(0.1, 1, 64)
+    opt = Birder([x], lr=lr, beta=beta, beta2=beta2, normalizer="rms")
+    m, b = torch.zeros(64), torch.zeros(64)
+    for _ in range(4):
+        before = x.detach().clone()
+        x.grad = g.clone()
+        opt.step()
+        m = m * beta + g * (1 - beta)
+        b = b * beta2 + g * g * (1 - beta2)
+        assert (((before - x.detach()) - lr * g.sign()).abs() < 1e-6).float().mean() >= 0.95
+    torch.testing.assert_close(opt.state[x]["m"], m)
+    torch.testing.assert_close(opt.state[x]["b"], b)
+    assert opt.hook_state.compressor.rule_kwargs()["rms"]
+
+
+def test_rms_ratio_scale_is_the_bias_correction():
+    comp = Birder([nn.Parameter(torch.zeros(3))], lr=0.1, beta=0.9, beta2=0.99, normalizer="rms").hook_state.compressor
+    for t in (1, 2, 10):
+        want = (1 - 0.99 ** t) ** 0.5 / (1 - 0.9 ** t)
+        assert comp.rule_kwargs(t - 1)["ratio_scale"] == pytest.approx(want, rel=1e-12)
+    paper = Birder([nn.Parameter(torch.zeros(3))], lr=0.1).hook_state.compressor
+    assert paper.rule_kwargs(5) == {"beta2": 0.9, "rms": False, "ratio_scale": 1.0}  # the paper's bits exactly
+
+
 @pytest.mark.parametrize("kwargs,message", [
     ({"lr": 0.0}, "lr=0.0: must be > 0"),
+    ({"normalizer": "l2"}, "normalizer='l2': must be one of abs, rms"),
+    ({"beta2": 1.0}, r"beta2=1.0: must be in \[0, 1\)"),
     ({"lr": -1}, "lr=-1: must be > 0"),
     ({"beta": 1.0}, r"beta=1.0: must be in \[0, 1\)"),
     ({"beta": -0.1}, r"beta=-0.1: must be in \[0, 1\)"),

@@ -126,6 +126,8 @@ BAD_INPUTS = [
     (["optim=adamw", "compression=none", "optim.lr=0"], "optim.lr=0: must be > 0"),
     (["optim.beta=1.0"], "optim.beta=1.0: must be in [0, 1)"),
     (["optim.beta=-0.1"], "optim.beta=-0.1: must be in [0, 1)"),
+    (["optim.normalizer=l2"], "optim.normalizer=l2: expected one of abs, rms"),
+    (["optim.beta2=1.5"], "optim.beta2=1.5: must be in [0, 1), or null"),
     (["compression.collective=ring"],
      "compression.collective=ring: expected one of auto, allgather, two_phase, hierarchical"),
     (["compression=none", "compression.collective=two_phase"], "compression.collective=two_phase: compression=none"),
