@@ -251,6 +251,13 @@ def _gather_runs(state: torch.Tensor, runs, offset: int) -> torch.Tensor:
     return pieces[0].clone() if len(pieces) == 1 else torch.cat(pieces)
 
 
+def rule_constants(beta: float, beta2: float, rms: bool, g_scale: float) -> tuple[float, float, float, float]:
+    """(beta, (1 - beta) g_scale, beta2, (1 - beta2) g_scale^(2 if rms else 1)), each rounded to float32 once."""
+    g_scale = float(g_scale)
+    return (as_float32(beta), as_float32((1.0 - float(beta)) * g_scale), as_float32(beta2),
+            as_float32((1.0 - float(beta2)) * (g_scale * g_scale if rms else g_scale)))
+
+
 def compress(
     g_D: torch.Tensor,
     m_T: torch.Tensor,
@@ -268,6 +275,7 @@ def compress(
     beta2: float | None = None,
     rms: bool = False,
     ratio_scale: float = 1.0,
+    g_scale: float = 1.0,
 ) -> torch.Tensor:
     """Birder's per-worker step on one chunk: update m and b in place, binary-randomise m / b, pack.
 
@@ -284,6 +292,9 @@ def compress(
     (so |r| > 1 acts as +-1). beta2 = None means beta2 = beta (the paper's rule; then
     |m| <= b and r is in [-1, 1]). rms: b is the EMA of fl(g g) and the denominator
     is sqrt(b) (correctly rounded): Adam's second moment in place of the EMA of |g|.
+    g_scale: g enters m and b as g_scale g, folded into the constants: (1 - beta) and
+    (1 - beta2) are multiplied by g_scale (by g_scale^2 under rms) before their one
+    rounding to float32 (1.0: the constants as above; gradient clipping passes < 1).
     flag[0] is set to 1 (never cleared) when an active g is not finite.
     Returns uint8 [B], padding bits 0.
 
@@ -301,9 +312,8 @@ def compress(
     offset = int(state_offset)
     canon, seg = canonical_index(seg_starts, seg_canon, 0, numel)
     g = g_D.reshape(-1).to(torch.float32)
-    beta_f, one_minus_beta_f = as_float32(beta), as_float32(1.0 - float(beta))
     beta2 = beta if beta2 is None else beta2
-    beta2_f, one_minus_beta2_f = as_float32(beta2), as_float32(1.0 - float(beta2))
+    beta_f, one_minus_beta_f, beta2_f, one_minus_beta2_f = rule_constants(beta, beta2, rms, g_scale)
     # m, b (and the mask) of a segment are contiguous at canonical offsets: slices, not gathers
     m, b = _gather_runs(m_T, runs, offset), _gather_runs(b_T, runs, offset)
     active = None

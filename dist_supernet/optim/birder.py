@@ -48,12 +48,13 @@ def _check_positive(name, value, *, allow_zero=False):
 
 
 # The hyperparameters a BirderState / BirderFSDPState takes from the optimizer (the rest configure the exchange).
-_RULE_KEYS = ("beta", "beta2", "normalizer", "amsgrad", "seed", "skip_nonfinite")
+_RULE_KEYS = ("beta", "beta2", "normalizer", "grad_clip", "amsgrad", "seed", "skip_nonfinite")
 
 
 def _hook_kwargs(beta, amsgrad, collective, requantize, num_nodes, inter_node, seed, timeout_s, skip_nonfinite,
-                 beta2=None, normalizer="abs"):
-    return dict(beta=beta, beta2=beta2, normalizer=normalizer, amsgrad=amsgrad, collective=collective,
+                 beta2=None, normalizer="abs", grad_clip=None):
+    return dict(beta=beta, beta2=beta2, normalizer=normalizer, grad_clip=grad_clip, amsgrad=amsgrad,
+                collective=collective,
                 requantize=requantize, num_nodes=num_nodes,
                 inter_node=inter_node, seed=seed, timeout_s=timeout_s, skip_nonfinite=skip_nonfinite)
 
@@ -149,7 +150,7 @@ def _attach_fsdp(model, state, kwargs: dict, mesh=None, track_unused=False) -> B
 
 def BirderDDP(module, *, beta=0.9, amsgrad=False, collective="auto", requantize=False, num_nodes=None,
               inter_node="auto", seed=0, timeout_s=None, skip_nonfinite=True, beta2=None, normalizer="abs",
-              **ddp_kwargs) -> DistributedDataParallel:
+              grad_clip=None, **ddp_kwargs) -> DistributedDataParallel:
     """DistributedDataParallel with the Birder 1-bit hook registered.
 
     A :class:`Birder` built from the module's parameters, before or after this
@@ -162,10 +163,11 @@ def BirderDDP(module, *, beta=0.9, amsgrad=False, collective="auto", requantize=
     ddp_model = DistributedDataParallel(module, **ddp_kwargs)
     existing = BirderState.of(list(module.parameters()))
     kwargs = _hook_kwargs(beta, amsgrad, collective, requantize, num_nodes, inter_node, seed, timeout_s,
-                          skip_nonfinite, beta2, normalizer)
+                          skip_nonfinite, beta2, normalizer, grad_clip)
     if existing is not None:  # an optimizer came first: its hyperparameters win
         kwargs.update(beta=existing.compressor.beta, beta2=existing.compressor.beta2,
-                      normalizer=existing.compressor.normalizer, amsgrad=existing.compressor.amsgrad,
+                      normalizer=existing.compressor.normalizer, grad_clip=existing.compressor.clip,
+                      amsgrad=existing.compressor.amsgrad,
                       seed=existing.compressor.seed, skip_nonfinite=existing.skip_nonfinite)
     _attach(ddp_model, existing, kwargs)
     return ddp_model
@@ -187,6 +189,10 @@ class Birder(ReportsSkips, torch.optim.Optimizer):
             of g² and r = m̂ / sqrt(b̂) (Adam's bias-corrected second moment; |r| > 1 sends the sign's
             bit). On transformers ``"rms"`` with ``beta2=0.999`` takes a ~4x larger lr (README).
         beta2: EMA factor of b, in [0, 1); None: ``beta`` (then r needs no bias correction under ``"abs"``).
+        grad_clip: this rank's gradient enters m and b scaled to this norm when its norm is larger (AdamW's
+            clipping, per worker: Birder's update is otherwise invariant to it). The exchange then starts
+            after backward (the norm needs the whole gradient) instead of overlapping it. DDP and local
+            mode; not under FSDP2 yet.
         collective: ``auto`` (hierarchical across nodes; on one node allgather up to 4 ranks, two_phase beyond),
             ``allgather``, ``two_phase`` or ``hierarchical``; ``None``: local mode on
             purpose (the gradient is averaged by someone else, e.g. DDP's fp32 all-reduce).
@@ -211,10 +217,10 @@ class Birder(ReportsSkips, torch.optim.Optimizer):
 
     def __init__(self, params, lr=1e-3, beta=0.9, weight_decay=0.0, amsgrad=False, *,
                  collective="auto", requantize=False, num_nodes=None, inter_node="auto", seed=0, timeout_s=None,
-                 skip_nonfinite=True, beta2=None, normalizer="abs"):
+                 skip_nonfinite=True, beta2=None, normalizer="abs", grad_clip=None):
         _check_positive("lr", lr)
         _check_positive("weight_decay", weight_decay, allow_zero=True)
-        check_rule(beta, beta2, normalizer)
+        check_rule(beta, beta2, normalizer, grad_clip)
         ddp_model = params if isinstance(params, DistributedDataParallel) else None
         fsdp_model = params if is_fsdp_module(params) else None
         if ddp_model is not None:
@@ -227,7 +233,7 @@ class Birder(ReportsSkips, torch.optim.Optimizer):
             _check_positive("weight_decay", group["weight_decay"], allow_zero=True)
         own = [p for group in self.param_groups for p in group["params"]]
         self._hook_kwargs = _hook_kwargs(beta, amsgrad, collective, requantize, num_nodes, inter_node, seed,
-                                         timeout_s, skip_nonfinite, beta2, normalizer)
+                                         timeout_s, skip_nonfinite, beta2, normalizer, grad_clip)
         self.local_on_purpose = collective is None
         sharded = [is_dtensor(p) for p in own]
         if any(sharded) and not all(sharded):
@@ -460,6 +466,8 @@ class Birder(ReportsSkips, torch.optim.Optimizer):
         grad_D = torch.cat(grads) if len(grads) > 1 else grads[0]
         used_P = torch.tensor(with_grad, dtype=torch.uint8, device=comp.device)
         flag = torch.zeros(1, dtype=torch.uint8, device=comp.device)
+        if comp.clip is not None:
+            comp.set_grad_norm(float(torch.linalg.vector_norm(grad_D.float())))
         packed = comp.exchange(grad_D, chunk, mask_T=state.canonical_mask, used_P=used_P, flag=flag)
         if state.skip_nonfinite and isinstance(state, BirderFSDPState) and dist.is_initialized():
             # Each rank holds another shard of the reduced gradient: a NaN in one shard skips the step everywhere.
@@ -605,6 +613,7 @@ class Birder(ReportsSkips, torch.optim.Optimizer):
             "beta": self.hook_state.compressor.beta,
             "beta2": self.hook_state.compressor.beta2,
             "normalizer": self.hook_state.compressor.normalizer,
+            "grad_clip": self.hook_state.compressor.clip,
             "world_size": topo.world_size,
             "rank": topo.rank,
             "comm_stats": self.hook_state.stats.state_dict(),

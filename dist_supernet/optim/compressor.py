@@ -134,7 +134,7 @@ class Chunk:
 NORMALIZERS = ("abs", "rms")
 
 
-def check_rule(beta, beta2=None, normalizer: str = "abs") -> None:
+def check_rule(beta, beta2=None, normalizer: str = "abs", grad_clip=None) -> None:
     """One ValueError naming the first bad hyperparameter of the update rule."""
     for name, value in (("beta", beta), ("beta2", beta2)):
         if value is None and name == "beta2":
@@ -143,6 +143,9 @@ def check_rule(beta, beta2=None, normalizer: str = "abs") -> None:
             raise ValueError(f"{name}={value!r}: must be in [0, 1)")
     if normalizer not in NORMALIZERS:
         raise ValueError(f"normalizer={normalizer!r}: must be one of {', '.join(NORMALIZERS)}")
+    if grad_clip is not None and (isinstance(grad_clip, bool) or not isinstance(grad_clip, (int, float))
+                                  or not 0 < grad_clip < float("inf")):
+        raise ValueError(f"grad_clip={grad_clip!r}: must be > 0 (the largest gradient norm of a rank), or None")
 
 
 class BirderCompressor:
@@ -151,7 +154,8 @@ class BirderCompressor:
     Hyperparameters: ``beta`` (EMA factor of m and b), ``amsgrad`` (b = max(b_prev, b)),
     ``seed`` (base of every random draw), ``normalizer`` (``"abs"``: b is the EMA of |g|, the
     paper's rule; ``"rms"``: b is the EMA of g², r = m̂ / sqrt(b̂), Adam's bias-corrected
-    second moment) and ``beta2`` (EMA factor of b; None: ``beta``). Per-element state: ``m``, ``b`` (fp32 [T],
+    second moment), ``beta2`` (EMA factor of b; None: ``beta``) and ``grad_clip`` (this rank's
+    gradient enters m and b scaled to norm ``grad_clip`` when larger: AdamW's clipping, per worker). Per-element state: ``m``, ``b`` (fp32 [T],
     canonical order). Stats: ``stats`` (bytes on the wire, exchanges).
 
     ``connect()`` attaches a 1-bit collective (a collective call on every rank,
@@ -167,12 +171,15 @@ class BirderCompressor:
     """
 
     def __init__(self, params, *, beta: float = 0.9, amsgrad: bool = False, seed: int = 0,
-                 beta2: float | None = None, normalizer: str = "abs"):
-        check_rule(beta, beta2, normalizer)
+                 beta2: float | None = None, normalizer: str = "abs", grad_clip: float | None = None):
+        check_rule(beta, beta2, normalizer, grad_clip)
         # hyperparameters
         self.beta = float(beta)
         self.beta2 = self.beta if beta2 is None else float(beta2)
         self.normalizer = normalizer
+        self.clip = None if grad_clip is None else float(grad_clip)
+        self.g_scale = 1.0  # this step's min(1, clip / ||g||) of this rank's gradient (grad_clip)
+        self.last_grad_norm = None  # this rank's gradient norm of the last clipped step
         self.amsgrad = bool(amsgrad)
         self.seed = int(seed)
         self.collective = None
@@ -325,8 +332,13 @@ class BirderCompressor:
         return kernels.compress(
             grad_D, self.m, self.b, chunk.seg_starts, chunk.seg_canon,
             beta=self.beta, seed=self.step_seed(STAGE_COMPRESS), mask_T=mask_T, used_P=used_P,
-            amsgrad=self.amsgrad, flag=flag, **self.rule_kwargs(),
+            amsgrad=self.amsgrad, flag=flag, g_scale=self.g_scale, **self.rule_kwargs(),
         )
+
+    def set_grad_norm(self, norm: float) -> None:
+        """grad_clip: this step's gradient enters m and b scaled by min(1, clip / norm) (1 if norm is not finite)."""
+        self.last_grad_norm = norm
+        self.g_scale = self.clip / norm if self.clip is not None and math.isfinite(norm) and norm > self.clip else 1.0
 
     def rule_kwargs(self, step: int | None = None) -> dict:
         """The update rule's arguments of ``kernels.compress`` at ``step`` (default: this step).

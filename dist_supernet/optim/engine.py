@@ -169,6 +169,8 @@ class Round:
         self.nonfinite_ranks = None  # uint8 [flag world] after the step's flag all-reduce (skip_nonfinite)
         self.best_rate = 0.0  # elements per second of this rank's fastest piece (CPU pipeline)
         self.complete = False
+        self.held = []  # grad_clip: the chunks waiting for the step's last one (their dispatch arguments)
+        self.sum_squares = None  # grad_clip: of this rank's gradient so far, fp32 (a tensor on its device)
 
 
 class ExchangeEngine:
@@ -296,14 +298,37 @@ class ExchangeEngine:
         exchange = Exchange(future)
         round_.exchanges.append(exchange)
         poison = grad_D if is_last else None
+        ready = None
+        if grad_D.is_cuda and not inline:
+            ready = torch.cuda.Event()
+            ready.record()  # on the caller's stream: the chunk's gradient is complete after this
+        args = (grad_D, chunk, round_, exchange, used_P, reduce_used, poison, inline, ready)
+        if self.compressor.clip is None:
+            self._dispatch(*args)
+            return exchange
+        # grad_clip: this rank's gradient norm is known only after its last chunk; hold the chunks until then
+        # (the 1-bit exchange then starts after backward instead of overlapping it).
+        squares = grad_D.detach().float().square().sum()
+        round_.sum_squares = squares if round_.sum_squares is None else round_.sum_squares + squares
+        round_.held.append(args)
+        if is_last:
+            norm = float(round_.sum_squares.sqrt())  # one host read per step (a sync on CUDA)
+            # A non-finite norm: the step is skipped on every rank (skip_nonfinite); m, b take the finite
+            # elements unscaled, as without clipping.
+            self.compressor.set_grad_norm(norm)
+            held, round_.held = round_.held, []
+            for held_args in held:
+                self._dispatch(*held_args)
+        return exchange
+
+    def _dispatch(self, grad_D, chunk, round_, exchange, used_P, reduce_used, poison, inline, ready) -> None:
+        """Start one submitted chunk's exchange: inline, on the comm stream, or through the CPU pipeline."""
         if grad_D.is_cuda and inline:
             try:
                 exchange.finish(self._exchange_whole(grad_D, chunk, round_, used_P, reduce_used, poison))
             except BaseException as error:
                 exchange.fail(error)
         elif grad_D.is_cuda:
-            ready = torch.cuda.Event()
-            ready.record()  # on the caller's stream: the chunk's gradient is complete after this
             stream = self._pipeline.stream(grad_D.device)
 
             def job():
@@ -320,7 +345,6 @@ class ExchangeEngine:
             self._pipeline.compress(
                 lambda: self.compress_pieces(grad_D, chunk, round_, exchange, used_P=used_P, reduce_used=reduce_used,
                                              poison=poison))
-        return exchange
 
     def finish(self, *, inline: bool = False) -> Round | None:
         """After the step's last :meth:`submit` (adapters without an ``is_last`` chunk): wait for every

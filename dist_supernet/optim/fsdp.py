@@ -179,7 +179,10 @@ class BirderFSDPState(ExchangeEngine):
 
     def __init__(self, params, *, beta: float = 0.9, amsgrad: bool = False, seed: int = 0,
                  skip_nonfinite: bool = True, piece_numel: int | None = None, track_unused: bool = False,
-                 beta2: float | None = None, normalizer: str = "abs"):
+                 beta2: float | None = None, normalizer: str = "abs", grad_clip: float | None = None):
+        if grad_clip is not None:
+            raise ValueError(f"grad_clip={grad_clip!r}: Birder's per-rank clipping is not supported under FSDP2 "
+                             "yet (each rank holds a shard of its node's gradient); use DDP, or grad_clip=None")
         params = list(params)
         pads = [padded_local_numel(p) - local(p).numel() for p in params]
         device = local(params[0]).device if params else torch.device("cpu")

@@ -83,6 +83,7 @@ class BirderState(ExchangeEngine):
         seed: int = 0,
         beta2: float | None = None,
         normalizer: str = "abs",
+        grad_clip: float | None = None,
         collective: str | None = "auto",
         requantize: bool = False,
         num_nodes: int | None = None,
@@ -93,7 +94,7 @@ class BirderState(ExchangeEngine):
         piece_numel: int | None = None,
     ):
         compressor = BirderCompressor(params, beta=beta, amsgrad=amsgrad, seed=seed, beta2=beta2,
-                                      normalizer=normalizer)
+                                      normalizer=normalizer, grad_clip=grad_clip)
         super().__init__(compressor, skip_nonfinite=skip_nonfinite, piece_numel=piece_numel)
         self.track_unused = False
         self.used_local = None

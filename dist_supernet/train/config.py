@@ -80,6 +80,7 @@ class BirderOptim:
     warmup_steps: int = 0
     normalizer: str = "abs"
     beta2: float | None = None
+    grad_clip: float | None = None
 
 
 @dataclasses.dataclass
@@ -407,6 +408,10 @@ def validate(cfg: DictConfig) -> TrainConfig:
     _check(trainer.parallelism != "hsdp" or compression.name in ("birder", "none"), "compression.name",
            compression.name, "trainer.parallelism=hsdp takes compression=birder (1 bit across nodes) or "
            "compression=none (FSDP's native fp32 HSDP); the other compressions are DDP comm hooks")
+    # Birder clips each rank's own gradient: under HSDP a rank holds a shard of its node's gradient.
+    optim_clip = cfg.optim.get("grad_clip") if cfg.optim.get("name") == "birder" else None
+    _check(trainer.parallelism != "hsdp" or optim_clip is None, "optim.grad_clip", optim_clip,
+           "Birder's per-rank clipping runs under trainer.parallelism=ddp only (HSDP: not supported yet)")
     # DiLoCo reads and writes each rank's whole replica through flat views: a DDP replica, not FSDP shards.
     _check(sync.name == "none" or trainer.parallelism == "ddp", "trainer.parallelism", trainer.parallelism,
            "sync=diloco keeps a whole replica on each rank (DDP inside the node); use trainer.parallelism=ddp")

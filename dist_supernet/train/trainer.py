@@ -234,7 +234,7 @@ class Trainer:
         if comp.name == "birder":
             hsdp = self.parallel.kind == "hsdp"
             optimizer = Birder(self.model.parameters() if hsdp else self.ddp_model, lr=opt.lr, beta=opt.beta,
-                               beta2=opt.beta2, normalizer=opt.normalizer,
+                               beta2=opt.beta2, normalizer=opt.normalizer, grad_clip=opt.grad_clip,
                                weight_decay=opt.weight_decay, amsgrad=opt.amsgrad, collective=comp.collective,
                                requantize=comp.requantize, num_nodes=comp.num_nodes, inter_node=comp.inter_node,
                                seed=self.cfg.trainer.seed, timeout_s=comp.timeout_s or self.cfg.trainer.timeout_s)
@@ -263,7 +263,7 @@ class Trainer:
             # collective=None: DDP (or the baseline hook) has averaged the gradient already, on purpose.
             optimizer = Birder(params, lr=opt.lr, beta=opt.beta, weight_decay=opt.weight_decay,
                                amsgrad=opt.amsgrad, seed=self.cfg.trainer.seed, collective=None, beta2=opt.beta2,
-                               normalizer=opt.normalizer)
+                               normalizer=opt.normalizer, grad_clip=opt.grad_clip)
         elif opt.name == "adamw":
             optimizer = torch.optim.AdamW(params, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps,
                                           weight_decay=opt.weight_decay, amsgrad=opt.amsgrad)
@@ -544,8 +544,9 @@ class Trainer:
                     teacher_logits = logits.detach()
         if self.parallel.kind == "hsdp":  # FSDP's own all-gathers and reduce-scatters (and native HSDP's all-reduce)
             self.comm_stats.add(self.parallel.step_bytes(self.topology, passes=num_micro * num_passes), exchanges=0)
-        clip = getattr(self.cfg.optim, "grad_clip", None)  # AdamW, SGD: on the averaged gradient, same on every rank
-        if clip is not None:
+        # AdamW, SGD: on the averaged gradient, same on every rank. Birder clips each rank's own gradient itself.
+        clip = getattr(self.cfg.optim, "grad_clip", None)
+        if clip is not None and self.cfg.optim.name != "birder":
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         self.nonfinite.step(self.step + 1)  # optimizer.step(), or skipped on every rank if any saw NaN/Inf
         self.scheduler.step()

@@ -131,7 +131,7 @@ def _compress_kernel(g, m, b, seg_starts, seg_canon, mask, used, state_offset, b
 
 
 def compress(g_D, m_T, b_T, seg_starts, seg_canon, *, beta, seed, mask_T=None, used_P=None, amsgrad=False,
-             flag=None, state_offset=0, beta2=None, rms=False, ratio_scale=1.0):
+             flag=None, state_offset=0, beta2=None, rms=False, ratio_scale=1.0, g_scale=1.0):
     """numba twin of :func:`dist_supernet.kernels.reference.compress` (same bits, same m and b).
 
     m_T, b_T: contiguous fp32 CPU tensors. bf16/fp16 g is converted to fp32 by torch first
@@ -158,6 +158,7 @@ def compress(g_D, m_T, b_T, seg_starts, seg_canon, *, beta, seed, mask_T=None, u
         g = g.to(torch.float32)
     seed_lo, seed_hi = _common.seed_halves(seed)
     beta2 = beta if beta2 is None else beta2
+    beta_f, omb_f, beta2_f, omb2_f = reference.rule_constants(beta, beta2, rms, g_scale)
     starts, canon = _common.numpy_view(seg_starts.contiguous()), _common.numpy_view(seg_canon.contiguous())
     mask, used = _common.optional_u8(mask_T, "mask_T"), _common.optional_u8(used_P, "used_P")
     sizes = {"m_T": m_T.numel(), "b_T": b_T.numel(), **({"mask_T": mask.shape[0]} if mask_T is not None else {})}
@@ -168,8 +169,8 @@ def compress(g_D, m_T, b_T, seg_starts, seg_canon, *, beta, seed, mask_T=None, u
         _compress_kernel, numel,
         _common.numpy_view(g.contiguous()), _common.numpy_view(m_T.view(-1)), _common.numpy_view(b_T.view(-1)),
         starts, canon, mask, used, int(state_offset),
-        np.float32(beta), np.float32(1.0 - float(beta)), seed_lo, seed_hi, bool(amsgrad),
-        np.float32(beta2), np.float32(1.0 - float(beta2)), bool(rms), np.float32(ratio_scale),
+        np.float32(beta_f), np.float32(omb_f), seed_lo, seed_hi, bool(amsgrad),
+        np.float32(beta2_f), np.float32(omb2_f), bool(rms), np.float32(ratio_scale),
         _common.numpy_view(out),
     )
     if flag is not None and any(bad):

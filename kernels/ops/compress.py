@@ -39,7 +39,7 @@ def _compress_kernel(
     num_steps,  # ceil(log2(P)): binary-search steps
     state_offset,  # canonical index of m_ptr[0]
     beta,  # fp32 EMA factor
-    one_minus_beta,  # fp32 (1 - beta), rounded once on the host, as the reference does
+    one_minus_beta,  # fp32 (1 - beta) g_scale, rounded once on the host, as the reference does
     seed_lo,  # int32 bits of seed & 0xFFFFFFFF
     seed_hi,  # int32 bits of seed >> 32
     beta2,  # fp32 EMA factor of b (beta for the paper's rule)
@@ -103,7 +103,7 @@ def _compress_kernel(
 
 
 def compress(g_D, m_T, b_T, seg_starts, seg_canon, *, beta, seed, mask_T=None, used_P=None, amsgrad=False,
-             flag=None, state_offset=0, beta2=None, rms=False, ratio_scale=1.0):
+             flag=None, state_offset=0, beta2=None, rms=False, ratio_scale=1.0, g_scale=1.0):
     """Triton twin of :func:`dist_supernet.kernels.reference.compress`: same bits, same m and b.
 
     m_T, b_T (fp32, contiguous) are updated in place; returns uint8 [ceil(D / 8)].
@@ -131,6 +131,7 @@ def compress(g_D, m_T, b_T, seg_starts, seg_canon, *, beta, seed, mask_T=None, u
     used_u8 = _launch.mask_bytes(used_P)
     seed_lo, seed_hi = _launch.seed_halves(seed)
     beta2 = beta if beta2 is None else beta2
+    beta_f, omb_f, beta2_f, omb2_f = reference.rule_constants(beta, beta2, rms, g_scale)
     g_flat = g_D.reshape(-1).contiguous()
     device = g_D.device
     g_dtype, has_mask, has_used, has_flag = g_D.dtype, mask_u8 is not None, used_u8 is not None, flag is not None
@@ -149,8 +150,7 @@ def compress(g_D, m_T, b_T, seg_starts, seg_canon, *, beta, seed, mask_T=None, u
         (g_flat, m_T, b_T, seg_starts.contiguous(), seg_canon.contiguous(),
          out if mask_u8 is None else mask_u8, out if used_u8 is None else used_u8, out if flag is None else flag, out,
          numel, num_bytes, num_segments, _launch.search_steps(num_segments), int(state_offset),
-         reference.as_float32(beta), reference.as_float32(1.0 - float(beta)), seed_lo, seed_hi,
-         reference.as_float32(beta2), reference.as_float32(1.0 - float(beta2)), reference.as_float32(ratio_scale)),
+         beta_f, omb_f, seed_lo, seed_hi, beta2_f, omb2_f, reference.as_float32(ratio_scale)),
         device=device, warm=warm,
         constexprs=dict(HAS_MASK=has_mask, HAS_USED=has_used, HAS_FLAG=has_flag, AMSGRAD=bool(amsgrad),
                         RMS=bool(rms)),

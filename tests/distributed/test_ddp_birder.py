@@ -44,25 +44,32 @@ def _flat(model):
 
 
 
-def _make(collective, requantize=False, num_nodes=None, **ddp_kwargs):
+# The second-moment rule with per-rank clipping: b = EMA of g^2 (BETA2), each rank's gradient scaled to norm CLIP.
+BETA2, CLIP = 0.99, 1.0
+RMS_CLIP = dict(normalizer="rms", beta2=BETA2, grad_clip=CLIP)
+
+
+def _make(collective, requantize=False, num_nodes=None, rule=None, **ddp_kwargs):
     torch.manual_seed(0)
     model = Net()
     ddp = DDP(model, bucket_cap_mb=0.004, **ddp_kwargs)  # ~1k floats per bucket: several buckets
     opt = Birder(ddp, lr=0.01, beta=BETA, weight_decay=0.1, collective=collective,
-                 requantize=requantize, num_nodes=num_nodes, seed=3)
+                 requantize=requantize, num_nodes=num_nodes, seed=3, **(rule or {}))
     return model, ddp, opt
 
 
 def _train_worker(rank, world_size):
     checks = {}
-    for collective, requantize, num_nodes in [
-        ("allgather", False, None),
-        ("two_phase", False, None),
-        ("two_phase", True, None),
-        ("hierarchical", False, 2),
+    for collective, requantize, num_nodes, rule in [
+        ("allgather", False, None, None),
+        ("two_phase", False, None, None),
+        ("two_phase", True, None, None),
+        ("hierarchical", False, 2, None),
+        ("two_phase", False, None, RMS_CLIP),  # the chunks wait for the last bucket: the norm needs them all
     ]:
-        tag = f"{collective}{'+requantize' if requantize else ''}"
-        model, ddp, opt = _make(collective, requantize, num_nodes, find_unused_parameters=True)
+        tag = f"{collective}{'+requantize' if requantize else ''}{'+rms+clip' if rule else ''}"
+        model, ddp, opt = _make(collective, requantize, num_nodes, rule, find_unused_parameters=True)
+        clipped_steps = 0
         reference = copy.deepcopy(model)  # plain replica to recompute this rank's m, b
         m_ref = {n: torch.zeros_like(p) for n, p in reference.named_parameters()}
         b_ref = {n: torch.zeros_like(p) for n, p in reference.named_parameters()}
@@ -76,14 +83,23 @@ def _train_worker(rank, world_size):
             reference.load_state_dict(model.state_dict())
             reference.zero_grad()
             F.cross_entropy(reference(x, use_branch), y).backward()
+            scale = 1.0
+            if rule:  # this rank's own gradient norm (what the DDP buckets hold: unused parameters are 0)
+                norm = float(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in reference.parameters()
+                                            if p.grad is not None)))
+                scale = min(1.0, CLIP / norm)
+                clipped_steps += scale < 1.0
             for name, p in reference.named_parameters():
                 got_grad_somewhere = not name.startswith(("frozen", "unused")) and (
                     not name.startswith("branch") or step % 2 == 0
                 )
                 if got_grad_somewhere:
-                    g = p.grad if p.grad is not None else torch.zeros_like(p)
+                    g = (p.grad if p.grad is not None else torch.zeros_like(p)) * scale
                     m_ref[name].mul_(BETA).add_(g, alpha=1 - BETA)
-                    b_ref[name].mul_(BETA).add_(g.abs(), alpha=1 - BETA)
+                    if rule:
+                        b_ref[name].mul_(BETA2).add_(g * g, alpha=1 - BETA2)
+                    else:
+                        b_ref[name].mul_(BETA).add_(g.abs(), alpha=1 - BETA)
             loss = F.cross_entropy(ddp(x, use_branch), y)
             losses.append(loss.item())
             opt.zero_grad()
@@ -103,6 +119,8 @@ def _train_worker(rank, world_size):
             state_ok &= torch.allclose(st["m"], m_ref[name], atol=1e-6, rtol=1e-5)
             state_ok &= torch.allclose(st["b"], b_ref[name], atol=1e-6, rtol=1e-5)
         checks[f"{tag}/state_survives_bucket_rebuild"] = bool(state_ok)
+        if rule:
+            checks[f"{tag}/clipped_some_steps_not_all"] = 0 < clipped_steps < 20
     # no_sync: 3 micro-batches, one exchange per optimizer step.
     model, ddp, opt = _make("two_phase", find_unused_parameters=True)
     for step in range(4):

@@ -47,7 +47,7 @@ def pack(bits):
 
 
 def compress(g, m_T, b_T, numels, canon_starts, *, beta, seed, mask_T=None, used_P=None, amsgrad=False,
-             state_offset=0, beta2=None, rms=False, ratio_scale=1.0):
+             state_offset=0, beta2=None, rms=False, ratio_scale=1.0, g_scale=1.0):
     """Returns (bits, m_T, b_T, flag) without touching the inputs."""
     g = np.asarray(g, dtype=np.float32)
     m_T, b_T = np.array(m_T, dtype=np.float32), np.array(b_T, dtype=np.float32)
@@ -60,9 +60,10 @@ def compress(g, m_T, b_T, numels, canon_starts, *, beta, seed, mask_T=None, used
         active &= np.asarray(used_P)[seg] != 0
     finite = np.isfinite(g)
     update = active & finite
-    beta32, omb32 = np.float32(beta), np.float32(1.0 - beta)
     beta2 = beta if beta2 is None else beta2
-    beta2_32, omb2_32 = np.float32(beta2), np.float32(1.0 - beta2)
+    # g_scale folds into the (1 - beta) constants (squared for rms's g * g), each rounded once
+    beta32, omb32 = np.float32(beta), np.float32((1.0 - beta) * g_scale)
+    beta2_32, omb2_32 = np.float32(beta2), np.float32((1.0 - beta2) * (g_scale * g_scale if rms else g_scale))
     m, b = m_T[state], b_T[state]
     with np.errstate(invalid="ignore", over="ignore"):
         m_new = beta32 * m + omb32 * g

@@ -15,7 +15,8 @@ from .conftest import chunk
 ODD_SIZES = [0, 1, 31, 33, 4097]
 # The update rules of the contract: the paper's (b = EMA of |g|, beta2 = beta) and the second-moment one
 # (b = EMA of g * g with its own beta2, r = scale * m / sqrt(b); |r| > 1 happens and acts as +-1).
-RULES = {"paper": {}, "rms": dict(rms=True, beta2=0.99, ratio_scale=1.7)}
+RULES = {"paper": {}, "rms": dict(rms=True, beta2=0.99, ratio_scale=1.7), "clipped": dict(g_scale=0.37),
+         "rms_clipped": dict(rms=True, beta2=0.999, ratio_scale=0.8, g_scale=0.2)}
 
 
 def _state(total, device, *, zero_every=5):

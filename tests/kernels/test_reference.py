@@ -87,7 +87,8 @@ def _random_state(total, *, zero_every=5):
 
 @pytest.mark.parametrize("amsgrad", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("rule", [{}, dict(rms=True, beta2=0.99, ratio_scale=1.3)])
+@pytest.mark.parametrize("rule", [{}, dict(rms=True, beta2=0.99, ratio_scale=1.3), dict(g_scale=0.3),
+                                  dict(rms=True, beta2=0.999, ratio_scale=0.7, g_scale=0.45)])
 def test_compress_equals_numpy_model(amsgrad, masked, rule):
     numels, canon_starts = [700, 0, 33, 4097, 1], [5000, 0, 10, 100, 4999]
     total, numel = 5700, sum(numels)

@@ -179,6 +179,22 @@ def test_rms_normalizer_keeps_the_second_moment_and_steps_by_the_bias_corrected_
     assert opt.hook_state.compressor.rule_kwargs()["rms"]
 
 
+def test_grad_clip_scales_what_enters_m_and_b_only_above_the_norm():
+    beta = 0.9
+    x = nn.Parameter(torch.zeros(4))
+    opt = Birder([x], lr=0.01, beta=beta, grad_clip=1.0)
+    big, small = torch.tensor([3.0, -4.0, 0.0, 0.0]), torch.tensor([0.3, -0.4, 0.0, 0.0])  # norms 5 and 0.5
+    x.grad = big.clone()
+    opt.step()
+    torch.testing.assert_close(opt.state[x]["m"], (1 - beta) * big / 5)
+    torch.testing.assert_close(opt.state[x]["b"], (1 - beta) * big.abs() / 5)
+    assert opt.hook_state.compressor.last_grad_norm == pytest.approx(5.0)
+    x.grad = small.clone()
+    opt.step()  # below the norm: unscaled
+    torch.testing.assert_close(opt.state[x]["m"], beta * (1 - beta) * big / 5 + (1 - beta) * small)
+    assert torch.equal(x.grad, small)  # .grad itself is never scaled
+
+
 def test_rms_ratio_scale_is_the_bias_correction():
     comp = Birder([nn.Parameter(torch.zeros(3))], lr=0.1, beta=0.9, beta2=0.99, normalizer="rms").hook_state.compressor
     for t in (1, 2, 10):
@@ -192,6 +208,7 @@ def test_rms_ratio_scale_is_the_bias_correction():
     ({"lr": 0.0}, "lr=0.0: must be > 0"),
     ({"normalizer": "l2"}, "normalizer='l2': must be one of abs, rms"),
     ({"beta2": 1.0}, r"beta2=1.0: must be in \[0, 1\)"),
+    ({"grad_clip": 0.0}, r"grad_clip=0.0: must be > 0"),
     ({"lr": -1}, "lr=-1: must be > 0"),
     ({"beta": 1.0}, r"beta=1.0: must be in \[0, 1\)"),
     ({"beta": -0.1}, r"beta=-0.1: must be in \[0, 1\)"),

@@ -127,6 +127,8 @@ BAD_INPUTS = [
     (["optim.beta=1.0"], "optim.beta=1.0: must be in [0, 1)"),
     (["optim.beta=-0.1"], "optim.beta=-0.1: must be in [0, 1)"),
     (["optim.normalizer=l2"], "optim.normalizer=l2: expected one of abs, rms"),
+    (["optim.grad_clip=0"], "optim.grad_clip=0: must be > 0"),
+    (["trainer.parallelism=hsdp", "optim.grad_clip=1.0"], "optim.grad_clip=1.0: Birder's per-rank clipping runs"),
     (["optim.beta2=1.5"], "optim.beta2=1.5: must be in [0, 1), or null"),
     (["compression.collective=ring"],
      "compression.collective=ring: expected one of auto, allgather, two_phase, hierarchical"),
