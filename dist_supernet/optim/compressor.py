@@ -155,8 +155,8 @@ class BirderCompressor:
     ``seed`` (base of every random draw), ``normalizer`` (``"abs"``: b is the EMA of |g|, the
     paper's rule; ``"rms"``: b is the EMA of g², r = m̂ / sqrt(b̂), Adam's bias-corrected
     second moment), ``beta2`` (EMA factor of b; None: ``beta``) and ``grad_clip`` (this rank's
-    gradient enters m and b scaled to norm ``grad_clip`` when larger: AdamW's clipping, per worker). Per-element state: ``m``, ``b`` (fp32 [T],
-    canonical order). Stats: ``stats`` (bytes on the wire, exchanges).
+    gradient enters m and b scaled to norm ``grad_clip`` when larger: AdamW's clipping, per worker).
+    Per-element state: ``m``, ``b`` (fp32 [T], canonical order). Stats: ``stats`` (bytes on the wire, exchanges).
 
     ``connect()`` attaches a 1-bit collective (a collective call on every rank,
     it creates the process groups); without one, every rank draws the same bits
