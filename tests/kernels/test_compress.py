@@ -94,7 +94,7 @@ def _segmented_case(device, *, wide=False):
 @pytest.mark.parametrize("wide", [False, True])
 @pytest.mark.parametrize("which", ["none", "mask", "used", "both"])
 @pytest.mark.parametrize("amsgrad", [False, True])
-@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("rule", ["paper", "rms_clipped"])  # every rule's arithmetic: test_random_inputs_exact
 def test_segments_masks_exact(compiled, wide, which, amsgrad, rule):
     g, m_T, b_T, starts, canon, extras = _segmented_case(compiled.device, wide=wide)
     kwargs = dict(state_offset=extras["state_offset"])
