@@ -45,6 +45,11 @@ def npz_path(tmp_path_factory):
 _compose = compose_train
 
 
+def _optimizer(choice: str) -> str:
+    """The optimizer a choice of the optim group builds: a preset (``birder_transformer``) names its base."""
+    return choice.split("_")[0]
+
+
 def test_every_config_composes_and_validates(npz_path):
     """Each choice of each group, with the others at a compatible default (composing costs ~0.1 s)."""
     registered = set(available_models())
@@ -53,19 +58,20 @@ def test_every_config_composes_and_validates(npz_path):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         for group, choice in ((g, c) for g in ("compression", "optim", "model", "data") for c in CHOICES[g]):
             overrides = [f"{group}={choice}", f"data.path={npz_path}" if choice == "npz" else "data.path=null"]
-            if group == "optim" and choice != "birder":
+            if group == "optim" and _optimizer(choice) != "birder":
                 overrides.append("compression=none")  # the 1-bit hook needs Birder to apply its update
             cfg = compose("train", overrides=overrides)
             if group == "model" and choice not in registered:
                 continue  # a family whose builder is not registered in dist_supernet.models yet
             run = validate(cfg)
             validated = getattr(run, group)
-            assert (validated["name"] if group == "model" else validated.name) == choice
+            want = _optimizer(choice) if group == "optim" else choice
+            assert (validated["name"] if group == "model" else validated.name) == want
             checked.append(f"{group}={choice}")
         # The one rule across groups: compression=birder needs optim=birder.
         for optim in CHOICES["optim"]:
             cfg = compose("train", overrides=["compression=birder", f"optim={optim}"])
-            if optim == "birder":
+            if _optimizer(optim) == "birder":
                 validate(cfg)
             else:
                 with pytest.raises(ConfigError, match=r"^optim\.name=.*needs optim=birder$"):
@@ -186,7 +192,7 @@ def test_layout_must_divide_the_world_size(monkeypatch):
 
 @pytest.mark.parametrize("args, message", [
     (["compression=foo"], "compression=foo: expected one of bf16, birder, fp16, none, powersgd"),
-    (["trainer.max_steps=3", "optim=adam"], "optim=adam: expected one of adamw, birder, sgd"),
+    (["trainer.max_steps=3", "optim=adam"], "optim=adam: expected one of adamw, birder, birder_transformer, sgd"),
 ])
 def test_unknown_group_choice_is_one_line_before_hydra(args, message):
     with pytest.raises(ConfigError, match="^" + message.replace("[", r"\[") + "$"):
