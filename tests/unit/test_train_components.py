@@ -258,5 +258,5 @@ def test_grad_clip_bounds_the_averaged_gradient_of_adamw_and_sgd(tmp_path):
     assert moved["0.001"] <= 0.05 * 0.001 * (1 + 1e-4) < 0.05 * 0.01 < moved["null"]
     with pytest.raises(ConfigError, match=r"^optim\.grad_clip=0: must be > 0"):
         validate(compose_train("compression=none", "optim=adamw", "optim.grad_clip=0"))
-    with pytest.raises(ConfigError, match=r"^optim\.grad_clip=1\.0: unknown key"):  # Birder moves each weight <= lr
-        validate(compose_train("+optim.grad_clip=1.0"))
+    # Birder clips each rank's own gradient itself (before m and b), not the trainer's clip_grad_norm_
+    assert validate(compose_train("optim.grad_clip=1.0")).optim.grad_clip == 1.0
