@@ -467,7 +467,7 @@ class Birder(ReportsSkips, torch.optim.Optimizer):
         used_P = torch.tensor(with_grad, dtype=torch.uint8, device=comp.device)
         flag = torch.zeros(1, dtype=torch.uint8, device=comp.device)
         if comp.clip is not None:
-            comp.set_grad_norm(float(torch.linalg.vector_norm(grad_D.float())))
+            comp.set_grad_norm(float(torch.linalg.vector_norm(grad_D, dtype=torch.float32)))
         packed = comp.exchange(grad_D, chunk, mask_T=state.canonical_mask, used_P=used_P, flag=flag)
         if state.skip_nonfinite and isinstance(state, BirderFSDPState) and dist.is_initialized():
             # Each rank holds another shard of the reduced gradient: a NaN in one shard skips the step everywhere.

@@ -19,7 +19,6 @@ first iteration and on every resume), and there is no 2**31 cap.
 """
 
 import dataclasses
-
 import math
 
 import torch
@@ -136,9 +135,7 @@ NORMALIZERS = ("abs", "rms")
 
 def check_rule(beta, beta2=None, normalizer: str = "abs", grad_clip=None) -> None:
     """One ValueError naming the first bad hyperparameter of the update rule."""
-    for name, value in (("beta", beta), ("beta2", beta2)):
-        if value is None and name == "beta2":
-            continue
+    for name, value in (("beta", beta), ("beta2", beta2)) if beta2 is not None else (("beta", beta),):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
             raise ValueError(f"{name}={value!r}: must be in [0, 1)")
     if normalizer not in NORMALIZERS:

@@ -308,7 +308,7 @@ class ExchangeEngine:
             return exchange
         # grad_clip: this rank's gradient norm is known only after its last chunk; hold the chunks until then
         # (the 1-bit exchange then starts after backward instead of overlapping it).
-        squares = grad_D.detach().float().square().sum()
+        squares = torch.linalg.vector_norm(grad_D.detach(), dtype=torch.float32).square()  # no full-size temporary
         round_.sum_squares = squares if round_.sum_squares is None else round_.sum_squares + squares
         round_.held.append(args)
         if is_last:
